@@ -1,0 +1,1 @@
+"""baim package."""
