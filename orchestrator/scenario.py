@@ -1,0 +1,900 @@
+"""The scenario schema: one YAML file describes an experiment (data, tasks, edges, cloud, timeline, serving).
+
+`load_scenario(path)` is the only place that parses YAML (with `yaml.safe_load`); everything downstream
+receives the typed `Scenario` or one of its sub-models, never a dict. Field bounds live on the fields,
+cross-field rules in `Scenario.check_cross_field_rules`, which collects every problem and names its field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import ScenarioError, UnknownTask
+
+logger = logging.getLogger(__name__)
+
+# The repository root when running from a checkout; the shared data copy lies beside it.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "celeba"
+DATA_ROOT_ENV = "BAIM_DATA_ROOT"
+
+# The 40 attribute names of CelebA's list_attr_celeba.txt, in file order. The procedural fallback uses the
+# same names, so a task expression means the same thing on either data source.
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+    "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)  # fmt: skip
+
+NAME_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # task names and edge ids appear in URLs and registry keys
+)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Task expressions: a tiny recursive-descent parser for `and`, `or`, `not`, parentheses and attribute names.
+# No eval: the grammar is
+#   expr := term ("or" term)*;  term := factor ("and" factor)*;  factor := "not" factor | NAME | "(" expr ")"
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: TaskExpr
+
+
+@dataclass(frozen=True)
+class And:
+    left: TaskExpr
+    right: TaskExpr
+
+
+@dataclass(frozen=True)
+class Or:
+    left: TaskExpr
+    right: TaskExpr
+
+
+TaskExpr = Attr | Not | And | Or
+
+_TOKEN = re.compile(r"\s*(?:(?P<paren>[()])|(?P<word>[A-Za-z0-9_]+)|(?P<bad>\S))")
+_KEYWORDS = ("and", "or", "not")
+
+
+def _tokenize(text: str) -> list[tuple[str, int]]:
+    tokens = []
+    for match in _TOKEN.finditer(text):
+        if match.group("bad") is not None:
+            raise ValueError(
+                f"unexpected character {match.group('bad')!r} at position {match.start('bad')} in {text!r}"
+            )
+        kind = "paren" if match.group("paren") is not None else "word"
+        tokens.append((match.group(kind), match.start(kind)))
+    return tokens
+
+
+def parse_task_expression(text: str, valid_attributes: tuple[str, ...] | None = None) -> TaskExpr:
+    """Parse e.g. `Male and not Eyeglasses`. Raises ValueError naming the problem and its position.
+
+    `valid_attributes` (default: CelebA's 40 names) lists the attribute names the expression may use.
+    """
+    names = CELEBA_ATTRIBUTES if valid_attributes is None else valid_attributes
+    tokens = _tokenize(text)
+    if not tokens:
+        raise ValueError("empty task expression: expected attribute names joined by and/or/not")
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position][0] if position < len(tokens) else None
+
+    def take() -> tuple[str, int]:
+        nonlocal position
+        if position >= len(tokens):
+            raise ValueError(f"task expression {text!r} ends early: expected an attribute name or '('")
+        token = tokens[position]
+        position += 1
+        return token
+
+    def parse_or() -> TaskExpr:
+        node = parse_and()
+        while peek() == "or":
+            take()
+            node = Or(node, parse_and())
+        return node
+
+    def parse_and() -> TaskExpr:
+        node = parse_not()
+        while peek() == "and":
+            take()
+            node = And(node, parse_not())
+        return node
+
+    def parse_not() -> TaskExpr:
+        if peek() == "not":
+            take()
+            return Not(parse_not())
+        word, at = take()
+        if word == "(":
+            node = parse_or()
+            closing, closing_at = take() if peek() is not None else (None, len(text))
+            if closing != ")":
+                raise ValueError(f"expected ')' at position {closing_at} in {text!r}")
+            return node
+        if word == ")" or word in _KEYWORDS:
+            raise ValueError(f"unexpected {word!r} at position {at} in {text!r}: expected an attribute name")
+        if word not in names:
+            raise ValueError(
+                f"unknown attribute {word!r} in {text!r}; valid attribute names: {', '.join(names)}"
+            )
+        return Attr(word)
+
+    expression = parse_or()
+    if position < len(tokens):
+        word, at = tokens[position]
+        raise ValueError(f"unexpected {word!r} at position {at} in {text!r}: expected 'and', 'or' or the end")
+    return expression
+
+
+def expression_attributes(expression: TaskExpr) -> set[str]:
+    """Every attribute name an expression reads."""
+    if isinstance(expression, Attr):
+        return {expression.name}
+    if isinstance(expression, Not):
+        return expression_attributes(expression.operand)
+    return expression_attributes(expression.left) | expression_attributes(expression.right)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schema
+
+
+class StrictModel(BaseModel):
+    """Every scenario model rejects unknown keys, so a typo is an error rather than a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProceduralConfig(StrictModel):
+    num_images: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="How many procedural faces exist (drawn on demand by index).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of the procedural face set; each image is a pure function of (seed, index).",
+    )
+    native_size: int = Field(
+        default=128,
+        ge=16,
+        le=512,
+        description="Side in pixels at which a face is drawn before resizing to `resolution`.",
+    )
+
+
+class DataConfig(StrictModel):
+    root: str | None = Field(
+        default=None,
+        description=(
+            "Folder in torchvision's CelebA layout (img_align_celeba/, list_attr_celeba.txt, "
+            "list_eval_partition.txt). Unset: $BAIM_DATA_ROOT, else ../shared/data/celeba beside the "
+            "project. A relative path is relative to the working directory; `~` is expanded."
+        ),
+    )
+    require_real: bool = Field(
+        default=False,
+        description="Fail when no CelebA is found at the root instead of using the procedural faces.",
+    )
+    resolution: int = Field(
+        default=32, ge=8, le=1024, description="Side in pixels of the square images models see."
+    )
+    training_partitions: list[Literal["train", "valid"]] = Field(
+        default=["train", "valid"],
+        min_length=1,
+        description=(
+            "Official CelebA partitions the cloud, holdout and edge shards are drawn from. The test split "
+            "always comes from the official test partition when the partition file has one."
+        ),
+    )
+    test_per_task: int | Literal["all"] = Field(
+        default=200,
+        description=(
+            "Test images per task (default for tasks without `test_size`). `all`: every image of the "
+            "official test partition matching the task (needs a partition file with test images)."
+        ),
+    )
+    cloud_per_task: int = Field(
+        default=400,
+        ge=0,
+        description="Images per task in the cloud's common training shard (default for `cloud_size`).",
+    )
+    holdout_per_task: int = Field(
+        default=32,
+        ge=0,
+        description=(
+            "Images per task held out for upload plausibility checks, disjoint from cloud training "
+            "(default for `holdout_size`)."
+        ),
+    )
+    procedural: ProceduralConfig = Field(
+        default_factory=ProceduralConfig, description="The face set generated when no CelebA is found."
+    )
+
+    @field_validator("test_per_task")
+    @classmethod
+    def _test_size_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be >= 0 or 'all', received {value}")
+        return value
+
+    def resolved_root(self) -> Path:
+        """The data root this config points at: `root`, else $BAIM_DATA_ROOT, else the shared copy."""
+        if self.root is not None:
+            return Path(self.root).expanduser().resolve()
+        from_env = os.environ.get(DATA_ROOT_ENV)
+        if from_env:
+            return Path(from_env).expanduser().resolve()
+        return DEFAULT_DATA_ROOT.resolve()
+
+
+class TaskConfig(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Task name, used in URLs, registry keys and reports.")
+    expression: str = Field(
+        description=(
+            "Which images belong to the task: CelebA attribute names joined by `and`, `or`, `not` and "
+            "parentheses, e.g. `Male and not Eyeglasses`."
+        )
+    )
+    test_size: int | Literal["all"] | None = Field(
+        default=None, description="Test images for this task; unset: `data.test_per_task`."
+    )
+    cloud_size: int | None = Field(
+        default=None, ge=0, description="Cloud training images; unset: `data.cloud_per_task`."
+    )
+    holdout_size: int | None = Field(
+        default=None, ge=0, description="Holdout images for upload checks; unset: `data.holdout_per_task`."
+    )
+
+    @field_validator("expression")
+    @classmethod
+    def _expression_parses(cls, value: str) -> str:
+        parse_task_expression(value)
+        return value
+
+    @field_validator("test_size")
+    @classmethod
+    def _test_size_positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be >= 0 or 'all', received {value}")
+        return value
+
+    def parsed(self) -> TaskExpr:
+        return parse_task_expression(self.expression)
+
+
+class ModelSpecConfig(StrictModel):
+    widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        min_length=1,
+        max_length=8,
+        description="Channels of each encoder stage; each stage halves the resolution (depth = len(widths)).",
+    )
+    latent_dim: int = Field(ge=1, le=4096, description="Size of the VAE's latent vector.")
+
+
+class LinkConfig(StrictModel):
+    bandwidth_mbps: float = Field(
+        default=100.0, gt=0, description="Uplink/downlink bandwidth in Mbit/s (simulated)."
+    )
+    latency_ms: float = Field(default=20.0, ge=0, description="One-way latency in milliseconds (simulated).")
+
+
+class EdgeFields(StrictModel):
+    """Fields shared by a single edge and an edge group."""
+
+    task: str = Field(description="Name of the task this edge's private shard belongs to.")
+    shard_size: int = Field(ge=1, description="Images in the edge's private (non-IID) training shard.")
+    model: ModelSpecConfig = Field(description="The edge's VAE; the resolution comes from `data.resolution`.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs the edge actor reserves in Ray.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs the edge actor reserves in Ray.")
+    memory_mb: int | None = Field(
+        default=None, gt=0, description="Memory the edge actor reserves in Ray, in MiB."
+    )
+    custom_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Custom Ray resources the edge actor needs, e.g. {edge_site: 1}."
+    )
+    local_epochs: int = Field(
+        default=1, ge=1, le=10_000, description="Epochs of local training before the upload."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Local training batch size.")
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Local learning rate (Adam).")
+    link: LinkConfig = Field(default_factory=LinkConfig, description="The edge's network link to the cloud.")
+    start: bool = Field(
+        default=True,
+        description="Start with the run. `false`: the edge joins only when a timeline `join` event names it.",
+    )
+
+
+class EdgeConfig(EdgeFields):
+    id: str = Field(pattern=NAME_PATTERN, description="Unique edge id.")
+
+
+class EdgeGroupConfig(EdgeFields):
+    prefix: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,57}$",
+        description="Edge ids are `<prefix>-<i>`, i = 0 .. count-1.",
+    )
+    count: int = Field(ge=1, le=10_000, description="How many identical edges the group declares.")
+
+    def expand(self) -> list[EdgeConfig]:
+        fields = self.model_dump(exclude={"prefix", "count"})
+        return [EdgeConfig(id=f"{self.prefix}-{i}", **fields) for i in range(self.count)]
+
+
+class FusionPolicy(StrictModel):
+    min_new_models: int = Field(
+        default=1,
+        ge=1,
+        description="Train the BAIM once this many new edge models have been fused since the last round.",
+    )
+    max_wait_seconds: float = Field(
+        default=30.0, gt=0, description="Train anyway once the oldest untrained arrival has waited this long."
+    )
+
+
+class UploadLimits(StrictModel):
+    max_upload_bytes: int = Field(
+        default=50_000_000, ge=1, description="Uploads larger than this (weights + spec) are rejected unread."
+    )
+    max_plausibility_loss: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "An upload whose mean VAE loss on the task's holdout images exceeds this is rejected as "
+            "implausible (catches poisoned or broken models)."
+        ),
+    )
+
+
+class CloudConfig(StrictModel):
+    strategies: list[Literal["finetune", "freeze", "scratch"]] = Field(
+        default=["finetune", "freeze", "scratch"],
+        min_length=1,
+        description="BAIM training strategies to run and compare.",
+    )
+    epochs: int = Field(default=5, ge=1, le=100_000, description="Cloud training epochs per strategy.")
+    lr: float = Field(default=0.005, gt=0, le=10, description="Cloud learning rate.")
+    batch_size: int = Field(
+        default=64, ge=1, description="Cloud training batch size (global, across workers)."
+    )
+    kld_weight: float = Field(
+        default=0.00025, ge=0, description="Weight of the KL divergence in the VAE loss."
+    )
+    top_k: int = Field(
+        default=2, ge=1, description="Learners each LSGate selects (K); at most the smallest squad."
+    )
+    connection_height: int = Field(
+        default=3,
+        ge=0,
+        description="Largest stage gap h of a linear projection connection (0 <= j - i <= h).",
+    )
+    prune_interval: int = Field(default=10, ge=1, description="Prune connections every this many epochs.")
+    prune_ratio: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of surviving connections removed at each pruning step."
+    )
+    num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = Field(default=False, description="Ray Train workers use a GPU each.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each Ray Train worker reserves.")
+    fusion: FusionPolicy = Field(
+        default_factory=FusionPolicy, description="When fused arrivals trigger training."
+    )
+    uploads: UploadLimits = Field(
+        default_factory=UploadLimits, description="What the cloud accepts from edges."
+    )
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies_unique(cls, value: list[str]) -> list[str]:
+        duplicates = sorted({s for s in value if value.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"strategies must be unique, received duplicates: {', '.join(duplicates)}")
+        return value
+
+
+# ----- timeline events: a discriminated union on `kind`
+
+
+class EventBase(StrictModel):
+    at_seconds: float = Field(ge=0, le=1e7, description="Wall-clock seconds after the run starts.")
+
+
+class JoinEvent(EventBase):
+    kind: Literal["join"] = Field(description="An edge joins the running system.")
+    edge: str | None = Field(default=None, description="Id of an edge declared with `start: false`.")
+    new_edge: EdgeConfig | None = Field(
+        default=None, description="A full edge definition, instead of `edge`."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_edge(self) -> JoinEvent:
+        if (self.edge is None) == (self.new_edge is None):
+            raise ValueError(
+                "give exactly one of `edge` (a declared edge id) or `new_edge` (a full definition)"
+            )
+        return self
+
+    def edge_id(self) -> str:
+        if self.new_edge is not None:
+            return self.new_edge.id
+        assert self.edge is not None  # guaranteed by _exactly_one_edge
+        return self.edge
+
+
+class LeaveEvent(EventBase):
+    kind: Literal["leave"] = Field(description="An edge leaves gracefully (finishes nothing further).")
+    edge: str = Field(description="Id of the edge.")
+
+
+class CrashEvent(EventBase):
+    kind: Literal["crash"] = Field(description="An edge's process is killed without warning.")
+    edge: str = Field(description="Id of the edge.")
+
+
+class SlowEvent(EventBase):
+    kind: Literal["slow"] = Field(description="An edge's compute slows down.")
+    edge: str = Field(description="Id of the edge.")
+    factor: float = Field(ge=1, le=1000, description="Training takes this many times longer from now on.")
+
+
+class LinkEvent(EventBase):
+    kind: Literal["link"] = Field(description="An edge's network link changes.")
+    edge: str = Field(description="Id of the edge.")
+    bandwidth_mbps: float | None = Field(
+        default=None, gt=0, description="New bandwidth in Mbit/s; unset: unchanged."
+    )
+    latency_ms: float | None = Field(
+        default=None, ge=0, description="New latency in milliseconds; unset: unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> LinkEvent:
+        if self.bandwidth_mbps is None and self.latency_ms is None:
+            raise ValueError("a link event needs `bandwidth_mbps` and/or `latency_ms`")
+        return self
+
+
+class PoisonEvent(EventBase):
+    kind: Literal["poison"] = Field(description="An edge's next upload is corrupted (an attack or a fault).")
+    edge: str = Field(description="Id of the edge.")
+    mode: Literal["nan", "wrong_shapes", "scale", "sign_flip", "noise"] = Field(
+        description="nan: NaN weights; wrong_shapes: spec and weights disagree; scale: weights x scale; "
+        "sign_flip: weights x -1; noise: Gaussian noise of std scale x weight std added."
+    )
+    scale: float = Field(
+        default=10.0, gt=0, le=1e12, description="Strength of the `scale` and `noise` modes."
+    )
+
+
+class CoordinatorCrashEvent(EventBase):
+    kind: Literal["coordinator_crash"] = Field(
+        description="The cloud coordinator's process is killed; it restarts from its last checkpoint."
+    )
+
+
+Event = Annotated[
+    JoinEvent | LeaveEvent | CrashEvent | SlowEvent | LinkEvent | PoisonEvent | CoordinatorCrashEvent,
+    Field(discriminator="kind"),
+]
+EVENT_MODELS: tuple[type[EventBase], ...] = (
+    JoinEvent, LeaveEvent, CrashEvent, SlowEvent, LinkEvent, PoisonEvent, CoordinatorCrashEvent,
+)  # fmt: skip
+
+
+class FedAvgConfig(StrictModel):
+    enabled: bool = Field(
+        default=True, description="Run FedAvg on the same edges and shards as the baseline."
+    )
+    rounds: int = Field(default=3, ge=1, le=100_000, description="Federated rounds.")
+    local_epochs: int = Field(
+        default=1, ge=1, le=10_000, description="Local epochs per round on each selected edge."
+    )
+    client_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="Fraction of edges selected each round."
+    )
+    model: ModelSpecConfig | None = Field(
+        default=None,
+        description="The one homogeneous model; unset: the largest edge model (by parameter count).",
+    )
+
+
+class BaselinesConfig(StrictModel):
+    fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig, description="The federated learning baseline.")
+
+
+class ServingConfig(StrictModel):
+    enabled: bool = Field(default=True, description="Deploy the task models with Ray Serve after training.")
+    host: str = Field(
+        default="127.0.0.1", min_length=1, description="HTTP bind address (loopback by default)."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    min_replicas: int = Field(
+        default=1, ge=0, description="Autoscaling lower bound of replicas per task model."
+    )
+    max_replicas: int = Field(
+        default=2, ge=1, description="Autoscaling upper bound of replicas per task model."
+    )
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Autoscaling target of in-flight requests per replica."
+    )
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs each replica reserves.")
+    max_batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Requests `@serve.batch` groups into one call."
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class Scenario(StrictModel):
+    name: str = Field(default="scenario", min_length=1, description="Name shown in logs and reports.")
+    description: str = Field(default="", description="Free text for humans.")
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="Seed of partitions, initial weights and sampling."
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="Where images come from and split sizes."
+    )
+    tasks: list[TaskConfig] = Field(
+        min_length=1, description="The generation tasks (one learner squad each)."
+    )
+    edges: list[EdgeConfig] = Field(default_factory=list, description="Edges declared one by one.")
+    edge_groups: list[EdgeGroupConfig] = Field(
+        default_factory=list, description="Groups of identical edges with ids `<prefix>-<i>`."
+    )
+    cloud: CloudConfig = Field(
+        default_factory=CloudConfig, description="The cloud coordinator and BAIM training."
+    )
+    timeline: list[Event] = Field(
+        default_factory=list, description="Events that hit the system while it runs."
+    )
+    time_scale: float = Field(
+        default=1.0,
+        ge=0,
+        le=1000,
+        description="Multiplies simulated link delays and slow-downs (0 disables them; small for tests).",
+    )
+    baselines: BaselinesConfig = Field(
+        default_factory=BaselinesConfig, description="Baselines run for comparison."
+    )
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig, description="Ray Serve deployment of task models."
+    )
+
+    # ----- derived facts
+
+    def _edges_with_paths(self) -> list[tuple[str, EdgeConfig]]:
+        """Every edge with the field path that declares it (for error messages)."""
+        found = [(f"edges.{i}", edge) for i, edge in enumerate(self.edges)]
+        for g, group in enumerate(self.edge_groups):
+            found += [(f"edge_groups.{g}", edge) for edge in group.expand()]
+        for e, event in enumerate(self.timeline):
+            if isinstance(event, JoinEvent) and event.new_edge is not None:
+                found.append((f"timeline.{e}.new_edge", event.new_edge.model_copy(update={"start": False})))
+        return found
+
+    def all_edges(self) -> list[EdgeConfig]:
+        """Every edge of the run: explicit ones, expanded groups, then edges defined by `join` events
+        (returned with `start=False`)."""
+        return [edge for _, edge in self._edges_with_paths()]
+
+    def initial_edges(self) -> list[EdgeConfig]:
+        """The edges that start with the run."""
+        return [edge for edge in self.all_edges() if edge.start]
+
+    def edge(self, edge_id: str) -> EdgeConfig:
+        for edge in self.all_edges():
+            if edge.id == edge_id:
+                return edge
+        raise KeyError(f"unknown edge {edge_id!r}")
+
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def task(self, name: str) -> TaskConfig:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise UnknownTask(name, self.task_names())
+
+    def squads(self) -> dict[str, list[str]]:
+        """Edge ids per task (every edge of the run, including those joining later), in declaration order."""
+        squads: dict[str, list[str]] = {name: [] for name in self.task_names()}
+        for edge in self.all_edges():
+            squads[edge.task].append(edge.id)
+        return squads
+
+    def test_size(self, task: TaskConfig) -> int | Literal["all"]:
+        return self.data.test_per_task if task.test_size is None else task.test_size
+
+    def cloud_size(self, task: TaskConfig) -> int:
+        return self.data.cloud_per_task if task.cloud_size is None else task.cloud_size
+
+    def holdout_size(self, task: TaskConfig) -> int:
+        return self.data.holdout_per_task if task.holdout_size is None else task.holdout_size
+
+    # ----- cross-field rules
+
+    @model_validator(mode="after")
+    def check_cross_field_rules(self) -> Scenario:
+        problems: list[str] = []
+        task_names = self.task_names()
+        for name in sorted({n for n in task_names if task_names.count(n) > 1}):
+            problems.append(f"tasks: duplicate task name {name!r}")
+
+        edges = self._edges_with_paths()
+        if not edges:
+            problems.append("edges: the scenario declares no edges (give `edges` and/or `edge_groups`)")
+        first_path: dict[str, str] = {}
+        resolution = self.data.resolution
+        for path, edge in edges:
+            if edge.id in first_path:
+                problems.append(
+                    f"{path}: duplicate edge id {edge.id!r} (first declared at {first_path[edge.id]})"
+                )
+            else:
+                first_path[edge.id] = path
+            if edge.task not in task_names:
+                problems.append(f"{path}.task: unknown task {edge.task!r}; tasks: {', '.join(task_names)}")
+            downsampling = 2 ** len(edge.model.widths)
+            if resolution % downsampling != 0:
+                problems.append(
+                    f"{path}.model.widths: data.resolution {resolution} is not divisible by "
+                    f"2**len(widths) = {downsampling}"
+                )
+        fedavg_model = self.baselines.fedavg.model
+        if fedavg_model is not None and resolution % 2 ** len(fedavg_model.widths) != 0:
+            problems.append(
+                f"baselines.fedavg.model.widths: data.resolution {resolution} is not divisible by "
+                f"2**len(widths) = {2 ** len(fedavg_model.widths)}"
+            )
+
+        squad_sizes = {name: 0 for name in task_names}
+        for _, edge in edges:
+            if edge.task in squad_sizes:
+                squad_sizes[edge.task] += 1
+        for name, size in squad_sizes.items():
+            if self.cloud.top_k > size:
+                problems.append(
+                    f"cloud.top_k: {self.cloud.top_k} is larger than the squad of task {name!r} "
+                    f"({size} edge{'s' if size != 1 else ''})"
+                )
+
+        problems += self._timeline_problems(first_path)
+        if problems:
+            # An edge group reports a problem once, not once per expanded edge.
+            raise ValueError("\n".join(dict.fromkeys(problems)))
+        return self
+
+    def _timeline_problems(self, first_path: dict[str, str]) -> list[str]:
+        problems: list[str] = []
+        starts = {edge.id: edge.start for _, edge in self._edges_with_paths()}
+        join_times: dict[str, float] = {}
+        for e, event in enumerate(self.timeline):
+            if not isinstance(event, JoinEvent):
+                continue
+            edge_id = event.edge_id()
+            if event.edge is not None:
+                if edge_id not in starts:
+                    problems.append(f"timeline.{e}.edge: join names unknown edge {edge_id!r}")
+                    continue
+                if starts[edge_id]:
+                    problems.append(
+                        f"timeline.{e}.edge: edge {edge_id!r} starts with the run; declare it with "
+                        "`start: false` to have it join later"
+                    )
+            if edge_id in join_times:
+                problems.append(f"timeline.{e}: edge {edge_id!r} joins twice")
+            else:
+                join_times[edge_id] = event.at_seconds
+        for edge_id, starts_now in starts.items():
+            if not starts_now and edge_id not in join_times:
+                problems.append(
+                    f"{first_path[edge_id]}.start: edge {edge_id!r} has `start: false` but no join event"
+                )
+
+        for e, event in enumerate(self.timeline):
+            if isinstance(event, JoinEvent | CoordinatorCrashEvent):
+                continue
+            edge_id = event.edge
+            if edge_id not in starts:
+                known = ", ".join(starts) if len(starts) <= 20 else f"{len(starts)} edges"
+                problems.append(f"timeline.{e}.edge: unknown edge {edge_id!r} (known: {known})")
+            elif edge_id in join_times and event.at_seconds < join_times[edge_id]:
+                problems.append(
+                    f"timeline.{e}.at_seconds: {event.kind} of edge {edge_id!r} at {event.at_seconds}s "
+                    f"comes before it joins at {join_times[edge_id]}s"
+                )
+        return problems
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+
+def load_scenario(path: str | os.PathLike[str]) -> Scenario:
+    """Read and validate a scenario file.
+
+    Raises ScenarioError for a missing file, a YAML syntax error (with its line) or a document that is not a
+    mapping, and pydantic's ValidationError for schema problems (see `format_validation_error`).
+    """
+    scenario_path = Path(path)
+    try:
+        text = scenario_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(f"{scenario_path}: scenario file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{scenario_path}: cannot read scenario file: {exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" line {mark.line + 1}, column {mark.column + 1}:"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{scenario_path}:{where} YAML syntax error: {problem}") from None
+    if not isinstance(document, dict):
+        raise ScenarioError(
+            f"{scenario_path}: expected a YAML mapping at the top level, received {type(document).__name__}"
+        )
+    scenario = Scenario.model_validate(document)
+    logger.info(
+        "loaded scenario %r from %s (%d edges)", scenario.name, scenario_path, len(scenario.all_edges())
+    )
+    return scenario
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem: `edges.3.num_cpus: Input should be greater than 0`.
+
+    Cross-field rules already start each of their lines with the field path they concern.
+    """
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        for part in message.splitlines():
+            lines.append(f"{path}: {part}" if path else part)
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference documentation generated from the models (docs/scenario-reference.md, `baim schema`)
+
+
+_YAML_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _type_name(annotation: Any) -> str:
+    """A YAML-minded name for a field's type: `integer or "all"`, `list of EdgeConfig`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in _YAML_TYPE_NAMES:
+        return _YAML_TYPE_NAMES[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"{annotation.__name__} mapping"
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " or ".join(f'"{value}"' for value in args)
+    if origin in (Union, UnionType):
+        if all(isinstance(arg, type) and issubclass(arg, EventBase) for arg in args):
+            return "event mapping (by `kind`)"
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return str(annotation)
+
+
+def _constraints(field: Any) -> str:
+    parts = []
+    for item in field.metadata:
+        for bound in ("gt", "ge", "lt", "le", "min_length", "max_length", "pattern"):
+            value = getattr(item, bound, None)
+            if value is not None:
+                symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}.get(bound, bound)
+                parts.append(f"{symbol} {value}")
+    return ", ".join(parts)
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return "see below"
+        return f"`{value}`"
+    if field.default is None:
+        return "`null`"
+    return f"`{field.default}`" if field.default != "" else '`""`'
+
+
+def scenario_reference_markdown() -> str:
+    """The scenario reference (docs/scenario-reference.md), generated from the pydantic models."""
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("Scenario (top level)", Scenario),
+        ("data", DataConfig),
+        ("data.procedural", ProceduralConfig),
+        ("tasks[]", TaskConfig),
+        ("edges[]", EdgeConfig),
+        ("edge_groups[]", EdgeGroupConfig),
+        ("model (edges, edge_groups, baselines.fedavg)", ModelSpecConfig),
+        ("link (edges, edge_groups)", LinkConfig),
+        ("cloud", CloudConfig),
+        ("cloud.fusion", FusionPolicy),
+        ("cloud.uploads", UploadLimits),
+        *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
+        ("baselines.fedavg", FedAvgConfig),
+        ("serving", ServingConfig),
+    ]
+    lines = [
+        "# Scenario reference",
+        "",
+        "<!-- Generated by `baim schema --out docs/scenario-reference.md` from orchestrator/scenario.py."
+        " Do not edit by hand. -->",
+        "",
+        "A scenario is one YAML file (see `scenarios/`). Unknown keys are errors. `baim validate FILE`",
+        "checks a file and prints every problem as `field.path: message`.",
+        "",
+        "Rules across fields: task names and edge ids are unique; every edge names a declared task;",
+        "`data.resolution` is divisible by `2**len(model.widths)` for every model; `cloud.top_k` is at",
+        "most the number of edges of each task (counting edges that join later); timeline events name declared edges",
+        "(or edges defined by an earlier `join`) and do not precede the edge's join; an edge with",
+        "`start: false` is joined by exactly one `join` event; `serving.min_replicas <= max_replicas`.",
+        "Whether the data can supply every requested size is checked when the data is partitioned",
+        "(`baim demo`, `baim run`), since it depends on the data found.",
+        "",
+    ]
+    for title, model in sections:
+        lines += [
+            f"## {title}",
+            "",
+            "| field | type | default | bounds | description |",
+            "|---|---|---|---|---|",
+        ]
+        # A model's own fields first (an edge's `id` before the fields it shares with edge groups).
+        own = [name for name in model.__annotations__ if name in model.model_fields]
+        ordered = own + [name for name in model.model_fields if name not in own]
+        for name in ordered:
+            field = model.model_fields[name]
+            if name == "kind":
+                continue
+            cells = [f"`{name}`", _type_name(field.annotation), _default(field), _constraints(field)]
+            cells.append(field.description or "")
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
