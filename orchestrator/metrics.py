@@ -1,0 +1,505 @@
+"""Costs and metrics in one place.
+
+`Ledger` records what a run costs, measured rather than estimated: the bytes each edge sends and receives
+(always the length of the payload that actually crossed the boundary, passed in by the caller), FLOPs at each
+edge and in the cloud per training strategy (from `torch.utils.flop_counter`, passed in), wall-clock seconds
+per phase, every upload's outcome and a list of events. `to_dict()` is the JSON for report.json and for
+checkpoints, `from_dict()` restores it, `merge()` folds in the ledger of another actor.
+
+Every record also updates this module's Prometheus metrics, kept in `METRICS_REGISTRY` (not the
+process-global default registry, so tests and embedding applications stay isolated). `start_metrics_server`
+exports them over HTTP on loopback; `render_latest()` is the body for an HTTP `/metrics` route.
+Metric names and labels are documented in docs/metrics.md.
+
+Plain Python: no Ray import, so actors, the driver and Serve replicas can all use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_OUTCOMES = ("accepted", "rejected")
+DIRECTIONS = ("sent", "received")  # seen from the edge: "sent" is edge -> cloud
+FLOP_SITES = ("edge", "cloud")
+# Rejection reasons become a Prometheus label, so they are short codes ("sha_mismatch", "non_finite"),
+# never free text; free text goes in `detail`, which is kept in the ledger only.
+REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+EVENT_VALUE_TYPES = (str, int, float, bool, type(None))
+LEDGER_FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------------------
+# Prometheus metrics (one registry owned by this module)
+
+METRICS_REGISTRY = CollectorRegistry(auto_describe=True)
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+UPLOADS_TOTAL = Counter(
+    "baim_uploads",
+    "Edge model uploads by outcome (accepted/rejected) and rejection reason (empty when accepted).",
+    ["outcome", "reason"],
+    registry=METRICS_REGISTRY,
+)
+BYTES_TOTAL = Counter(
+    "baim_bytes",
+    "Bytes each edge sent (edge -> cloud) and received (cloud -> edge), as serialized on the wire.",
+    ["edge", "direction"],
+    registry=METRICS_REGISTRY,
+)
+FLOPS_TOTAL = Counter(
+    "baim_flops",
+    "Floating point operations counted by torch.utils.flop_counter; where=edge|cloud, "
+    "name=edge id or training strategy.",
+    ["where", "name"],
+    registry=METRICS_REGISTRY,
+)
+PHASE_SECONDS_TOTAL = Counter(
+    "baim_phase_seconds",
+    "Wall-clock seconds spent per named phase.",
+    ["phase"],
+    registry=METRICS_REGISTRY,
+)
+FUSION_SECONDS = Histogram(
+    "baim_fusion_seconds",
+    "Seconds to fuse one arriving edge model into the BAIM.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=METRICS_REGISTRY,
+)
+TRAINING_EPOCH_SECONDS = Histogram(
+    "baim_training_epoch_seconds",
+    "Seconds per cloud training epoch, by strategy (finetune, freeze, scratch, or a baseline).",
+    ["strategy"],
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+    registry=METRICS_REGISTRY,
+)
+GENERATION_SECONDS = Histogram(
+    "baim_generation_seconds",
+    "Seconds to generate one batch of images, by task.",
+    ["task"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=METRICS_REGISTRY,
+)
+
+
+def render_latest() -> bytes:
+    """The current metrics in Prometheus text format: the body of an HTTP `/metrics` response
+    (send it with `Content-Type: METRICS_CONTENT_TYPE`)."""
+    return generate_latest(METRICS_REGISTRY)
+
+
+def start_metrics_server(host: str = "127.0.0.1", port: int = 0) -> tuple[WSGIServer, int]:
+    """Serve this module's metrics at http://host:port/metrics from a daemon thread.
+
+    Bound to loopback by default; pass a routable host only behind a firewall or a scraping proxy.
+    `port=0` picks a free port. Returns the server (stop it with `server.shutdown(); server.server_close()`)
+    and the port it listens on.
+    """
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in [0, 65535], received {port!r}")
+    server, _thread = start_http_server(port, addr=host, registry=METRICS_REGISTRY)
+    bound_port = int(server.server_port)
+    logger.info("metrics server listening on http://%s:%d/metrics", host, bound_port)
+    return server, bound_port
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks: bad values raise ValueError naming the argument, the expected and the received value
+
+
+def _check_name(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, received {value!r}")
+    return value
+
+
+def _check_count(what: str, value: Any) -> int:
+    # bool is an int subclass; True bytes is a bug upstream, not a count.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, received {value!r}")
+    return value
+
+
+def _check_seconds(what: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite non-negative number of seconds, received {value!r}")
+    return float(value)
+
+
+def _check_choice(what: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}; received {value!r}")
+    return str(value)
+
+
+def _check_fields(what: str, fields: dict[str, Any]) -> dict[str, Any]:
+    for key, value in fields.items():
+        if not isinstance(value, EVENT_VALUE_TYPES) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            raise ValueError(
+                f"{what} field {key!r} must be a str, int, finite float, bool or None; received {value!r}"
+            )
+    return dict(fields)
+
+
+def _new_edge() -> dict[str, Any]:
+    return {"bytes_sent": 0, "bytes_received": 0, "flops": 0, "seconds": {}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """Costs of one run (or of one actor's share of it), JSON-able and mergeable.
+
+    export_metrics: also update this process's Prometheus metrics on every record (default True). A ledger
+    whose numbers will be merged into another ledger in the same process should pass False, so the merge
+    does not count them twice.
+    """
+
+    def __init__(self, *, export_metrics: bool = True) -> None:
+        self.export_metrics = export_metrics
+        self._edges: dict[str, dict[str, Any]] = {}
+        self._cloud_flops: dict[str, int] = {}
+        self._phases: dict[str, dict[str, Any]] = {}  # name -> {"seconds": float, "count": int}
+        self._uploads: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+
+    # -- bytes and FLOPs --------------------------------------------------------------------------------
+
+    def record_bytes(self, edge: str, direction: Literal["sent", "received"], nbytes: int) -> None:
+        """Count `nbytes` (the serialized length actually transferred) sent or received by `edge`."""
+        _check_name("edge", edge)
+        _check_choice("direction", direction, DIRECTIONS)
+        _check_count("nbytes", nbytes)
+        self._edge(edge)[f"bytes_{direction}"] += nbytes
+        if self.export_metrics:
+            BYTES_TOTAL.labels(edge=edge, direction=direction).inc(nbytes)
+
+    def record_edge_flops(self, edge: str, flops: int) -> None:
+        """Count FLOPs spent on `edge` (training, personalisation)."""
+        _check_name("edge", edge)
+        _check_count("flops", flops)
+        self._edge(edge)["flops"] += flops
+        if self.export_metrics:
+            FLOPS_TOTAL.labels(where="edge", name=edge).inc(flops)
+
+    def record_cloud_flops(self, strategy: str, flops: int) -> None:
+        """Count FLOPs spent in the cloud for `strategy` (finetune, freeze, scratch, fedavg, ...)."""
+        _check_name("strategy", strategy)
+        _check_count("flops", flops)
+        self._cloud_flops[strategy] = self._cloud_flops.get(strategy, 0) + flops
+        if self.export_metrics:
+            FLOPS_TOTAL.labels(where="cloud", name=strategy).inc(flops)
+
+    # -- time -------------------------------------------------------------------------------------------
+
+    def record_seconds(self, phase: str, seconds: float, *, edge: str | None = None) -> None:
+        """Add `seconds` of wall-clock time to `phase` (and to that edge's own per-phase time if given)."""
+        _check_name("phase", phase)
+        seconds = _check_seconds("seconds", seconds)
+        if edge is not None:
+            _check_name("edge", edge)
+            per_edge = self._edge(edge)["seconds"]
+            per_edge[phase] = per_edge.get(phase, 0.0) + seconds
+        totals = self._phases.setdefault(phase, {"seconds": 0.0, "count": 0})
+        totals["seconds"] += seconds
+        totals["count"] += 1
+        if self.export_metrics:
+            PHASE_SECONDS_TOTAL.labels(phase=phase).inc(seconds)
+
+    @contextmanager
+    def phase(self, name: str, *, edge: str | None = None) -> Iterator[None]:
+        """Time the `with` block (time.perf_counter) and record it under `name`, also when it raises."""
+        _check_name("phase", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_seconds(name, time.perf_counter() - start, edge=edge)
+
+    def record_fusion_seconds(self, seconds: float) -> None:
+        """One edge model fused into the BAIM: phase "fusion" and the fusion_seconds histogram."""
+        self.record_seconds("fusion", seconds)
+        if self.export_metrics:
+            FUSION_SECONDS.observe(seconds)
+
+    def record_training_epoch_seconds(self, strategy: str, seconds: float) -> None:
+        """One cloud training epoch (measured where it ran, e.g. a Ray Train worker): phase
+        "train/<strategy>" and the training_epoch_seconds histogram."""
+        _check_name("strategy", strategy)
+        self.record_seconds(f"train/{strategy}", seconds)
+        if self.export_metrics:
+            TRAINING_EPOCH_SECONDS.labels(strategy=strategy).observe(seconds)
+
+    def record_generation_seconds(self, task: str, seconds: float) -> None:
+        """One generation request: phase "generate/<task>" and the generation_seconds histogram."""
+        _check_name("task", task)
+        self.record_seconds(f"generate/{task}", seconds)
+        if self.export_metrics:
+            GENERATION_SECONDS.labels(task=task).observe(seconds)
+
+    @contextmanager
+    def fusion(self) -> Iterator[None]:
+        """Time the `with` block as one fusion."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_fusion_seconds(time.perf_counter() - start)
+
+    @contextmanager
+    def training_epoch(self, strategy: str) -> Iterator[None]:
+        """Time the `with` block as one training epoch of `strategy`."""
+        _check_name("strategy", strategy)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_training_epoch_seconds(strategy, time.perf_counter() - start)
+
+    @contextmanager
+    def generation(self, task: str) -> Iterator[None]:
+        """Time the `with` block as one generation for `task`."""
+        _check_name("task", task)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_generation_seconds(task, time.perf_counter() - start)
+
+    # -- uploads and events -----------------------------------------------------------------------------
+
+    def record_upload(
+        self,
+        edge: str,
+        outcome: Literal["accepted", "rejected"],
+        *,
+        reason: str = "",
+        version: int | None = None,
+        detail: str = "",
+    ) -> None:
+        """An upload from `edge` was accepted, or rejected with `reason` (a short code such as
+        "sha_mismatch"; free text goes in `detail`). Count its bytes with `record_bytes` separately."""
+        _check_name("edge", edge)
+        _check_choice("outcome", outcome, UPLOAD_OUTCOMES)
+        if outcome == "rejected" and not (isinstance(reason, str) and REASON_PATTERN.match(reason)):
+            raise ValueError(
+                "reason for a rejected upload must be a short code matching "
+                f"{REASON_PATTERN.pattern}, received {reason!r}"
+            )
+        if outcome == "accepted" and reason != "":
+            raise ValueError(f"reason must be empty for an accepted upload, received {reason!r}")
+        if version is not None:
+            _check_count("version", version)
+        if not isinstance(detail, str):
+            raise ValueError(f"detail must be a string, received {detail!r}")
+        self._uploads.append(
+            {
+                "time": time.time(),
+                "edge": edge,
+                "outcome": outcome,
+                "reason": reason,
+                "version": version,
+                "detail": detail,
+            }
+        )
+        if self.export_metrics:
+            UPLOADS_TOTAL.labels(outcome=outcome, reason=reason).inc()
+
+    def record_event(self, kind: str, **fields: str | int | float | bool | None) -> None:
+        """Something that happened (an edge joined, crashed, a round started), with JSON-able fields."""
+        _check_name("kind", kind)
+        if "time" in fields or "kind" in fields:
+            raise ValueError("event fields may not be named 'time' or 'kind' (the ledger sets them)")
+        event = {"time": time.time(), "kind": kind, **_check_fields(f"event {kind!r}", fields)}
+        self._events.append(event)
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    @property
+    def edges(self) -> list[str]:
+        return sorted(self._edges)
+
+    def edge_costs(self, edge: str) -> dict[str, Any]:
+        """bytes_sent, bytes_received, flops and seconds per phase of one edge (a copy)."""
+        if edge not in self._edges:
+            raise KeyError(f"no costs recorded for edge {edge!r}; edges with costs: {self.edges}")
+        return copy.deepcopy(self._edges[edge])
+
+    def cloud_flops(self) -> dict[str, int]:
+        return dict(self._cloud_flops)
+
+    def phase_seconds(self, phase: str) -> float:
+        return float(self._phases.get(phase, {}).get("seconds", 0.0))
+
+    def total_bytes(self, direction: Literal["sent", "received"]) -> int:
+        _check_choice("direction", direction, DIRECTIONS)
+        return sum(costs[f"bytes_{direction}"] for costs in self._edges.values())
+
+    def upload_counts(self) -> dict[str, Any]:
+        """{"accepted": n, "rejected": {reason: n}}."""
+        rejected: dict[str, int] = {}
+        for upload in self._uploads:
+            if upload["outcome"] == "rejected":
+                rejected[upload["reason"]] = rejected.get(upload["reason"], 0) + 1
+        accepted = sum(1 for upload in self._uploads if upload["outcome"] == "accepted")
+        return {"accepted": accepted, "rejected": dict(sorted(rejected.items()))}
+
+    @property
+    def uploads(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._uploads)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._events)
+
+    # -- serialisation and merging ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able snapshot (report.json, checkpoints). `from_dict(to_dict())` restores it exactly."""
+        return {
+            "format_version": LEDGER_FORMAT_VERSION,
+            "edges": {edge: copy.deepcopy(self._edges[edge]) for edge in sorted(self._edges)},
+            "cloud_flops": dict(sorted(self._cloud_flops.items())),
+            "phases": {name: dict(self._phases[name]) for name in sorted(self._phases)},
+            "uploads": copy.deepcopy(self._uploads),
+            "events": copy.deepcopy(self._events),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, export_metrics: bool = True) -> Ledger:
+        """Restore a ledger written by `to_dict`. Raises ValueError naming the first malformed entry.
+
+        Restored totals are not replayed into Prometheus: counters there start from zero in every process.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"ledger data must be a dict, received {type(data).__name__}")
+        expected_keys = {"format_version", "edges", "cloud_flops", "phases", "uploads", "events"}
+        if set(data) != expected_keys:
+            raise ValueError(
+                f"ledger data must have exactly the keys {sorted(expected_keys)}, received {sorted(data)}"
+            )
+        if data["format_version"] != LEDGER_FORMAT_VERSION:
+            raise ValueError(
+                f"ledger format_version must be {LEDGER_FORMAT_VERSION}, received {data['format_version']!r}"
+            )
+        ledger = cls(export_metrics=export_metrics)
+        for edge, costs in _check_mapping("edges", data["edges"]).items():
+            _check_name("edges key", edge)
+            _check_keys(f"edges[{edge!r}]", costs, {"bytes_sent", "bytes_received", "flops", "seconds"})
+            ledger._edges[edge] = {
+                "bytes_sent": _check_count(f"edges[{edge!r}].bytes_sent", costs["bytes_sent"]),
+                "bytes_received": _check_count(f"edges[{edge!r}].bytes_received", costs["bytes_received"]),
+                "flops": _check_count(f"edges[{edge!r}].flops", costs["flops"]),
+                "seconds": {
+                    _check_name(f"edges[{edge!r}].seconds key", phase): _check_seconds(
+                        f"edges[{edge!r}].seconds[{phase!r}]", seconds
+                    )
+                    for phase, seconds in _check_mapping(f"edges[{edge!r}].seconds", costs["seconds"]).items()
+                },
+            }
+        for strategy, flops in _check_mapping("cloud_flops", data["cloud_flops"]).items():
+            _check_name("cloud_flops key", strategy)
+            ledger._cloud_flops[strategy] = _check_count(f"cloud_flops[{strategy!r}]", flops)
+        for phase, totals in _check_mapping("phases", data["phases"]).items():
+            _check_name("phases key", phase)
+            _check_keys(f"phases[{phase!r}]", totals, {"seconds", "count"})
+            ledger._phases[phase] = {
+                "seconds": _check_seconds(f"phases[{phase!r}].seconds", totals["seconds"]),
+                "count": _check_count(f"phases[{phase!r}].count", totals["count"]),
+            }
+        for index, upload in enumerate(_check_list("uploads", data["uploads"])):
+            where = f"uploads[{index}]"
+            _check_keys(where, upload, {"time", "edge", "outcome", "reason", "version", "detail"})
+            _check_seconds(f"{where}.time", upload["time"])
+            _check_name(f"{where}.edge", upload["edge"])
+            _check_choice(f"{where}.outcome", upload["outcome"], UPLOAD_OUTCOMES)
+            if upload["version"] is not None:
+                _check_count(f"{where}.version", upload["version"])
+            for text_key in ("reason", "detail"):
+                if not isinstance(upload[text_key], str):
+                    raise ValueError(f"{where}.{text_key} must be a string, received {upload[text_key]!r}")
+            ledger._uploads.append(dict(upload))
+        for index, event in enumerate(_check_list("events", data["events"])):
+            where = f"events[{index}]"
+            if not isinstance(event, dict):
+                raise ValueError(f"{where} must be a dict, received {type(event).__name__}")
+            _check_seconds(f"{where}.time", event.get("time"))
+            _check_name(f"{where}.kind", event.get("kind"))
+            ledger._events.append(_check_fields(where, event))
+        return ledger
+
+    def merge(self, other: Ledger) -> None:
+        """Add `other`'s costs to this ledger (bytes, FLOPs and seconds add; uploads and events are
+        interleaved by time). If this ledger exports metrics, the merged amounts are exported too:
+        `other` normally comes from another process, whose Prometheus counters nobody scrapes."""
+        if not isinstance(other, Ledger):
+            raise ValueError(f"can only merge a Ledger, received {type(other).__name__}")
+        if other is self:
+            raise ValueError("cannot merge a ledger into itself")
+        snapshot = other.to_dict()
+        for edge, costs in snapshot["edges"].items():
+            self.record_bytes(edge, "sent", costs["bytes_sent"])
+            self.record_bytes(edge, "received", costs["bytes_received"])
+            self.record_edge_flops(edge, costs["flops"])
+            per_edge = self._edge(edge)["seconds"]
+            for phase, seconds in costs["seconds"].items():
+                per_edge[phase] = per_edge.get(phase, 0.0) + seconds
+        for strategy, flops in snapshot["cloud_flops"].items():
+            self.record_cloud_flops(strategy, flops)
+        for phase, totals in snapshot["phases"].items():
+            mine = self._phases.setdefault(phase, {"seconds": 0.0, "count": 0})
+            mine["seconds"] += totals["seconds"]
+            mine["count"] += totals["count"]
+            if self.export_metrics:
+                PHASE_SECONDS_TOTAL.labels(phase=phase).inc(totals["seconds"])
+        for upload in snapshot["uploads"]:
+            self._uploads.append(upload)
+            if self.export_metrics:
+                UPLOADS_TOTAL.labels(outcome=upload["outcome"], reason=upload["reason"]).inc()
+        self._events.extend(snapshot["events"])
+        # Stable sorts: records with equal times keep their order (this ledger's first).
+        self._uploads.sort(key=lambda record: record["time"])
+        self._events.sort(key=lambda record: record["time"])
+
+    def _edge(self, edge: str) -> dict[str, Any]:
+        if edge not in self._edges:
+            self._edges[edge] = _new_edge()
+        return self._edges[edge]
+
+
+def _check_mapping(what: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict, received {type(value).__name__}")
+    return value
+
+
+def _check_list(what: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, received {type(value).__name__}")
+    return value
+
+
+def _check_keys(what: str, value: Any, expected: set[str]) -> None:
+    if not isinstance(value, dict) or set(value) != expected:
+        received = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"{what} must have exactly the keys {sorted(expected)}, received {received}")
