@@ -160,6 +160,18 @@ def _check_fields(what: str, fields: dict[str, Any]) -> dict[str, Any]:
     return dict(fields)
 
 
+def _check_outcome(prefix: str, outcome: Any, reason: Any) -> None:
+    """An upload outcome and its reason: a short code when rejected, empty when accepted."""
+    _check_choice(f"{prefix}outcome", outcome, UPLOAD_OUTCOMES)
+    if outcome == "rejected" and not (isinstance(reason, str) and REASON_PATTERN.match(reason)):
+        raise ValueError(
+            f"{prefix}reason of a rejected upload must be a short code matching "
+            f"{REASON_PATTERN.pattern}, received {reason!r}"
+        )
+    if outcome == "accepted" and reason != "":
+        raise ValueError(f"{prefix}reason must be empty for an accepted upload, received {reason!r}")
+
+
 def _new_edge() -> dict[str, Any]:
     return {"bytes_sent": 0, "bytes_received": 0, "flops": 0, "seconds": {}}
 
@@ -300,14 +312,7 @@ class Ledger:
         """An upload from `edge` was accepted, or rejected with `reason` (a short code such as
         "sha_mismatch"; free text goes in `detail`). Count its bytes with `record_bytes` separately."""
         _check_name("edge", edge)
-        _check_choice("outcome", outcome, UPLOAD_OUTCOMES)
-        if outcome == "rejected" and not (isinstance(reason, str) and REASON_PATTERN.match(reason)):
-            raise ValueError(
-                "reason for a rejected upload must be a short code matching "
-                f"{REASON_PATTERN.pattern}, received {reason!r}"
-            )
-        if outcome == "accepted" and reason != "":
-            raise ValueError(f"reason must be empty for an accepted upload, received {reason!r}")
+        _check_outcome("", outcome, reason)
         if version is not None:
             _check_count("version", version)
         if not isinstance(detail, str):
@@ -432,12 +437,11 @@ class Ledger:
             _check_keys(where, upload, {"time", "edge", "outcome", "reason", "version", "detail"})
             _check_seconds(f"{where}.time", upload["time"])
             _check_name(f"{where}.edge", upload["edge"])
-            _check_choice(f"{where}.outcome", upload["outcome"], UPLOAD_OUTCOMES)
+            _check_outcome(f"{where}.", upload["outcome"], upload["reason"])
             if upload["version"] is not None:
                 _check_count(f"{where}.version", upload["version"])
-            for text_key in ("reason", "detail"):
-                if not isinstance(upload[text_key], str):
-                    raise ValueError(f"{where}.{text_key} must be a string, received {upload[text_key]!r}")
+            if not isinstance(upload["detail"], str):
+                raise ValueError(f"{where}.detail must be a string, received {upload['detail']!r}")
             ledger._uploads.append(dict(upload))
         for index, event in enumerate(_check_list("events", data["events"])):
             where = f"events[{index}]"

@@ -114,3 +114,10 @@ def test_registry_is_an_s3_uri_in_the_node_environment(config: dict) -> None:
     registry_lines = [line for line in init.split("'") if line.startswith("export BAIM_REGISTRY=")]
     assert len(registry_lines) == 1
     assert registry_lines[0].removeprefix("export BAIM_REGISTRY=").startswith("s3://")
+
+
+def test_the_bucket_is_the_only_placeholder() -> None:
+    # docs/cluster.md tells users to replace exactly this one value.
+    text = CLUSTER_YAML.read_text()
+    assert text.count("CHANGE-ME") == 2  # the header comment and the BAIM_REGISTRY line
+    assert "s3://CHANGE-ME-edge-baim-bucket/" in text

@@ -122,6 +122,7 @@ def test_to_dict_is_json_and_round_trips() -> None:
             r"phases\['fusion'\]\.seconds",
         ),
         (lambda d: d["uploads"][0].__setitem__("outcome", "lost"), r"uploads\[0\]\.outcome"),
+        (lambda d: d["uploads"][1].__setitem__("reason", "free text"), r"uploads\[1\]\.reason"),
         (lambda d: d.pop("events"), "exactly the keys"),
         (lambda d: d.__setitem__("format_version", 99), "format_version"),
     ],
