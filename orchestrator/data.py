@@ -237,7 +237,8 @@ def resolve_source(data_cfg: DataConfig) -> DataSource:
     if data_cfg.require_real:
         raise ScenarioError(
             f"data.require_real: no CelebA found at {root} (expected {IMAGE_DIR}/ and {ATTR_FILE}); "
-            f"set data.root or ${DATA_ROOT_ENV} to a CelebA copy in torchvision's layout"
+            f"point data.root (or ${DATA_ROOT_ENV} when data.root is unset) at a CelebA copy in "
+            "torchvision's layout"
         )
     procedural = data_cfg.procedural
     logger.warning(

@@ -1,0 +1,276 @@
+"""The `baim` command line (also `python -m orchestrator`).
+
+Each subcommand is two small functions: `add_<name>_parser(subparsers)` declares its arguments and sets
+`func=cmd_<name>`, and `cmd_<name>(args) -> int` does the work and returns the exit status. To add one
+(`run`, `serve`, `report`), write both and append the first to `SUBCOMMANDS`.
+
+This is the only module that prints for the user or decides an exit status: library code raises
+(`ScenarioError`, pydantic's `ValidationError`, ...) and `main` turns those into one line per problem on
+stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator.errors import ArtifactRejected, ScenarioError, UnknownTask
+from orchestrator.scenario import (
+    EdgeConfig,
+    Scenario,
+    format_validation_error,
+    load_scenario,
+    scenario_reference_markdown,
+)
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work itself failed
+EXIT_BAD_INPUT = 2  # the scenario, a file or an argument is wrong (also argparse's own status)
+
+
+def _load(args: argparse.Namespace) -> Scenario:
+    """Load the scenario named by `args.scenario`, applying `--data-root` when the command has it."""
+    scenario = load_scenario(args.scenario)
+    data_root = getattr(args, "data_root", None)
+    if data_root is not None:
+        data = scenario.data.model_copy(update={"root": str(data_root)})
+        scenario = scenario.model_copy(update={"data": data})
+    return scenario
+
+
+# --------------------------------------------------------------------------------------------------------
+# validate
+
+
+def add_validate_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a scenario file; exit 0 when valid, 2 with one line per problem",
+        description="Check a scenario file against the schema; print every problem as `field.path: message`.",
+    )
+    parser.add_argument("scenario", type=Path, help="scenario YAML file")
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="also resolve the data and partition it, to check that it can supply every requested size",
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="use this CelebA folder instead of data.root"
+    )
+    parser.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    scenario = _load(args)
+    if args.check_data:
+        from orchestrator.data import make_partitions, resolve_source
+
+        make_partitions(resolve_source(scenario.data), scenario)
+    print(
+        f"{args.scenario}: valid scenario {scenario.name!r} ({len(scenario.tasks)} tasks, "
+        f"{len(scenario.all_edges())} edges, {len(scenario.timeline)} timeline events)"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
+# schema
+
+
+def add_schema_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "schema",
+        help="print or write the scenario reference generated from the schema",
+        description="Print the scenario reference (Markdown, or JSON Schema with --json) or write it.",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON Schema instead of Markdown")
+    parser.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
+    parser.set_defaults(func=cmd_schema)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    if args.json:
+        text = json.dumps(Scenario.model_json_schema(), indent=2) + "\n"
+    else:
+        text = scenario_reference_markdown()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
+# demo
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="validate a scenario, resolve its data, partition it and print the shards",
+        description=(
+            "Validate a scenario, find its data (CelebA or the procedural faces), partition it and print the "
+            "shard of every edge. With --out, write partitions.json, scenario.json and data.json there."
+        ),
+    )
+    parser.add_argument("scenario", type=Path, help="scenario YAML file")
+    parser.add_argument("--out", type=Path, default=None, help="folder for partitions.json and friends")
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="use this CelebA folder instead of data.root"
+    )
+    parser.set_defaults(func=cmd_demo)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _resources(edge: EdgeConfig) -> str:
+    parts = [f"cpu={edge.num_cpus:g}"]
+    if edge.num_gpus:
+        parts.append(f"gpu={edge.num_gpus:g}")
+    if edge.memory_mb is not None:
+        parts.append(f"mem={edge.memory_mb}MiB")
+    parts += [f"{name}={amount:g}" for name, amount in edge.custom_resources.items()]
+    return " ".join(parts)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.data import make_partitions, resolve_source
+
+    scenario = _load(args)
+    source = resolve_source(scenario.data)
+    partitions = make_partitions(source, scenario)
+
+    if source.kind == "celeba":
+        data_line = f"CelebA at {source.root} ({source.num_images} images)"
+    else:
+        data_line = (
+            f"procedural faces ({source.num_images} images, seed {source.procedural_seed}); "
+            f"no CelebA found at {source.root}"
+        )
+    if source.test_split_drawn:
+        test_line = f"drawn from the training pool with seed {scenario.seed} (the data has no test partition)"
+    else:
+        test_line = "from the official test partition"
+    print(f"scenario {scenario.name!r}, seed {scenario.seed}, resolution {scenario.data.resolution}x"
+          f"{scenario.data.resolution}")  # fmt: skip
+    print(f"data: {data_line}")
+    print(f"test split: {test_line}")
+    print()
+    squads = scenario.squads()
+    task_rows = [
+        [
+            task.name,
+            task.expression,
+            len(partitions.test[task.name]),
+            len(partitions.holdout[task.name]),
+            len(partitions.cloud[task.name]),
+            len(squads[task.name]),
+            int(source.matching(task.expression).sum()),
+        ]
+        for task in scenario.tasks
+    ]
+    print(_table(["task", "expression", "test", "holdout", "cloud", "edges", "matching images"], task_rows))
+    print()
+    edge_rows = []
+    for edge in scenario.all_edges():
+        model = "-".join(str(w) for w in edge.model.widths) + f" z{edge.model.latent_dim}"
+        edge_rows.append(
+            [
+                edge.id,
+                edge.task,
+                scenario.task(edge.task).expression,
+                len(partitions.edges[edge.id]),
+                _resources(edge),
+                model,
+                edge.local_epochs,
+                f"{edge.link.bandwidth_mbps:g}Mbit/s {edge.link.latency_ms:g}ms",
+                "start" if edge.start else "joins later",
+            ]
+        )
+    header = [
+        "edge",
+        "task",
+        "expression",
+        "shard",
+        "resources",
+        "model (widths, latent)",
+        "epochs",
+        "link",
+        "",
+    ]
+    print(_table(header, edge_rows))
+    total_edge = sum(len(indices) for indices in partitions.edges.values())
+    print()
+    print(
+        f"totals: {sum(len(v) for v in partitions.test.values())} test, "
+        f"{sum(len(v) for v in partitions.holdout.values())} holdout, "
+        f"{sum(len(v) for v in partitions.cloud.values())} cloud, {total_edge} edge images; all disjoint"
+    )
+
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "partitions.json").write_text(partitions.to_json(), encoding="utf-8")
+        (args.out / "scenario.json").write_text(scenario.model_dump_json(indent=1), encoding="utf-8")
+        (args.out / "data.json").write_text(json.dumps(source.describe(), indent=1), encoding="utf-8")
+        print(f"wrote {args.out / 'partitions.json'}, scenario.json, data.json")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
+# entry point
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_validate_parser, add_schema_parser, add_demo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baim",
+        description="Ray orchestrator for edge-cloud generative AI with a bottom-up Big AI Model (BAIM).",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the library's messages on stderr (default WARNING)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand and return its exit status (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        status: int = args.func(args)
+    except ValidationError as exc:
+        for line in format_validation_error(exc):
+            print(line, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ScenarioError, UnknownTask, ArtifactRejected) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return status
