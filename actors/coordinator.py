@@ -1,0 +1,664 @@
+"""CloudCoordinator: accepts edge uploads concurrently, fuses them into the BAIM, trains it in rounds.
+
+A plain class whose public methods are coroutines; the engine runs it as an async Ray actor
+(`ray.remote(CloudCoordinator).options(max_restarts=-1, max_task_retries=-1, ...)`), and unit tests drive it
+with `asyncio.run`. Its event loop only does cheap, structural work; everything CPU-heavy goes to a thread
+(upload validation, registry writes) and a training round runs outside the loop altogether (a Ray Train job
+or a local loop, in a thread that only waits for it), so an upload is never queued behind a round.
+
+Per upload (`upload`): validate (size limit, sha256, spec, tensor names and shapes against the learner the
+spec rebuilds, dtypes, finite values, and plausibility: the loss on a few held-out cloud images of the edge's
+task must be finite and below `cloud.uploads.max_plausibility_loss`), write it durably to the registry as
+`edge/<edge_id>@v<version>`, record it in the checkpoint, *then* acknowledge. A receipt is a pure function of
+the upload and its outcome, so re-sending the same upload (a retry after a restart) returns the same receipt.
+Rejections are data: a receipt with `accepted=False`, a short reason code and the detail.
+
+Fusion: each accepted learner joins the live BAIM at once (`BAIM.from_learners` for the first, then
+`BAIM.add_learner`, function-preserving). The fusion policy (`cloud.fusion`) starts a round after
+`min_new_models` new learners, or once the oldest untrained one waited `max_wait_seconds`. A round trains a
+snapshot; learners that arrive meanwhile are fused again on top of the trained BAIM and join the next round.
+
+Durability: after every accepted upload and every round the coordinator writes its state document
+(`coordinator/state`: accepted uploads in arrival order, the trained BAIM version, rounds, rejections,
+ledger). A restarted coordinator reads it, reloads the last trained BAIM (`baim@vN`) and re-fuses every
+accepted upload the registry holds that the trained BAIM lacks: nothing acknowledged is ever lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from actors.edge import learner_name
+from baim.config import LearnerSpec
+from baim.costs import count_params
+from baim.decompose import TaskModel, decompose
+from baim.learners import VAELearner, noise_for
+from baim.model import BAIM
+from baim.training import apply_strategy, evaluate, train_epoch
+from orchestrator.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
+from orchestrator.data import DataSource, FaceDataset, Partitions
+from orchestrator.errors import ArtifactRejected
+from orchestrator.metrics import Ledger
+from orchestrator.registry import ArtifactNotFound, Registry
+from orchestrator.scenario import Scenario
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "coordinator/state"
+BAIM_OWNER = "baim"
+PLAUSIBILITY_IMAGES = 16  # held-out images per task used to check an upload's loss
+PLAUSIBILITY_SEED = 0  # fixed noise, so the check gives the same number for the same upload
+POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checked
+
+
+def edge_owner(edge_id: str) -> str:
+    return f"edge/{edge_id}"
+
+
+def version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carried as data)
+    """A rejection with a short code (a Prometheus label) and a human-readable detail."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+def rejection_code(reason: str) -> str:
+    """Map `unpack_payload`'s free-text reason to a short code (its checks run in a fixed order)."""
+    if reason.startswith("oversized"):
+        return "oversized"
+    if reason.startswith("sha256"):
+        return "sha256_mismatch"
+    if reason.startswith("spec"):
+        return "bad_spec"
+    if reason.startswith("weights"):
+        return "bad_weights"
+    if "dtype" in reason:
+        return "bad_dtype"
+    if "NaN or Inf" in reason:
+        return "non_finite"
+    return "invalid"
+
+
+@dataclass
+class RoundRequest:
+    """Everything one cloud training round needs (all of it picklable, nothing an edge sent unchecked)."""
+
+    round_index: int
+    baim: ArtifactPayload  # the fused BAIM to train, as verified artifact bytes
+    strategies: list[str]
+    scenario: Scenario
+    source: DataSource
+    partitions: Partitions
+    registry_uri: str
+
+
+@dataclass
+class RoundResult:
+    trained: ArtifactPayload  # the BAIM the first strategy produced: the coordinator continues from it
+    strategies: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # per strategy: losses, flops, seconds
+
+
+RoundRunner = Callable[[RoundRequest], RoundResult]
+
+
+def local_training_round(request: RoundRequest) -> RoundResult:
+    """Train the fused BAIM once per strategy in this process (the fallback when Ray Train is not used).
+
+    Each strategy starts from the same fused BAIM; the first strategy's result is what the coordinator keeps.
+    FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after each epoch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cloud = request.scenario.cloud
+    spec, tensors = unpack_payload(
+        request.baim, artifact_id=f"baim round {request.round_index}", max_bytes=2**40
+    )
+    resolution = request.scenario.data.resolution
+    results: dict[str, dict[str, Any]] = {}
+    trained: ArtifactPayload | None = None
+    for strategy in request.strategies:
+        model = BAIM.from_spec(spec)
+        model.load_state_dict(tensors)
+        tasks = list(model.config.tasks)
+        train_set: ConcatDataset[Any] = ConcatDataset(
+            [
+                FaceDataset(request.source, request.partitions.cloud[t], resolution, task_id=i)
+                for i, t in enumerate(tasks)
+            ]
+        )
+        test_set: ConcatDataset[Any] = ConcatDataset(
+            [
+                FaceDataset(request.source, request.partitions.test[t], resolution, task_id=i)
+                for i, t in enumerate(tasks)
+            ]
+        )
+        generator = torch.Generator().manual_seed(request.scenario.seed + request.round_index)
+        train_loader = DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=generator)
+        test_loader = DataLoader(test_set, batch_size=cloud.batch_size)
+        apply_strategy(model, strategy, model.learner_modules(), seed=request.scenario.seed)  # type: ignore[arg-type]
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cloud.lr)
+
+        def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+            images, task_ids = batch
+            return m(images, task_ids).loss
+
+        losses, test_losses, flops, started = [], [], 0, time.perf_counter()
+        for _ in range(cloud.epochs):
+            with FlopCounterMode(display=False) as counter:
+                losses.append(train_epoch(model, train_loader, optimizer, loss_fn))
+            flops += int(counter.get_total_flops())
+            test_losses.append(evaluate(model, test_loader, loss_fn))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        results[strategy] = {
+            "train_loss": losses,
+            "test_loss": test_losses,
+            "flops": flops,
+            "seconds": time.perf_counter() - started,
+            "epochs": cloud.epochs,
+            "runner": "local",
+        }
+        if trained is None:
+            trained = pack_module(model, model.spec())
+    assert trained is not None  # strategies is non-empty (schema: min_length=1)
+    return RoundResult(trained=trained, strategies=results)
+
+
+def _load_learner(spec: LearnerSpec, tensors: dict[str, torch.Tensor]) -> VAELearner:
+    learner = VAELearner(spec)
+    learner.load_state_dict(tensors, strict=True)
+    return learner
+
+
+class CloudCoordinator:
+    """The cloud side of a run. See the module docstring.
+
+    Args:
+        scenario: the validated scenario (edges, tasks, cloud config).
+        registry_uri: where uploads, BAIM versions, task models and the state document live.
+        source, partitions: the run's data; the coordinator reads only holdout, cloud and test images.
+        round_runner: trains one round (blocking; called in a thread). Default `local_training_round`.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        registry_uri: str,
+        source: DataSource,
+        partitions: Partitions,
+        *,
+        round_runner: RoundRunner | None = None,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.scenario = scenario
+        self.cloud = scenario.cloud
+        self.registry_uri = registry_uri
+        self.registry = Registry(
+            registry_uri, max_artifact_bytes=max(scenario.cloud.uploads.max_upload_bytes, 1 << 30)
+        )
+        self.source = source
+        self.partitions = partitions
+        self.round_runner = round_runner or local_training_round
+        self.edges = {edge.id: edge for edge in scenario.all_edges()}
+        self.learner_names = {edge_id: learner_name(edge_id) for edge_id in self.edges}
+        self.ledger = Ledger()
+        self._holdout: dict[str, torch.Tensor] = {}
+
+        # State (what the checkpoint holds).
+        self.accepted: list[dict[str, Any]] = []  # receipts of accepted uploads, in arrival order
+        self.rejected: dict[str, dict[str, Any]] = {}  # receipt by upload key
+        self.rounds: list[dict[str, Any]] = []
+        self.baim_version: str | None = None  # last trained BAIM in the registry
+        self.restarts = 0
+
+        # Live structure (rebuilt from the state on restart).
+        self.baim: BAIM | None = None
+        self.trained_learners: set[str] = set()  # learners inside the last trained BAIM
+        self.pending_since: float | None = None  # when the oldest untrained learner arrived
+        self._lock = asyncio.Lock()
+        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._round_task: asyncio.Task[None] | None = None
+        self._policy_task: asyncio.Task[None] | None = None
+        self._resume()
+
+    # ---- public API (coroutines) ------------------------------------------------------------------
+
+    async def upload(
+        self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
+    ) -> dict[str, Any]:
+        """Validate, store durably, fuse; return the receipt (idempotent for the same upload)."""
+        self._start_policy_timer()
+        key = f"{edge_id}@{version}#{sha256}"
+        for receipt in self.accepted:
+            if receipt["key"] == key:
+                return dict(receipt)
+        if key in self.rejected:
+            return dict(self.rejected[key])
+        if key not in self._inflight:
+            future = asyncio.ensure_future(
+                self._handle_upload(key, edge_id, version, weights, spec_json, sha256)
+            )
+            self._inflight[key] = future
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return dict(await asyncio.shield(self._inflight[key]))
+
+    async def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot for progress displays and tests."""
+        return {
+            "accepted": [r["edge_id"] for r in self.accepted],
+            "rejected": {r["edge_id"]: r["reason"] for r in self.rejected.values()},
+            "learners": list(self.baim.config.learner_names) if self.baim is not None else [],
+            "pending": self._pending_learners(),
+            "rounds": len(self.rounds),
+            "round_running": self._round_task is not None and not self._round_task.done(),
+            "baim_version": self.baim_version,
+            "restarts": self.restarts,
+        }
+
+    async def finish(self) -> dict[str, Any]:
+        """Train whatever is still untrained, decompose every task, publish the task models; summary.
+
+        Idempotent: called again (e.g. retried after a restart) it trains nothing new and republishes the
+        same task models.
+        """
+        while self._round_task is not None and not self._round_task.done():
+            await asyncio.shield(self._round_task)
+        if self._pending_learners():
+            await self._start_round()
+            if self._round_task is not None:
+                await asyncio.shield(self._round_task)
+        tasks = await asyncio.to_thread(self._publish_task_models)
+        return {
+            "accepted": [dict(r) for r in self.accepted],
+            "rejected": [dict(r) for r in self.rejected.values()],
+            "learners": list(self.baim.config.learner_names) if self.baim is not None else [],
+            "untrained_learners": self._pending_learners(),
+            "baim_version": self.baim_version,
+            "baim_params": count_params(self.baim) if self.baim is not None else 0,
+            "rounds": [dict(r) for r in self.rounds],
+            "tasks": tasks,
+            "restarts": self.restarts,
+            "ledger": self.ledger.to_dict(),
+        }
+
+    # ---- upload handling --------------------------------------------------------------------------
+
+    async def _handle_upload(
+        self, key: str, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
+    ) -> dict[str, Any]:
+        receipt: dict[str, Any] = {
+            "key": key,
+            "edge_id": edge_id,
+            "version": version,
+            "sha256": sha256,
+            "accepted": False,
+            "reason": "",
+            "detail": "",
+            "learner": None,
+            "artifact": None,
+        }
+        try:
+            learner = await asyncio.to_thread(self._validate, edge_id, version, weights, spec_json, sha256)
+            payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+            owner, vname = edge_owner(edge_id), version_name(version)
+            try:
+                await asyncio.to_thread(self.registry.put, owner, vname, payload)
+            except ArtifactRejected as err:  # the same version already holds another model
+                raise UploadRejected("version_conflict", err.reason) from None
+        except UploadRejected as err:
+            receipt.update(reason=err.code, detail=err.detail)
+            async with self._lock:
+                self.rejected[key] = receipt
+                self.ledger.record_upload(
+                    edge_id if isinstance(edge_id, str) and edge_id else "unknown",
+                    "rejected",
+                    reason=err.code,
+                    version=version if isinstance(version, int) and version >= 0 else None,
+                    detail=err.detail,
+                )
+                await self._checkpoint()
+            logger.warning("rejected upload %s: %s (%s)", key, err.code, err.detail)
+            return receipt
+
+        receipt.update(accepted=True, learner=self.learner_names[edge_id], artifact=f"{owner}@{vname}")
+        async with self._lock:
+            self.accepted.append(receipt)
+            self.ledger.record_upload(edge_id, "accepted", version=version)
+            with self.ledger.fusion():
+                self._fuse(edge_id, learner)
+            await self._checkpoint()  # durable before the acknowledgement
+        logger.info("accepted upload %s as learner %s", key, receipt["learner"])
+        await self._maybe_start_round()
+        return receipt
+
+    def _validate(
+        self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
+    ) -> VAELearner:
+        """Every check of an upload; CPU-heavy, so it runs in a thread. Raises UploadRejected."""
+        if not isinstance(edge_id, str) or edge_id not in self.edges:
+            raise UploadRejected("unknown_edge", f"edge_id {edge_id!r} is not an edge of this scenario")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise UploadRejected("bad_version", f"version: expected an int >= 1, received {version!r}")
+        limits = self.cloud.uploads
+        payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+        try:
+            spec, tensors = unpack_payload(
+                payload,
+                artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}",
+                max_bytes=limits.max_upload_bytes,
+                allowed_kinds=("learner",),
+            )
+        except ArtifactRejected as err:
+            raise UploadRejected(rejection_code(err.reason), err.reason) from None
+
+        edge = self.edges[edge_id]
+        declared = LearnerSpec(
+            widths=tuple(edge.model.widths),
+            latent_dim=edge.model.latent_dim,
+            resolution=self.scenario.data.resolution,
+        )
+        if set(spec) != {"kind", "edge_id", "task", "learner"}:
+            raise UploadRejected(
+                "bad_spec", f"spec keys: expected edge_id, kind, learner, task, received {sorted(spec)}"
+            )
+        if spec["edge_id"] != edge_id:
+            raise UploadRejected(
+                "bad_spec", f"spec edge_id: expected {edge_id!r}, received {spec['edge_id']!r}"
+            )
+        if spec["task"] != edge.task:
+            raise UploadRejected("bad_spec", f"spec task: expected {edge.task!r}, received {spec['task']!r}")
+        try:
+            learner_spec = LearnerSpec.from_dict(spec["learner"])
+        except (ValueError, TypeError) as err:
+            raise UploadRejected("bad_spec", f"spec learner: {err}") from None
+        if learner_spec != declared:
+            raise UploadRejected(
+                "bad_spec",
+                f"spec learner: expected the declared {declared.to_dict()}, "
+                f"received {learner_spec.to_dict()}",
+            )
+        expected = {name: tuple(t.shape) for name, t in VAELearner(learner_spec).state_dict().items()}
+        try:
+            check_shapes(tensors, expected, artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}")
+        except ArtifactRejected as err:
+            raise UploadRejected("wrong_shapes", err.reason) from None
+        learner = _load_learner(learner_spec, {k: v.float() for k, v in tensors.items()})
+
+        loss = self._plausibility_loss(learner, edge.task)
+        if not loss < limits.max_plausibility_loss:  # also catches NaN
+            raise UploadRejected(
+                "implausible_loss",
+                f"loss on {PLAUSIBILITY_IMAGES} held-out images of task {edge.task!r}: "
+                f"expected a finite value below {limits.max_plausibility_loss}, received {loss:.6g}",
+            )
+        return learner
+
+    @torch.no_grad()
+    def _plausibility_loss(self, learner: VAELearner, task: str) -> float:
+        images = self._holdout_images(task)
+        eps = noise_for("plausibility", PLAUSIBILITY_SEED, images.shape[0], learner.spec.latent_dim)
+        learner.eval()
+        return float(learner.loss(images, self.cloud.kld_weight, eps=eps).loss)
+
+    def _holdout_images(self, task: str) -> torch.Tensor:
+        if task not in self._holdout:
+            indices = self.partitions.holdout.get(task, [])[:PLAUSIBILITY_IMAGES]
+            if not indices:  # no holdout configured: fall back to the task's cloud images
+                indices = self.partitions.cloud[task][:PLAUSIBILITY_IMAGES]
+            dataset = FaceDataset(self.source, indices, self.scenario.data.resolution)
+            self._holdout[task] = torch.stack([dataset[i] for i in range(len(dataset))])  # type: ignore[misc]
+        return self._holdout[task]
+
+    # ---- fusion, rounds, checkpoints ------------------------------------------------------------------
+
+    def _fuse(self, edge_id: str, learner: VAELearner) -> None:
+        name, task = self.learner_names[edge_id], self.edges[edge_id].task
+        if self.baim is None:
+            self.baim = BAIM.from_learners(
+                [task],
+                [(name, task, learner)],
+                top_k=self.cloud.top_k,
+                connection_height=self.cloud.connection_height,
+                kld_weight=self.cloud.kld_weight,
+                seed=self.scenario.seed,
+            )
+        else:
+            self.baim.add_learner(name, task, learner)
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+
+    def _pending_learners(self) -> list[str]:
+        if self.baim is None:
+            return []
+        return [name for name in self.baim.config.learner_names if name not in self.trained_learners]
+
+    async def _maybe_start_round(self) -> None:
+        if self._round_task is not None and not self._round_task.done():
+            return  # arrivals during a round join the next one
+        pending = self._pending_learners()
+        if not pending:
+            return
+        waited = time.monotonic() - (self.pending_since or time.monotonic())
+        if len(pending) >= self.cloud.fusion.min_new_models or waited >= self.cloud.fusion.max_wait_seconds:
+            await self._start_round()
+
+    async def _start_round(self) -> None:
+        async with self._lock:
+            if self.baim is None or (self._round_task is not None and not self._round_task.done()):
+                return
+            snapshot = pack_module(self.baim, self.baim.spec())
+            members = list(self.baim.config.learner_names)
+            request = RoundRequest(
+                round_index=len(self.rounds) + 1,
+                baim=snapshot,
+                strategies=list(self.cloud.strategies),
+                scenario=self.scenario,
+                source=self.source,
+                partitions=self.partitions,
+                registry_uri=self.registry_uri,
+            )
+            self.ledger.record_event("round_started", round=request.round_index, learners=len(members))
+            self._round_task = asyncio.ensure_future(self._run_round(request, members))
+
+    async def _run_round(self, request: RoundRequest, members: list[str]) -> None:
+        logger.info(
+            "round %d: training %d learners (%s)", request.round_index, len(members), request.strategies
+        )
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(self.round_runner, request)
+        except Exception as err:  # a failed round loses nothing: its learners stay pending
+            logger.exception("round %d failed", request.round_index)
+            self.ledger.record_event(
+                "round_failed", round=request.round_index, error=f"{type(err).__name__}: {err}"
+            )
+            return
+        seconds = time.perf_counter() - started
+        spec, tensors = unpack_payload(result.trained, artifact_id="trained BAIM", max_bytes=2**40)
+        async with self._lock:
+            version = self.registry.next_version(BAIM_OWNER)
+            await asyncio.to_thread(self.registry.put, BAIM_OWNER, version, result.trained)
+            trained = BAIM.from_spec(spec)
+            trained.load_state_dict(tensors)
+            late = (
+                [name for name in self.baim.config.learner_names if name not in members] if self.baim else []
+            )
+            for name in late:  # arrived during the round: fused again on top of the trained BAIM
+                trained.add_learner(name, self._task_of(name), self.baim.learner(name))  # type: ignore[union-attr]
+            self.baim = trained
+            self.baim_version = version
+            self.trained_learners = set(members)
+            self.pending_since = time.monotonic() if late else None
+            for strategy, summary in result.strategies.items():
+                self.ledger.record_cloud_flops(strategy, int(summary.get("flops", 0)))
+                self.ledger.record_seconds(f"train/{strategy}", float(summary.get("seconds", 0.0)))
+            self.rounds.append(
+                {
+                    "round": request.round_index,
+                    "learners": members,
+                    "baim_version": version,
+                    "seconds": seconds,
+                    "strategies": result.strategies,
+                }
+            )
+            self.ledger.record_event("round_finished", round=request.round_index, baim_version=version)
+            await self._checkpoint()
+        logger.info("round %d done in %.1fs: BAIM %s", request.round_index, seconds, version)
+        await self._maybe_start_round()
+
+    def _task_of(self, name: str) -> str:
+        return self.baim.config.learner(name).task if self.baim is not None else ""
+
+    def _start_policy_timer(self) -> None:
+        if self._policy_task is None:
+            self._policy_task = asyncio.ensure_future(self._policy_timer())
+
+    async def _policy_timer(self) -> None:
+        while True:
+            await asyncio.sleep(POLICY_TICK_SECONDS)
+            try:
+                await self._maybe_start_round()
+            except Exception:  # keep the timer alive; the failure is logged
+                logger.exception("fusion policy check failed")
+
+    async def _checkpoint(self) -> None:
+        await asyncio.to_thread(self.registry.put_json, STATE_KEY, self._state())
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "rejected": list(self.rejected.values()),
+            "rounds": self.rounds,
+            "baim_version": self.baim_version,
+            "trained_learners": sorted(self.trained_learners),
+            "restarts": self.restarts,
+            "ledger": self.ledger.to_dict(),
+        }
+
+    def _resume(self) -> None:
+        """Rebuild from the last state document and the registry (a no-op on a fresh registry)."""
+        state = self.registry.get_json(STATE_KEY)
+        if state is None:
+            return
+        self.restarts = int(state.get("restarts", 0)) + 1
+        self.rejected = {r["key"]: r for r in state["rejected"]}
+        self.rounds = list(state["rounds"])
+        self.ledger = Ledger.from_dict(state["ledger"])
+        self.baim_version = state["baim_version"]
+        if self.baim_version is not None:
+            payload = self.registry.get(BAIM_OWNER, self.baim_version)
+            spec, tensors = unpack_payload(payload, artifact_id=f"baim@{self.baim_version}", max_bytes=2**40)
+            self.baim = BAIM.from_spec(spec)
+            self.baim.load_state_dict(tensors)
+            self.trained_learners = set(state["trained_learners"])
+
+        # Every accepted upload: those the state lists (arrival order), then any the registry holds that the
+        # state missed (stored, then the coordinator died before its checkpoint).
+        receipts = {r["key"]: r for r in state["accepted"]}
+        order = [r["key"] for r in state["accepted"]]
+        for owner in self.registry.owners("edge/"):
+            edge_id = owner.removeprefix("edge/")
+            for vname in self.registry.versions(owner):
+                ref = self.registry.ref(owner, vname)
+                version = int(vname.removeprefix("v"))
+                key = f"{edge_id}@{version}#{ref.sha256}"
+                if key not in receipts:
+                    receipts[key] = {
+                        "key": key,
+                        "edge_id": edge_id,
+                        "version": version,
+                        "sha256": ref.sha256,
+                        "accepted": True,
+                        "reason": "",
+                        "detail": "",
+                        "learner": self.learner_names.get(edge_id),
+                        "artifact": f"{owner}@{vname}",
+                    }
+                    order.append(key)
+                    self.ledger.record_upload(edge_id, "accepted", version=version)
+        self.accepted = [receipts[key] for key in order]
+        for receipt in self.accepted:
+            name = receipt["learner"]
+            if self.baim is not None and name in self.baim.config.learner_names:
+                continue
+            payload = self._stored_upload(receipt)
+            spec, tensors = unpack_payload(payload, artifact_id=receipt["artifact"], max_bytes=2**40)
+            learner = _load_learner(LearnerSpec.from_dict(spec["learner"]), tensors)
+            self._fuse(receipt["edge_id"], learner)
+        self.ledger.record_event("coordinator_resumed", restarts=self.restarts, accepted=len(self.accepted))
+        logger.warning(
+            "coordinator resumed (restart %d): %d accepted uploads, BAIM %s, %d pending",
+            self.restarts, len(self.accepted), self.baim_version, len(self._pending_learners()),
+        )  # fmt: skip
+        self.registry.put_json(STATE_KEY, self._state())  # the restart itself is part of the record
+
+    def _stored_upload(self, receipt: dict[str, Any]) -> ArtifactPayload:
+        owner, vname = receipt["artifact"].split("@")
+        try:
+            return self.registry.get(owner, vname)
+        except ArtifactNotFound:
+            raise RuntimeError(
+                f"accepted upload {receipt['artifact']} is missing from {self.registry_uri}"
+            ) from None
+
+    # ---- the end of a run -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _publish_task_models(self) -> dict[str, dict[str, Any]]:
+        """Decompose each task, check it against the BAIM, measure its test loss, publish it."""
+        if self.baim is None:
+            return {}
+        baim = self.baim
+        baim.eval()
+        resolution = self.scenario.data.resolution
+        out: dict[str, dict[str, Any]] = {}
+        for task_id, task in enumerate(baim.config.tasks):
+            model: TaskModel = decompose(baim, task)
+            test = FaceDataset(self.source, self.partitions.test[task], resolution)
+            loader = DataLoader(test, batch_size=self.cloud.batch_size)
+            max_diff, total, count = 0.0, 0.0, 0
+            for batch_index, images in enumerate(loader):
+                seed = self.scenario.seed + batch_index
+                full = baim(images, task_id, seed=seed)
+                alone = model(images, seed=seed)
+                max_diff = max(max_diff, float((full.recon - alone.recon).abs().max()))
+                total += float(alone.loss) * images.shape[0]
+                count += images.shape[0]
+            payload = pack_module(model, model.spec())
+            version = (
+                self.baim_version or "v000000"
+            )  # task models carry the version of the BAIM they come from
+            ref = self.registry.put(f"task/{task}", version, payload)
+            out[task] = {
+                "params": count_params(model),
+                "baim_params": count_params(baim),
+                "learners": list(model.config.learner_names),
+                "test_loss": total / count if count else None,
+                "test_images": count,
+                "decomposition_max_abs_diff": max_diff,
+                "artifact": f"{ref.owner}@{ref.version}",
+                "sha256": ref.sha256,
+            }
+        return out
+
+
+def receipt_json(receipt: dict[str, Any]) -> str:
+    return json.dumps(receipt, sort_keys=True)

@@ -1,0 +1,358 @@
+"""EdgeNode: one edge of the system. It trains a small VAE on its private shard and uploads it once.
+
+A plain class (unit-testable without Ray); the engine wraps it with
+`ray.remote(EdgeNode).options(num_cpus=..., num_gpus=..., memory=..., resources=..., max_concurrency=4)`
+using the resources the scenario declares, so Ray's scheduler decides where (and whether) it can run.
+`max_concurrency` > 1 makes it a threaded actor: `run()` occupies one thread while the driver's timeline
+events (`slow_down`, `change_link`, `poison`, `leave`) and `progress()` polls arrive on the others. They only
+set plain attributes that the training loop reads between steps.
+
+What crosses the process boundary is primitive: the upload is `weights: bytes, spec_json: str, sha256: str`
+(an ArtifactPayload), and what the edge reports back to the driver is a JSON string (`run`, `progress`),
+which the driver parses and validates: nothing an edge sends is ever unpickled by the driver's own code.
+
+Simulated network: an upload of `nbytes` takes `time_scale * (latency + nbytes * 8 / bandwidth)` seconds
+of sleeping before the call; the bytes counted are the payload's real length, once per attempt sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from baim.config import LearnerSpec
+from baim.costs import forward_backward_flops
+from baim.learners import VAELearner
+from baim.training import evaluate, train_epoch, vae_batch_loss
+from orchestrator.artifacts import ArtifactPayload, pack_state
+from orchestrator.data import DataSource, FaceDataset
+from orchestrator.metrics import Ledger
+from orchestrator.scenario import EdgeConfig
+
+logger = logging.getLogger(__name__)
+
+PoisonMode = Literal["nan", "wrong_shapes", "scale", "sign_flip", "noise"]
+EDGE_STATUSES = (
+    "created",  # constructed, run() not called yet
+    "training",
+    "uploading",  # trained; waiting out the simulated link or the coordinator's receipt
+    "accepted",  # the coordinator accepted the upload (final)
+    "rejected",  # the coordinator rejected the upload with a reason (final)
+    "left",  # left gracefully before uploading (final)
+    "upload_failed",  # the coordinator stayed unreachable for every attempt (final)
+)
+UPLOAD_VERSION = 1  # each edge uploads its model once (DESIGN.md); a second model would be version 2
+UPLOAD_ATTEMPTS = 5  # re-sends after the coordinator was unreachable (the upload is idempotent)
+UPLOAD_TIMEOUT_SECONDS = 120.0  # one attempt's wait for a receipt, restarts of the coordinator included
+SLEEP_SLICE_SECONDS = 0.05  # simulated delays sleep in slices so that `leave` interrupts them
+
+
+class EdgeLeft(Exception):  # noqa: N818 (control flow, not an error)
+    """Raised inside the training loop when the edge was told to leave."""
+
+
+def edge_seed(scenario_seed: int, edge_id: str) -> int:
+    """A per-edge seed from the scenario seed: stable across processes (unlike hash())."""
+    digest = hashlib.sha256(f"edge\0{scenario_seed}\0{edge_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def learner_name(edge_id: str) -> str:
+    """The BAIM learner name of an edge's model: the edge id with `.` (allowed in ids, not in learner
+    names, which become module keys) replaced by `_`."""
+    return edge_id.replace(".", "_")
+
+
+def upload_spec(edge: EdgeConfig, spec: LearnerSpec) -> dict[str, Any]:
+    """The JSON spec an edge sends beside its weights."""
+    return {"kind": "learner", "edge_id": edge.id, "task": edge.task, "learner": spec.to_dict()}
+
+
+def link_delay_seconds(nbytes: int, bandwidth_mbps: float, latency_ms: float, time_scale: float) -> float:
+    """Simulated transfer time of `nbytes` over a link: time_scale * (latency + bits / bandwidth)."""
+    return time_scale * (latency_ms / 1000.0 + nbytes * 8 / (bandwidth_mbps * 1e6))
+
+
+def poison_state(
+    state: dict[str, torch.Tensor], mode: PoisonMode, scale: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """A corrupted copy of a state dict, as an attacker or a faulty edge would send it.
+
+    nan: every value NaN; wrong_shapes: one tensor loses its last row (the spec still claims the declared
+    architecture); scale: weights x scale; sign_flip: weights x -1; noise: Gaussian noise of standard
+    deviation `scale` x each tensor's own standard deviation, drawn from `seed`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    poisoned: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        t = tensor.detach().clone()
+        if mode == "nan":
+            t = torch.full_like(t, float("nan"))
+        elif mode == "scale":
+            t = t * scale
+        elif mode == "sign_flip":
+            t = -t
+        elif mode == "noise":
+            std = float(t.std()) if t.numel() > 1 else float(t.abs().mean())
+            t = t + torch.randn(t.shape, generator=generator, dtype=t.dtype) * (scale * max(std, 1e-8))
+        elif mode != "wrong_shapes":
+            raise ValueError(
+                f"poison mode: expected one of nan, wrong_shapes, scale, sign_flip, noise, received {mode!r}"
+            )
+        poisoned[name] = t
+    if mode == "wrong_shapes":
+        name = max(poisoned, key=lambda key: (poisoned[key].dim(), poisoned[key].shape[0], key))
+        poisoned[name] = poisoned[name][:-1].clone()
+    return poisoned
+
+
+class EdgeNode:
+    """One edge: private shard, local training, one upload.
+
+    Args:
+        edge: the edge's scenario entry (task, model, local epochs, batch size, lr, link).
+        source: the run's data source (metadata only, no pixels); the engine ships it once with ray.put.
+        indices: the edge's own shard; only these images are ever read, lazily, in this process.
+        resolution: image side (the scenario's data.resolution).
+        scenario_seed: the scenario seed; the edge's initial weights and batch order derive from it.
+        kld_weight: weight of the KL term in the local VAE loss (the cloud's, so the models agree).
+        time_scale: multiplies simulated link delays and slow-downs (0 disables them).
+        torch_threads: intra-op threads for this process (1 keeps many edges on few cores sane).
+    """
+
+    def __init__(
+        self,
+        edge: EdgeConfig,
+        source: DataSource,
+        indices: list[int],
+        *,
+        resolution: int,
+        scenario_seed: int,
+        kld_weight: float,
+        time_scale: float = 1.0,
+        torch_threads: int = 1,
+    ) -> None:
+        if time_scale < 0:
+            raise ValueError(f"time_scale: expected >= 0, received {time_scale}")
+        torch.set_num_threads(torch_threads)
+        self.edge = edge
+        self.edge_id = edge.id
+        self.spec = LearnerSpec(
+            widths=tuple(edge.model.widths), latent_dim=edge.model.latent_dim, resolution=resolution
+        )
+        self.seed = edge_seed(scenario_seed, edge.id)
+        self.kld_weight = kld_weight
+        self.time_scale = time_scale
+        self.dataset = FaceDataset(source, indices, resolution)  # images are read lazily, in this process
+        if len(self.dataset) == 0:
+            raise ValueError(f"edge {edge.id}: expected a non-empty shard, received 0 images")
+        self.ledger = Ledger(export_metrics=False)
+
+        # Mutable state read by the training loop, written by the event methods (other actor threads).
+        self.slow_factor = 1.0
+        self.bandwidth_mbps = edge.link.bandwidth_mbps
+        self.latency_ms = edge.link.latency_ms
+        self.poison_mode: PoisonMode | None = None
+        self.poison_scale = 1.0
+        self._leave = threading.Event()
+        self.status = "created"
+        self.epoch = 0
+        self.steps = 0
+        self.train_loss: float | None = None
+        self.receipt: dict[str, Any] | None = None
+        self.error: str | None = None
+        logger.info("edge %s ready: %d images, spec %s", edge.id, len(self.dataset), self.spec)
+
+    # ---- timeline events (called by the driver while run() is in progress) ---------------------------
+
+    def slow_down(self, factor: float) -> None:
+        """From now on each training step takes `factor` times its measured time (times time_scale)."""
+        if factor < 1:
+            raise ValueError(f"factor: expected >= 1, received {factor}")
+        self.slow_factor = float(factor)
+
+    def change_link(self, bandwidth_mbps: float | None = None, latency_ms: float | None = None) -> None:
+        if bandwidth_mbps is not None:
+            if bandwidth_mbps <= 0:
+                raise ValueError(f"bandwidth_mbps: expected > 0, received {bandwidth_mbps}")
+            self.bandwidth_mbps = float(bandwidth_mbps)
+        if latency_ms is not None:
+            if latency_ms < 0:
+                raise ValueError(f"latency_ms: expected >= 0, received {latency_ms}")
+            self.latency_ms = float(latency_ms)
+
+    def poison(self, mode: PoisonMode, scale: float = 10.0) -> None:
+        """Corrupt the next upload (see `poison_state`)."""
+        poison_state({"probe": torch.zeros(2, 2)}, mode, scale, 0)  # validates `mode` early
+        self.poison_mode = mode
+        self.poison_scale = float(scale)
+
+    def leave(self) -> None:
+        """Stop gracefully: no upload unless it was already sent."""
+        self._leave.set()
+
+    def progress(self) -> str:
+        """JSON: status, epoch, steps, last train loss, the ledger so far (bytes, FLOPs, seconds)."""
+        return json.dumps(self._report())
+
+    # ---- the edge's life -------------------------------------------------------------------------------
+
+    def run(self, coordinator: Any) -> str:
+        """Train, pack, (poison,) wait out the link, upload; return the final report as JSON.
+
+        `coordinator` is a Ray actor handle of CloudCoordinator, or (in unit tests) any object whose
+        `upload(...)` returns a receipt dict or an awaitable of one.
+        """
+        try:
+            self._train()
+            payload = self._pack()
+            self._upload(coordinator, payload)
+        except EdgeLeft:
+            self.status = "left"
+            self.ledger.record_event("edge_left", edge=self.edge_id, epoch=self.epoch)
+            logger.info("edge %s left at epoch %d", self.edge_id, self.epoch)
+        return json.dumps(self._report())
+
+    def _train(self) -> None:
+        self.status = "training"
+        torch.manual_seed(self.seed)  # initial weights and noise: the same for the same scenario seed
+        model = VAELearner(self.spec)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
+        loss_fn = vae_batch_loss(self.kld_weight)
+        order = torch.Generator().manual_seed(self.seed)
+        loader = DataLoader(self.dataset, batch_size=self.edge.batch_size, shuffle=True, generator=order)
+
+        flops_per_epoch = self._epoch_flops(model, loss_fn)
+        for epoch in range(self.edge.local_epochs):
+            self._check_leave()
+            with self.ledger.phase("edge_train", edge=self.edge_id):
+                self.train_loss = train_epoch(model, self._paced(loader), optimizer, loss_fn)
+            self.ledger.record_edge_flops(self.edge_id, flops_per_epoch)
+            self.epoch = epoch + 1
+            logger.info("edge %s epoch %d/%d loss %.5f", self.edge_id, self.epoch, self.edge.local_epochs,
+                        self.train_loss)  # fmt: skip
+        self._check_leave()
+        self.model = model
+        self.eval_loss = evaluate(model, DataLoader(self.dataset, batch_size=self.edge.batch_size), loss_fn)
+
+    def _epoch_flops(self, model: VAELearner, loss_fn: Any) -> int:
+        """FLOPs of one epoch, counted by FlopCounterMode on the real model and real batch shapes.
+
+        FLOPs depend only on shapes, so one full batch and the last partial one are counted once each
+        (inside a forked RNG, so counting does not shift the training's random stream).
+        """
+        size = len(self.dataset)
+        batch = self.edge.batch_size
+        full, rest = divmod(size, batch)
+        total = 0
+        with torch.random.fork_rng():
+            for n, count in ((batch, full), (rest, 1)):
+                if n == 0 or count == 0:
+                    continue
+                example = torch.stack([_image(self.dataset[i]) for i in range(n)])
+                total += count * forward_backward_flops(model, example, loss_fn).total
+        return total
+
+    def _paced(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Yield batches; between steps apply the slow-down and check for `leave`."""
+        previous = time.perf_counter()
+        for batch in loader:
+            self._check_leave()
+            yield batch
+            now = time.perf_counter()
+            step_seconds = now - previous
+            self.steps += 1
+            if self.slow_factor > 1 and self.time_scale > 0:
+                self._sleep((self.slow_factor - 1) * step_seconds * self.time_scale)
+            previous = time.perf_counter()
+
+    def _pack(self) -> ArtifactPayload:
+        state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        if self.poison_mode is not None:
+            state = poison_state(state, self.poison_mode, self.poison_scale, self.seed)
+            self.ledger.record_event("edge_poisoned", edge=self.edge_id, mode=self.poison_mode)
+            logger.warning("edge %s uploads a poisoned model (%s)", self.edge_id, self.poison_mode)
+        return pack_state(state, upload_spec(self.edge, self.spec))
+
+    def _upload(self, coordinator: Any, payload: ArtifactPayload) -> None:
+        self.status = "uploading"
+        last_error = ""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            delay = link_delay_seconds(payload.nbytes, self.bandwidth_mbps, self.latency_ms, self.time_scale)
+            with self.ledger.phase("edge_upload", edge=self.edge_id):
+                self._sleep(delay)  # the transfer itself; `leave` during it means nothing was sent
+                self._check_leave()
+                self.ledger.record_bytes(self.edge_id, "sent", payload.nbytes)
+                try:
+                    receipt = _call_upload(
+                        coordinator,
+                        edge_id=self.edge_id,
+                        version=UPLOAD_VERSION,
+                        weights=payload.weights,
+                        spec_json=payload.spec_json,
+                        sha256=payload.sha256,
+                    )
+                except Exception as err:  # unreachable coordinator: retry, the upload is idempotent
+                    last_error = f"{type(err).__name__}: {err}"
+                    logger.warning("edge %s upload attempt %d failed: %s", self.edge_id, attempt, last_error)
+                    continue
+            self.receipt = receipt
+            self.status = "accepted" if receipt.get("accepted") else "rejected"
+            return
+        self.status = "upload_failed"
+        self.error = f"coordinator unreachable after {UPLOAD_ATTEMPTS} attempts: {last_error}"
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+
+    def _check_leave(self) -> None:
+        if self._leave.is_set():
+            raise EdgeLeft
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
+        while (left := deadline - time.perf_counter()) > 0:
+            if self._leave.is_set():
+                return
+            time.sleep(min(left, SLEEP_SLICE_SECONDS))
+
+    def _report(self) -> dict[str, Any]:
+        return {
+            "edge_id": self.edge_id,
+            "task": self.edge.task,
+            "status": self.status,
+            "epoch": self.epoch,
+            "epochs": self.edge.local_epochs,
+            "steps": self.steps,
+            "train_loss": self.train_loss,
+            "shard_size": len(self.dataset),
+            "receipt": self.receipt,
+            "error": self.error,
+            "ledger": self.ledger.to_dict(),
+        }
+
+
+def _image(item: Any) -> torch.Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _call_upload(coordinator: Any, **kwargs: Any) -> dict[str, Any]:
+    """coordinator.upload(**kwargs) on a Ray actor handle (waits for the receipt) or a plain object."""
+    method = coordinator.upload
+    if hasattr(method, "remote"):
+        import ray  # only when actually talking to an actor: unit tests run without Ray
+
+        return ray.get(method.remote(**kwargs), timeout=UPLOAD_TIMEOUT_SECONDS)
+    result = method(**kwargs)
+    if hasattr(result, "__await__"):
+        import asyncio
+
+        return asyncio.run(result)
+    return result

@@ -1,0 +1,266 @@
+"""CloudCoordinator as a plain class (no Ray): validation, idempotence, fusion, rounds, checkpoint/resume."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from actors.coordinator import STATE_KEY, CloudCoordinator, version_name
+from actors.edge import poison_state, upload_spec
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
+from orchestrator.artifacts import ArtifactPayload, compute_sha256, pack_state
+from orchestrator.data import make_partitions, resolve_source
+from orchestrator.registry import Registry
+from orchestrator.scenario import Scenario, load_scenario
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class LoopThread:
+    """Runs the coordinator's coroutines on one event loop in a background thread, like an async actor."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_all() -> None:
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        self.run(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class SyncCoordinator:
+    """The coordinator behind a synchronous `upload(...)`, the way an edge calls it through Ray."""
+
+    def __init__(self, coordinator: CloudCoordinator, loop: LoopThread) -> None:
+        self.coordinator = coordinator
+        self.loop = loop
+
+    def upload(self, **kwargs: Any) -> dict[str, Any]:
+        return self.loop.run(self.coordinator.upload(**kwargs))
+
+
+def tiny_scenario(tmp_path: Path, **cloud_changes: Any) -> Scenario:
+    """scenarios/tiny.yaml on procedural faces (fast, no files), with cloud settings overridden."""
+    scenario = load_scenario(REPO / "scenarios" / "tiny.yaml")
+    document = scenario.model_dump(mode="json")
+    document["data"]["root"] = str(tmp_path / "no-celeba-here")
+    document["data"]["procedural"] = {"num_images": 1500, "native_size": 32}
+    document["cloud"].update(cloud_changes)
+    return Scenario.model_validate(document)
+
+
+def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: Any) -> ArtifactPayload:
+    edge = scenario.edge(edge_id)
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    torch.manual_seed(seed)
+    state = VAELearner(spec).state_dict()
+    if poison:
+        state = poison_state(state, poison["mode"], poison.get("scale", 10.0), seed)
+    return pack_state(state, upload_spec(edge, spec))
+
+
+def as_kwargs(edge_id: str, payload: ArtifactPayload, version: int = 1) -> dict[str, Any]:
+    return {
+        "edge_id": edge_id,
+        "version": version,
+        "weights": payload.weights,
+        "spec_json": payload.spec_json,
+        "sha256": payload.sha256,
+    }
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    running = LoopThread()
+    yield running
+    running.stop()
+
+
+def make_coordinator(scenario: Scenario, registry_dir: Path) -> CloudCoordinator:
+    source = resolve_source(scenario.data)
+    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario))
+
+
+def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare
+    scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    payload = learner_payload(scenario, "edge-0")
+
+    # Execute
+    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
+
+    # Assert
+    assert receipt["accepted"] is True and receipt["reason"] == ""
+    assert receipt["artifact"] == "edge/edge-0@v000001"
+    assert Registry(str(tmp_path / "registry")).get("edge/edge-0", version_name(1)) == payload
+    status = loop.run(coordinator.status())
+    assert status["learners"] == ["edge-0"] and status["pending"] == ["edge-0"]
+    state = Registry(str(tmp_path / "registry")).get_json(STATE_KEY)
+    assert [r["edge_id"] for r in state["accepted"]] == ["edge-0"]
+
+
+def test_resending_the_same_upload_returns_the_same_receipt(tmp_path: Path, loop: LoopThread) -> None:
+    scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    payload = learner_payload(scenario, "edge-0")
+
+    first = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
+    second = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
+
+    assert first == second
+    assert coordinator.ledger.upload_counts() == {"accepted": 1, "rejected": {}}
+    assert loop.run(coordinator.status())["learners"] == ["edge-0"]
+
+
+def _truncated(payload: ArtifactPayload) -> ArtifactPayload:
+    weights = payload.weights[: len(payload.weights) // 2]
+    return ArtifactPayload(weights, payload.spec_json, compute_sha256(payload.spec_json, weights))
+
+
+def _float64(scenario: Scenario) -> ArtifactPayload:
+    edge = scenario.edge("edge-0")
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    state = {k: v.double() for k, v in VAELearner(spec).state_dict().items()}
+    return pack_state(state, upload_spec(edge, spec))
+
+
+def _wrong_task(scenario: Scenario) -> ArtifactPayload:
+    edge = scenario.edge("edge-0")
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    bad = upload_spec(edge.model_copy(update={"task": "female"}), spec)
+    return pack_state(VAELearner(spec).state_dict(), bad)
+
+
+def _bad_sha(payload: ArtifactPayload) -> ArtifactPayload:
+    return ArtifactPayload(payload.weights, payload.spec_json, "0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "detail_part"),
+    [
+        (lambda s: learner_payload(s, "edge-0", mode="nan"), "non_finite", "NaN or Inf"),
+        (lambda s: learner_payload(s, "edge-0", mode="wrong_shapes"), "wrong_shapes", "expected shape"),
+        (lambda s: learner_payload(s, "edge-0", mode="scale", scale=100.0), "implausible_loss", "below 10.0"),
+        (lambda s: _bad_sha(learner_payload(s, "edge-0")), "sha256_mismatch", "declared"),
+        (lambda s: _truncated(learner_payload(s, "edge-0")), "bad_weights", "truncated"),
+        (_float64, "bad_dtype", "torch.float64"),
+        (_wrong_task, "bad_spec", "spec task"),
+    ],
+    ids=["nan", "wrong_shapes", "scale", "sha256", "truncated", "float64", "wrong_task"],
+)
+def test_each_bad_upload_is_rejected_with_its_reason(
+    tmp_path: Path, loop: LoopThread, make: Any, code: str, detail_part: str
+) -> None:
+    scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+
+    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", make(scenario))))
+
+    assert receipt["accepted"] is False
+    assert receipt["reason"] == code, receipt["detail"]
+    assert detail_part in receipt["detail"]
+    assert Registry(str(tmp_path / "registry")).versions("edge/edge-0") == []
+    # The coordinator keeps working: a good upload right after is accepted.
+    good = loop.run(coordinator.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1"))))
+    assert good["accepted"] is True
+
+
+def test_oversized_unknown_edge_and_version_conflict_are_rejected(tmp_path: Path, loop: LoopThread) -> None:
+    scenario = tiny_scenario(
+        tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000}, uploads={"max_upload_bytes": 36_000}
+    )
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    big = learner_payload(scenario, "edge-0")  # 41554 bytes
+    small = learner_payload(scenario, "edge-1")  # 32351 bytes
+
+    oversized = loop.run(coordinator.upload(**as_kwargs("edge-0", big)))
+    unknown = loop.run(coordinator.upload(**as_kwargs("edge-99", small)))
+    first = loop.run(coordinator.upload(**as_kwargs("edge-1", small)))
+    other = learner_payload(scenario, "edge-1", seed=1)
+    conflict = loop.run(coordinator.upload(**as_kwargs("edge-1", other)))
+
+    assert big.nbytes > 36_000 > small.nbytes
+    assert (oversized["accepted"], oversized["reason"]) == (False, "oversized")
+    assert (unknown["accepted"], unknown["reason"]) == (False, "unknown_edge")
+    assert first["accepted"] is True
+    assert (conflict["accepted"], conflict["reason"]) == (False, "version_conflict")
+
+
+def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare: two accepted uploads, one rejected, and one stored by a coordinator that died before its
+    # checkpoint (simulated by writing the artifact straight to the registry).
+    scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+    registry_dir = tmp_path / "registry"
+    first = make_coordinator(scenario, registry_dir)
+    receipts = [
+        loop.run(first.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
+        for edge_id in ("edge-0", "edge-2")
+    ]
+    poisoned = loop.run(first.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1", mode="nan"))))
+    orphan = learner_payload(scenario, "edge-3")
+    Registry(str(registry_dir)).put("edge/edge-3", version_name(1), orphan)
+
+    # Execute
+    second = make_coordinator(scenario, registry_dir)
+
+    # Assert
+    status = loop.run(second.status())
+    assert status["restarts"] == 1
+    assert status["accepted"] == ["edge-0", "edge-2", "edge-3"]
+    assert status["learners"] == ["edge-0", "edge-2", "edge-3"]
+    assert status["rejected"] == {"edge-1": "non_finite"}
+    again = [
+        loop.run(second.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
+        for edge_id in ("edge-0", "edge-2")
+    ]
+    assert again == receipts
+    assert loop.run(second.upload(**as_kwargs("edge-3", orphan)))["accepted"] is True
+    resent = loop.run(second.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1", mode="nan"))))
+    assert resent == poisoned
+    # The fused learner holds exactly the uploaded weights.
+    expected = VAELearner(LearnerSpec((8, 16), 8, 16))
+    torch.manual_seed(0)
+    expected = VAELearner(LearnerSpec((8, 16), 8, 16))
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(second.baim.learner("edge-0").state_dict()[name], tensor)  # type: ignore[union-attr]
+
+
+def test_policy_round_trains_and_finish_publishes_exact_task_models(tmp_path: Path, loop: LoopThread) -> None:
+    scenario = tiny_scenario(
+        tmp_path, strategies=["finetune"], epochs=1, fusion={"min_new_models": 2, "max_wait_seconds": 1000}
+    )
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    for edge_id in ("edge-0", "edge-2"):
+        loop.run(coordinator.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
+
+    summary = loop.run(coordinator.finish(), timeout=300)
+
+    assert [r["learners"] for r in summary["rounds"]] == [["edge-0", "edge-2"]]
+    assert summary["untrained_learners"] == []
+    assert summary["baim_version"] == "v000001"
+    assert summary["ledger"]["cloud_flops"]["finetune"] > 0
+    assert set(summary["tasks"]) == {"male", "female"}
+    for task in summary["tasks"].values():
+        assert task["decomposition_max_abs_diff"] <= 1e-5
+        assert task["params"] < task["baim_params"]
+        assert task["test_loss"] > 0
+    registry = Registry(str(tmp_path / "registry"))
+    assert registry.versions("task/male") == ["v000001"] and registry.versions("baim") == ["v000001"]
