@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
-# Ray prints a token-auth warning on every start; local runs are loopback-only (see README, Security).
+# Usage stats off: the machines have no internet. Token auth stays at Ray's default (docs/security.md).
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: venv demo test test-all lint bench clean
