@@ -184,9 +184,8 @@ def test_each_bad_upload_is_rejected_with_its_reason(
 
 
 def test_oversized_unknown_edge_and_version_conflict_are_rejected(tmp_path: Path, loop: LoopThread) -> None:
-    scenario = tiny_scenario(
-        tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000}, uploads={"max_upload_bytes": 36_000}
-    )
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    scenario = tiny_scenario(tmp_path, fusion=never, uploads={"max_upload_bytes": 36_000})
     coordinator = make_coordinator(scenario, tmp_path / "registry")
     big = learner_payload(scenario, "edge-0")  # 41554 bytes
     small = learner_payload(scenario, "edge-1")  # 32351 bytes
@@ -236,7 +235,6 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     resent = loop.run(second.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1", mode="nan"))))
     assert resent == poisoned
     # The fused learner holds exactly the uploaded weights.
-    expected = VAELearner(LearnerSpec((8, 16), 8, 16))
     torch.manual_seed(0)
     expected = VAELearner(LearnerSpec((8, 16), 8, 16))
     for name, tensor in expected.state_dict().items():

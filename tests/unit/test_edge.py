@@ -1,0 +1,141 @@
+"""EdgeNode as a plain class (no Ray): training, costs, determinism, poison, leave, link delay."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.coordinator import CloudCoordinator
+from actors.edge import EdgeNode, link_delay_seconds
+from orchestrator.data import make_partitions, resolve_source
+from orchestrator.scenario import Scenario
+from tests.unit.test_coordinator import LoopThread, SyncCoordinator, tiny_scenario
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    running = LoopThread()
+    yield running
+    running.stop()
+
+
+def make_edge(scenario: Scenario, edge_id: str, time_scale: float = 0.0) -> EdgeNode:
+    source = resolve_source(scenario.data)
+    partitions = make_partitions(source, scenario)
+    return EdgeNode(
+        scenario.edge(edge_id),
+        source,
+        partitions.edges[edge_id],
+        resolution=scenario.data.resolution,
+        scenario_seed=scenario.seed,
+        kld_weight=scenario.cloud.kld_weight,
+        time_scale=time_scale,
+    )
+
+
+def make_cloud(scenario: Scenario, registry: Path, loop: LoopThread) -> SyncCoordinator:
+    source = resolve_source(scenario.data)
+    coordinator = CloudCoordinator(scenario, str(registry), source, make_partitions(source, scenario))
+    return SyncCoordinator(coordinator, loop)
+
+
+class Recorder:
+    """Receives uploads and accepts them; keeps what it received (to compare bytes and weights)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+
+    def upload(self, **kwargs: Any) -> dict[str, Any]:
+        self.received.append(kwargs)
+        return {"accepted": True, "reason": ""}
+
+
+def never(tmp_path: Path) -> Scenario:
+    return tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+
+
+def test_link_delay_is_latency_plus_bits_over_bandwidth_times_time_scale() -> None:
+    # 1_000_000 bytes = 8 Mbit over 4 Mbit/s = 2 s, plus 50 ms latency, scaled by 0.5.
+    assert link_delay_seconds(1_000_000, 4.0, 50.0, 0.5) == pytest.approx(0.5 * 2.05)
+    assert link_delay_seconds(1_000_000, 4.0, 50.0, 0.0) == 0.0
+
+
+def test_edge_trains_uploads_and_counts_its_real_bytes_and_flops(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare
+    scenario = never(tmp_path)
+    cloud = make_cloud(scenario, tmp_path / "registry", loop)
+    edge = make_edge(scenario, "edge-0")
+
+    # Execute
+    report = json.loads(edge.run(cloud))
+
+    # Assert
+    assert report["status"] == "accepted"
+    assert report["receipt"]["artifact"] == "edge/edge-0@v000001"
+    assert report["epoch"] == 1 and report["steps"] == 3  # 48 images, batch 16
+    costs = report["ledger"]["edges"]["edge-0"]
+    stored = cloud.coordinator.registry.get("edge/edge-0", "v000001")
+    assert costs["bytes_sent"] == stored.nbytes
+    assert costs["bytes_received"] == 0
+    assert costs["flops"] > 0
+    assert costs["seconds"]["edge_train"] > 0
+
+
+def test_same_seed_gives_the_same_weights_bytes_and_flops(tmp_path: Path) -> None:
+    scenario = never(tmp_path)
+    first, second = Recorder(), Recorder()
+
+    report_a = json.loads(make_edge(scenario, "edge-1").run(first))
+    report_b = json.loads(make_edge(scenario, "edge-1").run(second))
+
+    assert first.received[0]["sha256"] == second.received[0]["sha256"]
+    costs_a, costs_b = report_a["ledger"]["edges"]["edge-1"], report_b["ledger"]["edges"]["edge-1"]
+    assert (costs_a["bytes_sent"], costs_a["flops"]) == (costs_b["bytes_sent"], costs_b["flops"])
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("nan", "non_finite"), ("wrong_shapes", "wrong_shapes")])
+def test_poisoned_edge_upload_is_rejected_with_its_reason(
+    tmp_path: Path, loop: LoopThread, mode: str, reason: str
+) -> None:
+    scenario = never(tmp_path)
+    cloud = make_cloud(scenario, tmp_path / "registry", loop)
+    edge = make_edge(scenario, "edge-2")
+    edge.poison(mode)  # type: ignore[arg-type]
+
+    report = json.loads(edge.run(cloud))
+
+    assert report["status"] == "rejected"
+    assert report["receipt"]["reason"] == reason
+    assert cloud.coordinator.registry.versions("edge/edge-2") == []
+    # The bytes were sent all the same.
+    assert report["ledger"]["edges"]["edge-2"]["bytes_sent"] > 0
+
+
+def test_edge_that_leaves_before_finishing_uploads_nothing(tmp_path: Path) -> None:
+    scenario = never(tmp_path)
+    recorder = Recorder()
+    edge = make_edge(scenario, "edge-0")
+
+    edge.leave()
+    report = json.loads(edge.run(recorder))
+
+    assert report["status"] == "left"
+    assert recorder.received == []
+    assert report["ledger"]["edges"] == {}
+
+
+def test_slow_link_delays_the_upload_by_its_simulated_transfer_time(tmp_path: Path) -> None:
+    scenario = never(tmp_path)
+    edge = make_edge(scenario, "edge-1", time_scale=1.0)
+    edge.change_link(bandwidth_mbps=1.0, latency_ms=100.0)
+    recorder = Recorder()
+
+    report = json.loads(edge.run(recorder))
+
+    nbytes = report["ledger"]["edges"]["edge-1"]["bytes_sent"]
+    expected = link_delay_seconds(nbytes, 1.0, 100.0, 1.0)  # ~0.36 s for ~32 kB
+    assert report["ledger"]["edges"]["edge-1"]["seconds"]["edge_upload"] >= expected
