@@ -1,0 +1,137 @@
+"""Linear projection connections between learners (the paper's "modularization and linear projection").
+
+A connection (a, i) -> (b, j) takes learner a's stage-i output, projects it to the shape of learner b's
+stage-j input and adds it to that input. Which pairs are allowed (0 <= j - i <= h, a != b, same-stage only
+from a lower to a higher arrival index, never across the bottleneck) is decided in `baim.model_config`; this
+module holds the modules and the graph bookkeeping.
+
+Decisions:
+- Projection = 1x1 convolution without bias (a pure linear map of the channels, so a connection whose source
+  is zero adds nothing) plus resampling by a power of two: average pooling when the source is larger,
+  nearest-neighbour upsampling when it is smaller. Both resamplings act per channel and commute with the 1x1
+  conv, so we convolve on the smaller of the two grids (pool first, or convolve first then upsample).
+- Zero initialisation: a new connection adds exactly 0, so fusing a learner leaves every output bit-identical.
+- Importance of a connection = the Frobenius norm of its projection weight. It is data-free, deterministic and
+  cheap, and for a linear map it bounds how much the connection can change its target (||W h|| <= ||W|| ||h||
+  per pixel). Ties (for instance all-zero connections that never trained) are broken by the connection's
+  position in the graph's order (creation order): the earliest goes first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baim.model_config import ConnectionSpec
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int, int, int]  # (C, H, W), H == W
+
+
+class LinearProjection(nn.Module):
+    """(B, *src_shape) -> (B, *dst_shape): 1x1 conv plus power-of-two resampling, zero-initialised."""
+
+    def __init__(self, src_shape: Shape, dst_shape: Shape) -> None:
+        super().__init__()
+        src_channels, src_size, _ = src_shape
+        dst_channels, dst_size, _ = dst_shape
+        if max(src_size, dst_size) % min(src_size, dst_size) != 0:
+            raise ValueError(
+                "projection: expected spatial sizes that divide one another, "
+                f"received {src_size} -> {dst_size}"
+            )
+        self.src_shape = tuple(src_shape)
+        self.dst_shape = tuple(dst_shape)
+        self.conv = nn.Conv2d(src_channels, dst_channels, kernel_size=1, bias=False)
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        src_size, dst_size = self.src_shape[1], self.dst_shape[1]
+        if src_size > dst_size:
+            return self.conv(F.avg_pool2d(h, kernel_size=src_size // dst_size))
+        if src_size < dst_size:
+            return F.interpolate(self.conv(h), scale_factor=dst_size // src_size, mode="nearest")
+        return self.conv(h)
+
+    def importance(self) -> float:
+        """Frobenius norm of the projection weight."""
+        return float(torch.linalg.vector_norm(self.conv.weight.detach()).item())
+
+
+class ConnectionGraph(nn.Module):
+    """The surviving connections, their projections, and an index of what flows into each (learner, stage).
+
+    `shapes[name] = (input_shapes, output_shapes)`, one (C, H, W) per stage of that learner.
+    """
+
+    def __init__(
+        self,
+        specs: list[ConnectionSpec] | tuple[ConnectionSpec, ...],
+        shapes: dict[str, tuple[list[Shape], list[Shape]]],
+    ) -> None:
+        super().__init__()
+        self.projections = nn.ModuleDict()
+        self.specs: list[ConnectionSpec] = []
+        self._into: dict[tuple[str, int], list[ConnectionSpec]] = {}
+        self.add(specs, shapes)
+
+    def add(
+        self,
+        specs: list[ConnectionSpec] | tuple[ConnectionSpec, ...],
+        shapes: dict[str, tuple[list[Shape], list[Shape]]],
+    ) -> None:
+        """Append zero-initialised connections (already validated against the connection rule)."""
+        device, dtype = self._device_dtype()
+        for spec in specs:
+            if spec.key in self.projections:
+                raise ValueError(f"connection {spec.key}: already in the graph")
+            src_shape = shapes[spec.src][1][spec.src_stage]
+            dst_shape = shapes[spec.dst][0][spec.dst_stage]
+            self.projections[spec.key] = LinearProjection(src_shape, dst_shape).to(device=device, dtype=dtype)
+            self.specs.append(spec)
+            self._into.setdefault((spec.dst, spec.dst_stage), []).append(spec)
+
+    def remove(self, specs: list[ConnectionSpec] | tuple[ConnectionSpec, ...]) -> None:
+        """Delete connections and their parameters."""
+        doomed = set(specs)
+        missing = [spec.key for spec in doomed if spec.key not in self.projections]
+        if missing:
+            raise ValueError(f"remove: connections not in the graph: {sorted(missing)}")
+        for spec in doomed:
+            del self.projections[spec.key]
+        self.specs = [spec for spec in self.specs if spec not in doomed]
+        self._into = {}
+        for spec in self.specs:
+            self._into.setdefault((spec.dst, spec.dst_stage), []).append(spec)
+
+    def into(self, name: str, stage: int) -> list[ConnectionSpec]:
+        """Connections that add to learner `name`'s stage-`stage` input, in graph order."""
+        return self._into.get((name, stage), [])
+
+    def project(self, spec: ConnectionSpec, h: torch.Tensor) -> torch.Tensor:
+        return self.projection(spec)(h)
+
+    def projection(self, spec: ConnectionSpec) -> LinearProjection:
+        return cast(LinearProjection, self.projections[spec.key])
+
+    def importance(self) -> dict[ConnectionSpec, float]:
+        """Importance of every surviving connection (see module docstring)."""
+        return {spec: self.projection(spec).importance() for spec in self.specs}
+
+    def least_important(self, count: int) -> list[ConnectionSpec]:
+        """The `count` least important connections; ties go to the earliest in graph order."""
+        if not 0 <= count <= len(self.specs):
+            raise ValueError(f"count: expected 0 <= count <= {len(self.specs)}, received {count}")
+        scores = self.importance()
+        ranked = sorted(range(len(self.specs)), key=lambda pos: (scores[self.specs[pos]], pos))
+        return [self.specs[pos] for pos in ranked[:count]]
+
+    def _device_dtype(self) -> tuple[torch.device | None, torch.dtype | None]:
+        for param in self.parameters():
+            return param.device, param.dtype
+        return None, None
