@@ -1,0 +1,447 @@
+"""The Ray Serve application: one autoscaling deployment per task model behind one FastAPI ingress.
+
+    Ingress (FastAPI, @serve.ingress)   --handle-->   TaskModelDeployment "TaskModel_<task>", one per task
+      GET  /healthz                                      generate(n, seed): @serve.batch, one forward
+      GET  /tasks                                        info(): version, parameters, sha256
+      POST /tasks/{task}/generate                        artifact(): the download body
+      GET  /tasks/{task}/model
+      GET  /metrics
+
+The HTTP contract is documented in docs/http-api.md. Each task deployment loads the version of `task/<task>`
+named in its `user_config` from the registry (verified, safetensors + JSON spec, never a pickle).
+
+Rollout: `RegistryWatcher` polls the registry; when a task gets a new version it validates it, then calls
+`serve.run` again with the new version in that deployment's `user_config`. Serve applies a user_config change
+in place: each running replica's `reconfigure` loads the new model beside the old one and swaps a single
+reference, so in-flight and queued requests never fail, and replicas started later by the autoscaler get
+the new config. `serve_registry` (behind `baim serve --registry DIR`) is that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from orchestrator.errors import ArtifactRejected, UnknownTask
+from orchestrator.metrics import GENERATION_SECONDS, METRICS_CONTENT_TYPE, render_latest
+from orchestrator.registry import Registry
+from orchestrator.scenario import ServingConfig
+from serve.guard import RequestGuard
+from serve.models import (
+    GenerationRequest,
+    LoadedModel,
+    artifact_body,
+    generate_batch,
+    load_model,
+    png_base64,
+)
+
+logger = logging.getLogger(__name__)
+
+TASK_OWNER_PREFIX = "task/"
+API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)
+MAX_IMAGES_PER_REQUEST = 64
+MAX_SEED = 2**63 - 1
+MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
+DEFAULT_BATCH_WAIT_S = 0.005  # how long @serve.batch waits to fill a batch after its first request
+INGRESS_NUM_CPUS = 0.1  # the ingress only awaits handles; images are encoded on the task replicas
+# Serve's defaults (30 s up, 600 s down) suit big clusters; task models start in about a second.
+DEFAULT_AUTOSCALING = {"upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "look_back_period_s": 15.0}
+
+
+def task_owner(task: str) -> str:
+    """Registry owner of a task's models: `task/<task>`."""
+    return TASK_OWNER_PREFIX + task
+
+
+def deployment_name(task: str) -> str:
+    return f"TaskModel_{task}"
+
+
+def latest_task_versions(registry: Registry) -> dict[str, str]:
+    """{task: newest committed version} for every `task/<task>` owner in the registry."""
+    versions = {}
+    for owner in registry.owners(TASK_OWNER_PREFIX):
+        task = owner[len(TASK_OWNER_PREFIX) :]
+        if "/" in task:
+            continue  # not a task model owner (task names have no '/')
+        latest = registry.latest(owner)
+        if latest is not None:
+            versions[task] = latest
+    return versions
+
+
+# ---- HTTP bodies --------------------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /tasks/{task}/generate. Strict ints: "3", 3.0 and true are rejected, not coerced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(strict=True, ge=1, le=MAX_IMAGES_PER_REQUEST, description="How many images, 1..64.")
+    seed: int | None = Field(
+        default=None,
+        strict=True,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the noise; the same seed, n and model version give the same images. "
+        "Drawn at random (and returned) when absent.",
+    )
+
+
+class GenerateResponse(BaseModel):
+    task: str = Field(description="The task the images were generated for.")
+    model_version: str = Field(description="The registry version of the task model that generated them.")
+    seed: int = Field(description="The seed used (the request's, or the one drawn for it).")
+    images: list[str] = Field(description="n base64-encoded PNG images.")
+
+
+class TaskInfo(BaseModel):
+    task: str = Field(description="Task name.")
+    model_version: str = Field(description="Registry version being served.")
+    kind: str = Field(description='Artifact kind: "task_model" (decomposed BAIM) or "learner".')
+    parameter_count: int = Field(description="Parameters of the served model.")
+    sha256: str = Field(description="sha256 of the artifact (spec + weights), as in the registry.")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo] = Field(description="Every served task, sorted by name.")
+
+
+# ---- the task model deployment ------------------------------------------------------------------------
+
+
+@serve.deployment
+class TaskModelDeployment:
+    """Serves one task's model. `user_config`: {"model_version", "max_batch_size", "batch_wait_timeout_s"}."""
+
+    def __init__(self, registry_uri: str, task: str, num_threads: int = 1) -> None:
+        import torch
+
+        # A replica reserves a fraction of a core or a few cores; more intra-op threads only oversubscribe.
+        torch.set_num_threads(max(1, num_threads))
+        self._registry = Registry(registry_uri)
+        self._task = task
+        # (model, download body) replaced as one reference by reconfigure, so a batch always sees a pair.
+        self._current: tuple[LoadedModel, bytes] | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Called by Serve at start and on every user_config change (the rollout path)."""
+        version = config["model_version"]
+        # @serve.batch adds these setters to the method at runtime; mypy sees only the decorated signature.
+        batcher: Any = self._generate_batched
+        batcher.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        batcher.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S)))
+        if self._current is not None and self._current[0].model_version == version:
+            return
+        payload = self._registry.get(task_owner(self._task), version)
+        model = load_model(payload, task=self._task, model_version=version)
+        previous = self._current[0].model_version if self._current else None
+        self._current = (model, artifact_body(payload))
+        logger.info("task %s: serving version %s (was %s)", self._task, version, previous)
+
+    def _loaded(self) -> tuple[LoadedModel, bytes]:
+        if self._current is None:
+            raise RuntimeError(f"task {self._task}: no model loaded (user_config has no model_version)")
+        return self._current
+
+    async def generate(self, n: int, seed: int) -> dict[str, Any]:
+        return await self._generate_batched(GenerationRequest(n=n, seed=seed))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _generate_batched(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+        model, _ = self._loaded()
+        # Run the forward and the PNG encoding off the event loop so the next batch keeps filling meanwhile.
+        return await asyncio.to_thread(self._generate_and_encode, model, requests)
+
+    @staticmethod
+    def _generate_and_encode(model: LoadedModel, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        images = generate_batch(model, requests)
+        seconds = time.perf_counter() - started
+        return [
+            {"model_version": model.model_version, "images": png_base64(batch), "generation_seconds": seconds}
+            for batch in images
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return self._loaded()[0].info()
+
+    def artifact(self) -> dict[str, Any]:
+        model, body = self._loaded()
+        return {"model_version": model.model_version, "sha256": model.sha256, "body": body}
+
+
+# ---- the ingress --------------------------------------------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": INGRESS_NUM_CPUS})
+@serve.ingress()
+class Ingress:
+    """HTTP front: validates requests and forwards them to the task deployments by handle."""
+
+    def __init__(
+        self,
+        task_handles: dict[str, DeploymentHandle],
+        api_token_sha256: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self._handles = dict(task_handles)
+        self._api_token_sha256 = api_token_sha256
+        self._max_body_bytes = max_body_bytes
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self._handles, self._api_token_sha256, self._max_body_bytes)
+
+
+def create_api(
+    handles: Mapping[str, DeploymentHandle], api_token_sha256: str | None, max_body_bytes: int
+) -> FastAPI:
+    """The FastAPI app of one ingress replica (built in the replica, after its constructor)."""
+    api = FastAPI(
+        title="BAIM task models",
+        description="Generate images with decomposed BAIM task models; download them for an edge toolbox.",
+        version="1",
+    )
+    api.add_middleware(
+        RequestGuard,
+        api_token_sha256=api_token_sha256,
+        max_body_bytes=max_body_bytes,
+        open_paths=("/healthz",),
+    )
+
+    def handle_for(task: str) -> DeploymentHandle:
+        if task not in handles:
+            raise HTTPException(status_code=404, detail=str(UnknownTask(task, sorted(handles))))
+        return handles[task]
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/tasks", response_model=TasksResponse)
+    async def list_tasks() -> TasksResponse:
+        tasks = sorted(handles)
+        infos = await asyncio.gather(*(handles[task].info.remote() for task in tasks))
+        return TasksResponse(tasks=[TaskInfo(**info) for info in infos])
+
+    @api.post("/tasks/{task}/generate", response_model=GenerateResponse)
+    async def generate(task: str, body: GenerateRequest) -> GenerateResponse:
+        handle = handle_for(task)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+        result = await handle.generate.remote(body.n, seed)
+        GENERATION_SECONDS.labels(task=task).observe(result["generation_seconds"])
+        return GenerateResponse(
+            task=task, model_version=result["model_version"], seed=seed, images=result["images"]
+        )
+
+    @api.get(
+        "/tasks/{task}/model",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "spec_json + b'\\n' + weights"},
+            304: {"description": "If-None-Match named the current sha256: the cached copy is current"},
+        },
+    )
+    async def download_model(task: str, request: Request) -> Response:
+        handle = handle_for(task)
+        cached = request.headers.get("if-none-match", "").strip('"')
+        if cached:
+            info = await handle.info.remote()
+            if hmac.compare_digest(cached, info["sha256"]):
+                return Response(status_code=304, headers=_model_headers(task, info["model_version"], cached))
+        artifact = await handle.artifact.remote()
+        return Response(
+            content=artifact["body"],
+            media_type="application/octet-stream",
+            headers=_model_headers(task, artifact["model_version"], artifact["sha256"]),
+        )
+
+    @api.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(content=render_latest(), media_type=METRICS_CONTENT_TYPE)
+
+    return api
+
+
+def _model_headers(task: str, model_version: str, sha256: str) -> dict[str, str]:
+    return {"ETag": f'"{sha256}"', "X-Task": task, "X-Model-Version": model_version, "X-Model-Sha256": sha256}
+
+
+# ---- building and deploying ---------------------------------------------------------------------------
+
+
+def token_sha256(api_token: str | None) -> str | None:
+    """What the ingress keeps of the bearer token: its sha256 (the token never enters Serve's config)."""
+    return hashlib.sha256(api_token.encode()).hexdigest() if api_token else None
+
+
+def build_app(
+    registry_uri: str,
+    serving_cfg: ServingConfig,
+    *,
+    versions: Mapping[str, str] | None = None,
+    api_token: str | None = None,
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+    autoscaling_overrides: Mapping[str, Any] | None = None,
+) -> serve.Application:
+    """The Serve application for a registry: one TaskModelDeployment per task, behind the Ingress.
+
+    `versions` pins {task: version}; by default the newest version of every `task/<name>` owner.
+    `api_token` defaults to the BAIM_API_TOKEN environment variable (unset or empty: no auth).
+    `autoscaling_overrides` adds Serve autoscaling_config keys (e.g. downscale_delay_s) to the scenario's.
+    """
+    if not isinstance(serving_cfg, ServingConfig):
+        raise TypeError(f"serving_cfg: expected a ServingConfig, received {type(serving_cfg).__name__}")
+    if versions is None:
+        versions = latest_task_versions(Registry(registry_uri))
+    if not versions:
+        logger.warning("registry %s holds no task models yet: serving an empty /tasks", registry_uri)
+    if api_token is None:
+        api_token = os.environ.get(API_TOKEN_ENV) or None
+    autoscaling_config = {
+        "min_replicas": serving_cfg.min_replicas,
+        "max_replicas": serving_cfg.max_replicas,
+        "target_ongoing_requests": serving_cfg.target_ongoing_requests,
+        **DEFAULT_AUTOSCALING,
+        **(autoscaling_overrides or {}),
+    }
+    handles = {}
+    for task, version in sorted(versions.items()):
+        handles[task] = TaskModelDeployment.options(  # type: ignore[attr-defined]
+            name=deployment_name(task),
+            autoscaling_config=autoscaling_config,
+            ray_actor_options={"num_cpus": serving_cfg.num_cpus},
+            # Room for a full batch plus the next one filling while it runs.
+            max_ongoing_requests=max(5, 2 * serving_cfg.max_batch_size),
+            user_config={
+                "model_version": version,
+                "max_batch_size": serving_cfg.max_batch_size,
+                "batch_wait_timeout_s": batch_wait_timeout_s,
+            },
+        ).bind(registry_uri, task, max(1, int(serving_cfg.num_cpus)))
+    return Ingress.bind(handles, token_sha256(api_token))  # type: ignore[attr-defined]
+
+
+class BuildArgs(BaseModel):
+    """Arguments of `app_builder` (`serve run serve.app:app_builder registry_uri=DIR`, or a config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry_uri: str = Field(min_length=1, description="Registry root: a local path or a pyarrow.fs URI.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Replicas, CPUs and batching.")
+
+
+def app_builder(args: BuildArgs) -> serve.Application:
+    """Serve's typed application builder (see docs/http-api.md, "Serve config file")."""
+    return build_app(args.registry_uri, args.serving)
+
+
+def start_http(serving_cfg: ServingConfig) -> None:
+    """Start Serve's HTTP proxy on serving_cfg.host:port (cluster-wide; fixed until serve.shutdown())."""
+    serve.start(http_options={"host": serving_cfg.host, "port": serving_cfg.port})
+
+
+class RegistryWatcher:
+    """Keeps a Serve application on the newest version of every task model in a registry."""
+
+    def __init__(
+        self,
+        registry_uri: str,
+        serving_cfg: ServingConfig,
+        *,
+        app_name: str = "baim",
+        route_prefix: str = "/",
+        api_token: str | None = None,
+        **build_options: Any,
+    ) -> None:
+        self.registry_uri = registry_uri
+        self.serving_cfg = serving_cfg
+        self.app_name = app_name
+        self.route_prefix = route_prefix
+        self.api_token = api_token
+        self.build_options = build_options
+        self.deployed: dict[str, str] = {}
+        self._registry = Registry(registry_uri)
+        self._rejected: set[tuple[str, str]] = set()
+
+    def poll(self, *, force: bool = False) -> bool:
+        """Deploy when the registry's newest versions differ from what is deployed. True if it deployed."""
+        wanted = dict(self.deployed)
+        for task, version in latest_task_versions(self._registry).items():
+            if version == self.deployed.get(task) or (task, version) in self._rejected:
+                continue
+            if self._loads(task, version):
+                wanted[task] = version
+        if wanted == self.deployed and not force:
+            return False
+        app = build_app(
+            self.registry_uri,
+            self.serving_cfg,
+            versions=wanted,
+            api_token=self.api_token,
+            **self.build_options,
+        )
+        serve.run(app, name=self.app_name, route_prefix=self.route_prefix)
+        changes = {task: v for task, v in wanted.items() if self.deployed.get(task) != v}
+        logger.info("serving %s; rolled %s", wanted, changes)
+        self.deployed = wanted
+        return True
+
+    def _loads(self, task: str, version: str) -> bool:
+        # Verify a version before pointing replicas at it: a bad artifact must not take a task down.
+        try:
+            load_model(self._registry.get(task_owner(task), version), task=task, model_version=version)
+        except (ArtifactRejected, ValueError, LookupError) as err:
+            logger.error("task %s version %s not deployed: %s", task, version, err)
+            self._rejected.add((task, version))
+            return False
+        return True
+
+
+def serve_registry(
+    registry_uri: str,
+    serving_cfg: ServingConfig,
+    poll_seconds: float = 5.0,
+    *,
+    stop: threading.Event | None = None,
+    app_name: str = "baim",
+    route_prefix: str = "/",
+) -> None:
+    """Serve every task model of a registry over HTTP and follow new versions until `stop` is set.
+
+    The body of `baim serve --registry DIR`. Needs a Ray connection (`ray.init()` first, or Serve starts a
+    local one). Blocks; returns when `stop` is set (never, by default), leaving the application running.
+    """
+    if poll_seconds <= 0:
+        raise ValueError(f"poll_seconds: expected > 0, received {poll_seconds}")
+    start_http(serving_cfg)
+    watcher = RegistryWatcher(registry_uri, serving_cfg, app_name=app_name, route_prefix=route_prefix)
+    watcher.poll(force=True)
+    logger.info(
+        "serving %d task models at http://%s:%d%s",
+        len(watcher.deployed),
+        serving_cfg.host,
+        serving_cfg.port,
+        route_prefix,
+    )
+    stop = stop or threading.Event()
+    while not stop.wait(poll_seconds):
+        try:
+            watcher.poll()
+        except Exception:  # a registry hiccup must not stop serving; the next poll retries
+            logger.exception("registry poll failed; still serving %s", watcher.deployed)

@@ -1,0 +1,213 @@
+"""Task models as Serve and the edge toolbox use them: safe loading, seeded batched generation, PNG encoding,
+and the byte format of a model download.
+
+Two artifact kinds generate images and can be served: `"task_model"` (a decomposed BAIM task model) and
+`"learner"` (a lone edge VAE, served as is, e.g. before the first decomposition).
+
+Determinism. A request is (n, seed). Its noise is exactly what the model's own `generate(n, seed)` draws,
+from its own generators (never from a shared RNG), and Serve's batching only concatenates the requests' noise
+along the batch axis. So a request's images are a function of (model version, seed, n) alone. One float
+caveat, measured in tests/integration/test_serve.py: CPU kernels (and a task model's gate, which runs each
+learner on the rows routed to it) round the last bits differently for different batch shapes, so the same
+request batched with different neighbours can differ by 1/255 on a rare pixel (about 1 in 10^4); served
+alone (or in the same batch) it is bit-identical. Computing in float64 would hide this and costs 3-5x.
+
+Download format (`GET /tasks/{task}/model`): the body is `spec_json + b"\\n" + weights`, i.e. exactly the
+bytes the artifact's sha256 covers, so `sha256(body)` must equal the `X-Model-Sha256` header.
+`canonical_json` never emits a raw newline, so the first b"\\n" splits spec from weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from baim.config import LearnerSpec
+from baim.decompose import TaskModel
+from baim.gates import GATE_NOISE_KEY
+from baim.learners import VAELearner, noise_for
+from orchestrator.artifacts import ArtifactPayload, check_shapes, unpack_payload
+from orchestrator.errors import ArtifactRejected
+
+logger = logging.getLogger(__name__)
+
+SERVABLE_KINDS = ("task_model", "learner")
+MAX_ARTIFACT_BYTES = 1 << 30  # 1 GiB: far above any task model; refuses absurd blobs before hashing
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request's share of a batch: n images from seed."""
+
+    n: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified, rebuilt model ready to generate, with the facts GET /tasks reports."""
+
+    task: str
+    model_version: str
+    sha256: str
+    kind: str
+    spec: dict[str, Any]
+    module: nn.Module
+    parameter_count: int
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "model_version": self.model_version,
+            "kind": self.kind,
+            "parameter_count": self.parameter_count,
+            "sha256": self.sha256,
+        }
+
+
+def build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor], *, artifact_id: str) -> nn.Module:
+    """Rebuild a servable module from a verified spec and tensors; shapes are checked before loading."""
+    kind = spec.get("kind")
+    if kind == "learner":
+        learner_spec = {key: value for key, value in spec.items() if key != "kind"}
+        try:
+            module: nn.Module = VAELearner(LearnerSpec.from_dict(learner_spec))
+        except ValueError as err:
+            raise ArtifactRejected(artifact_id, f"invalid learner spec: {err}") from None
+    elif kind == "task_model":
+        try:
+            module = TaskModel.from_spec(spec)
+        except ValueError as err:
+            raise ArtifactRejected(artifact_id, f"invalid task model spec: {err}") from None
+    else:
+        raise ArtifactRejected(
+            artifact_id, f"spec kind: expected one of {list(SERVABLE_KINDS)}, received {kind!r}"
+        )
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    check_shapes(tensors, expected, artifact_id=artifact_id)
+    module.load_state_dict(tensors)
+    module.eval()
+    return module
+
+
+def load_model(payload: ArtifactPayload, *, task: str, model_version: str) -> LoadedModel:
+    """Verify (sha256, safetensors, dtypes, finiteness, shapes) and rebuild. Raises ArtifactRejected."""
+    artifact_id = f"task/{task}@{model_version}"
+    spec, tensors = unpack_payload(
+        payload, artifact_id=artifact_id, max_bytes=MAX_ARTIFACT_BYTES, allowed_kinds=SERVABLE_KINDS
+    )
+    module = build_module(spec, tensors, artifact_id=artifact_id)
+    return LoadedModel(
+        task=task,
+        model_version=model_version,
+        sha256=payload.sha256,
+        kind=str(spec["kind"]),
+        spec=spec,
+        module=module,
+        parameter_count=sum(p.numel() for p in module.parameters()),
+    )
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+
+
+def request_noise(model: LoadedModel, request: GenerationRequest) -> dict[str, torch.Tensor]:
+    """The noise the model's own generate draws for (n, seed), by noise key.
+
+    A learner: `VAELearner.generate(n, torch.Generator().manual_seed(seed))` draws (n, latent_dim) under the
+    key "z". A task model: `TaskModel.generate(n, seed)` draws `noise_for(key, seed, n, dim)` for the gate
+    code ("@gate") and for every learner (by name).
+    """
+    module = model.module
+    if isinstance(module, VAELearner):
+        generator = torch.Generator().manual_seed(request.seed)
+        return {"z": torch.randn(request.n, module.spec.latent_dim, generator=generator)}
+    assert isinstance(module, TaskModel)
+    dims = {GATE_NOISE_KEY: module.config.gate_code_dim}
+    dims.update({entry.name: entry.spec.latent_dim for entry in module.config.learners})
+    return {key: noise_for(key, request.seed, request.n, dim) for key, dim in dims.items()}
+
+
+@torch.no_grad()
+def generate_batch(model: LoadedModel, requests: Sequence[GenerationRequest]) -> list[torch.Tensor]:
+    """One batched forward for several requests; returns one (n_i, C, H, W) tensor in [0, 1] per request.
+
+    Each request's images are what the model's own generate gives for (n_i, seed_i) alone (up to the float
+    caveat in the module docstring).
+    """
+    if not requests:
+        return []
+    counts = [r.n for r in requests]
+    per_request = [request_noise(model, r) for r in requests]
+    eps = {key: torch.cat([noise[key] for noise in per_request]) for key in per_request[0]}
+    module = model.module
+    if isinstance(module, VAELearner):
+        images = module.generate(sum(counts), eps=eps["z"])
+    else:
+        assert isinstance(module, TaskModel)
+        images = module.generate(sum(counts), eps=eps)
+    return list(images.split(counts))
+
+
+# ---- encoding -----------------------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(n, C, H, W) floats in [0, 1] -> (n, H, W, C) uint8, rounding to nearest."""
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape (n, C, H, W), received {tuple(images.shape)}")
+    scaled = (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def png_base64(images: torch.Tensor) -> list[str]:
+    """Each image as a base64-encoded PNG (lossless: decoding gives back `to_uint8(images)`)."""
+    encoded = []
+    for array in to_uint8(images):
+        mode = "RGB" if array.shape[2] == 3 else "L"
+        picture = Image.fromarray(array if mode == "RGB" else array[:, :, 0], mode=mode)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return encoded
+
+
+def decode_png_base64(encoded: str) -> np.ndarray:
+    """Inverse of `png_base64` for one image: (H, W, C) uint8."""
+    with Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))) as picture:
+        array = np.asarray(picture)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+# ---- download body ------------------------------------------------------------------------------------
+
+
+def artifact_body(payload: ArtifactPayload) -> bytes:
+    """The download body: the exact bytes the sha256 covers."""
+    return payload.spec_json.encode() + b"\n" + payload.weights
+
+
+def payload_from_body(body: bytes, sha256: str, *, artifact_id: str) -> ArtifactPayload:
+    """Split a download body back into a payload; `load_model` (or `unpack_payload`) then verifies it."""
+    spec_bytes, separator, weights = body.partition(b"\n")
+    if not separator:
+        raise ArtifactRejected(artifact_id, "download body has no newline between spec and weights")
+    try:
+        spec_json = spec_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArtifactRejected(artifact_id, "download body: spec is not UTF-8") from None
+    return ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+
+
+def body_sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
