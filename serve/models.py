@@ -79,9 +79,9 @@ def build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor], *, arti
     """Rebuild a servable module from a verified spec and tensors; shapes are checked before loading."""
     kind = spec.get("kind")
     if kind == "learner":
-        learner_spec = {key: value for key, value in spec.items() if key != "kind"}
+        # An edge upload's spec (actors.edge): {"kind": "learner", "edge_id", "task", "learner": LearnerSpec}.
         try:
-            module: nn.Module = VAELearner(LearnerSpec.from_dict(learner_spec))
+            module: nn.Module = VAELearner(LearnerSpec.from_dict(spec.get("learner")))  # type: ignore[arg-type]
         except ValueError as err:
             raise ArtifactRejected(artifact_id, f"invalid learner spec: {err}") from None
     elif kind == "task_model":

@@ -1,0 +1,236 @@
+"""Edge toolbox over a real registry (cache by sha256, byte counts, corruption), personalisation, and the
+serving helpers in serve.models (batched generation equals the model's own generate, PNG, download body).
+
+The HTTP path of the toolbox runs against a real Serve instance in tests/integration/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from baim.config import LearnerSpec
+from baim.decompose import TaskModel, decompose
+from baim.learners import VAELearner
+from baim.model import BAIM
+from orchestrator.artifacts import pack_module
+from orchestrator.errors import ArtifactRejected, UnknownTask
+from orchestrator.registry import Registry
+from serve.models import (
+    GenerationRequest,
+    artifact_body,
+    decode_png_base64,
+    generate_batch,
+    load_model,
+    payload_from_body,
+    png_base64,
+    to_uint8,
+)
+from serve.toolbox import Toolbox, personalise
+
+RESOLUTION = 16
+
+
+def tiny_baim(seed: int = 0) -> BAIM:
+    torch.manual_seed(seed)
+    learners = [
+        ("e0", "smiling", VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=RESOLUTION))),
+        ("e1", "smiling", VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION))),
+        ("e2", "male", VAELearner(LearnerSpec(widths=(8, 8), latent_dim=8, resolution=RESOLUTION))),
+    ]
+    baim = BAIM.from_learners(["smiling", "male"], learners, top_k=1, connection_height=1)
+    with torch.no_grad():  # fused connections start at zero; make them matter
+        for p in baim.connection_parameters():
+            p.normal_(0.0, 0.05)
+    return baim
+
+
+def publish(registry: Registry, task: str, version: str, seed: int = 0) -> TaskModel:
+    model = decompose(tiny_baim(seed), task)
+    registry.put(f"task/{task}", version, pack_module(model, model.spec()))
+    return model
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(str(tmp_path / "registry"))
+
+
+# ---- serve.models -------------------------------------------------------------------------------------
+
+
+def test_batched_generation_equals_each_models_own_generate(registry: Registry) -> None:
+    # Prepare
+    model = publish(registry, "smiling", "v000001")
+    loaded = load_model(registry.get("task/smiling", "v000001"), task="smiling", model_version="v000001")
+    requests = [GenerationRequest(3, 11), GenerationRequest(1, 5), GenerationRequest(2, 11)]
+
+    # Execute
+    batched = generate_batch(loaded, requests)
+
+    # Assert: same noise as the model's own generate(n, seed); float rounding of another batch shape only
+    assert [tuple(images.shape) for images in batched] == [(3, 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16)]
+    for request, images in zip(requests, batched, strict=True):
+        alone = model.eval().generate(request.n, seed=request.seed)
+        assert torch.allclose(images, alone, atol=1e-5)
+    assert not torch.allclose(batched[0][:1], batched[1])  # different seeds, different images
+
+
+def test_learner_artifacts_are_served_too(registry: Registry) -> None:
+    # Prepare: an edge upload's spec, as actors/edge.py writes it
+    torch.manual_seed(0)
+    learner = VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION)).eval()
+    spec = {"kind": "learner", "edge_id": "edge-0", "task": "male", "learner": learner.spec.to_dict()}
+    registry.put("task/male", "v000001", pack_module(learner, spec))
+    loaded = load_model(registry.get("task/male", "v000001"), task="male", model_version="v000001")
+
+    # Execute
+    (images,) = generate_batch(loaded, [GenerationRequest(n=2, seed=3)])
+
+    # Assert
+    expected = learner.generate(2, torch.Generator().manual_seed(3))
+    assert torch.allclose(images, expected, atol=1e-6)
+    assert loaded.kind == "learner"
+    assert loaded.parameter_count == sum(p.numel() for p in learner.parameters())
+
+
+def test_png_round_trip_is_lossless_after_quantisation() -> None:
+    images = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    encoded = png_base64(images)
+    decoded = np.stack([decode_png_base64(e) for e in encoded])
+    assert np.array_equal(decoded, to_uint8(images))
+    assert decoded.shape == (2, 5, 7, 3)
+
+
+def test_download_body_hashes_to_the_artifact_sha256(registry: Registry) -> None:
+    publish(registry, "smiling", "v000001")
+    payload = registry.get("task/smiling", "v000001")
+    body = artifact_body(payload)
+    assert hashlib.sha256(body).hexdigest() == payload.sha256
+    assert payload_from_body(body, payload.sha256, artifact_id="x") == payload
+
+
+def test_download_body_without_separator_is_rejected() -> None:
+    with pytest.raises(ArtifactRejected, match="no newline"):
+        payload_from_body(b"garbage", "0" * 64, artifact_id="task/x@v1")
+
+
+def test_a_baim_artifact_is_not_servable(registry: Registry) -> None:
+    baim = tiny_baim()
+    registry.put("task/smiling", "v000001", pack_module(baim, baim.spec()))
+    with pytest.raises(ArtifactRejected, match="spec kind"):
+        load_model(registry.get("task/smiling", "v000001"), task="smiling", model_version="v000001")
+
+
+# ---- toolbox over the registry ------------------------------------------------------------------------
+
+
+def test_toolbox_miss_then_hit_counts_bytes(registry: Registry, tmp_path: Path) -> None:
+    # Prepare
+    publish(registry, "smiling", "v000001")
+    nbytes = registry.ref("task/smiling", "v000001").nbytes
+    toolbox = Toolbox(tmp_path / "cache", registry=registry)
+
+    # Execute
+    first = toolbox.fetch("smiling")
+    second = toolbox.fetch("smiling")
+
+    # Assert
+    assert (first.cache_hit, first.bytes_received) == (False, nbytes)
+    assert (second.cache_hit, second.bytes_received) == (True, 0)
+    assert toolbox.bytes_received == nbytes
+    assert (toolbox.fetches, toolbox.cache_hits) == (2, 1)
+    assert first.sha256 == second.sha256 == registry.ref("task/smiling", "v000001").sha256
+    assert toolbox.cached_sha256s() == [first.sha256]
+    assert first.model is not second.model  # each fetch is a fresh copy, safe to fine-tune
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_toolbox_fetches_a_new_version(registry: Registry, tmp_path: Path) -> None:
+    publish(registry, "smiling", "v000001", seed=0)
+    toolbox = Toolbox(tmp_path / "cache", registry=str(registry.uri))
+    old = toolbox.fetch("smiling")
+    publish(registry, "smiling", "v000002", seed=1)
+
+    new = toolbox.fetch("smiling")
+
+    assert (new.model_version, new.cache_hit) == ("v000002", False)
+    assert new.bytes_received == registry.ref("task/smiling", "v000002").nbytes
+    assert new.sha256 != old.sha256
+    assert sorted(toolbox.cached_sha256s()) == sorted([old.sha256, new.sha256])
+
+
+def test_toolbox_refetches_a_corrupt_cache_file(registry: Registry, tmp_path: Path) -> None:
+    publish(registry, "smiling", "v000001")
+    toolbox = Toolbox(tmp_path / "cache", registry=registry)
+    first = toolbox.fetch("smiling")
+    cached = tmp_path / "cache" / f"{first.sha256}.artifact"
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+
+    again = toolbox.fetch("smiling")
+
+    assert (again.cache_hit, again.bytes_received) == (False, first.bytes_received)
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == first.sha256
+
+
+def test_toolbox_unknown_task(registry: Registry, tmp_path: Path) -> None:
+    publish(registry, "smiling", "v000001")
+    toolbox = Toolbox(tmp_path / "cache", registry=registry)
+    with pytest.raises(UnknownTask, match="known tasks: smiling"):
+        toolbox.fetch("hats")
+
+
+def test_toolbox_needs_a_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="endpoint URL or a registry"):
+        Toolbox(tmp_path)
+    with pytest.raises(ValueError, match="http"):
+        Toolbox(tmp_path, endpoint="ftp://host")
+
+
+# ---- personalisation ----------------------------------------------------------------------------------
+
+
+def shard(seed: int, count: int = 16) -> list[torch.Tensor]:
+    """A local 'shard' with a clear structure (smooth colour gradients), in batches of 8."""
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.0, 1.0, RESOLUTION)
+    base = ramp.view(1, 1, 1, -1) * torch.rand(count, 3, 1, 1, generator=generator)
+    images = (base + 0.05 * torch.rand(count, 3, RESOLUTION, RESOLUTION, generator=generator)).clamp(0, 1)
+    return list(images.split(8))
+
+
+@pytest.mark.parametrize("kind", ["task_model", "learner"])
+def test_personalise_lowers_the_local_loss(registry: Registry, tmp_path: Path, kind: str) -> None:
+    # Prepare
+    if kind == "task_model":
+        publish(registry, "smiling", "v000001")
+    else:
+        learner = VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION))
+        spec = {"kind": "learner", "edge_id": "edge-0", "task": "smiling", "learner": learner.spec.to_dict()}
+        registry.put("task/smiling", "v000001", pack_module(learner, spec))
+    fetched = Toolbox(tmp_path / "cache", registry=registry).fetch("smiling")
+    torch.manual_seed(0)
+
+    # Execute
+    before, after = personalise(fetched.model, shard(1), epochs=5, lr=5e-3, eval_loader=shard(2))
+
+    # Assert
+    assert after < before
+
+
+def test_personalise_rejects_bad_arguments(registry: Registry, tmp_path: Path) -> None:
+    publish(registry, "smiling", "v000001")
+    model = Toolbox(tmp_path / "cache", registry=registry).fetch("smiling").model
+    with pytest.raises(ValueError, match="epochs"):
+        personalise(model, shard(1), epochs=0, lr=1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        personalise(model, shard(1), epochs=1, lr=0.0)
+    with pytest.raises(TypeError, match="TaskModel or a VAELearner"):
+        personalise(torch.nn.Linear(2, 2), shard(1), epochs=1, lr=1e-3)
