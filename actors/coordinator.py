@@ -45,7 +45,7 @@ from baim.learners import VAELearner, noise_for
 from baim.model import BAIM
 from baim.training import apply_strategy, evaluate, train_epoch
 from orchestrator.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
-from orchestrator.data import DataSource, FaceDataset, Partitions
+from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitions, resolve_source
 from orchestrator.errors import ArtifactRejected
 from orchestrator.metrics import Ledger
 from orchestrator.registry import ArtifactNotFound, Registry
@@ -194,6 +194,8 @@ class CloudCoordinator:
         scenario: the validated scenario (edges, tasks, cloud config).
         registry_uri: where uploads, BAIM versions, task models and the state document live.
         source, partitions: the run's data; the coordinator reads only holdout, cloud and test images.
+            None: derived from the scenario here (deterministic, so equal to the driver's). The engine
+            passes None so that a restarted coordinator depends on nothing but its own arguments.
         round_runner: trains one round (blocking; called in a thread). Default `local_training_round`.
     """
 
@@ -201,8 +203,8 @@ class CloudCoordinator:
         self,
         scenario: Scenario,
         registry_uri: str,
-        source: DataSource,
-        partitions: Partitions,
+        source: DataSource | None = None,
+        partitions: Partitions | None = None,
         *,
         round_runner: RoundRunner | None = None,
         torch_threads: int = 1,
@@ -214,8 +216,8 @@ class CloudCoordinator:
         self.registry = Registry(
             registry_uri, max_artifact_bytes=max(scenario.cloud.uploads.max_upload_bytes, 1 << 30)
         )
-        self.source = source
-        self.partitions = partitions
+        self.source = source if source is not None else resolve_source(scenario.data)
+        self.partitions = partitions if partitions is not None else make_partitions(self.source, scenario)
         self.round_runner = round_runner or local_training_round
         self.edges = {edge.id: edge for edge in scenario.all_edges()}
         self.learner_names = {edge_id: learner_name(edge_id) for edge_id in self.edges}

@@ -1,0 +1,422 @@
+"""The scenario engine: runs a scenario on Ray and writes report.json.
+
+`run_scenario(scenario, out_dir, ...)`:
+1. partitions the data (bad sizes fail here, before any actor starts);
+2. joins Ray (`ray.init()` local embedded by default, or `address="auto"` / `"ray://..."`);
+3. starts the CloudCoordinator (async actor, `max_restarts=-1`, `max_task_retries=-1`) and one EdgeNode per
+   initial edge, each with the resources its scenario entry declares (`num_cpus`, `num_gpus`, `memory`,
+   custom resources), so Ray's scheduler decides where and whether each can run;
+4. plays the timeline deterministically: events sorted by (at_seconds, position in the file), fired when the
+   wall clock since the start of the run passes `at_seconds` (link delays and slow-downs are the ones
+   `time_scale` scales; event times are wall-clock, so they keep their meaning);
+5. watches every edge without ever waiting forever: an edge's `run()` result, a Ray error when its process
+   died (a `crash` event or an unexpected death), a per-edge timeout, and for edges that never start, a
+   check against the cluster's nodes: a demand no alive node can meet is reported `unschedulable`;
+6. asks the coordinator to `finish()` (train what is untrained, decompose, publish task models), merges every
+   ledger, and writes `out_dir/report.json` (see `orchestrator.report_json`).
+
+Ray is imported here and in the actors only. Library code: progress goes to the `progress` callback (the CLI
+prints it) and to the log, never to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.coordinator import CloudCoordinator
+from actors.edge import EdgeNode
+from orchestrator.data import make_partitions, resolve_source
+from orchestrator.metrics import Ledger
+from orchestrator.report_json import build_report, write_report
+from orchestrator.scenario import (
+    CoordinatorCrashEvent,
+    CrashEvent,
+    EdgeConfig,
+    JoinEvent,
+    LeaveEvent,
+    LinkEvent,
+    PoisonEvent,
+    Scenario,
+    SlowEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # the engine's tick: how long one ray.wait blocks at most
+PROGRESS_EVERY_SECONDS = 2.0  # how often running edges are asked for progress
+EDGE_MAX_CONCURRENCY = 4  # run() + progress/events on other threads of the edge actor
+FINAL_EDGE_STATUSES = (
+    "accepted",
+    "rejected",
+    "left",
+    "upload_failed",
+    "crashed",  # killed by a timeline `crash` event
+    "died",  # its process died without a crash event
+    "failed",  # run() raised
+    "timed_out",
+    "unschedulable",
+)
+
+
+@dataclass
+class EngineOptions:
+    """How the engine runs (not what: that is the scenario)."""
+
+    address: str | None = None  # None: a local embedded Ray; "auto" or "ray://host:port": join a cluster
+    num_cpus: int | None = None  # CPUs of a local embedded Ray (None: Ray's default, all cores)
+    registry_uri: str | None = None  # default: out_dir/registry (must be shared storage on a cluster)
+    unschedulable_after_s: float = 10.0  # an edge not started after this, with a demand no node meets
+    edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
+    finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
+    coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
+    round_runner: Callable[..., Any] | None = None  # default: the coordinator's local training round
+    progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
+
+
+@dataclass
+class EdgeTrack:
+    """What the engine knows about one edge."""
+
+    config: EdgeConfig
+    handle: Any = None
+    run_ref: Any = None
+    probe_ref: Any = None  # an outstanding progress() call; its first answer means "started"
+    spawned_at: float | None = None
+    started_at: float | None = None
+    status: str = "not_joined"
+    report: dict[str, Any] | None = None  # the last report (final, or the last progress for dead edges)
+    error: str | None = None
+    crash_requested: bool = False
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_EDGE_STATUSES
+
+
+def resource_demand(edge: EdgeConfig) -> dict[str, float]:
+    """The Ray resources an edge actor asks for, in Ray's names."""
+    demand: dict[str, float] = {"CPU": edge.num_cpus}
+    if edge.num_gpus > 0:
+        demand["GPU"] = edge.num_gpus
+    if edge.memory_mb is not None:
+        demand["memory"] = float(edge.memory_mb * 1024 * 1024)
+    demand.update(edge.custom_resources)
+    return demand
+
+
+def unmet_demand(demand: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
+    """Why no alive node can ever host `demand` (by total capacity), or None when one can."""
+    alive = [node for node in nodes if node.get("Alive")]
+    if not alive:
+        return "no alive Ray node"
+    for node in alive:
+        offered = node.get("Resources", {})
+        if all(offered.get(name, 0.0) >= amount for name, amount in demand.items()):
+            return None
+    largest = {name: max(node.get("Resources", {}).get(name, 0.0) for node in alive) for name in demand}
+    missing = {name: amount for name, amount in demand.items() if largest[name] < amount}
+    return f"no node offers {missing} (largest offer per node: {largest})"
+
+
+def _actor_options(edge: EdgeConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "num_cpus": edge.num_cpus,
+        "num_gpus": edge.num_gpus,
+        "max_concurrency": EDGE_MAX_CONCURRENCY,
+        "max_restarts": 0,  # a crashed edge stays dead (churn), its loss is part of the experiment
+    }
+    if edge.memory_mb is not None:
+        options["memory"] = edge.memory_mb * 1024 * 1024
+    if edge.custom_resources:
+        options["resources"] = dict(edge.custom_resources)
+    return options
+
+
+class Engine:
+    """One run of one scenario. Use `run_scenario` unless you need the pieces."""
+
+    def __init__(self, scenario: Scenario, out_dir: Path, options: EngineOptions) -> None:
+        self.scenario = scenario
+        self.out_dir = Path(out_dir)
+        self.options = options
+        self.registry_uri = options.registry_uri or str((self.out_dir / "registry").resolve())
+        self.source = resolve_source(scenario.data)
+        self.partitions = make_partitions(self.source, scenario)  # ScenarioError before any actor starts
+        self.edges = {edge.id: EdgeTrack(edge) for edge in scenario.all_edges()}
+        self.timeline = sorted(enumerate(scenario.timeline), key=lambda item: (item[1].at_seconds, item[0]))
+        self.event_log: list[dict[str, Any]] = []
+        self.started = 0.0
+        self.coordinator: Any = None
+        self._source_ref: Any = None
+
+    # ---- driver --------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        started_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address=self.options.address,
+                num_cpus=self.options.num_cpus if self.options.address is None else None,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+            )
+            started_ray = True
+        try:
+            return self._run()
+        finally:
+            self._release_actors()
+            if started_ray:
+                ray.shutdown()
+
+    def _run(self) -> dict[str, Any]:
+        wall_start = time.time()
+        self._say(
+            f"run {self.scenario.name!r}: {len(self.edges)} edges, {len(self.scenario.tasks)} tasks, "
+            f"data {self.source.kind} ({self.source.root}), registry {self.registry_uri}"
+        )
+        self._source_ref = ray.put(self.source)
+        coordinator_cls = ray.remote(CloudCoordinator).options(
+            num_cpus=self.options.coordinator_num_cpus,
+            max_restarts=-1,  # restarted by Ray after a crash; __init__ resumes from the checkpoint
+            max_task_retries=-1,  # upload/status/finish are idempotent, so Ray may re-send them
+            max_concurrency=1000,
+        )
+        kwargs = {"round_runner": self.options.round_runner} if self.options.round_runner else {}
+        # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
+        self.coordinator = coordinator_cls.remote(self.scenario, self.registry_uri, **kwargs)
+        self.started = time.monotonic()
+        for track in self.edges.values():
+            if track.config.start:
+                self._spawn(track, reason="start")
+
+        pending_events = list(self.timeline)
+        last_progress = 0.0
+        while pending_events or not all(t.final or t.status == "not_joined" for t in self.edges.values()):
+            now = self._elapsed()
+            while pending_events and pending_events[0][1].at_seconds <= now:
+                index, event = pending_events.pop(0)
+                self._fire(index, event)
+            self._collect_results()
+            self._check_starts()
+            if now - last_progress >= PROGRESS_EVERY_SECONDS:
+                self._poll_progress()
+                last_progress = now
+        self._say(f"all edges final after {self._elapsed():.1f}s; coordinator finishing (train, decompose)")
+
+        summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+        ledger = Ledger(export_metrics=False)
+        ledger.merge(Ledger.from_dict(summary["ledger"], export_metrics=False))
+        for track in self.edges.values():
+            if track.report is not None:
+                ledger.merge(Ledger.from_dict(track.report["ledger"], export_metrics=False))
+        report = build_report(
+            scenario=self.scenario,
+            source=self.source,
+            partitions=self.partitions,
+            edges={edge_id: self._edge_row(track) for edge_id, track in self.edges.items()},
+            coordinator=summary,
+            ledger=ledger,
+            events=self.event_log,
+            registry_uri=self.registry_uri,
+            wall_seconds=time.time() - wall_start,
+        )
+        write_report(report, self.out_dir / "report.json")
+        self._say(f"wrote {self.out_dir / 'report.json'}")
+        return report
+
+    # ---- edges ---------------------------------------------------------------------------------------
+
+    def _spawn(self, track: EdgeTrack, reason: str) -> None:
+        edge = track.config
+        actor_cls = ray.remote(EdgeNode).options(**_actor_options(edge))
+        track.handle = actor_cls.remote(
+            edge,
+            self._source_ref,
+            self.partitions.edges[edge.id],
+            resolution=self.scenario.data.resolution,
+            scenario_seed=self.scenario.seed,
+            kld_weight=self.scenario.cloud.kld_weight,
+            time_scale=self.scenario.time_scale,
+        )
+        track.run_ref = track.handle.run.remote(self.coordinator)
+        track.probe_ref = track.handle.progress.remote()
+        track.spawned_at = self._elapsed()
+        track.status = "pending"
+        self._record("edge_spawned", edge=edge.id, reason=reason)
+
+    def _check_starts(self) -> None:
+        """Mark edges started when their first progress answer arrives; find the unschedulable ones."""
+        nodes: list[dict[str, Any]] | None = None
+        for track in self.edges.values():
+            if track.status != "pending" or track.spawned_at is None:
+                continue
+            ready, _ = ray.wait([track.probe_ref], timeout=0)
+            if ready:
+                try:
+                    track.report = json.loads(ray.get(ready[0]))
+                    track.started_at = self._elapsed()
+                    track.status = "running"
+                    track.probe_ref = None
+                    self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
+                except (RayActorError, RayTaskError):
+                    pass  # _collect_results reports the death through run_ref
+                continue
+            if self._elapsed() - track.spawned_at < self.options.unschedulable_after_s:
+                continue
+            nodes = nodes if nodes is not None else ray.nodes()
+            why = unmet_demand(resource_demand(track.config), nodes)
+            if why is not None:
+                ray.kill(track.handle, no_restart=True)
+                self._finalise(track, "unschedulable", error=why)
+
+    def _collect_results(self) -> None:
+        running = {t.run_ref: t for t in self.edges.values() if t.run_ref is not None and not t.final}
+        if not running:
+            time.sleep(POLL_SECONDS)
+            return
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
+        for ref in ready:
+            track = running[ref]
+            try:
+                report = json.loads(ray.get(ref))
+            except RayActorError as err:
+                status = "crashed" if track.crash_requested else "died"
+                self._finalise(track, status, error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+                continue
+            except RayTaskError as err:
+                self._finalise(track, "failed", error=str(err).splitlines()[-1])
+                continue
+            track.report = report
+            self._finalise(track, report["status"], error=report.get("error"))
+        for track in running.values():
+            if track.final or track.started_at is None:
+                continue
+            if self._elapsed() - track.started_at > self.options.edge_timeout_s:
+                ray.kill(track.handle, no_restart=True)
+                self._finalise(track, "timed_out", error=f"not finished after {self.options.edge_timeout_s}s")
+
+    def _poll_progress(self) -> None:
+        for track in self.edges.values():
+            if track.status != "running":
+                continue
+            try:
+                report = json.loads(ray.get(track.handle.progress.remote(), timeout=5.0))
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                continue  # a dead or busy edge: _collect_results settles it
+            if track.report is None or report["epoch"] != track.report.get("epoch"):
+                self._say(
+                    f"edge {track.config.id}: {report['status']} epoch {report['epoch']}/{report['epochs']} "
+                    f"loss {report['train_loss']}"
+                )
+            track.report = report
+
+    def _finalise(self, track: EdgeTrack, status: str, error: str | None = None) -> None:
+        track.status = status
+        track.error = error
+        self._record("edge_final", edge=track.config.id, status=status, error=error)
+        self._say(f"edge {track.config.id}: {status}" + (f" ({error})" if error else ""))
+        if track.handle is not None and status not in ("crashed", "died", "unschedulable", "timed_out"):
+            ray.kill(track.handle, no_restart=True)  # done: give its CPUs back to the cloud's training
+        track.handle = None
+
+    # ---- timeline ------------------------------------------------------------------------------------
+
+    def _fire(self, index: int, event: Any) -> None:
+        where = f"timeline.{index}"
+        if isinstance(event, CoordinatorCrashEvent):
+            ray.kill(self.coordinator, no_restart=False)  # Ray restarts it; __init__ resumes
+            self._record("coordinator_crash", at=event.at_seconds, where=where)
+            self._say(f"{where}: coordinator killed (Ray restarts it from its checkpoint)")
+            return
+        if isinstance(event, JoinEvent):
+            track = self.edges[event.edge_id()]
+            self._spawn(track, reason=f"{where} join")
+            self._record("join", edge=track.config.id, at=event.at_seconds, where=where)
+            return
+        track = self.edges[event.edge]
+        if track.handle is None or track.final:
+            self._record(event.kind, edge=event.edge, at=event.at_seconds, where=where,
+                         applied=False, note=f"edge is {track.status}")  # fmt: skip
+            return
+        if isinstance(event, CrashEvent):
+            track.crash_requested = True
+            ray.kill(track.handle, no_restart=True)
+        elif isinstance(event, LeaveEvent):
+            track.handle.leave.remote()
+        elif isinstance(event, SlowEvent):
+            track.handle.slow_down.remote(event.factor)
+        elif isinstance(event, LinkEvent):
+            track.handle.change_link.remote(event.bandwidth_mbps, event.latency_ms)
+        elif isinstance(event, PoisonEvent):
+            track.handle.poison.remote(event.mode, event.scale)
+        self._record(event.kind, edge=event.edge, at=event.at_seconds, where=where, applied=True)
+        self._say(f"{where}: {event.kind} {event.edge}")
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _edge_row(self, track: EdgeTrack) -> dict[str, Any]:
+        report = track.report or {}
+        costs = (report.get("ledger") or {}).get("edges", {}).get(track.config.id, {})
+        receipt = report.get("receipt") or {}
+        outcome = ("accepted" if receipt.get("accepted") else "rejected") if receipt else "none"
+        return {
+            "task": track.config.task,
+            "status": track.status,
+            "error": track.error,
+            "resources": resource_demand(track.config),
+            "shard_size": len(self.partitions.edges[track.config.id]),
+            "epochs_done": report.get("epoch", 0),
+            "local_epochs": track.config.local_epochs,
+            "bytes_sent": costs.get("bytes_sent", 0),
+            "bytes_received": costs.get("bytes_received", 0),
+            "flops": costs.get("flops", 0),
+            "train_seconds": (costs.get("seconds") or {}).get("edge_train", 0.0),
+            "upload_seconds": (costs.get("seconds") or {}).get("edge_upload", 0.0),
+            "upload": {
+                "outcome": outcome,
+                "reason": receipt.get("reason", ""),
+                "detail": receipt.get("detail", ""),
+                "sha256": receipt.get("sha256"),
+                "artifact": receipt.get("artifact"),
+            },
+            "costs_are_final": track.status not in ("crashed", "died", "timed_out"),
+        }
+
+    def _release_actors(self) -> None:
+        for track in self.edges.values():
+            if track.handle is not None:
+                ray.kill(track.handle, no_restart=True)
+                track.handle = None
+        if self.coordinator is not None:
+            ray.kill(self.coordinator, no_restart=True)
+            self.coordinator = None
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self.event_log.append({"t": round(self._elapsed(), 3), "kind": kind, **fields})
+
+    def _say(self, line: str) -> None:
+        logger.info("%s", line)
+        if self.options.progress is not None:
+            self.options.progress(line)
+
+
+def run_scenario(
+    scenario: Scenario, out_dir: str | Path, options: EngineOptions | None = None
+) -> dict[str, Any]:
+    """Run `scenario` end to end and return the report (also written to out_dir/report.json)."""
+    return Engine(scenario, Path(out_dir), options or EngineOptions()).run()
