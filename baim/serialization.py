@@ -1,0 +1,98 @@
+"""Build any model of this package from its JSON spec, and save / load it as safetensors + spec.
+
+Spec kinds (a JSON object, always with "kind"):
+- "learner": {"kind": "learner", **LearnerSpec.to_dict()} -> VAELearner
+- "baim": {"kind": "baim", **BAIMConfig.to_dict()} -> BAIM
+- "task_model": {"kind": "task_model", **BAIMConfig.to_dict()} (one squad) -> TaskModel
+
+Weights travel as safetensors (no pickle: loading cannot run code) and specs as JSON, so what an edge or a
+client sends is never unpickled. `to_bytes` / `from_bytes` round-trip bit-identically: the same keys,
+shapes, dtypes and values, buffers included.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from baim.config import LearnerSpec
+from baim.decompose import TaskModel
+from baim.learners import VAELearner
+from baim.model import BAIM
+
+SPEC_KINDS = ("learner", "baim", "task_model")
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A freshly initialised module of the spec's architecture (load its weights next)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"spec: expected a JSON object, received {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind == "learner":
+        return VAELearner(LearnerSpec.from_dict({k: v for k, v in spec.items() if k != "kind"}))
+    if kind == "baim":
+        return BAIM.from_spec(spec)
+    if kind == "task_model":
+        return TaskModel.from_spec(spec)
+    raise ValueError(f"spec kind: expected one of {list(SPEC_KINDS)}, received {kind!r}")
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """The JSON spec of a VAELearner, BAIM or TaskModel."""
+    if isinstance(module, VAELearner):
+        return {"kind": "learner", **module.spec.to_dict()}
+    if isinstance(module, (BAIM, TaskModel)):
+        return module.spec()
+    raise ValueError(f"module: expected a VAELearner, BAIM or TaskModel, received {type(module).__name__}")
+
+
+def state_and_spec(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(CPU, contiguous copies of the state_dict tensors, spec): what an artifact stores."""
+    state = {key: value.detach().to("cpu").contiguous().clone() for key, value in module.state_dict().items()}
+    return state, module_spec(module)
+
+
+def canonical_json(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def to_bytes(module: nn.Module) -> tuple[bytes, str]:
+    """(safetensors bytes, canonical spec JSON)."""
+    state, spec = state_and_spec(module)
+    return safetensors.torch.save(state), canonical_json(spec)
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into `module`, requiring exactly its keys, shapes and dtypes (ValueError naming them)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for key, tensor in state.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+            raise ValueError(
+                f"weights[{key!r}]: expected {want.dtype} of shape {tuple(want.shape)}, "
+                f"received {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def from_bytes(weights: bytes, spec_json: str) -> nn.Module:
+    """Rebuild a module from `to_bytes` output (safetensors + JSON only: nothing is unpickled)."""
+    try:
+        spec = json.loads(spec_json)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"spec_json: expected a JSON object, could not parse it: {error}") from error
+    module = build_from_spec(spec)
+    try:
+        state = safetensors.torch.load(weights)
+    except Exception as error:  # safetensors raises its own error types for malformed bytes
+        raise ValueError(f"weights: expected safetensors bytes, could not parse them: {error}") from error
+    load_state(module, state)
+    return module
