@@ -559,6 +559,9 @@ class CloudCoordinator:
         """Rebuild from the last state document and the registry (a no-op on a fresh registry)."""
         state = self.registry.get_json(STATE_KEY)
         if state is None:
+            # The first checkpoint, written at start: a coordinator killed before any upload still
+            # restarts from a checkpoint (and counts the restart).
+            self.registry.put_json(STATE_KEY, self._state())
             return
         self.restarts = int(state.get("restarts", 0)) + 1
         self.rejected = {r["key"]: r for r in state["rejected"]}

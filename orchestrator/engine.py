@@ -7,8 +7,9 @@
    initial edge, each with the resources its scenario entry declares (`num_cpus`, `num_gpus`, `memory`,
    custom resources), so Ray's scheduler decides where and whether each can run;
 4. plays the timeline deterministically: events sorted by (at_seconds, position in the file), fired when the
-   wall clock since the start of the run passes `at_seconds` (link delays and slow-downs are the ones
-   `time_scale` scales; event times are wall-clock, so they keep their meaning);
+   wall clock since t = 0 passes `at_seconds`. t = 0 is when the coordinator and the initial edges' processes
+   are up; the initial edges all begin training then, so event times mean time into the experiment, not time
+   spent booting workers (`time_scale` scales link delays and slow-downs, not event times);
 5. watches every edge without ever waiting forever: an edge's `run()` result, a Ray error when its process
    died (a `crash` event or an unexpected death), a per-edge timeout, and for edges that never start, a
    check against the cluster's nodes: a demand no alive node can meet is reported `unschedulable`;
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode
@@ -74,6 +75,7 @@ class EngineOptions:
     address: str | None = None  # None: a local embedded Ray; "auto" or "ray://host:port": join a cluster
     num_cpus: int | None = None  # CPUs of a local embedded Ray (None: Ray's default, all cores)
     registry_uri: str | None = None  # default: out_dir/registry (must be shared storage on a cluster)
+    startup_timeout_s: float = 300.0  # the longest wait for the coordinator and initial edges to boot
     unschedulable_after_s: float = 10.0  # an edge not started after this, with a demand no node meets
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
@@ -89,7 +91,8 @@ class EdgeTrack:
     config: EdgeConfig
     handle: Any = None
     run_ref: Any = None
-    probe_ref: Any = None  # an outstanding progress() call; its first answer means "started"
+    probe_ref: Any = None  # the first progress() call; its answer means "started"
+    progress_ref: Any = None  # an outstanding progress() call of a running edge
     spawned_at: float | None = None
     started_at: float | None = None
     status: str = "not_joined"
@@ -196,10 +199,16 @@ class Engine:
         kwargs = {"round_runner": self.options.round_runner} if self.options.round_runner else {}
         # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
         self.coordinator = coordinator_cls.remote(self.scenario, self.registry_uri, **kwargs)
-        self.started = time.monotonic()
-        for track in self.edges.values():
-            if track.config.start:
-                self._spawn(track, reason="start")
+        self.started = time.monotonic()  # provisional: the clock restarts once everything is up
+        initial = [track for track in self.edges.values() if track.config.start]
+        for track in initial:
+            self._spawn(track, reason="start")
+        self._wait_until_up(initial)
+        self.started = time.monotonic()  # t = 0 of the timeline
+        self._record("run_started")
+        for track in initial:
+            if not track.final:
+                self._begin(track)
 
         pending_events = list(self.timeline)
         last_progress = 0.0
@@ -210,8 +219,9 @@ class Engine:
                 self._fire(index, event)
             self._collect_results()
             self._check_starts()
-            if now - last_progress >= PROGRESS_EVERY_SECONDS:
-                self._poll_progress()
+            ask = now - last_progress >= PROGRESS_EVERY_SECONDS
+            self._poll_progress(ask)
+            if ask:
                 last_progress = now
         self._say(f"all edges final after {self._elapsed():.1f}s; coordinator finishing (train, decompose)")
 
@@ -250,11 +260,28 @@ class Engine:
             kld_weight=self.scenario.cloud.kld_weight,
             time_scale=self.scenario.time_scale,
         )
-        track.run_ref = track.handle.run.remote(self.coordinator)
         track.probe_ref = track.handle.progress.remote()
-        track.spawned_at = self._elapsed()
+        track.spawned_at = time.monotonic()
         track.status = "pending"
         self._record("edge_spawned", edge=edge.id, reason=reason)
+
+    def _wait_until_up(self, initial: list[EdgeTrack]) -> None:
+        """Wait for the coordinator and the initial edges' processes (or their verdict: unschedulable).
+
+        The timeline's clock starts after this, so `at_seconds` means time into training, not time spent
+        booting Python workers (seconds to tens of seconds on a loaded machine).
+        """
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        ray.get(self.coordinator.status.remote(), timeout=self.options.startup_timeout_s)
+        while any(track.status == "pending" for track in initial) and time.monotonic() < deadline:
+            self._check_starts()
+            time.sleep(POLL_SECONDS)
+        waiting = [track.config.id for track in initial if track.status == "pending"]
+        if waiting:
+            self._say(f"starting the timeline while edges {waiting} still wait for resources")
+
+    def _begin(self, track: EdgeTrack) -> None:
+        track.run_ref = track.handle.run.remote(self.coordinator)
 
     def _check_starts(self) -> None:
         """Mark edges started when their first progress answer arrives; find the unschedulable ones."""
@@ -266,14 +293,14 @@ class Engine:
             if ready:
                 try:
                     track.report = json.loads(ray.get(ready[0]))
-                    track.started_at = self._elapsed()
+                    track.started_at = time.monotonic()
                     track.status = "running"
                     track.probe_ref = None
                     self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
                 except (RayActorError, RayTaskError):
                     pass  # _collect_results reports the death through run_ref
                 continue
-            if self._elapsed() - track.spawned_at < self.options.unschedulable_after_s:
+            if time.monotonic() - track.spawned_at < self.options.unschedulable_after_s:
                 continue
             nodes = nodes if nodes is not None else ray.nodes()
             why = unmet_demand(resource_demand(track.config), nodes)
@@ -301,26 +328,37 @@ class Engine:
             track.report = report
             self._finalise(track, report["status"], error=report.get("error"))
         for track in running.values():
-            if track.final or track.started_at is None:
+            since = track.started_at if track.started_at is not None else track.spawned_at
+            if track.final or since is None:
                 continue
-            if self._elapsed() - track.started_at > self.options.edge_timeout_s:
+            if time.monotonic() - since > self.options.edge_timeout_s:
                 ray.kill(track.handle, no_restart=True)
                 self._finalise(track, "timed_out", error=f"not finished after {self.options.edge_timeout_s}s")
 
-    def _poll_progress(self) -> None:
-        for track in self.edges.values():
-            if track.status != "running":
-                continue
-            try:
-                report = json.loads(ray.get(track.handle.progress.remote(), timeout=5.0))
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                continue  # a dead or busy edge: _collect_results settles it
-            if track.report is None or report["epoch"] != track.report.get("epoch"):
-                self._say(
-                    f"edge {track.config.id}: {report['status']} epoch {report['epoch']}/{report['epochs']} "
-                    f"loss {report['train_loss']}"
-                )
-            track.report = report
+    def _poll_progress(self, ask: bool) -> None:
+        """Collect the progress answers that arrived (never blocks); with `ask`, ask running edges again."""
+        outstanding = {t.progress_ref: t for t in self.edges.values() if t.progress_ref is not None}
+        if outstanding:
+            ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
+            for ref in ready:
+                track = outstanding[ref]
+                track.progress_ref = None
+                try:
+                    report = json.loads(ray.get(ref))
+                except (RayActorError, RayTaskError):
+                    continue  # a dead edge: _collect_results settles it
+                if track.final:
+                    continue  # the final report is already in
+                if track.report is None or report["epoch"] != track.report.get("epoch"):
+                    epochs = f"{report['epoch']}/{report['epochs']}"
+                    self._say(
+                        f"edge {track.config.id}: {report['status']} epoch {epochs} loss {report['train_loss']}"
+                    )
+                track.report = report
+        if ask:
+            for track in self.edges.values():
+                if track.status == "running" and track.progress_ref is None and track.handle is not None:
+                    track.progress_ref = track.handle.progress.remote()
 
     def _finalise(self, track: EdgeTrack, status: str, error: str | None = None) -> None:
         track.status = status
@@ -343,6 +381,7 @@ class Engine:
         if isinstance(event, JoinEvent):
             track = self.edges[event.edge_id()]
             self._spawn(track, reason=f"{where} join")
+            self._begin(track)
             self._record("join", edge=track.config.id, at=event.at_seconds, where=where)
             return
         track = self.edges[event.edge]
