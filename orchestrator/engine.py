@@ -351,9 +351,8 @@ class Engine:
                     continue  # the final report is already in
                 if track.report is None or report["epoch"] != track.report.get("epoch"):
                     epochs = f"{report['epoch']}/{report['epochs']}"
-                    self._say(
-                        f"edge {track.config.id}: {report['status']} epoch {epochs} loss {report['train_loss']}"
-                    )
+                    loss = report["train_loss"]
+                    self._say(f"edge {track.config.id}: {report['status']} epoch {epochs} loss {loss}")
                 track.report = report
         if ask:
             for track in self.edges.values():

@@ -42,7 +42,7 @@ def churn_scenario(tmp_path: Path) -> Scenario:
             ],
             "timeline": [
                 {"kind": "poison", "at_seconds": 0, "edge": "poisoned", "mode": "nan"},
-                {"kind": "slow", "at_seconds": 0, "edge": "slow", "factor": 150},
+                {"kind": "slow", "at_seconds": 0, "edge": "slow", "factor": 80},
                 {"kind": "join", "at_seconds": 2, "edge": "late"},
                 {"kind": "crash", "at_seconds": 4, "edge": "doomed"},
                 {"kind": "coordinator_crash", "at_seconds": 8},
