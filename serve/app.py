@@ -7,14 +7,17 @@
       GET  /tasks/{task}/model
       GET  /metrics
 
-The HTTP contract is documented in docs/http-api.md. Each task deployment loads the version of `task/<task>`
-named in its `user_config` from the registry (verified, safetensors + JSON spec, never a pickle).
+The HTTP contract is documented in docs/http-api.md. Each task deployment loads `task/<task>` from the
+registry (verified: safetensors + JSON spec + sha256, never a pickle).
 
-Rollout: `RegistryWatcher` polls the registry; when a task gets a new version it validates it, then calls
-`serve.run` again with the new version in that deployment's `user_config`. Serve applies a user_config change
-in place: each running replica's `reconfigure` loads the new model beside the old one and swaps a single
-reference, so in-flight and queued requests never fail, and replicas started later by the autoscaler get
-the new config. `serve_registry` (behind `baim serve --registry DIR`) is that loop.
+Rollout. Every task replica polls the registry (`poll_seconds`) and, when a newer version of its task is
+committed, loads it beside the current one and swaps a single reference: requests in flight finish on the
+model they started with, later ones get the new one, no replica restarts, so no request fails. A version
+that fails verification is logged and skipped; the replica keeps serving what it has. (Redeploying with
+`serve.run` would not do: Serve gives every imperative deploy a new code version, so it restarts every
+replica of every deployment, and with one replica a request can hit the gap.) `RegistryWatcher` redeploys
+only when the set of tasks changes (the ingress needs a handle for a new task), with `max_surge_percent=100`
+so the new replicas start before the old ones stop. `serve_registry` (behind `baim serve`) runs it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -56,6 +59,7 @@ API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)
 MAX_IMAGES_PER_REQUEST = 64
 MAX_SEED = 2**63 - 1
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
+DEFAULT_POLL_SECONDS = 5.0  # how often each task replica looks for a newer version in the registry
 DEFAULT_BATCH_WAIT_S = 0.005  # how long @serve.batch waits to fill a batch after its first request
 INGRESS_NUM_CPUS = 0.1  # the ingress only awaits handles; images are encoded on the task replicas
 # Serve's defaults (30 s up, 600 s down) suit big clusters; task models start in about a second.
@@ -127,36 +131,90 @@ class TasksResponse(BaseModel):
 
 @serve.deployment
 class TaskModelDeployment:
-    """Serves one task's model. `user_config`: {"model_version", "max_batch_size", "batch_wait_timeout_s"}."""
+    """Serves one task's model and follows the registry to its newest version (see the module docstring).
 
-    def __init__(self, registry_uri: str, task: str, num_threads: int = 1) -> None:
+    `user_config` (optional, lightweight): {"max_batch_size", "batch_wait_timeout_s"} for @serve.batch.
+    """
+
+    def __init__(
+        self,
+        registry_uri: str,
+        task: str,
+        *,
+        num_threads: int = 1,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+        pinned_version: str | None = None,
+    ) -> None:
         import torch
 
         # A replica reserves a fraction of a core or a few cores; more intra-op threads only oversubscribe.
         torch.set_num_threads(max(1, num_threads))
         self._registry = Registry(registry_uri)
         self._task = task
-        # (model, download body) replaced as one reference by reconfigure, so a batch always sees a pair.
-        self._current: tuple[LoadedModel, bytes] | None = None
+        self._rejected: set[str] = set()
+        # (model, download body), replaced as one reference, so a batch always sees a matching pair.
+        self._current: tuple[LoadedModel, bytes] = (
+            self._load(pinned_version) if pinned_version else self._load_newest_good()
+        )
+        self._stop = threading.Event()
+        if pinned_version is None and poll_seconds > 0:
+            threading.Thread(
+                target=self._follow_registry, args=(poll_seconds,), name=f"follow-{task}", daemon=True
+            ).start()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Called by Serve at start and on every user_config change (the rollout path)."""
-        version = config["model_version"]
+        """Batching parameters; Serve calls this at start and on a user_config change."""
         # @serve.batch adds these setters to the method at runtime; mypy sees only the decorated signature.
         batcher: Any = self._generate_batched
         batcher.set_max_batch_size(int(config.get("max_batch_size", 8)))
         batcher.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S)))
-        if self._current is not None and self._current[0].model_version == version:
-            return
+
+    def _load(self, version: str) -> tuple[LoadedModel, bytes]:
         payload = self._registry.get(task_owner(self._task), version)
-        model = load_model(payload, task=self._task, model_version=version)
-        previous = self._current[0].model_version if self._current else None
-        self._current = (model, artifact_body(payload))
-        logger.info("task %s: serving version %s (was %s)", self._task, version, previous)
+        return load_model(payload, task=self._task, model_version=version), artifact_body(payload)
+
+    def _load_newest_good(self) -> tuple[LoadedModel, bytes]:
+        """The newest version that passes verification (a corrupt newest one must not stop a replica)."""
+        versions = self._registry.versions(task_owner(self._task))
+        for version in reversed(versions):
+            try:
+                return self._load(version)
+            except (ArtifactRejected, ValueError, LookupError) as err:
+                self._rejected.add(version)
+                logger.error(
+                    "task %s: version %s rejected, trying an older one: %s", self._task, version, err
+                )
+        if not versions:
+            raise UnknownTask(self._task)
+        raise ArtifactRejected(f"{task_owner(self._task)}", f"none of the versions {versions} loads")
+
+    def _follow_registry(self, poll_seconds: float) -> None:
+        # The rollout: load the newest version beside the current one, then swap the reference. Requests
+        # in flight finish on the model they started with; nothing restarts, so nothing fails.
+        while not self._stop.wait(poll_seconds):
+            try:
+                latest = self._registry.latest(task_owner(self._task))
+                current = self._current[0].model_version
+                if latest is None or latest == current or latest in self._rejected:
+                    continue
+                try:
+                    self._current = self._load(latest)
+                except (ArtifactRejected, ValueError, LookupError) as err:
+                    self._rejected.add(latest)
+                    logger.error(
+                        "task %s: version %s rejected, still serving %s: %s", self._task, latest, current, err
+                    )
+                    continue
+                logger.info("task %s: rolled from %s to %s", self._task, current, latest)
+            except Exception:  # a registry hiccup must not end the follower; the next poll retries
+                logger.exception("task %s: registry poll failed", self._task)
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def _loaded(self) -> tuple[LoadedModel, bytes]:
-        if self._current is None:
-            raise RuntimeError(f"task {self._task}: no model loaded (user_config has no model_version)")
         return self._current
 
     async def generate(self, n: int, seed: int) -> dict[str, Any]:
@@ -294,22 +352,29 @@ def build_app(
     registry_uri: str,
     serving_cfg: ServingConfig,
     *,
-    versions: Mapping[str, str] | None = None,
+    tasks: Iterable[str] | None = None,
+    pinned_versions: Mapping[str, str] | None = None,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
     api_token: str | None = None,
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
     autoscaling_overrides: Mapping[str, Any] | None = None,
 ) -> serve.Application:
     """The Serve application for a registry: one TaskModelDeployment per task, behind the Ingress.
 
-    `versions` pins {task: version}; by default the newest version of every `task/<name>` owner.
+    `tasks` defaults to every `task/<name>` owner in the registry. Each deployment serves its task's newest
+    version and follows new ones every `poll_seconds` (0: never), unless `pinned_versions` names a version.
     `api_token` defaults to the BAIM_API_TOKEN environment variable (unset or empty: no auth).
     `autoscaling_overrides` adds Serve autoscaling_config keys (e.g. downscale_delay_s) to the scenario's.
     """
     if not isinstance(serving_cfg, ServingConfig):
         raise TypeError(f"serving_cfg: expected a ServingConfig, received {type(serving_cfg).__name__}")
-    if versions is None:
-        versions = latest_task_versions(Registry(registry_uri))
-    if not versions:
+    if poll_seconds < 0:
+        raise ValueError(f"poll_seconds: expected >= 0, received {poll_seconds}")
+    pinned_versions = dict(pinned_versions or {})
+    if tasks is None:
+        tasks = latest_task_versions(Registry(registry_uri))
+    tasks = sorted(set(tasks) | set(pinned_versions))
+    if not tasks:
         logger.warning("registry %s holds no task models yet: serving an empty /tasks", registry_uri)
     if api_token is None:
         api_token = os.environ.get(API_TOKEN_ENV) or None
@@ -321,20 +386,28 @@ def build_app(
         **(autoscaling_overrides or {}),
     }
     handles = {}
-    for task, version in sorted(versions.items()):
+    for task in tasks:
         handles[task] = TaskModelDeployment.options(  # type: ignore[attr-defined]
             name=deployment_name(task),
             autoscaling_config=autoscaling_config,
             ray_actor_options={"num_cpus": serving_cfg.num_cpus},
             # Room for a full batch plus the next one filling while it runs.
             max_ongoing_requests=max(5, 2 * serving_cfg.max_batch_size),
+            # A redeploy (a new task appears) restarts replicas: start the new ones before stopping the old.
+            max_surge_percent=100,
             user_config={
-                "model_version": version,
                 "max_batch_size": serving_cfg.max_batch_size,
                 "batch_wait_timeout_s": batch_wait_timeout_s,
             },
-        ).bind(registry_uri, task, max(1, int(serving_cfg.num_cpus)))
-    return Ingress.bind(handles, token_sha256(api_token))  # type: ignore[attr-defined]
+        ).bind(
+            registry_uri,
+            task,
+            num_threads=max(1, int(serving_cfg.num_cpus)),
+            poll_seconds=poll_seconds,
+            pinned_version=pinned_versions.get(task),
+        )
+    ingress = Ingress.options(max_surge_percent=100)  # type: ignore[attr-defined]
+    return ingress.bind(handles, token_sha256(api_token))
 
 
 class BuildArgs(BaseModel):
@@ -357,7 +430,11 @@ def start_http(serving_cfg: ServingConfig) -> None:
 
 
 class RegistryWatcher:
-    """Keeps a Serve application on the newest version of every task model in a registry."""
+    """Keeps a Serve application serving every task model in a registry.
+
+    New versions of a served task need nothing from here (its replicas follow the registry); a new task
+    needs a handle in the ingress, so `poll` redeploys the application when the set of tasks changes.
+    """
 
     def __init__(
         self,
@@ -375,41 +452,20 @@ class RegistryWatcher:
         self.route_prefix = route_prefix
         self.api_token = api_token
         self.build_options = build_options
-        self.deployed: dict[str, str] = {}
+        self.deployed_tasks: list[str] | None = None
         self._registry = Registry(registry_uri)
-        self._rejected: set[tuple[str, str]] = set()
 
-    def poll(self, *, force: bool = False) -> bool:
-        """Deploy when the registry's newest versions differ from what is deployed. True if it deployed."""
-        wanted = dict(self.deployed)
-        for task, version in latest_task_versions(self._registry).items():
-            if version == self.deployed.get(task) or (task, version) in self._rejected:
-                continue
-            if self._loads(task, version):
-                wanted[task] = version
-        if wanted == self.deployed and not force:
+    def poll(self) -> bool:
+        """Deploy when the registry's tasks differ from the deployed ones (or on the first call)."""
+        tasks = sorted(latest_task_versions(self._registry))
+        if tasks == self.deployed_tasks:
             return False
         app = build_app(
-            self.registry_uri,
-            self.serving_cfg,
-            versions=wanted,
-            api_token=self.api_token,
-            **self.build_options,
+            self.registry_uri, self.serving_cfg, tasks=tasks, api_token=self.api_token, **self.build_options
         )
         serve.run(app, name=self.app_name, route_prefix=self.route_prefix)
-        changes = {task: v for task, v in wanted.items() if self.deployed.get(task) != v}
-        logger.info("serving %s; rolled %s", wanted, changes)
-        self.deployed = wanted
-        return True
-
-    def _loads(self, task: str, version: str) -> bool:
-        # Verify a version before pointing replicas at it: a bad artifact must not take a task down.
-        try:
-            load_model(self._registry.get(task_owner(task), version), task=task, model_version=version)
-        except (ArtifactRejected, ValueError, LookupError) as err:
-            logger.error("task %s version %s not deployed: %s", task, version, err)
-            self._rejected.add((task, version))
-            return False
+        logger.info("application %s serves tasks %s (was %s)", self.app_name, tasks, self.deployed_tasks)
+        self.deployed_tasks = tasks
         return True
 
 
@@ -422,7 +478,8 @@ def serve_registry(
     app_name: str = "baim",
     route_prefix: str = "/",
 ) -> None:
-    """Serve every task model of a registry over HTTP and follow new versions until `stop` is set.
+    """Serve every task model of a registry over HTTP, following new versions and new tasks (both polled
+    every `poll_seconds`) until `stop` is set.
 
     The body of `baim serve --registry DIR`. Needs a Ray connection (`ray.init()` first, or Serve starts a
     local one). Blocks; returns when `stop` is set (never, by default), leaving the application running.
@@ -430,11 +487,13 @@ def serve_registry(
     if poll_seconds <= 0:
         raise ValueError(f"poll_seconds: expected > 0, received {poll_seconds}")
     start_http(serving_cfg)
-    watcher = RegistryWatcher(registry_uri, serving_cfg, app_name=app_name, route_prefix=route_prefix)
-    watcher.poll(force=True)
+    watcher = RegistryWatcher(
+        registry_uri, serving_cfg, app_name=app_name, route_prefix=route_prefix, poll_seconds=poll_seconds
+    )
+    watcher.poll()
     logger.info(
         "serving %d task models at http://%s:%d%s",
-        len(watcher.deployed),
+        len(watcher.deployed_tasks or []),
         serving_cfg.host,
         serving_cfg.port,
         route_prefix,
@@ -444,4 +503,4 @@ def serve_registry(
         try:
             watcher.poll()
         except Exception:  # a registry hiccup must not stop serving; the next poll retries
-            logger.exception("registry poll failed; still serving %s", watcher.deployed)
+            logger.exception("registry poll failed; still serving %s", watcher.deployed_tasks)

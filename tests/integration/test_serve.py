@@ -1,0 +1,380 @@
+"""The Serve app against a real Ray Serve instance on loopback, with real task models in a tmp registry.
+
+One application is deployed per module (start-up is the slow part); tests that change it (rollout, token)
+restore what they change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray import serve
+
+from baim.config import LearnerSpec
+from baim.decompose import TaskModel, decompose
+from baim.learners import VAELearner
+from baim.model import BAIM
+from orchestrator.artifacts import pack_module
+from orchestrator.registry import Registry
+from orchestrator.scenario import ServingConfig
+from serve.app import RegistryWatcher, start_http
+from serve.models import decode_png_base64, to_uint8
+from serve.toolbox import Toolbox
+
+RESOLUTION = 16
+APP_NAME = "baim-test"
+POLL_SECONDS = 1.0  # how often task replicas look for a new version
+TOKEN = "test-token-7f3a"  # the application requires it (test_bearer_token); every other call sends it
+
+
+def tiny_baim(seed: int) -> BAIM:
+    torch.manual_seed(seed)
+    learners = [
+        ("e0", "smiling", VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=RESOLUTION))),
+        ("e1", "smiling", VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION))),
+        ("e2", "male", VAELearner(LearnerSpec(widths=(8, 8), latent_dim=8, resolution=RESOLUTION))),
+    ]
+    baim = BAIM.from_learners(["smiling", "male"], learners, top_k=1, connection_height=1)
+    with torch.no_grad():
+        for p in baim.connection_parameters():
+            p.normal_(0.0, 0.05)
+    return baim
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def lower_keys(headers: object) -> dict[str, str]:
+    return {key.lower(): value for key, value in headers.items()}  # type: ignore[attr-defined]
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Service:
+    base: str
+    registry: Registry
+    watcher: RegistryWatcher
+    smiling_v1: TaskModel
+
+    def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> Reply:
+        request = urllib.request.Request(
+            self.base + path,
+            data=body,
+            method=method,
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {TOKEN}",
+                **(headers or {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return Reply(response.status, response.read(), lower_keys(response.headers))
+        except urllib.error.HTTPError as err:
+            return Reply(err.code, err.read(), lower_keys(err.headers))
+
+    def generate(self, task: str, n: int, seed: int | None = None) -> Reply:
+        body = {"n": n} if seed is None else {"n": n, "seed": seed}
+        return self.call("POST", f"/tasks/{task}/generate", json.dumps(body).encode())
+
+
+@pytest.fixture(scope="module")
+def service(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    registry = Registry(str(tmp_path_factory.mktemp("serve") / "registry"))
+    baim = tiny_baim(seed=0)
+    smiling = decompose(baim, "smiling").eval()
+    registry.put("task/smiling", "v000001", pack_module(smiling, smiling.spec()))
+    # A lone learner is servable too (kind "learner", as an edge uploads it).
+    learner = baim.learner("e2")
+    spec = {"kind": "learner", "edge_id": "edge-2", "task": "male", "learner": learner.spec.to_dict()}
+    registry.put("task/male", "v000001", pack_module(learner, spec))
+
+    serving = ServingConfig(port=free_port(), min_replicas=1, max_replicas=1, num_cpus=0.5, max_batch_size=8)
+    serve.shutdown()  # HTTP options apply only to a fresh Serve instance
+    start_http(serving)
+    watcher = RegistryWatcher(
+        registry.uri, serving, app_name=APP_NAME, api_token=TOKEN, poll_seconds=POLL_SECONDS
+    )
+    watcher.poll()
+    yield Service(f"http://127.0.0.1:{serving.port}", registry, watcher, smiling)
+    serve.shutdown()
+
+
+# ---- routes -------------------------------------------------------------------------------------------
+
+
+def test_healthz_and_tasks(service: Service) -> None:
+    assert service.call("GET", "/healthz").json() == {"status": "ok"}
+    tasks = {t["task"]: t for t in service.call("GET", "/tasks").json()["tasks"]}
+    assert sorted(tasks) == ["male", "smiling"]
+    smiling = tasks["smiling"]
+    assert smiling["model_version"] == "v000001"
+    assert smiling["kind"] == "task_model"
+    assert smiling["sha256"] == service.registry.ref("task/smiling", "v000001").sha256
+    assert smiling["parameter_count"] == sum(p.numel() for p in service.smiling_v1.parameters())
+    assert tasks["male"]["kind"] == "learner"
+
+
+def test_generation_is_deterministic_per_seed(service: Service) -> None:
+    # Execute
+    first = service.generate("smiling", 3, seed=42).json()
+    second = service.generate("smiling", 3, seed=42).json()
+    other = service.generate("smiling", 3, seed=43).json()
+
+    # Assert: same seed, same PNG bytes; the images are the task model's own generate(n, seed)
+    assert first == second
+    assert (first["task"], first["model_version"], first["seed"]) == ("smiling", "v000001", 42)
+    assert other["images"] != first["images"]
+    served = np.stack([decode_png_base64(image) for image in first["images"]])
+    expected = to_uint8(service.smiling_v1.generate(3, seed=42))
+    assert served.shape == (3, RESOLUTION, RESOLUTION, 3)
+    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_missing_seed_is_drawn_and_returned(service: Service) -> None:
+    drawn = service.generate("male", 2).json()
+    assert isinstance(drawn["seed"], int) and drawn["seed"] >= 0
+    replay = service.generate("male", 2, seed=drawn["seed"]).json()
+    assert replay["images"] == drawn["images"]
+
+
+BAD_REQUESTS = [
+    ("n zero", "/tasks/smiling/generate", b'{"n": 0}', 422, "greater than or equal to 1"),
+    ("n too big", "/tasks/smiling/generate", b'{"n": 65}', 422, "less than or equal to 64"),
+    ("n string", "/tasks/smiling/generate", b'{"n": "3"}', 422, "valid integer"),
+    ("n float", "/tasks/smiling/generate", b'{"n": 2.5}', 422, "valid integer"),
+    ("n bool", "/tasks/smiling/generate", b'{"n": true}', 422, "valid integer"),
+    ("n missing", "/tasks/smiling/generate", b'{"seed": 1}', 422, "Field required"),
+    ("negative seed", "/tasks/smiling/generate", b'{"n": 1, "seed": -1}', 422, "greater than or equal to 0"),
+    ("huge seed", "/tasks/smiling/generate", b'{"n": 1, "seed": 9223372036854775808}', 422, "less than"),
+    ("unknown field", "/tasks/smiling/generate", b'{"n": 1, "steps": 50}', 422, "Extra inputs"),
+    ("bad json", "/tasks/smiling/generate", b'{"n": 1', 422, "JSON decode error"),
+    ("not an object", "/tasks/smiling/generate", b"[1, 2]", 422, "valid dictionary"),
+    ("empty body", "/tasks/smiling/generate", b"", 422, "Field required"),
+    (
+        "body too large",
+        "/tasks/smiling/generate",
+        b'{"n": 1, "pad": "' + b"x" * 20000 + b'"}',
+        413,
+        "too large",
+    ),
+    ("unknown task", "/tasks/hats/generate", b'{"n": 1}', 404, "known tasks: male, smiling"),
+    ("unknown task model", "/tasks/hats/model", None, 404, "unknown task"),
+    ("unknown route", "/nope", None, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "reason"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_get_4xx_with_a_reason(
+    service: Service, path: str, body: bytes | None, status: int, reason: str
+) -> None:
+    reply = service.call("POST" if body is not None else "GET", path, body)
+    assert reply.status == status
+    assert reason in reply.body.decode()
+    # The service keeps serving.
+    assert service.generate("smiling", 1, seed=0).status == 200
+
+
+def test_concurrent_requests_all_succeed_and_match_sequential(service: Service) -> None:
+    # Prepare: the reference, one request at a time
+    seeds = list(range(100, 124))
+    sequential = {seed: service.generate("smiling", 2, seed=seed).json()["images"] for seed in seeds}
+
+    # Execute: all at once, so Serve batches them with arbitrary neighbours
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        replies = list(pool.map(lambda seed: service.generate("smiling", 2, seed=seed), seeds))
+
+    # Assert
+    assert [r.status for r in replies] == [200] * len(seeds)
+    differing, total = 0, 0
+    for seed, reply in zip(seeds, replies, strict=True):
+        for batched, alone in zip(reply.json()["images"], sequential[seed], strict=True):
+            a = decode_png_base64(batched).astype(int)
+            b = decode_png_base64(alone).astype(int)
+            assert np.abs(a - b).max() <= 1  # float rounding of another batch shape at most (serve.models)
+            differing += int((a != b).sum())
+            total += a.size
+    assert differing <= total * 1e-3
+
+
+def test_model_download_and_toolbox_over_http(service: Service, tmp_path: Path) -> None:
+    # Execute
+    reply = service.call("GET", "/tasks/smiling/model")
+    toolbox = Toolbox(tmp_path / "cache", endpoint=service.base, api_token=TOKEN)
+    first = toolbox.fetch("smiling")
+    second = toolbox.fetch("smiling")
+
+    # Assert: the body is spec + newline + weights, hashing to the artifact's sha256
+    payload = service.registry.get("task/smiling", "v000001")
+    assert reply.status == 200
+    assert reply.headers["x-model-sha256"] == payload.sha256
+    assert hashlib.sha256(reply.body).hexdigest() == payload.sha256
+    assert reply.body == payload.spec_json.encode() + b"\n" + payload.weights
+    assert (first.cache_hit, first.bytes_received) == (False, len(reply.body))
+    assert (second.cache_hit, second.bytes_received) == (True, 0)
+    assert toolbox.bytes_received == len(reply.body)
+    assert torch.equal(first.model.generate(2, seed=5), service.smiling_v1.generate(2, seed=5))
+    not_modified = service.call(
+        "GET", "/tasks/smiling/model", headers={"If-None-Match": f'"{payload.sha256}"'}
+    )
+    assert (not_modified.status, not_modified.body) == (304, b"")
+
+
+def test_metrics_count_requests(service: Service) -> None:
+    service.generate("smiling", 1, seed=1)
+    service.call("POST", "/tasks/smiling/generate", b'{"n": 0}')
+    text = service.call("GET", "/metrics").body.decode()
+    assert 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="200"}' in text
+    assert 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="422"}' in text
+    assert 'baim_http_request_seconds_count{route="/tasks/{task}/generate"}' in text
+    assert 'baim_generation_seconds_count{task="smiling"}' in text
+
+
+def test_rollout_during_a_stream_of_requests_fails_none(service: Service) -> None:
+    # Prepare: a stream of requests from two clients
+    stop = threading.Event()
+    outcomes: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        seed = offset
+        while not stop.is_set():
+            reply = service.generate("smiling", 2, seed=seed)
+            version = reply.json().get("model_version", "") if reply.status == 200 else reply.body.decode()
+            with lock:
+                outcomes.append((reply.status, version))
+            seed += 2
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+
+    # Execute: a training round publishes v000002; the replica follows the registry to it
+    new = decompose(tiny_baim(seed=1), "smiling")
+    service.registry.put("task/smiling", "v000002", pack_module(new, new.spec()))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            versions = {t["task"]: t["model_version"] for t in service.call("GET", "/tasks").json()["tasks"]}
+            if versions["smiling"] == "v000002":
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)  # a few more requests on the new version
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    # Assert
+    assert versions == {"smiling": "v000002", "male": "v000001"}
+    assert [o for o in outcomes if o[0] != 200] == []
+    served = [version for _, version in outcomes]
+    assert served[0] == "v000001" and served[-1] == "v000002"
+    switched = served.index("v000002")
+    assert switched > 0 and "v000001" not in served[switched + 4 :]  # the two clients overlap the swap
+    assert service.watcher.poll() is False  # same tasks: no redeploy
+    fresh = service.generate("smiling", 2, seed=9).json()["images"]
+    expected = to_uint8(new.eval().generate(2, seed=9))
+    assert (
+        np.abs(np.stack([decode_png_base64(i) for i in fresh]).astype(int) - expected.astype(int)).max() <= 1
+    )
+
+
+def test_a_corrupt_new_version_is_not_rolled_out(service: Service) -> None:
+    # Prepare: a committed version whose weights do not match its sha256 (e.g. a disk fault)
+    current = {t["task"]: t["model_version"] for t in service.call("GET", "/tasks").json()["tasks"]}[
+        "smiling"
+    ]
+    good = service.registry.get("task/smiling", current)
+    version = service.registry.next_version("task/smiling")
+    folder = Path(service.registry.uri) / "artifacts" / "task" / "smiling" / version
+    folder.mkdir()
+    (folder / "weights.safetensors").write_bytes(good.weights[:-8] + b"\x00" * 8)
+    (folder / "spec.json").write_text(good.spec_json)
+    (folder / "sha256").write_text(good.sha256)
+    assert service.registry.latest("task/smiling") == version
+
+    # Execute
+    time.sleep(4 * POLL_SECONDS)
+
+    # Assert: still serving the last good version
+    tasks = {t["task"]: t["model_version"] for t in service.call("GET", "/tasks").json()["tasks"]}
+    assert tasks["smiling"] == current
+    reply = service.generate("smiling", 1, seed=0)
+    assert (reply.status, reply.json()["model_version"]) == (200, current)
+
+
+@pytest.mark.slow  # a redeploy starts a replica per deployment: 30-90 s on two shared cores
+def test_a_new_task_is_added_while_serving_without_failures(service: Service) -> None:
+    # Prepare: a stream of requests to an existing task
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client() -> None:
+        seed = 0
+        while not stop.is_set():
+            statuses.append(service.generate("male", 1, seed=seed).status)
+            seed += 1
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    time.sleep(1.0)
+
+    # Execute: a new task appears; the watcher redeploys (new replicas start before old ones stop)
+    hats = decompose(tiny_baim(seed=2), "male")  # any task model will do for a new task name
+    service.registry.put("task/hats", "v000001", pack_module(hats, hats.spec()))
+    try:
+        assert service.watcher.poll() is True
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join()
+
+    # Assert
+    assert service.watcher.deployed_tasks == ["hats", "male", "smiling"]
+    assert statuses and set(statuses) == {200}
+    assert service.generate("hats", 1, seed=0).status == 200
+
+
+def test_bearer_token(service: Service, tmp_path: Path) -> None:
+    # The module's application requires TOKEN; Service.call sends it unless told not to.
+    no_token: dict[str, str] = {"Authorization": ""}
+    assert service.call("GET", "/healthz", headers=no_token).status == 200
+    for path in ("/tasks", "/metrics", "/tasks/smiling/model", "/docs", "/openapi.json"):
+        assert service.call("GET", path, headers=no_token).status == 401
+        assert service.call("GET", path, headers={"Authorization": "Bearer wrong"}).status == 401
+        assert service.call("GET", path, headers={"Authorization": TOKEN}).status == 401  # no scheme
+    denied = service.call("POST", "/tasks/smiling/generate", b'{"n": 1}', headers=no_token)
+    assert denied.status == 401 and "bearer token" in denied.json()["detail"]
+    assert denied.headers["www-authenticate"] == "Bearer"
+    assert service.generate("smiling", 1, seed=0).status == 200
+    with pytest.raises(ConnectionError, match="401"):
+        Toolbox(tmp_path / "cache", endpoint=service.base).fetch("smiling")
