@@ -235,6 +235,25 @@ class TrainRoundResult(StrictModel):
     baim_artifact: str | None = Field(default=None, description="Published trained BAIM, owner@version.")
     task_models: list[PublishedTaskModel] = Field(default_factory=list, description="Published task models.")
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-able per-strategy summary in the coordinator's round format (curves, flops, seconds)."""
+        return {
+            "runner": "ray_train",
+            "epochs": len(self.epochs),
+            "train_loss": [e.train_loss for e in self.epochs],
+            "test_loss": [e.test_loss for e in self.epochs],
+            "test_loss_per_task": [e.test_loss_per_task for e in self.epochs],
+            "initial_test_loss": self.initial_test_loss,
+            "final_test_loss": self.final_test_loss,
+            "flops": self.cloud_flops,
+            "seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds,
+            "num_workers": self.num_workers,
+            "use_gpu": self.use_gpu,
+            "resumed_at_epochs": self.resumed_at_epochs,
+            "connections": [e.connections for e in self.epochs],
+        }
+
 
 def round_config_from_scenario(
     scenario: Scenario,
@@ -707,12 +726,13 @@ def _fit(
         raise ValueError(f"crash.rank: expected < num_workers ({num_workers}), received {cfg.crash.rank}")
     registry = Registry(cfg.registry_uri)
     input_ref = registry.ref(cfg.baim_owner, cfg.baim_version)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={ROUND_CONFIG_KEY: cfg},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=use_gpu,  # adds {"GPU": 1} per worker
+            resources_per_worker={"CPU": cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(input_ref.sha256),
@@ -722,13 +742,13 @@ def _fit(
         ),
     )
     started = time.perf_counter()
-    result = trainer.fit()
-    wall_seconds = time.perf_counter() - started
-    if result.error is not None:
+    try:
+        result = trainer.fit()  # raises when the run fails for good (max_failures exhausted)
+    except ray.train.TrainingFailedError as err:
         raise RuntimeError(
-            f"training round {cfg.round_id} ({cfg.strategy}) failed after up to {max_failures} restarts: "
-            f"{result.error}"
-        ) from result.error
+            f"training round {cfg.round_id} ({cfg.strategy}) failed (max_failures={max_failures}): {err}"
+        ) from err
+    wall_seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training round {cfg.round_id} ({cfg.strategy}) finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

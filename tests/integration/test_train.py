@@ -152,6 +152,7 @@ def test_publishes_baim_and_exact_smaller_task_models(
         assert model.params < clean_run.epochs[-1].params
 
 
+@pytest.mark.slow  # a second full Ray Train run plus a restart: about 60 s on an idle 2-core machine
 def test_killed_worker_resumes_from_checkpoint_and_finishes_identically(
     round_setup: tuple[TrainRoundConfig, int], clean_run: TrainRoundResult, tmp_path: Path
 ) -> None:
