@@ -57,7 +57,10 @@ STATE_KEY = "coordinator/state"
 BAIM_OWNER = "baim"
 PLAUSIBILITY_IMAGES = 16  # held-out images per task used to check an upload's loss
 PLAUSIBILITY_SEED = 0  # fixed noise, so the check gives the same number for the same upload
-POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checked
+POLICY_TICK_SECONDS = 0.25
+MAX_VERSION = (
+    999_999  # version names are v000001 .. v999999  # how often the fusion policy's wait timer is checked
+)
 
 
 def edge_owner(edge_id: str) -> str:
@@ -248,7 +251,7 @@ class CloudCoordinator:
     ) -> dict[str, Any]:
         """Validate, store durably, fuse; return the receipt (idempotent for the same upload)."""
         self._start_policy_timer()
-        key = f"{edge_id}@{version}#{sha256}"
+        key = f"{edge_id!s:.100}@{version!s:.20}#{sha256!s:.64}"  # bounded: it is logged and stored
         for receipt in self.accepted:
             if receipt["key"] == key:
                 return dict(receipt)
@@ -318,7 +321,17 @@ class CloudCoordinator:
             "artifact": None,
         }
         try:
-            learner = await asyncio.to_thread(self._validate, edge_id, version, weights, spec_json, sha256)
+            try:
+                learner = await asyncio.to_thread(
+                    self._validate, edge_id, version, weights, spec_json, sha256
+                )
+            except UploadRejected:
+                raise
+            except Exception as err:  # whatever else a malformed upload triggers is still a rejection
+                logger.exception("upload %s raised during validation", key[:200])
+                raise UploadRejected(
+                    "invalid", f"validation failed: {type(err).__name__}: {err}"[:500]
+                ) from None
             payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
             owner, vname = edge_owner(edge_id), version_name(version)
             try:
@@ -357,8 +370,16 @@ class CloudCoordinator:
         """Every check of an upload; CPU-heavy, so it runs in a thread. Raises UploadRejected."""
         if not isinstance(edge_id, str) or edge_id not in self.edges:
             raise UploadRejected("unknown_edge", f"edge_id {edge_id!r} is not an edge of this scenario")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise UploadRejected("bad_version", f"version: expected an int >= 1, received {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+            raise UploadRejected(
+                "bad_version", f"version: expected an int >= 1 and <= {MAX_VERSION}, received {version!r:.40}"
+            )
+        if not isinstance(spec_json, str):
+            raise UploadRejected("bad_spec", f"spec_json: expected str, received {type(spec_json).__name__}")
+        try:
+            spec_json.encode()
+        except UnicodeEncodeError as err:
+            raise UploadRejected("bad_spec", f"spec_json is not encodable UTF-8 text: {err}") from None
         limits = self.cloud.uploads
         payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
         try:
@@ -370,6 +391,8 @@ class CloudCoordinator:
             )
         except ArtifactRejected as err:
             raise UploadRejected(rejection_code(err.reason), err.reason) from None
+        except RecursionError:  # json.loads of a spec nested thousands of levels deep
+            raise UploadRejected("bad_spec", "spec JSON nests too deeply to parse") from None
 
         edge = self.edges[edge_id]
         declared = LearnerSpec(
