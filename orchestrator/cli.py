@@ -12,6 +12,7 @@ stderr and exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -234,9 +235,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# run
+
+
+def add_run_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a scenario on Ray: edges train and upload, the cloud fuses and trains; writes report.json",
+        description=(
+            "Run a scenario end to end on a local embedded Ray instance (default) or an existing cluster "
+            "(--address auto | ray://host:10001): edge actors train and upload, the coordinator validates, "
+            "fuses and trains the BAIM, decomposes it into task models and publishes them to DIR/registry. "
+            "Writes DIR/report.json and prints a summary table. Exit 0 unless the run itself failed (a "
+            "crashed edge in a churn scenario is an expected event)."
+        ),
+    )
+    parser.add_argument("scenario", type=Path, help="scenario YAML file")
+    parser.add_argument("--out", type=Path, default=Path("baim-out"), help="output folder (default baim-out)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="join an existing Ray cluster: auto or ray://host:port (default: local)",
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local embedded Ray (default: all cores)"
+    )
+    parser.add_argument(
+        "--serve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the task models with Ray Serve after the run (default: the scenario's serving.enabled)",
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="use this CelebA folder instead of data.root"
+    )
+    parser.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.engine import EngineOptions, run_scenario
+    from orchestrator.report_json import summary_table
+
+    scenario = _load(args)
+    serve_after = scenario.serving.enabled if args.serve is None else args.serve
+    options = EngineOptions(
+        address=args.address,
+        num_cpus=args.num_cpus,
+        progress=lambda line: print(line, flush=True),
+        keep_ray=serve_after,
+    )
+    try:
+        report = run_scenario(scenario, args.out, options)
+    except Exception as exc:  # the run itself failed: one line, exit 1 (details in the log)
+        logger.exception("run failed")
+        print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print()
+    print(summary_table(report))
+    if serve_after:
+        from serve.app import serve_registry
+
+        where = f"http://{scenario.serving.host}:{scenario.serving.port}"
+        print(f"serving the task models at {where} (Ctrl-C stops)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_registry(report["registry"], scenario.serving)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
 # entry point
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_validate_parser, add_schema_parser, add_demo_parser]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_validate_parser,
+    add_schema_parser,
+    add_demo_parser,
+    add_run_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,7 @@ class EngineOptions:
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
     round_runner: Callable[..., Any] | None = None  # default: the coordinator's local training round
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
+    keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Engine:
             return self._run()
         finally:
             self._release_actors()
-            if started_ray:
+            if started_ray and not self.options.keep_ray:
                 ray.shutdown()
 
     def _run(self) -> dict[str, Any]:
