@@ -32,7 +32,7 @@ from baim.config import LearnerSpec
 from baim.costs import forward_backward_flops
 from baim.learners import VAELearner
 from baim.training import evaluate, train_epoch, vae_batch_loss
-from orchestrator.artifacts import ArtifactPayload, pack_state
+from orchestrator.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.data import DataSource, FaceDataset
 from orchestrator.metrics import Ledger
 from orchestrator.scenario import EdgeConfig
@@ -53,6 +53,7 @@ UPLOAD_VERSION = 1  # each edge uploads its model once (DESIGN.md); a second mod
 UPLOAD_ATTEMPTS = 5  # re-sends after the coordinator was unreachable (the upload is idempotent)
 UPLOAD_TIMEOUT_SECONDS = 120.0  # one attempt's wait for a receipt, restarts of the coordinator included
 SLEEP_SLICE_SECONDS = 0.05  # simulated delays sleep in slices so that `leave` interrupts them
+FEDAVG_MAX_MODEL_BYTES = 1 << 30  # a FedAvg global model larger than this is refused unread
 
 
 class EdgeLeft(Exception):  # noqa: N818 (control flow, not an error)
@@ -309,6 +310,60 @@ class EdgeNode:
             return
         self.status = "upload_failed"
         self.error = f"coordinator unreachable after {UPLOAD_ATTEMPTS} attempts: {last_error}"
+
+    # ---- the FedAvg baseline (driven by orchestrator/fedavg.py) ---------------------------------------
+
+    def fedavg_round(
+        self, weights: bytes, spec_json: str, sha256: str, server_round: int, local_epochs: int
+    ) -> tuple[bytes, str, str, str]:
+        """One FedAvg client round: verify and load the global model, train it for `local_epochs` on this
+        edge's shard, return the update as (weights, spec_json, sha256, report JSON).
+
+        The global model is verified (sha256, safetensors, finite values) before use; nothing is unpickled.
+        The link delays the download and the upload as in `run`; slow-down, poison and leave apply too (after
+        `leave` the report says "left" and the weights are empty). The server counts the bytes (the payload
+        lengths it sent and received); the report carries this round's FLOPs and seconds.
+        """
+        download = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+        spec, tensors = unpack_payload(
+            download,
+            artifact_id=f"fedavg global model, round {server_round}",
+            max_bytes=FEDAVG_MAX_MODEL_BYTES,
+        )
+        report: dict[str, Any] = {"edge_id": self.edge_id, "round": server_round, "status": "trained"}
+        try:
+            self._sleep(
+                link_delay_seconds(download.nbytes, self.bandwidth_mbps, self.latency_ms, self.time_scale)
+            )
+            self._check_leave()
+            model = VAELearner(LearnerSpec.from_dict(spec["learner"]))
+            model.load_state_dict(tensors, strict=True)
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
+            loss_fn = vae_batch_loss(self.kld_weight)
+            round_seed = edge_seed(self.seed, f"fedavg round {server_round}")
+            torch.manual_seed(round_seed)  # training noise: the same for the same scenario seed and round
+            order = torch.Generator().manual_seed(round_seed)
+            loader = DataLoader(self.dataset, batch_size=self.edge.batch_size, shuffle=True, generator=order)
+            flops_per_epoch = self._epoch_flops(model, loss_fn)
+            started = time.perf_counter()
+            for _ in range(local_epochs):
+                self._check_leave()
+                report["train_loss"] = train_epoch(model, self._paced(loader), optimizer, loss_fn)
+            report["train_seconds"] = time.perf_counter() - started
+            report["flops"] = flops_per_epoch * local_epochs
+            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            if self.poison_mode is not None:
+                state = poison_state(state, self.poison_mode, self.poison_scale, round_seed)
+                report["poisoned"] = self.poison_mode
+            update_spec = {**spec, "edge_id": self.edge_id}
+            update = pack_state(state, update_spec)
+            self._sleep(
+                link_delay_seconds(update.nbytes, self.bandwidth_mbps, self.latency_ms, self.time_scale)
+            )
+            self._check_leave()
+        except EdgeLeft:
+            return b"", "", "", json.dumps({**report, "status": "left"})
+        return update.weights, update.spec_json, update.sha256, json.dumps(report)
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
