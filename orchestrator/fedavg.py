@@ -1,0 +1,682 @@
+"""The FedAvg baseline: the same edges and shards as the BAIM run, trained as federated learning.
+
+Shape (Flower's `FedAvg` strategy): `FedAvgBaseline` has one method per phase of a server round:
+`initialize_parameters` (the seeded global model), `configure_fit` (seeded client sampling) and
+`aggregate_fit` (verify each update, then the pure `orchestrator.fedavg_math.weighted_average` weighted by
+shard size). Failed clients are data: `aggregate_fit` receives them and the round proceeds with the rest.
+
+`run_fedavg(...)` drives it on Ray: one `EdgeNode` actor per edge of the scenario (the same class, the same
+declared resources, the same private shard as in the BAIM run), R rounds of `EdgeNode.fedavg_round`, the
+scenario's timeline replayed against the clients on the baseline's own clock (t = 0 when the clients are up):
+`crash` kills a client (its in-flight round fails, it drops out of later rounds), `leave` stops it, `join`
+adds one, `slow` / `link` / `poison` act as in the BAIM run; `coordinator_crash` has no FedAvg counterpart
+(the server is the driver) and is recorded as not applied.
+
+Costs, measured like the BAIM path's: the bytes each edge receives (the global model) and sends (its update)
+are `ArtifactPayload.nbytes` of the payloads that actually crossed; edge FLOPs are counted by the edge with
+`baim.costs.forward_backward_flops` on its real model and batch shapes; the cloud's aggregation is
+element-wise, which FlopCounterMode (matmuls and convolutions) counts as 0, and is recorded as counted.
+Everything goes into one `Ledger`. After each round the global model's test loss (the VAE loss with the
+cloud's `kld_weight`, seeded noise) is measured on every task's test split, the same images the BAIM's task
+models are measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from actors.edge import EdgeNode
+from baim.config import LearnerSpec
+from baim.costs import count_params
+from baim.learners import VAELearner
+from baim.training import evaluate, vae_batch_loss
+from orchestrator.artifacts import ArtifactPayload, pack_state, unpack_payload
+from orchestrator.data import DataSource, FaceDataset, Partitions
+from orchestrator.errors import ArtifactRejected
+from orchestrator.fedavg_math import weighted_average
+from orchestrator.metrics import Ledger
+from orchestrator.scenario import (
+    CoordinatorCrashEvent,
+    CrashEvent,
+    EdgeConfig,
+    JoinEvent,
+    LeaveEvent,
+    LinkEvent,
+    PoisonEvent,
+    Scenario,
+    SlowEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+BASELINE_NAME = "fedavg"  # the ledger's cloud "strategy" name and the report's key
+MAX_UPDATE_BYTES = 1 << 30  # an update larger than this is rejected unread
+CLIENT_MAX_CONCURRENCY = 4  # fedavg_round on one thread, timeline events (leave, slow, ...) on the others
+POLL_SECONDS = 0.2
+
+
+def fedavg_seed(scenario_seed: int, what: str) -> int:
+    """A seed for one purpose of the baseline (initial weights, client sampling), stable across processes."""
+    digest = hashlib.sha256(f"fedavg\0{scenario_seed}\0{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def homogeneous_spec(scenario: Scenario) -> LearnerSpec:
+    """The one model every client trains: `baselines.fedavg.model`, else the largest edge model by
+    parameter count (ties: the first declared)."""
+    resolution = scenario.data.resolution
+    configured = scenario.baselines.fedavg.model
+    if configured is not None:
+        return LearnerSpec(tuple(configured.widths), configured.latent_dim, resolution)
+    candidates = [
+        LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, resolution)
+        for edge in scenario.all_edges()
+    ]
+    return max(candidates, key=lambda spec: count_params(VAELearner(spec)))
+
+
+def global_spec(spec: LearnerSpec, server_round: int) -> dict[str, Any]:
+    """The JSON spec sent beside the global model's weights."""
+    return {"kind": "learner", "learner": spec.to_dict(), "baseline": BASELINE_NAME, "round": server_round}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The strategy (no Ray)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A client's update for one round, as it arrived (verified by `aggregate_fit`)."""
+
+    client_id: str
+    payload: ArtifactPayload
+    num_examples: int  # the client's shard size, as the server knows it (not as the client claims)
+
+
+@dataclass(frozen=True)
+class FitFailure:
+    """A client that was selected but contributed nothing this round, and why (a short code + detail)."""
+
+    client_id: str
+    reason: str  # crashed, left, timed_out, failed, rejected, ...
+    detail: str = ""
+
+
+@dataclass
+class RoundAggregate:
+    """What `aggregate_fit` did: the new global state and who counted."""
+
+    state: dict[str, torch.Tensor]
+    aggregated: list[str]  # clients whose update was averaged in
+    failures: list[FitFailure]
+    updated: bool  # False when the global model was kept (no usable update, or failures not accepted)
+
+
+class FedAvgBaseline:
+    """Federated averaging (McMahan et al. 2017) of one homogeneous VAE.
+
+    Args (keyword-only, like Flower's FedAvg):
+        spec: the homogeneous model every client trains.
+        seed: seeds the initial global weights and the client sampling of every round.
+        fraction_fit: fraction of the available clients selected each round (default 1.0). At least
+            `min_fit_clients` (default 1) are selected while that many are available.
+        accept_failures: aggregate a round even when some selected clients failed (default True); with
+            False, any failure keeps the previous global model.
+        max_update_bytes: updates larger than this are rejected unread (default 1 GiB).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: LearnerSpec,
+        seed: int = 0,
+        fraction_fit: float = 1.0,
+        min_fit_clients: int = 1,
+        accept_failures: bool = True,
+        max_update_bytes: int = MAX_UPDATE_BYTES,
+    ) -> None:
+        if not 0 < fraction_fit <= 1:
+            raise ValueError(f"fraction_fit: expected a value in (0, 1], received {fraction_fit}")
+        if min_fit_clients < 1:
+            raise ValueError(f"min_fit_clients: expected >= 1, received {min_fit_clients}")
+        self.spec = spec
+        self.seed = seed
+        self.fraction_fit = fraction_fit
+        self.min_fit_clients = min_fit_clients
+        self.accept_failures = accept_failures
+        self.max_update_bytes = max_update_bytes
+
+    def initialize_parameters(self) -> dict[str, torch.Tensor]:
+        """The initial global model: a fresh VAELearner drawn from the seed (the caller's RNG untouched)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(fedavg_seed(self.seed, "init"))
+            model = VAELearner(self.spec)
+        return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+    def num_fit_clients(self, num_available: int) -> int:
+        """How many clients a round selects out of `num_available`."""
+        wanted = max(math.ceil(self.fraction_fit * num_available), self.min_fit_clients)
+        return min(wanted, num_available)
+
+    def configure_fit(self, server_round: int, available: Sequence[str]) -> list[str]:
+        """The clients of this round: a seeded sample (same seed and round, same choice), in sorted order."""
+        pool = sorted(set(available))
+        if not pool:
+            return []
+        generator = torch.Generator().manual_seed(fedavg_seed(self.seed, f"round {server_round}"))
+        order = torch.randperm(len(pool), generator=generator).tolist()
+        return sorted(pool[i] for i in order[: self.num_fit_clients(len(pool))])
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: Sequence[FitResult],
+        failures: Sequence[FitFailure],
+        current: Mapping[str, torch.Tensor],
+    ) -> RoundAggregate:
+        """Verify every update (sha256, safetensors, dtypes, finite values, the same spec and shapes as the
+        global model), then average the good ones weighted by shard size.
+
+        An update that fails verification becomes a failure with reason "rejected". With no usable update,
+        or with failures and accept_failures=False, the current global model is kept.
+        """
+        failures = list(failures)
+        states: list[dict[str, torch.Tensor]] = []
+        weights: list[float] = []
+        aggregated: list[str] = []
+        for result in results:
+            try:
+                state = self._verified_state(server_round, result, current)
+            except ArtifactRejected as err:
+                failures.append(FitFailure(result.client_id, "rejected", err.reason))
+                continue
+            states.append(state)
+            weights.append(float(result.num_examples))
+            aggregated.append(result.client_id)
+        if not states or (failures and not self.accept_failures):
+            return RoundAggregate({k: v.clone() for k, v in current.items()}, [], failures, updated=False)
+        return RoundAggregate(weighted_average(states, weights), aggregated, failures, updated=True)
+
+    def _verified_state(
+        self, server_round: int, result: FitResult, current: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        artifact_id = f"fedavg round {server_round} update from {result.client_id}"
+        spec, tensors = unpack_payload(
+            result.payload, artifact_id=artifact_id, max_bytes=self.max_update_bytes
+        )
+        if spec.get("learner") != self.spec.to_dict():
+            raise ArtifactRejected(
+                artifact_id, f"spec: expected learner {self.spec.to_dict()}, received {spec.get('learner')}"
+            )
+        if set(tensors) != set(current):
+            missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+            raise ArtifactRejected(artifact_id, f"tensors: missing {missing}, unexpected {unexpected}")
+        for name, tensor in tensors.items():
+            if tensor.shape != current[name].shape:
+                raise ArtifactRejected(
+                    artifact_id,
+                    f"{name}: expected shape {tuple(current[name].shape)}, received {tuple(tensor.shape)}",
+                )
+        if result.num_examples < 1:
+            raise ArtifactRejected(
+                artifact_id, f"num_examples: expected >= 1, received {result.num_examples}"
+            )
+        return tensors
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measuring the global model
+
+
+def test_losses(
+    model: VAELearner,
+    source: DataSource,
+    partitions: Partitions,
+    tasks: Sequence[str],
+    *,
+    resolution: int,
+    kld_weight: float,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """The model's mean VAE loss on each task's test split (seeded noise: repeatable)."""
+    loss_fn = vae_batch_loss(kld_weight)
+    losses: dict[str, float] = {}
+    for task in tasks:
+        indices = partitions.test[task]
+        if not indices:
+            continue
+        loader = DataLoader(FaceDataset(source, indices, resolution), batch_size=batch_size)
+        losses[task] = evaluate(model, loader, loss_fn, seed=0)
+    return losses
+
+
+def mean_test_loss(per_task: Mapping[str, float], partitions: Partitions) -> float | None:
+    """Test-image-weighted mean over tasks (the BAIM training reports its overall test loss the same way)."""
+    sizes = {task: len(partitions.test[task]) for task in per_task}
+    total = sum(sizes.values())
+    if total == 0:
+        return None
+    return sum(per_task[task] * sizes[task] for task in per_task) / total
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Ray driver
+
+
+@dataclass
+class Client:
+    """What the driver knows about one FedAvg client (an EdgeNode actor)."""
+
+    config: EdgeConfig
+    handle: Any = None
+    probe_ref: Any = None  # the first progress() call; its answer means "up"
+    status: str = "not_joined"  # not_joined, starting, ready, crashed, left, died, unschedulable
+    rounds: list[int] = field(default_factory=list)  # rounds whose update was aggregated
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    @property
+    def gone(self) -> bool:
+        return self.status in ("crashed", "left", "died", "unschedulable")
+
+
+@dataclass
+class FedAvgOutcome:
+    """The report section (JSON-able) and the final global model (for image quality)."""
+
+    report: dict[str, Any]
+    global_model: VAELearner
+    ledger: Ledger
+
+
+def _client_options(edge: EdgeConfig) -> dict[str, Any]:
+    """The same resources the edge declares for the BAIM run."""
+    options: dict[str, Any] = {
+        "num_cpus": edge.num_cpus,
+        "num_gpus": edge.num_gpus,
+        "max_concurrency": CLIENT_MAX_CONCURRENCY,
+        "max_restarts": 0,  # a crashed client stays dead, as in the BAIM run
+    }
+    if edge.memory_mb is not None:
+        options["memory"] = edge.memory_mb * 1024 * 1024
+    if edge.custom_resources:
+        options["resources"] = dict(edge.custom_resources)
+    return options
+
+
+class FedAvgRun:
+    """One FedAvg baseline run on Ray (initialised by the caller). Use `run_fedavg` unless you need parts."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        source: DataSource,
+        partitions: Partitions,
+        *,
+        startup_timeout_s: float = 120.0,
+        round_timeout_s: float = 1800.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.config = scenario.baselines.fedavg
+        self.source = source
+        self.partitions = partitions
+        self.startup_timeout_s = startup_timeout_s
+        self.round_timeout_s = round_timeout_s
+        self.progress = progress
+        self.spec = homogeneous_spec(scenario)
+        self.strategy = FedAvgBaseline(
+            spec=self.spec, seed=scenario.seed, fraction_fit=self.config.client_fraction
+        )
+        self.clients = {edge.id: Client(edge) for edge in scenario.all_edges()}
+        self.timeline = sorted(enumerate(scenario.timeline), key=lambda item: (item[1].at_seconds, item[0]))
+        self.ledger = Ledger(export_metrics=False)
+        self.events: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self._source_ref: Any = None
+
+    # ---- driver ----------------------------------------------------------------------------------------
+
+    def run(self) -> FedAvgOutcome:
+        try:
+            return self._run()
+        finally:
+            for client in self.clients.values():
+                if client.handle is not None:
+                    ray.kill(client.handle, no_restart=True)
+                    client.handle = None
+
+    def _run(self) -> FedAvgOutcome:
+        tasks = [task.name for task in self.scenario.tasks]
+        kld_weight = self.scenario.cloud.kld_weight
+        resolution = self.scenario.data.resolution
+        params = count_params(VAELearner(self.spec))
+        self._say(
+            f"fedavg: {len(self.clients)} clients, model {list(self.spec.widths)} z{self.spec.latent_dim} "
+            f"({params:,} params), {self.config.rounds} rounds x {self.config.local_epochs} local epochs, "
+            f"client fraction {self.config.client_fraction}"
+        )
+        self._source_ref = ray.put(self.source)
+        for client in self.clients.values():
+            if client.config.start:
+                self._spawn(client, reason="start")
+        self._wait_until_up()
+        self.started = time.monotonic()
+        self._record("fedavg_started")
+
+        state = self.strategy.initialize_parameters()
+        model = self._model(state)
+        initial_losses = test_losses(
+            model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
+        )
+        pending = list(self.timeline)
+        rounds: list[dict[str, Any]] = []
+        for server_round in range(1, self.config.rounds + 1):
+            pending = self._fire_due(pending)
+            self._check_starts()
+            round_started = time.perf_counter()
+            available = [cid for cid, c in self.clients.items() if c.status == "ready"]
+            selected = self.strategy.configure_fit(server_round, available)
+            payload = pack_state(state, global_spec(self.spec, server_round))
+            weights_ref = ray.put(payload.weights)  # one copy in the object store for every client
+            inflight: dict[Any, str] = {}
+            for cid in selected:
+                client = self.clients[cid]
+                ref = client.handle.fedavg_round.remote(
+                    weights_ref, payload.spec_json, payload.sha256, server_round, self.config.local_epochs
+                )
+                inflight[ref] = cid
+                self.ledger.record_bytes(cid, "received", payload.nbytes)
+            results, failures, pending = self._collect(server_round, inflight, pending)
+            with FlopCounterMode(display=False) as counter:  # the real aggregation call, counted
+                aggregate = self.strategy.aggregate_fit(server_round, results, failures, state)
+            self.ledger.record_cloud_flops(BASELINE_NAME, int(counter.get_total_flops()))
+            state = aggregate.state
+            for cid in aggregate.aggregated:
+                self.clients[cid].rounds.append(server_round)
+            for failure in aggregate.failures:
+                entry = {"round": server_round, "reason": failure.reason, "detail": failure.detail}
+                self.clients[failure.client_id].failures.append(entry)
+            model = self._model(state)
+            losses = test_losses(
+                model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
+            )
+            seconds = time.perf_counter() - round_started
+            self.ledger.record_seconds("fedavg_round", seconds)
+            rounds.append(
+                {
+                    "round": server_round,
+                    "available": available,
+                    "selected": selected,
+                    "aggregated": aggregate.aggregated,
+                    "failures": [
+                        {"edge": f.client_id, "reason": f.reason, "detail": f.detail}
+                        for f in aggregate.failures
+                    ],
+                    "global_updated": aggregate.updated,
+                    "global_model_bytes": payload.nbytes,
+                    "test_loss_per_task": losses,
+                    "test_loss": mean_test_loss(losses, self.partitions),
+                    "seconds": seconds,
+                }
+            )
+            self._say(
+                f"fedavg round {server_round}/{self.config.rounds}: {len(aggregate.aggregated)}/"
+                f"{len(selected)} updates averaged, test loss {rounds[-1]['test_loss']:.5f} ({seconds:.1f}s)"
+            )
+        for index, event in pending:  # events after the last round never happened to the baseline
+            self._record(event.kind, where=f"timeline.{index}", applied=False, note="after the last round")
+        report = self._report(rounds, initial_losses, params)
+        return FedAvgOutcome(report=report, global_model=model.eval(), ledger=self.ledger)
+
+    def _model(self, state: Mapping[str, torch.Tensor]) -> VAELearner:
+        model = VAELearner(self.spec)
+        model.load_state_dict(dict(state), strict=True)
+        return model
+
+    def _collect(
+        self, server_round: int, inflight: dict[Any, str], pending: list[tuple[int, Any]]
+    ) -> tuple[list[FitResult], list[FitFailure], list[tuple[int, Any]]]:
+        """Wait for the round's updates, firing timeline events meanwhile; never wait past the timeout."""
+        results: list[FitResult] = []
+        failures: list[FitFailure] = []
+        deadline = time.monotonic() + self.round_timeout_s
+        while inflight:
+            pending = self._fire_due(pending)
+            ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_SECONDS)
+            for ref in ready:
+                cid = inflight.pop(ref)
+                outcome = self._result(server_round, cid, ref)
+                if isinstance(outcome, FitFailure):
+                    failures.append(outcome)
+                else:
+                    results.append(outcome)
+            if inflight and time.monotonic() > deadline:
+                for cid in inflight.values():
+                    client = self.clients[cid]
+                    if client.handle is not None:
+                        ray.kill(client.handle, no_restart=True)
+                        client.handle = None
+                    client.status = "died"
+                    failures.append(FitFailure(cid, "timed_out", f"no update after {self.round_timeout_s}s"))
+                inflight = {}
+        return results, failures, pending
+
+    def _result(self, server_round: int, cid: str, ref: Any) -> FitResult | FitFailure:
+        client = self.clients[cid]
+        try:
+            answer = ray.get(ref)
+        except RayActorError as err:
+            status = "crashed" if client.status == "crashed" else "died"
+            client.status = status
+            client.handle = None
+            return FitFailure(cid, status, str(err).splitlines()[0])
+        except RayTaskError as err:
+            return FitFailure(cid, "failed", str(err).splitlines()[-1])
+        if not (
+            isinstance(answer, tuple)
+            and len(answer) == 4
+            and isinstance(answer[0], bytes)
+            and all(isinstance(part, str) for part in answer[1:])
+        ):
+            return FitFailure(cid, "rejected", "expected (weights: bytes, spec_json, sha256, report_json)")
+        weights, spec_json, sha256, report_json = answer
+        try:
+            report = json.loads(report_json)
+        except ValueError:
+            return FitFailure(cid, "rejected", "report_json: not valid JSON")
+        if not isinstance(report, dict):
+            return FitFailure(cid, "rejected", "report_json: expected a JSON object")
+        flops = report.get("flops", 0)
+        if isinstance(flops, int) and not isinstance(flops, bool) and flops >= 0:
+            self.ledger.record_edge_flops(cid, flops)
+        train_seconds = report.get("train_seconds", 0.0)
+        if isinstance(train_seconds, int | float) and math.isfinite(train_seconds) and train_seconds >= 0:
+            client.train_seconds += float(train_seconds)
+            self.ledger.record_seconds("fedavg_edge_train", float(train_seconds), edge=cid)
+        if report.get("status") == "left":
+            client.status = "left"
+            return FitFailure(cid, "left", "the edge left during the round")
+        payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+        self.ledger.record_bytes(cid, "sent", payload.nbytes)
+        return FitResult(cid, payload, num_examples=len(self.partitions.edges[cid]))
+
+    # ---- clients and the timeline ----------------------------------------------------------------------
+
+    def _spawn(self, client: Client, reason: str) -> None:
+        edge = client.config
+        actor_cls = ray.remote(EdgeNode).options(**_client_options(edge))
+        client.handle = actor_cls.remote(
+            edge,
+            self._source_ref,
+            self.partitions.edges[edge.id],
+            resolution=self.scenario.data.resolution,
+            scenario_seed=self.scenario.seed,
+            kld_weight=self.scenario.cloud.kld_weight,
+            time_scale=self.scenario.time_scale,
+        )
+        client.probe_ref = client.handle.progress.remote()
+        client.status = "starting"
+        self._record("client_spawned", edge=edge.id, reason=reason)
+
+    def _wait_until_up(self) -> None:
+        """Wait (bounded) for the initial clients; one still starting later joins the first round after."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            self._check_starts()
+            if not any(c.status == "starting" for c in self.clients.values()):
+                return
+            time.sleep(POLL_SECONDS)
+        waiting = [cid for cid, c in self.clients.items() if c.status == "starting"]
+        self._say(f"fedavg: starting while clients {waiting} still wait for resources")
+        self._record("clients_still_starting", edges=",".join(waiting))
+
+    def _check_starts(self) -> None:
+        for cid, client in self.clients.items():
+            if client.status != "starting":
+                continue
+            ready, _ = ray.wait([client.probe_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ready[0], timeout=1.0)
+                client.status = "ready"
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                client.status = "died"
+                client.handle = None
+                client.failures.append({"round": 0, "reason": "died", "detail": str(err).splitlines()[0]})
+            client.probe_ref = None
+            self._record("client_up", edge=cid, status=client.status)
+
+    def _fire_due(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        elapsed = time.monotonic() - self.started
+        while pending and pending[0][1].at_seconds <= elapsed:
+            index, event = pending.pop(0)
+            self._fire(index, event)
+        return pending
+
+    def _fire(self, index: int, event: Any) -> None:
+        where = f"timeline.{index}"
+        if isinstance(event, CoordinatorCrashEvent):
+            self._record(event.kind, where=where, applied=False, note="FedAvg's server is the driver")
+            return
+        if isinstance(event, JoinEvent):
+            client = self.clients[event.edge_id()]
+            self._spawn(client, reason=f"{where} join")
+            self._record("join", edge=client.config.id, where=where, applied=True)
+            return
+        client = self.clients[event.edge]
+        if client.handle is None or client.gone:
+            self._record(
+                event.kind, edge=event.edge, where=where, applied=False, note=f"client {client.status}"
+            )
+            return
+        if isinstance(event, CrashEvent):
+            client.status = "crashed"
+            ray.kill(client.handle, no_restart=True)
+            client.handle = None
+        elif isinstance(event, LeaveEvent):
+            client.handle.leave.remote()
+            client.status = "left"  # no later rounds; an in-flight round returns "left"
+        elif isinstance(event, SlowEvent):
+            client.handle.slow_down.remote(event.factor)
+        elif isinstance(event, LinkEvent):
+            client.handle.change_link.remote(event.bandwidth_mbps, event.latency_ms)
+        elif isinstance(event, PoisonEvent):
+            client.handle.poison.remote(event.mode, event.scale)
+        self._record(event.kind, edge=event.edge, where=where, applied=True)
+        self._say(f"fedavg {where}: {event.kind} {event.edge}")
+
+    # ---- report ----------------------------------------------------------------------------------------
+
+    def _report(
+        self, rounds: list[dict[str, Any]], initial_losses: dict[str, float], params: int
+    ) -> dict[str, Any]:
+        ledger = self.ledger.to_dict()
+        edges: dict[str, Any] = {}
+        for cid, client in self.clients.items():
+            costs = ledger["edges"].get(cid, {})
+            edges[cid] = {
+                "task": client.config.task,
+                "status": client.status,
+                "shard_size": len(self.partitions.edges[cid]),
+                "rounds_aggregated": client.rounds,
+                "failures": client.failures,
+                "bytes_sent": costs.get("bytes_sent", 0),
+                "bytes_received": costs.get("bytes_received", 0),
+                "flops": costs.get("flops", 0),
+                "train_seconds": client.train_seconds,
+            }
+        final = rounds[-1] if rounds else None
+        return {
+            "enabled": True,
+            "model": {"kind": "learner", **self.spec.to_dict()},
+            "params": params,
+            "rounds_planned": self.config.rounds,
+            "local_epochs": self.config.local_epochs,
+            "client_fraction": self.config.client_fraction,
+            "weighting": "shard size",
+            "initial_test_loss_per_task": initial_losses,
+            "initial_test_loss": mean_test_loss(initial_losses, self.partitions),
+            "rounds": rounds,
+            "final_test_loss_per_task": final["test_loss_per_task"] if final else initial_losses,
+            "final_test_loss": final["test_loss"]
+            if final
+            else mean_test_loss(initial_losses, self.partitions),
+            "edges": edges,
+            "cloud_flops": sum(ledger["cloud_flops"].values()),
+            "cloud_flops_note": "aggregation is element-wise; FlopCounterMode counts matmuls and convs",
+            "totals": {
+                "edge_bytes_sent": sum(e["bytes_sent"] for e in edges.values()),
+                "edge_bytes_received": sum(e["bytes_received"] for e in edges.values()),
+                "edge_flops": sum(e["flops"] for e in edges.values()),
+                "seconds": sum(r["seconds"] for r in rounds),
+            },
+            "events": self.events,
+            "ledger": ledger,
+        }
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self.events.append({"t": round(time.monotonic() - self.started, 3), "kind": kind, **fields})
+
+    def _say(self, line: str) -> None:
+        logger.info("%s", line)
+        if self.progress is not None:
+            self.progress(line)
+
+
+def run_fedavg(
+    scenario: Scenario,
+    source: DataSource,
+    partitions: Partitions,
+    *,
+    startup_timeout_s: float = 120.0,
+    round_timeout_s: float = 1800.0,
+    progress: Callable[[str], None] | None = None,
+) -> FedAvgOutcome:
+    """Run the FedAvg baseline of `scenario` on the running Ray instance; returns the report section and the
+    final global model. Raises ValueError when the scenario disables the baseline."""
+    if not scenario.baselines.fedavg.enabled:
+        raise ValueError("baselines.fedavg.enabled: expected true to run the baseline, received false")
+    run = FedAvgRun(
+        scenario,
+        source,
+        partitions,
+        startup_timeout_s=startup_timeout_s,
+        round_timeout_s=round_timeout_s,
+        progress=progress,
+    )
+    return run.run()
