@@ -60,8 +60,11 @@ MAX_IMAGES_PER_REQUEST = 64
 MAX_SEED = 2**63 - 1
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
 DEFAULT_POLL_SECONDS = 5.0  # how often each task replica looks for a newer version in the registry
-DEFAULT_BATCH_WAIT_S = 0.005  # how long @serve.batch waits to fill a batch after its first request
+# How long @serve.batch waits for more requests after the first. 0: a lone request never waits, and under
+# load a batch is whatever queued up while the previous batch ran (max_concurrent_batches is 1).
+DEFAULT_BATCH_WAIT_S = 0.0
 INGRESS_NUM_CPUS = 0.1  # the ingress only awaits handles; images are encoded on the task replicas
+INGRESS_MAX_ONGOING = 256  # it only awaits handles; Serve's default of 5 would cap every task's concurrency
 # Serve's defaults (30 s up, 600 s down) suit big clusters; task models start in about a second.
 DEFAULT_AUTOSCALING = {"upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "look_back_period_s": 15.0}
 
@@ -247,7 +250,7 @@ class TaskModelDeployment:
 # ---- the ingress --------------------------------------------------------------------------------------
 
 
-@serve.deployment(ray_actor_options={"num_cpus": INGRESS_NUM_CPUS})
+@serve.deployment(ray_actor_options={"num_cpus": INGRESS_NUM_CPUS}, max_ongoing_requests=INGRESS_MAX_ONGOING)
 @serve.ingress()
 class Ingress:
     """HTTP front: validates requests and forwards them to the task deployments by handle."""
