@@ -89,6 +89,7 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
         LARGE: cluster.add_node(num_cpus=1, resources={LARGE: 1}, object_store_memory=80 * 2**20),
     }
     cluster.wait_for_nodes()
+    assert cluster.head_node is not None
     result: dict[str, Any] = {
         "head": cluster.head_node.node_id,
         "nodes": {kind: node.node_id for kind, node in nodes.items()},
@@ -100,20 +101,17 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
         source = resolve_source(scenario.data)
         partitions = make_partitions(source, scenario)
         placed: dict[str, str] = {}
-        handles = []
+        edge_class: Any = ray.remote(PlacedEdgeNode)
+        handles: list[Any] = []
         for edge in scenario.all_edges():
-            handle = (
-                ray.remote(PlacedEdgeNode)
-                .options(num_cpus=edge.num_cpus, resources=dict(edge.custom_resources))
-                .remote(
-                    edge,
-                    source,
-                    partitions.edges[edge.id],
-                    resolution=scenario.data.resolution,
-                    scenario_seed=scenario.seed,
-                    kld_weight=scenario.cloud.kld_weight,
-                    time_scale=0.0,
-                )
+            handle = edge_class.options(num_cpus=edge.num_cpus, resources=dict(edge.custom_resources)).remote(
+                edge,
+                source,
+                partitions.edges[edge.id],
+                resolution=scenario.data.resolution,
+                scenario_seed=scenario.seed,
+                kld_weight=scenario.cloud.kld_weight,
+                time_scale=0.0,
             )
             handles.append(handle)
             placed[edge.id] = ray.get(handle.node_id.remote(), timeout=120)
@@ -123,18 +121,14 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
         gpu_edge = scenario.all_edges()[0].model_copy(
             update={"id": "gpu-edge", "custom_resources": {"edge_gpu": 1}}
         )
-        pending = (
-            ray.remote(PlacedEdgeNode)
-            .options(num_cpus=0.25, resources={"edge_gpu": 1})
-            .remote(
-                gpu_edge, source, partitions.edges["small-m"], resolution=16, scenario_seed=0, kld_weight=0.0
-            )
+        pending = edge_class.options(num_cpus=0.25, resources={"edge_gpu": 1}).remote(
+            gpu_edge, source, partitions.edges["small-m"], resolution=16, scenario_seed=0, kld_weight=0.0
         )
         ready, _ = ray.wait([pending.node_id.remote()], timeout=3)
         result["gpu_edge_started"] = bool(ready)
         result["gpu_edge_unmet"] = unmet_demand(resource_demand(gpu_edge), ray.nodes())
-        for handle in [*handles, pending]:
-            ray.kill(handle)
+        for live in [*handles, pending]:
+            ray.kill(live)
         ray.shutdown()
         result["seconds"]["placement"] = time.monotonic() - started
 
