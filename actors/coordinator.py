@@ -184,6 +184,24 @@ def local_training_round(request: RoundRequest) -> RoundResult:
     return RoundResult(trained=trained, strategies=results)
 
 
+def ray_train_round(request: RoundRequest) -> RoundResult:
+    """Train the fused BAIM with every strategy as Ray Train jobs (orchestrator.train), from a thread of the
+    coordinator that only waits for them. Needs Ray (the coordinator runs as a Ray actor)."""
+    from orchestrator.train import train_fused_baim
+
+    tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
+    trained, results = train_fused_baim(
+        request.baim,
+        request.scenario,
+        {task: indices for task, indices in request.partitions.cloud.items() if task in tasks},
+        {task: indices for task, indices in request.partitions.test.items() if task in tasks},
+        round_id=request.round_index,
+        registry_uri=request.registry_uri,
+        strategies=request.strategies,  # type: ignore[arg-type]
+    )
+    return RoundResult(trained=trained, strategies={name: r.summary() for name, r in results.items()})
+
+
 def _load_learner(spec: LearnerSpec, tensors: dict[str, torch.Tensor]) -> VAELearner:
     learner = VAELearner(spec)
     learner.load_state_dict(tensors, strict=True)

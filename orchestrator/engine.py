@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.coordinator import CloudCoordinator
+from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
 from actors.edge import EdgeNode
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.metrics import Ledger
@@ -80,7 +80,9 @@ class EngineOptions:
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
-    round_runner: Callable[..., Any] | None = None  # default: the coordinator's local training round
+    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.train) or "local" (a plain
+    # loop in a thread of the coordinator; faster to start, for small runs and tests).
+    cloud_trainer: Literal["ray_train", "local"] = "ray_train"
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
 
@@ -197,9 +199,9 @@ class Engine:
             max_task_retries=-1,  # upload/status/finish are idempotent, so Ray may re-send them
             max_concurrency=1000,
         )
-        kwargs = {"round_runner": self.options.round_runner} if self.options.round_runner else {}
+        runner = ray_train_round if self.options.cloud_trainer == "ray_train" else local_training_round
         # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
-        self.coordinator = coordinator_cls.remote(self.scenario, self.registry_uri, **kwargs)
+        self.coordinator = coordinator_cls.remote(self.scenario, self.registry_uri, round_runner=runner)
         self.started = time.monotonic()  # provisional: the clock restarts once everything is up
         initial = [track for track in self.edges.values() if track.config.start]
         for track in initial:

@@ -69,7 +69,7 @@ def test_churn_run_accounts_for_every_edge_and_loses_no_accepted_upload(tmp_path
 
     # Execute
     report: dict[str, Any] = run_scenario(
-        scenario, tmp_path / "out", EngineOptions(coordinator_num_cpus=0.5, progress=lines.append)
+        scenario, tmp_path / "out", EngineOptions(cloud_trainer="local", progress=lines.append)
     )
 
     # Assert: every edge is accounted for, with the status its story implies.

@@ -1,0 +1,43 @@
+"""`baim run` end to end on a local Ray instance: edges, fusion, Ray Train rounds, decomposition, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.registry import Registry
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # Ray Train start-up per strategy: about 20 s each on 2 cores, more under load
+@pytest.mark.usefixtures("ray_session")
+def test_baim_run_tiny_writes_a_complete_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: the CLI, exactly as a user runs it (it joins the session's Ray instance).
+    status = main(
+        ["run", str(REPO / "scenarios" / "tiny.yaml"), "--out", str(tmp_path / "out"), "--no-serve"]
+    )
+
+    # Assert
+    assert status == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["seed"] == 0 and report["scenario"]["name"] == "tiny"
+    assert report["data"]["kind"] in ("celeba", "procedural")
+    assert {row["status"] for row in report["edges"].values()} == {"accepted"}
+    for row in report["edges"].values():
+        assert row["bytes_sent"] > 0 and row["flops"] > 0 and row["train_seconds"] > 0
+        assert row["bytes_received"] == 0  # BAIM edges upload once and download nothing
+    assert set(report["cloud"]["strategies"]) == {"finetune", "freeze"}
+    for strategy in report["cloud"]["strategies"].values():
+        assert strategy["flops"] > 0 and strategy["rounds"][0]["runner"] == "ray_train"
+    assert sorted(report["cloud"]["learners"]) == ["edge-0", "edge-1", "edge-2", "edge-3"]
+    for task in ("male", "female"):
+        info = report["tasks"][task]
+        assert info["decomposition_max_abs_diff"] <= 1e-5
+        assert info["params"] <= info["baim_params"]
+    registry = Registry(report["registry"])
+    assert registry.latest("task/male") is not None and registry.latest("baim") is not None
+    assert "edge-0" in capsys.readouterr().out  # the summary table
