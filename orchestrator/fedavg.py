@@ -188,7 +188,8 @@ class FedAvgBaseline:
         current: Mapping[str, torch.Tensor],
     ) -> RoundAggregate:
         """Verify every update (sha256, safetensors, dtypes, finite values, the same spec and shapes as the
-        global model), then average the good ones weighted by shard size.
+        global model), then average the good ones weighted by shard size, in client-id order (so the result
+        does not depend on the order updates arrived in).
 
         An update that fails verification becomes a failure with reason "rejected". With no usable update,
         or with failures and accept_failures=False, the current global model is kept.
@@ -197,7 +198,7 @@ class FedAvgBaseline:
         states: list[dict[str, torch.Tensor]] = []
         weights: list[float] = []
         aggregated: list[str] = []
-        for result in results:
+        for result in sorted(results, key=lambda r: r.client_id):  # arrival order must not change a bit
             try:
                 state = self._verified_state(server_round, result, current)
             except ArtifactRejected as err:
