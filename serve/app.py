@@ -422,9 +422,14 @@ class BuildArgs(BaseModel):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Replicas, CPUs and batching.")
 
 
-def app_builder(args: BuildArgs) -> serve.Application:
-    """Serve's typed application builder (see docs/http-api.md, "Serve config file")."""
-    return build_app(args.registry_uri, args.serving)
+def app_builder(args: BuildArgs | dict[str, Any]) -> serve.Application:
+    """Serve's application builder (see docs/http-api.md, "Serve config file").
+
+    Serve passes the config's `args` as a dict here (this module's postponed annotations hide the pydantic
+    type from it), so they are validated here; a bad key or value raises pydantic's ValidationError.
+    """
+    parsed = args if isinstance(args, BuildArgs) else BuildArgs.model_validate(args)
+    return build_app(parsed.registry_uri, parsed.serving)
 
 
 def start_http(serving_cfg: ServingConfig) -> None:

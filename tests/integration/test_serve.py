@@ -30,7 +30,7 @@ from baim.model import BAIM
 from orchestrator.artifacts import pack_module
 from orchestrator.registry import Registry
 from orchestrator.scenario import ServingConfig
-from serve.app import RegistryWatcher, start_http
+from serve.app import RegistryWatcher, app_builder, start_http
 from serve.models import decode_png_base64, to_uint8
 from serve.toolbox import Toolbox
 
@@ -378,3 +378,13 @@ def test_bearer_token(service: Service, tmp_path: Path) -> None:
     assert service.generate("smiling", 1, seed=0).status == 200
     with pytest.raises(ConnectionError, match="401"):
         Toolbox(tmp_path / "cache", endpoint=service.base).fetch("smiling")
+
+
+def test_app_builder_for_serve_config_files(service: Service) -> None:
+    # What `serve run` / `serve deploy` call with a config file's `args`
+    app = app_builder({"registry_uri": service.registry.uri, "serving": {"max_replicas": 3}})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="max_replicas"):
+        app_builder({"registry_uri": service.registry.uri, "serving": {"max_replicas": 0}})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        app_builder({"registry_uri": service.registry.uri, "replicas": 2})
