@@ -201,17 +201,16 @@ def bench_autoscaling(
         if timeline[-1][1] == (1, 0) and time.perf_counter() - idle_started > 5:
             break
         time.sleep(1.0)
-    peak = max(count for _, count in timeline)
-    print("t (s)  replicas")
+    peak = max(running for _, (running, _) in timeline)
+    print("t (s)  running  starting  phase")
     previous = None
-    for t, count in timeline:
-        if count != previous:
-            marker = "  <- load ends" if previous is not None and t >= load_end and previous == peak else ""
-            print(f"{t:5.1f}  {count}{marker}")
-            previous = count
+    for t, counts in timeline:
+        if counts != previous:
+            print(f"{t:5.1f}  {counts[0]:7d}  {counts[1]:8d}  {'load' if t < load_end else 'idle'}")
+            previous = counts
     print(
-        f"load phase {seconds:.1f} s ({failures} failed); peak {peak} replicas; "
-        f"after {time.perf_counter() - idle_started:.0f} s idle: {timeline[-1][1]} replica(s)"
+        f"load phase {seconds:.1f} s ({failures} failed requests); peak {peak} running replicas; "
+        f"{time.perf_counter() - idle_started:.0f} s after the load: {timeline[-1][1][0]} running"
     )
 
 
