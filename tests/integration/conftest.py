@@ -13,7 +13,10 @@ def ray_session() -> Iterator[None]:
     """A local embedded Ray instance shared by the integration tests; shut down at the end."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": always a fresh instance, never an existing cluster that another process started.
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     yield
     try:
         from ray import serve
