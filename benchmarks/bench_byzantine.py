@@ -1,0 +1,258 @@
+"""Byzantine edges: each task's test loss with and without an attack, with and without the defence.
+
+The real pipeline at a tiny size: four edges (two per task) train their VAEs with the real EdgeNode on
+their own shards; one of them (`f-1`, a female-task edge: 25% of the edges) is the attacker. Its upload is
+replaced by an attack; every upload goes through the real CloudCoordinator (validation, durable registry
+write, fusion into the BAIM), then `finish()` trains the fused BAIM for a short cloud round on the cloud's
+common data (baim's training loop, `finetune`), decomposes it and measures each task model's test loss.
+
+Attacks: sign flip, weights x10 and x1000, Gaussian noise (3x each tensor's std), a model trained on the
+wrong data (the other task's shard), a model trained on random-noise images.
+Defences (the coordinator's own checks, set through the scenario):
+- `none`: plausibility gate off (`cloud.uploads.max_plausibility_loss` = 1e30; format checks stay on);
+- `gate_default`: the shipped default limit (10.0);
+- `gate_relative`: the limit set to 1.25 x the loss of a constant predictor (the holdout's mean image),
+  the smallest limit that still means "better than knowing nothing"; an operator can compute it from the
+  holdout alone, without seeing any upload.
+The weight-norm ratio of each upload to a fresh initialisation is printed as the norm check a gate could add.
+
+Goal (issue 8): the defended loss within 5% of the clean one.
+Data: the shared CelebA subset when present, else procedural faces (printed).
+
+Run: .venv/bin/python benchmarks/bench_byzantine.py   (about 5-10 minutes on 2 busy cores)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from actors.coordinator import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED, CloudCoordinator
+from actors.edge import EdgeNode, poison_state, upload_spec
+from baim.config import LearnerSpec
+from baim.learners import VAELearner, noise_for
+from baim.training import train_epoch, vae_batch_loss
+from orchestrator.artifacts import ArtifactPayload, pack_state
+from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitions, resolve_source
+from orchestrator.scenario import Scenario
+
+torch.set_num_threads(1)
+ATTACKER = "f-1"
+GOAL = 0.05  # defended loss within 5% of the clean one
+EDGE = {"shard_size": 128, "batch_size": 16, "local_epochs": 4, "lr": 3e-3,
+        "model": {"widths": [16, 32], "latent_dim": 16}}  # fmt: skip
+SCENARIO = {
+    "name": "bench-byzantine",
+    "seed": 11,
+    "time_scale": 0.0,
+    "data": {"resolution": 16, "test_per_task": 128, "cloud_per_task": 192, "holdout_per_task": 32},
+    "tasks": [{"name": "male", "expression": "Male"}, {"name": "female", "expression": "not Male"}],
+    "edges": [
+        {"id": "m-0", "task": "male", **EDGE},
+        {"id": "m-1", "task": "male", **EDGE},
+        {"id": "f-0", "task": "female", **EDGE},
+        {"id": ATTACKER, "task": "female", **EDGE},
+    ],
+    "cloud": {
+        "strategies": ["finetune"],
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 0.002,
+        "top_k": 1,
+        "connection_height": 1,
+        "fusion": {"min_new_models": 100, "max_wait_seconds": 100_000},  # one round, in finish()
+    },
+    "baselines": {"fedavg": {"enabled": False}},
+    "serving": {"enabled": False},
+}
+DEFENCES = ("none", "gate_default", "gate_relative")
+
+
+def train_edge(scenario: Scenario, source: DataSource, edge_id: str, indices: list[int]) -> VAELearner:
+    """The real EdgeNode's local training on `indices` (its own shard, or another one for an attack)."""
+    edge = scenario.edge(edge_id)
+    node = EdgeNode(edge, source, indices, resolution=scenario.data.resolution, scenario_seed=scenario.seed,
+                    kld_weight=scenario.cloud.kld_weight, time_scale=0.0)  # fmt: skip
+    node._train()  # run() minus the upload: the benchmark sends the (possibly attacked) upload itself
+    return node.model
+
+
+def train_on_noise_images(scenario: Scenario, edge_id: str, count: int) -> VAELearner:
+    """The attacker's edge architecture trained by baim's loop on uniform-noise 'images'."""
+    edge = scenario.edge(edge_id)
+    torch.manual_seed(scenario.seed)
+    learner = VAELearner(declared_spec(scenario, edge_id))
+    images = torch.rand(count, 3, scenario.data.resolution, scenario.data.resolution)
+    loader = DataLoader(TensorDataset(images), batch_size=edge.batch_size, shuffle=True)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=edge.lr)
+    for _ in range(edge.local_epochs):
+        train_epoch(learner, loader, optimizer, vae_batch_loss(scenario.cloud.kld_weight))
+    return learner
+
+
+def declared_spec(scenario: Scenario, edge_id: str) -> LearnerSpec:
+    """The learner an edge declares in the scenario (what EdgeNode builds and the coordinator expects)."""
+    edge = scenario.edge(edge_id)
+    return LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+
+
+def payload_of(scenario: Scenario, edge_id: str, state: dict[str, torch.Tensor]) -> ArtifactPayload:
+    return pack_state(state, upload_spec(scenario.edge(edge_id), declared_spec(scenario, edge_id)))
+
+
+def holdout_images(scenario: Scenario, source: DataSource, partitions: Partitions, task: str) -> torch.Tensor:
+    indices = partitions.holdout[task][:PLAUSIBILITY_IMAGES]
+    dataset = FaceDataset(source, indices, scenario.data.resolution)
+    return torch.stack([dataset[i] for i in range(len(dataset))])  # type: ignore[misc]
+
+
+@torch.no_grad()
+def plausibility_loss(scenario: Scenario, learner: VAELearner, images: torch.Tensor) -> float:
+    """The coordinator's plausibility number for `learner` (same images, same fixed noise)."""
+    eps = noise_for("plausibility", PLAUSIBILITY_SEED, images.shape[0], learner.spec.latent_dim)
+    learner.eval()
+    return float(learner.loss(images, scenario.cloud.kld_weight, eps=eps).loss)
+
+
+def norm_ratio(scenario: Scenario, edge_id: str, state: dict[str, torch.Tensor]) -> float:
+    """L2 norm of all weights over that of a fresh initialisation of the same architecture."""
+    torch.manual_seed(0)
+    fresh = VAELearner(declared_spec(scenario, edge_id)).state_dict()
+    total = sum(float((t.float() ** 2).sum()) for t in state.values())
+    reference = sum(float((t.float() ** 2).sum()) for t in fresh.values())
+    return (total / reference) ** 0.5
+
+
+def run_pipeline(
+    scenario: Scenario,
+    source: DataSource,
+    partitions: Partitions,
+    uploads: dict[str, ArtifactPayload],
+    cache: dict[tuple[str, ...], dict[str, float]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Every upload through a fresh CloudCoordinator, then finish(): receipts and per-task test loss.
+
+    Training is deterministic (seeded), so the same accepted uploads give the same losses: `cache` maps the
+    accepted uploads' sha256s to the losses and finish() runs once per distinct set.
+    """
+
+    async def go(coordinator: CloudCoordinator) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+        receipts = {}
+        for edge_id, payload in uploads.items():
+            receipts[edge_id] = await coordinator.upload(
+                edge_id=edge_id,
+                version=1,
+                weights=payload.weights,
+                spec_json=payload.spec_json,
+                sha256=payload.sha256,
+            )
+        key = tuple(sorted(receipt["sha256"] for receipt in receipts.values() if receipt["accepted"]))
+        if key not in cache:
+            summary = await coordinator.finish()
+            cache[key] = {task: s["test_loss"] for task, s in summary["tasks"].items()}
+        return receipts, cache[key]
+
+    with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
+        coordinator = CloudCoordinator(scenario, registry, source, partitions)
+        return asyncio.run(go(coordinator))
+
+
+def with_gate(scenario: Scenario, limit: float) -> Scenario:
+    document = scenario.model_dump(mode="json")
+    document["cloud"]["uploads"]["max_plausibility_loss"] = limit
+    return Scenario.model_validate(document)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.ERROR)
+    started = time.perf_counter()
+    scenario = Scenario.model_validate(SCENARIO)
+    source = resolve_source(scenario.data)
+    partitions = make_partitions(source, scenario)
+    tasks = [task.name for task in scenario.tasks]
+    print(f"data: {source.kind} ({source.root}), resolution {scenario.data.resolution}, "
+          f"edges {[e.id for e in scenario.all_edges()]}, attacker {ATTACKER} (task female)")  # fmt: skip
+
+    # 1. Honest local training (the attacker's honest model is the clean run's f-1).
+    honest = {
+        edge.id: train_edge(scenario, source, edge.id, partitions.edges[edge.id]).state_dict()
+        for edge in scenario.all_edges()
+    }
+    wrong_data = train_edge(scenario, source, ATTACKER, partitions.edges["m-0"]).state_dict()
+    noise_images = train_on_noise_images(scenario, ATTACKER, len(partitions.edges[ATTACKER])).state_dict()
+    attacker_state = honest[ATTACKER]
+    attacks: dict[str, dict[str, torch.Tensor]] = {
+        "sign_flip": poison_state(attacker_state, "sign_flip", 1.0, seed=1),
+        "scale_x10": poison_state(attacker_state, "scale", 10.0, seed=1),
+        "scale_x1000": poison_state(attacker_state, "scale", 1000.0, seed=1),
+        "noise_3std": poison_state(attacker_state, "noise", 3.0, seed=1),
+        "wrong_task_data": wrong_data,
+        "noise_images": noise_images,
+    }
+    print(f"local training: {time.perf_counter() - started:.0f}s")
+
+    # 2. The relative gate: 1.25 x the loss of predicting each holdout image by the holdout's mean image.
+    holdouts = {task: holdout_images(scenario, source, partitions, task) for task in tasks}
+    constant = {task: float(((h - h.mean(0, keepdim=True)) ** 2).mean()) for task, h in holdouts.items()}
+    relative_limit = 1.25 * max(constant.values())
+    limits = {"none": 1e30, "gate_default": scenario.cloud.uploads.max_plausibility_loss,
+              "gate_relative": relative_limit}  # fmt: skip
+    print(f"constant-predictor loss per task {({t: round(v, 5) for t, v in constant.items()})}; "
+          f"gate_relative limit {relative_limit:.5f}")  # fmt: skip
+
+    def loss_of(edge_id: str, state: dict[str, torch.Tensor]) -> float:
+        learner = VAELearner(declared_spec(scenario, edge_id))
+        learner.load_state_dict(state)
+        return plausibility_loss(scenario, learner, holdouts[scenario.edge(edge_id).task])
+
+    print("\nupload checks (plausibility loss on the task's holdout; norm over a fresh init's):")
+    for edge_id, state in honest.items():
+        ratio = norm_ratio(scenario, edge_id, state)
+        print(f"  honest {edge_id:<16} loss {loss_of(edge_id, state):10.5g}  norm x{ratio:.2f}")
+    for name, state in attacks.items():
+        print(f"  attack {name:<16} loss {loss_of(ATTACKER, state):10.5g}  "
+              f"norm x{norm_ratio(scenario, ATTACKER, state):.2f}")  # fmt: skip
+
+    # 3. The pipeline per (attack, defence).
+    cache: dict[tuple[str, ...], dict[str, float]] = {}
+
+    def run(uploads: dict[str, ArtifactPayload], defence: str) -> tuple[bool, dict[str, float]]:
+        gated = with_gate(scenario, limits[defence])
+        receipts, losses = run_pipeline(gated, source, partitions, uploads, cache)
+        return bool(receipts[ATTACKER]["accepted"]), losses
+
+    clean_uploads = {edge_id: payload_of(scenario, edge_id, state) for edge_id, state in honest.items()}
+    _, clean = run(clean_uploads, "none")
+    rows = []
+    for name, state in attacks.items():
+        uploads = clean_uploads | {ATTACKER: payload_of(scenario, ATTACKER, state)}
+        for defence in DEFENCES:
+            accepted, losses = run(uploads, defence)
+            rows.append((name, defence, accepted, losses))
+            print(f"  ran {name} / {defence}: attacker {'accepted' if accepted else 'rejected'} "
+                  f"({time.perf_counter() - started:.0f}s)")  # fmt: skip
+
+    # 4. The table.
+    print("\nclean test loss: " + ", ".join(f"{t} {clean[t]:.5f}" for t in tasks))
+    header = f"{'attack':<16} {'defence':<14} {'attacker':<9}" + "".join(
+        f" {t + ' loss':>12} {'vs clean':>9}" for t in tasks
+    )
+    print(header + "  goal")
+    print("-" * len(header) + "------")
+    for name, defence, accepted, losses in rows:
+        cells = "".join(f" {losses[t]:12.5f} {losses[t] / clean[t]:8.3f}x" for t in tasks)
+        worst = max(losses[t] / clean[t] - 1 for t in tasks)
+        verdict = "" if defence == "none" else ("ok" if worst <= GOAL else "MISSED")
+        print(f"{name:<16} {defence:<14} {'accepted' if accepted else 'rejected':<9}{cells}  {verdict}")
+    print(f"\ngoal: defended loss within {GOAL:.0%} of clean (ratio <= {1 + GOAL:.2f}x); "
+          f"total {time.perf_counter() - started:.0f}s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
