@@ -256,7 +256,12 @@ class CloudCoordinator:
         self.baim: BAIM | None = None
         self.trained_learners: set[str] = set()  # learners inside the last trained BAIM
         self.pending_since: float | None = None  # when the oldest untrained learner arrived
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
+        self._state_lock = asyncio.Lock()  # orders state document writes
+        self._state_changes = 0  # bumped by every checkpoint request ...
+        self._state_written = 0  # ... and the change count the last write covered (group commit)
+        self._to_fuse: list[tuple[str, VAELearner]] = []  # accepted, acknowledged, not yet fused
+        self._fusion_task: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._round_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
@@ -284,7 +289,8 @@ class CloudCoordinator:
         return dict(await asyncio.shield(self._inflight[key]))
 
     async def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot for progress displays and tests."""
+        """A JSON-able snapshot for progress displays and tests (after fusing what is queued)."""
+        await self._fuse_queued()
         return {
             "accepted": [r["edge_id"] for r in self.accepted],
             "rejected": {r["edge_id"]: r["reason"] for r in self.rejected.values()},
@@ -302,6 +308,7 @@ class CloudCoordinator:
         Idempotent: called again (e.g. retried after a restart) it trains nothing new and republishes the
         same task models.
         """
+        await self._fuse_queued()
         while self._round_task is not None and not self._round_task.done():
             await asyncio.shield(self._round_task)
         if self._pending_learners():
@@ -358,28 +365,27 @@ class CloudCoordinator:
                 raise UploadRejected("version_conflict", err.reason) from None
         except UploadRejected as err:
             receipt.update(reason=err.code, detail=err.detail)
-            async with self._lock:
-                self.rejected[key] = receipt
-                self.ledger.record_upload(
-                    edge_id if isinstance(edge_id, str) and edge_id else "unknown",
-                    "rejected",
-                    reason=err.code,
-                    version=version if isinstance(version, int) and version >= 0 else None,
-                    detail=err.detail,
-                )
-                await self._checkpoint()
+            self.rejected[key] = receipt
+            self.ledger.record_upload(
+                edge_id if isinstance(edge_id, str) and edge_id else "unknown",
+                "rejected",
+                reason=err.code,
+                version=version if isinstance(version, int) and version >= 0 else None,
+                detail=err.detail,
+            )
+            await self._checkpoint()
             logger.warning("rejected upload %s: %s (%s)", key, err.code, err.detail)
             return receipt
 
         receipt.update(accepted=True, learner=self.learner_names[edge_id], artifact=f"{owner}@{vname}")
-        async with self._lock:
-            self.accepted.append(receipt)
-            self.ledger.record_upload(edge_id, "accepted", version=version)
-            with self.ledger.fusion():
-                self._fuse(edge_id, learner)
-            await self._checkpoint()  # durable before the acknowledgement
+        self.accepted.append(receipt)
+        self.ledger.record_upload(edge_id, "accepted", version=version)
+        await self._checkpoint()  # durable (registry + state document) before the acknowledgement
+        # Fusion happens after the acknowledgement, in arrival order, off the event loop: its cost grows
+        # with the BAIM, and a restarted coordinator re-fuses from the registry anyway.
+        self._to_fuse.append((edge_id, learner))
+        self._schedule_fusion()
         logger.info("accepted upload %s as learner %s", key, receipt["learner"])
-        await self._maybe_start_round()
         return receipt
 
     def _validate(
@@ -472,8 +478,28 @@ class CloudCoordinator:
 
     # ---- fusion, rounds, checkpoints ------------------------------------------------------------------
 
+    def _schedule_fusion(self) -> None:
+        if self._fusion_task is None or self._fusion_task.done():
+            self._fusion_task = asyncio.ensure_future(self._fuse_queued())
+
+    async def _fuse_queued(self) -> None:
+        """Fuse every queued learner in arrival order (a thread does the work), then apply the policy.
+
+        An item leaves the queue only once fused, so a task cancelled midway (or an event loop that closes)
+        loses nothing: the next call fuses it (`_fuse` skips a learner that is already in).
+        """
+        async with self._lock:
+            while self._to_fuse:
+                edge_id, learner = self._to_fuse[0]
+                with self.ledger.fusion():
+                    await asyncio.to_thread(self._fuse, edge_id, learner)
+                self._to_fuse.pop(0)
+        await self._maybe_start_round()
+
     def _fuse(self, edge_id: str, learner: VAELearner) -> None:
         name, task = self.learner_names[edge_id], self.edges[edge_id].task
+        if self.baim is not None and name in self.baim.config.learner_names:
+            return
         if self.baim is None:
             self.baim = BAIM.from_learners(
                 [task],
@@ -507,7 +533,7 @@ class CloudCoordinator:
         async with self._lock:
             if self.baim is None or (self._round_task is not None and not self._round_task.done()):
                 return
-            snapshot = pack_module(self.baim, self.baim.spec())
+            snapshot = await asyncio.to_thread(pack_module, self.baim, self.baim.spec())
             members = list(self.baim.config.learner_names)
             request = RoundRequest(
                 round_index=len(self.rounds) + 1,
@@ -535,18 +561,13 @@ class CloudCoordinator:
             )
             return
         seconds = time.perf_counter() - started
-        spec, tensors = unpack_payload(result.trained, artifact_id="trained BAIM", max_bytes=2**40)
         async with self._lock:
-            version = self.registry.next_version(BAIM_OWNER)
+            version = await asyncio.to_thread(self.registry.next_version, BAIM_OWNER)
             await asyncio.to_thread(self.registry.put, BAIM_OWNER, version, result.trained)
-            trained = BAIM.from_spec(spec)
-            trained.load_state_dict(tensors)
             late = (
                 [name for name in self.baim.config.learner_names if name not in members] if self.baim else []
             )
-            for name in late:  # arrived during the round: fused again on top of the trained BAIM
-                trained.add_learner(name, self._task_of(name), self.baim.learner(name))  # type: ignore[union-attr]
-            self.baim = trained
+            self.baim = await asyncio.to_thread(self._continue_from, result.trained, late)
             self.baim_version = version
             self.trained_learners = set(members)
             self.pending_since = time.monotonic() if late else None
@@ -567,6 +588,15 @@ class CloudCoordinator:
         logger.info("round %d done in %.1fs: BAIM %s", request.round_index, seconds, version)
         await self._maybe_start_round()
 
+    def _continue_from(self, trained_payload: ArtifactPayload, late: list[str]) -> BAIM:
+        """The trained BAIM with the learners that arrived during the round fused again on top of it."""
+        spec, tensors = unpack_payload(trained_payload, artifact_id="trained BAIM", max_bytes=2**40)
+        trained = BAIM.from_spec(spec)
+        trained.load_state_dict(tensors)
+        for name in late:
+            trained.add_learner(name, self._task_of(name), self.baim.learner(name))  # type: ignore[union-attr]
+        return trained
+
     def _task_of(self, name: str) -> str:
         return self.baim.config.learner(name).task if self.baim is not None else ""
 
@@ -583,13 +613,26 @@ class CloudCoordinator:
                 logger.exception("fusion policy check failed")
 
     async def _checkpoint(self) -> None:
-        await asyncio.to_thread(self.registry.put_json, STATE_KEY, self._state())
+        """Write the state document; returns once a write that includes this call's changes is durable.
+
+        Group commit: writes are ordered by a lock, and callers whose changes a later snapshot already
+        covered return without writing again, so a burst of uploads costs a few writes, not one each.
+        """
+        self._state_changes += 1
+        mine = self._state_changes
+        async with self._state_lock:
+            if self._state_written >= mine:
+                return
+            covered = self._state_changes
+            state = self._state()  # snapshot taken in the event loop: consistent
+            await asyncio.to_thread(self.registry.put_json, STATE_KEY, state)
+            self._state_written = covered
 
     def _state(self) -> dict[str, Any]:
         return {
-            "accepted": self.accepted,
+            "accepted": list(self.accepted),
             "rejected": list(self.rejected.values()),
-            "rounds": self.rounds,
+            "rounds": list(self.rounds),
             "baim_version": self.baim_version,
             "trained_learners": sorted(self.trained_learners),
             "restarts": self.restarts,

@@ -1,0 +1,149 @@
+"""Upload acknowledgement latency at the CloudCoordinator: many edges uploading at once during a round.
+
+A real CloudCoordinator Ray actor (async, as the engine starts it) receives N uploads submitted at the same
+instant (default 100, each a different edge's valid learner, prepared beforehand so only the upload is
+timed) while a cloud training round runs (started first by `--warm` uploads that meet the fusion policy).
+Latency = from submitting `upload.remote(...)` to the receipt being available to the caller: validation,
+the durable registry write, the checkpoint and Ray's own overhead. Prints p50 / p90 / p99 / max and the
+ratio of p99 to an idle baseline (the same N uploads with no round running). Asserts nothing.
+
+    .venv/bin/python benchmarks/bench_upload_latency.py [--uploads 100] [--trainer local|ray_train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
+from actors.edge import upload_spec
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
+from orchestrator.artifacts import ArtifactPayload, pack_state
+from orchestrator.scenario import Scenario
+
+EDGE = {"shard_size": 4, "batch_size": 4, "num_cpus": 0.01, "model": {"widths": [8, 16], "latent_dim": 8}}
+
+
+def make_scenario(count: int, root: Path, epochs: int, min_new_models: int) -> Scenario:
+    return Scenario.model_validate(
+        {
+            "name": "bench-upload-latency",
+            "data": {
+                "root": str(root / "no-celeba"),
+                "procedural": {"num_images": 4 * count + 600, "native_size": 32},
+                "resolution": 16,
+                "test_per_task": 32,
+                "cloud_per_task": 256,
+                "holdout_per_task": 16,
+            },
+            "tasks": [{"name": "all", "expression": "Male or not Male"}],
+            "edge_groups": [{"prefix": "e", "count": count, "task": "all", **EDGE}],
+            "cloud": {
+                "strategies": ["finetune"],
+                "epochs": epochs,
+                "batch_size": 32,
+                "top_k": 1,
+                "connection_height": 0,
+                "cpus_per_worker": 0.5,
+                "fusion": {"min_new_models": min_new_models, "max_wait_seconds": 10**6},
+            },
+            "baselines": {"fedavg": {"enabled": False}},
+            "serving": {"enabled": False},
+        }
+    )
+
+
+def payloads(scenario: Scenario) -> list[tuple[str, ArtifactPayload]]:
+    out = []
+    for n, edge in enumerate(scenario.all_edges()):
+        torch.manual_seed(n)
+        spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+        out.append((edge.id, pack_state(VAELearner(spec).state_dict(), upload_spec(edge, spec))))
+    return out
+
+
+def timed_uploads(coordinator: Any, batch: list[tuple[str, ArtifactPayload]]) -> list[float]:
+    """Submit every upload at once; return each one's latency in seconds."""
+    submitted = time.perf_counter()
+    refs = {
+        coordinator.upload.remote(
+            edge_id=edge_id, version=1, weights=p.weights, spec_json=p.spec_json, sha256=p.sha256
+        ): edge_id
+        for edge_id, p in batch
+    }
+    latencies, pending = [], list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        latencies.append(time.perf_counter() - submitted)
+        receipt = ray.get(ready[0])
+        if not receipt["accepted"]:
+            raise RuntimeError(
+                f"upload of {refs[ready[0]]} rejected: {receipt['reason']} {receipt['detail']}"
+            )
+    return latencies
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": statistics.median(ordered), "p90": pick(0.90), "p99": pick(0.99), "max": ordered[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=100)
+    parser.add_argument("--warm", type=int, default=4, help="uploads that start the training round first")
+    parser.add_argument(
+        "--epochs", type=int, default=30, help="cloud epochs: the round must outlast the burst"
+    )
+    parser.add_argument("--trainer", choices=["local", "ray_train"], default="local")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    runner = local_training_round if args.trainer == "local" else ray_train_round
+    coordinator_cls = ray.remote(CloudCoordinator).options(
+        num_cpus=0.5, max_restarts=-1, max_task_retries=-1, max_concurrency=1000
+    )
+    count = args.warm + args.uploads
+
+    # Baseline: the same burst with no round running (the policy never fires).
+    idle_scenario = make_scenario(count, root / "idle", args.epochs, min_new_models=10**6)
+    idle = coordinator_cls.remote(idle_scenario, str(root / "idle" / "registry"), round_runner=runner)
+    ray.get(idle.status.remote())
+    idle_latencies = timed_uploads(idle, payloads(idle_scenario)[args.warm :])
+    ray.kill(idle)
+
+    # Measured: --warm uploads start a round, then the burst arrives while it runs.
+    scenario = make_scenario(count, root / "busy", args.epochs, min_new_models=args.warm)
+    coordinator = coordinator_cls.remote(scenario, str(root / "busy" / "registry"), round_runner=runner)
+    ray.get(coordinator.status.remote())
+    prepared = payloads(scenario)
+    timed_uploads(coordinator, prepared[: args.warm])
+    deadline = time.monotonic() + 300
+    while not ray.get(coordinator.status.remote())["round_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    busy_latencies = timed_uploads(coordinator, prepared[args.warm :])
+    status = ray.get(coordinator.status.remote())
+
+    idle_p, busy_p = percentiles(idle_latencies), percentiles(busy_latencies)
+    print(f"{args.uploads} simultaneous uploads, trainer {args.trainer}, {os.cpu_count()} CPUs")
+    print(f"{'':24} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for name, p in (("idle coordinator", idle_p), ("during a training round", busy_p)):
+        print(f"{name:24} " + " ".join(f"{p[k] * 1000:8.1f}" for k in ("p50", "p90", "p99", "max")))
+    print(f"p99 during a round / p99 idle: {busy_p['p99'] / idle_p['p99']:.2f}")
+    print(f"round still running after the burst: {status['round_running']} (rounds done: {status['rounds']})")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
