@@ -1,0 +1,423 @@
+"""End-of-run measurements: the FedAvg baseline, personalisation, image quality and the sample grids.
+
+`evaluate_run(report, scenario, source, partitions, out_dir, options)` runs after the BAIM run has written
+report.json (Ray still up) and returns the report with four more sections:
+
+- `baselines.fedavg`: the FedAvg baseline on the same edges and shards (orchestrator.fedavg).
+- `personalisation`: every edge whose upload was accepted downloads its task's published model into its
+  toolbox (serve.toolbox, from the registry; `bytes_received` is the artifact's serialized size) and
+  fine-tunes it on its own shard for `personalise_epochs`; test loss on the task's test split before and
+  after, FLOPs counted like the edges' training. This runs in the driver process, on the edge's own shard
+  (a simulation shortcut: the data and the compute are the edge's, the process is not).
+- `downloads`: the serialized size of each published task model and of the whole trained BAIM, for the
+  headline "bytes per edge" with task-model download vs whole-BAIM download.
+- `image_quality`: FID and KID of generated images against the task's real test images, for every phase:
+  the edges' initial (uploaded) models, each strategy's decomposed task models (when the round kept that
+  strategy's model), the personalised edge models and FedAvg's global model. Every number carries the
+  extractor's name and both sample counts. Generation is seeded, so a rerun gives the same images.
+
+Sample grids: the first `grid_samples` generated images of every set (and real test images per task) are
+saved as uint8 safetensors under `out_dir/samples/`; `orchestrator.report` draws the PNG grids from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from baim.config import LearnerSpec
+from baim.costs import count_params, forward_backward_flops
+from baim.decompose import decompose
+from baim.learners import VAELearner
+from baim.model import BAIM
+from orchestrator.artifacts import unpack_payload
+from orchestrator.data import DataSource, FaceDataset, Partitions
+from orchestrator.fedavg import run_fedavg
+from orchestrator.quality import (
+    FeatureExtractor,
+    InceptionExtractor,
+    extract_features,
+    frechet_distance_from_features,
+    kid,
+)
+from orchestrator.registry import Registry
+from orchestrator.scenario import Scenario
+from serve.toolbox import Toolbox, model_loss_fn, personalise
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+GENERATION_SEED = 1234  # the same images for the same model on every run
+MAX_ARTIFACT_BYTES = 1 << 34  # what the run itself wrote to its registry
+
+
+@dataclass
+class EvaluationOptions:
+    """How much the end-of-run measurements do (sizes chosen for 2 CPU cores by default)."""
+
+    fid_samples: int = 100  # generated and real images per FID/KID set (Inception: ~0.13 s/image on 2 cores)
+    grid_samples: int = 16  # images per sample grid saved for the report
+    personalise_epochs: int = 2  # local epochs of personalisation per edge (0: skip personalisation)
+    run_fedavg: bool = True  # also needs scenario.baselines.fedavg.enabled
+    image_quality: bool = True  # compute FID/KID (the grids are saved either way)
+    extractor: FeatureExtractor | None = None  # None: pytorch-fid's Inception (offline, from the wheel)
+    kid_subsets: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("fid_samples", "grid_samples"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}: expected >= 2, received {getattr(self, name)}")
+        if self.personalise_epochs < 0:
+            raise ValueError(f"personalise_epochs: expected >= 0, received {self.personalise_epochs}")
+
+
+@dataclass
+class GeneratedSet:
+    """One model whose samples are measured: phase (edge_initial, strategy, personalised, fedavg), a name,
+    the task whose real images it is compared with, and a function drawing n images with a seed."""
+
+    phase: str
+    name: str
+    task: str
+    generate: Callable[[int, int], torch.Tensor]  # (n, seed) -> (n, 3, R, R) in [0, 1]
+
+
+def learner_sampler(model: VAELearner) -> Callable[[int, int], torch.Tensor]:
+    def draw(n: int, seed: int) -> torch.Tensor:
+        return model.eval().generate(n, generator=torch.Generator().manual_seed(seed)).clamp(0.0, 1.0)
+
+    return draw
+
+
+def task_model_sampler(model: nn.Module) -> Callable[[int, int], torch.Tensor]:
+    def draw(n: int, seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval().generate(n, seed=seed).clamp(0.0, 1.0)  # type: ignore[operator]
+
+    return draw
+
+
+def save_samples(path: Path, images: torch.Tensor, **metadata: str) -> None:
+    """Images in [0, 1] as uint8 (lossless for display) in a safetensors file with string metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (images.detach().cpu().clamp(0.0, 1.0) * 255).round().to(torch.uint8).contiguous()
+    save_file({"images": pixels}, str(path), metadata=metadata)
+
+
+def epoch_flops(model: nn.Module, dataset: Any, batch_size: int, loss_fn: Any) -> int:
+    """Training FLOPs of one epoch over `dataset` (one full batch and the last partial one, counted)."""
+    full, rest = divmod(len(dataset), batch_size)
+    total = 0
+    with torch.random.fork_rng():
+        for n, count in ((batch_size, full), (rest, 1)):
+            if n == 0 or count == 0:
+                continue
+            example = torch.stack([dataset[i] for i in range(n)])
+            total += count * forward_backward_flops(model, example, loss_fn).total
+    return total
+
+
+def _parse_artifact(artifact: str) -> tuple[str, str]:
+    owner, _, version = artifact.rpartition("@")
+    if not owner or not version:
+        raise ValueError(f"artifact: expected 'owner@version', received {artifact!r}")
+    return owner, version
+
+
+class RunEvaluation:
+    """The measurements of one finished run. Use `evaluate_run`."""
+
+    def __init__(
+        self,
+        report: dict[str, Any],
+        scenario: Scenario,
+        source: DataSource,
+        partitions: Partitions,
+        out_dir: Path,
+        options: EvaluationOptions,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.report = report
+        self.scenario = scenario
+        self.source = source
+        self.partitions = partitions
+        self.out_dir = Path(out_dir)
+        self.options = options
+        self.progress = progress
+        self.registry = Registry(report["registry"], max_artifact_bytes=MAX_ARTIFACT_BYTES)
+        self.resolution = scenario.data.resolution
+        self.tasks = [task.name for task in scenario.tasks]
+        self.sets: list[GeneratedSet] = []
+
+    def run(self) -> dict[str, Any]:
+        report = dict(self.report)
+        seconds: dict[str, float] = {}
+        with self._timed(seconds, "fedavg"):
+            report["baselines"] = {"fedavg": self._fedavg()}
+        with self._timed(seconds, "models"):
+            self._edge_initial_sets()
+            report["downloads"] = self._strategy_sets()
+        with self._timed(seconds, "personalisation"):
+            report["personalisation"] = self._personalise()
+        with self._timed(seconds, "image_quality"):
+            report["image_quality"] = self._image_quality()
+        report["evaluation"] = {
+            "seconds": seconds,
+            "fid_samples": self.options.fid_samples,
+            "grid_samples": self.options.grid_samples,
+            "personalise_epochs": self.options.personalise_epochs,
+            "generation_seed": GENERATION_SEED,
+            "samples_dir": SAMPLES_DIR,
+        }
+        return report
+
+    # ---- FedAvg ----------------------------------------------------------------------------------------
+
+    def _fedavg(self) -> dict[str, Any]:
+        if not (self.options.run_fedavg and self.scenario.baselines.fedavg.enabled):
+            return {"enabled": False}
+        outcome = run_fedavg(self.scenario, self.source, self.partitions, progress=self.progress)
+        model = outcome.global_model
+        for task in self.tasks:  # one homogeneous model for every task: compared with each task's images
+            self.sets.append(GeneratedSet("fedavg", "global", task, learner_sampler(model)))
+        return outcome.report
+
+    # ---- the BAIM path's models --------------------------------------------------------------------------
+
+    def _edge_initial_sets(self) -> None:
+        for edge_id, row in self.report["edges"].items():
+            artifact = (row.get("upload") or {}).get("artifact")
+            if row.get("upload", {}).get("outcome") != "accepted" or not artifact:
+                continue
+            owner, version = _parse_artifact(artifact)
+            spec, tensors = unpack_payload(
+                self.registry.get(owner, version), artifact_id=artifact, max_bytes=MAX_ARTIFACT_BYTES
+            )
+            learner = VAELearner(LearnerSpec.from_dict(spec["learner"]))
+            learner.load_state_dict(tensors, strict=True)
+            self.sets.append(GeneratedSet("edge_initial", edge_id, row["task"], learner_sampler(learner)))
+
+    def _load_baim(self, owner: str, version: str) -> BAIM:
+        spec, tensors = unpack_payload(
+            self.registry.get(owner, version), artifact_id=f"{owner}@{version}", max_bytes=MAX_ARTIFACT_BYTES
+        )
+        baim = BAIM.from_spec(spec)
+        baim.load_state_dict(tensors, strict=True)
+        return baim.eval()
+
+    def _strategy_baims(self) -> dict[str, tuple[BAIM, str]]:
+        """Each strategy's trained BAIM of the last round, where the run kept it: the coordinator keeps the
+        first strategy's (registry `baim@<round version>`); a Ray Train round also leaves every strategy's
+        final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
+        rounds = self.report.get("cloud", {}).get("rounds") or []
+        if not rounds:
+            return {}
+        last = rounds[-1]
+        found: dict[str, tuple[BAIM, str]] = {}
+        strategies = list(last.get("strategies", {}))
+        for index, strategy in enumerate(strategies):
+            summary = last["strategies"][strategy]
+            if index == 0 and last.get("baim_version"):
+                found[strategy] = (
+                    self._load_baim("baim", last["baim_version"]),
+                    f"baim@{last['baim_version']}",
+                )
+            elif summary.get("checkpoint_uri"):
+                found[strategy] = (
+                    _baim_from_checkpoint(summary["checkpoint_uri"]),
+                    summary["checkpoint_uri"],
+                )
+        return found
+
+    def _strategy_sets(self) -> dict[str, Any]:
+        """Task models of every kept strategy (FID sets, grids of the BAIM and its task models) and the
+        serialized sizes an edge would download."""
+        samples = self.out_dir / SAMPLES_DIR
+        downloads: dict[str, Any] = {"task_models": {}, "baim": None}
+        cloud = self.report.get("cloud", {})
+        if cloud.get("baim_version"):
+            ref = self.registry.ref("baim", cloud["baim_version"])
+            downloads["baim"] = {"artifact": f"baim@{ref.version}", "nbytes": ref.nbytes}
+        for task, info in self.report.get("tasks", {}).items():
+            owner, version = _parse_artifact(info["artifact"])
+            ref = self.registry.ref(owner, version)
+            downloads["task_models"][task] = {"artifact": info["artifact"], "nbytes": ref.nbytes}
+        baims = self._strategy_baims()
+        for strategy, (baim, where) in baims.items():
+            for task in baim.config.tasks:
+                model = decompose(baim, task)
+                self.sets.append(GeneratedSet("strategy", strategy, task, task_model_sampler(model)))
+                if where.startswith("baim@"):  # the BAIM the run kept and published task models from
+                    grid = baim.generate(task, self.options.grid_samples, seed=GENERATION_SEED)
+                    save_samples(samples / "baim" / f"{task}.safetensors", grid, phase="baim", source=where)
+        downloads["strategy_models"] = {strategy: where for strategy, (_, where) in baims.items()}
+        return downloads
+
+    # ---- personalisation -----------------------------------------------------------------------------
+
+    def _personalise(self) -> dict[str, Any]:
+        if self.options.personalise_epochs == 0 or not self.report.get("tasks"):
+            return {"enabled": False}
+        edges: dict[str, Any] = {}
+        for edge_id, row in self.report["edges"].items():
+            if row.get("upload", {}).get("outcome") != "accepted":
+                continue
+            edge = self.scenario.edge(edge_id)
+            toolbox = Toolbox(self.out_dir / "toolbox" / edge_id, registry=self.registry)
+            fetched = toolbox.fetch(edge.task)
+            model = fetched.model
+            loss_fn = model_loss_fn(model, self.scenario.cloud.kld_weight)
+            shard = FaceDataset(self.source, self.partitions.edges[edge_id], self.resolution)
+            order = torch.Generator().manual_seed(GENERATION_SEED)
+            loader = DataLoader(shard, batch_size=edge.batch_size, shuffle=True, generator=order)
+            test = DataLoader(FaceDataset(self.source, self.partitions.test[edge.task], self.resolution), 64)
+            flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
+            started = time.perf_counter()
+            before, after = personalise(
+                model,
+                loader,
+                self.options.personalise_epochs,
+                edge.lr,
+                eval_loader=test,
+                kld_weight=self.scenario.cloud.kld_weight,
+            )
+            edges[edge_id] = {
+                "task": edge.task,
+                "model_version": fetched.model_version,
+                "kind": fetched.kind,
+                "params": count_params(model),
+                "bytes_received": fetched.bytes_received,
+                "epochs": self.options.personalise_epochs,
+                "test_loss_before": before,
+                "test_loss_after": after,
+                "flops": flops,
+                "seconds": time.perf_counter() - started,
+            }
+            self._say(f"personalised {edge_id} ({edge.task}): test loss {before:.5f} -> {after:.5f}")
+            self.sets.append(GeneratedSet("personalised", edge_id, edge.task, task_model_sampler(model)))
+        return {"enabled": True, "where": "driver process, on each edge's own shard", "edges": edges}
+
+    # ---- image quality ---------------------------------------------------------------------------------
+
+    def _image_quality(self) -> dict[str, Any]:
+        samples = self.out_dir / SAMPLES_DIR
+        n = self.options.fid_samples
+        real: dict[str, torch.Tensor] = {}
+        for task in self.tasks:
+            indices = self.partitions.test[task][:n]
+            if len(indices) < 2:
+                continue
+            faces = FaceDataset(self.source, indices, self.resolution)
+            real[task] = torch.stack([faces[i] for i in range(len(faces))])  # type: ignore[misc]
+            save_samples(samples / "real" / f"{task}.safetensors", real[task][: self.options.grid_samples])
+        generated: dict[tuple[str, str], torch.Tensor] = {}
+        for item in self.sets:
+            key = (item.phase, item.name)
+            if key not in generated:  # FedAvg's one model serves every task: draw it once
+                generated[key] = item.generate(n, GENERATION_SEED)
+            grid = generated[key][: self.options.grid_samples]
+            name = f"{item.name}__{item.task}" if item.phase == "strategy" else item.name
+            save_samples(samples / item.phase / f"{name}.safetensors", grid, task=item.task)
+        if not self.options.image_quality:
+            return {"enabled": False, "reason": "image quality disabled for this run"}
+        try:
+            extractor = self.options.extractor or InceptionExtractor()
+        except FileNotFoundError as err:
+            logger.warning("image quality not measured: %s", err)
+            return {"enabled": False, "reason": str(err)}
+        self._say(f"image quality: {extractor.name}, {n} images per set, {len(self.sets)} sets")
+        real_features = {task: extract_features(images, extractor) for task, images in real.items()}
+        features = {key: extract_features(images, extractor) for key, images in generated.items()}
+        rows = []
+        for item in self.sets:
+            if item.task not in real_features:
+                continue
+            fake, true = features[(item.phase, item.name)], real_features[item.task]
+            kid_mean, kid_std = kid(fake, true, subsets=self.options.kid_subsets, subset_size=1000, seed=0)
+            rows.append(
+                {
+                    "phase": item.phase,
+                    "name": item.name,
+                    "task": item.task,
+                    "fid": frechet_distance_from_features(fake, true),
+                    "kid_mean": kid_mean,
+                    "kid_std": kid_std,
+                    "num_generated": int(fake.shape[0]),
+                    "num_real": int(true.shape[0]),
+                }
+            )
+        reference = {}
+        for task, feats in real_features.items():  # the floor at this sample count: real vs real
+            half = feats.shape[0] // 2
+            if half >= 2:
+                reference[task] = {
+                    "fid_real_half_vs_half": frechet_distance_from_features(feats[:half], feats[half:]),
+                    "num_per_half": int(half),
+                }
+        return {
+            "enabled": True,
+            "extractor": extractor.name,
+            "feature_dim": extractor.feature_dim,
+            "num_generated": n,
+            "num_real": {task: int(images.shape[0]) for task, images in real.items()},
+            "kid_subsets": self.options.kid_subsets,
+            "real_reference": reference,
+            "sets": rows,
+            "generation_seed": GENERATION_SEED,
+        }
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _timed(self, seconds: dict[str, float], name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = time.perf_counter() - started
+
+    def _say(self, line: str) -> None:
+        logger.info("%s", line)
+        if self.progress is not None:
+            self.progress(line)
+
+
+def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
+    """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
+    import ray.train
+
+    from orchestrator.train import SPEC_FILE, WEIGHTS_FILE
+
+    with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
+        spec = json.loads((Path(directory) / SPEC_FILE).read_text())
+        weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    baim = BAIM.from_spec(spec)
+    baim.load_state_dict(weights, strict=True)
+    return baim.eval()
+
+
+def evaluate_run(
+    report: dict[str, Any],
+    scenario: Scenario,
+    source: DataSource,
+    partitions: Partitions,
+    out_dir: str | Path,
+    options: EvaluationOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The report with `baselines`, `downloads`, `personalisation`, `image_quality` and `evaluation` added
+    (see the module docstring). Ray must be running when the FedAvg baseline is on."""
+    return RunEvaluation(
+        report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress
+    ).run()

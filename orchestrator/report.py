@@ -1,0 +1,644 @@
+"""report.md and plots/*.png from a run's report.json (`baim report DIR`; `baim run` calls it at the end).
+
+Modelled on the BAIM paper's Fig. 5: sample grids per phase (real test images, the edges' initial models,
+the BAIM, each strategy's decomposed task models, the personalised edge models, FedAvg's global model);
+the test-loss curves of the cloud training strategies and of FedAvg's rounds; bytes sent and received and
+FLOPs per edge, BAIM vs FedAvg, and the cloud's FLOPs; FID/KID of every phase; a table of headline ratios.
+Every section renders from whatever report.json holds: a section whose data is missing says "not measured"
+(and why, when the report says why) instead of failing.
+
+Plots use matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), so building a report never
+touches pyplot's global state or needs a display. Sample grids come from the uint8 safetensors that
+`orchestrator.evaluation` saved under DIR/samples/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors.numpy import load_file
+
+logger = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+SAMPLES_DIR = "samples"
+NOT_MEASURED = "_not measured_"
+GRID_COLUMNS = 8  # images per row of a sample grid
+PHASE_TITLES = {
+    "real": "real test images",
+    "edge_initial": "edge model (initial upload)",
+    "baim": "BAIM",
+    "strategy": "task model",
+    "personalised": "personalised edge",
+    "fedavg": "FedAvg global model",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def kept_strategy(report: dict[str, Any]) -> str | None:
+    """The strategy whose BAIM the run kept and published its task models from (the first of the round)."""
+    rounds = (report.get("cloud") or {}).get("rounds") or []
+    strategies = list(rounds[-1].get("strategies", {})) if rounds else []
+    return strategies[0] if strategies else None
+
+
+def baim_edge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per edge whose upload the cloud accepted: bytes (upload, plus a task-model or whole-BAIM download)
+    and FLOPs (local training, plus personalisation)."""
+    downloads = report.get("downloads") or {}
+    task_models = downloads.get("task_models") or {}
+    whole = (downloads.get("baim") or {}).get("nbytes")
+    personalised = ((report.get("personalisation") or {}).get("edges")) or {}
+    rows: dict[str, dict[str, Any]] = {}
+    for edge_id, row in (report.get("edges") or {}).items():
+        if (row.get("upload") or {}).get("outcome") != "accepted":
+            continue
+        task_bytes = (task_models.get(row["task"]) or {}).get("nbytes")
+        base = row.get("bytes_sent", 0) + row.get("bytes_received", 0)
+        rows[edge_id] = {
+            "task": row["task"],
+            "bytes_sent": row.get("bytes_sent", 0),
+            "bytes_received_run": row.get("bytes_received", 0),
+            "task_model_bytes": task_bytes,
+            "baim_bytes": whole,
+            "bytes_with_task_model": None if task_bytes is None else base + task_bytes,
+            "bytes_with_baim": None if whole is None else base + whole,
+            "train_flops": row.get("flops", 0),
+            "personalise_flops": (personalised.get(edge_id) or {}).get("flops"),
+        }
+    return rows
+
+
+def fedavg_edge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per edge that took part in at least one FedAvg round (sent or received anything)."""
+    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+    rows = {}
+    for edge_id, row in (fedavg.get("edges") or {}).items():
+        if row.get("bytes_sent", 0) + row.get("bytes_received", 0) == 0:
+            continue
+        rows[edge_id] = {**row, "bytes_total": row["bytes_sent"] + row["bytes_received"]}
+    return rows
+
+
+def fid_by(report: dict[str, Any], phase: str, name: str | None = None) -> dict[str, float]:
+    """FID per task of the sets of one phase (and name); several sets of a task are averaged."""
+    quality = report.get("image_quality") or {}
+    per_task: dict[str, list[float]] = {}
+    for row in quality.get("sets") or []:
+        if row["phase"] == phase and (name is None or row["name"] == name):
+            per_task.setdefault(row["task"], []).append(row["fid"])
+    return {task: sum(values) / len(values) for task, values in per_task.items()}
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The comparison that justifies the system, from report.json: means per participating edge, BAIM vs
+    FedAvg, and the ratios (FedAvg / BAIM for costs; BAIM vs FedAvg side by side for quality). None where
+    not measured."""
+    baim_rows = baim_edge_rows(report)
+    fedavg_rows = fedavg_edge_rows(report)
+    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+
+    def mean_of(rows: dict[str, dict[str, Any]], key: str) -> float | None:
+        values = [row[key] for row in rows.values() if row.get(key) is not None]
+        return _mean(values) if len(values) == len(rows) else None
+
+    baim_upload = mean_of(baim_rows, "bytes_sent")
+    baim_task = mean_of(baim_rows, "bytes_with_task_model")
+    baim_whole = mean_of(baim_rows, "bytes_with_baim")
+    fedavg_bytes = mean_of(fedavg_rows, "bytes_total")
+    baim_flops = mean_of(baim_rows, "train_flops")
+    personalise_flops = mean_of(baim_rows, "personalise_flops")
+    fedavg_flops = mean_of(fedavg_rows, "flops")
+
+    tasks = report.get("tasks") or {}
+    weighted = [
+        (info["test_loss"], info.get("test_images", 1)) for info in tasks.values() if info.get("test_loss")
+    ]
+    baim_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted) if weighted else None
+    personalised = ((report.get("personalisation") or {}).get("edges")) or {}
+    personalised_loss = _mean([row["test_loss_after"] for row in personalised.values()])
+
+    kept = kept_strategy(report)
+    baim_fid = _mean(list(fid_by(report, "strategy", kept).values())) if kept else None
+    fedavg_fid = _mean(list(fid_by(report, "fedavg").values()))
+    cloud_flops = (report.get("cloud") or {}).get("flops") or {}
+    return {
+        "edges_baim": len(baim_rows),
+        "edges_fedavg": len(fedavg_rows),
+        "bytes_per_edge": {
+            "baim_upload_only": baim_upload,
+            "baim_with_task_model": baim_task,
+            "baim_with_whole_baim": baim_whole,
+            "fedavg": fedavg_bytes,
+            "ratio_fedavg_over_baim_task_model": _ratio(fedavg_bytes, baim_task),
+            "ratio_fedavg_over_baim_whole_baim": _ratio(fedavg_bytes, baim_whole),
+        },
+        "edge_flops_per_edge": {
+            "baim_training": baim_flops,
+            "baim_training_plus_personalisation": None
+            if baim_flops is None or personalise_flops is None
+            else baim_flops + personalise_flops,
+            "fedavg": fedavg_flops,
+            "ratio_fedavg_over_baim": _ratio(fedavg_flops, baim_flops),
+        },
+        "cloud_flops": {
+            "baim_all_strategies": sum(cloud_flops.values()) if cloud_flops else None,
+            "baim_kept_strategy": cloud_flops.get(kept) if kept else None,
+            "fedavg": fedavg.get("cloud_flops"),
+        },
+        "test_loss": {
+            "baim_task_models": baim_loss,
+            "personalised": personalised_loss,
+            "fedavg": fedavg.get("final_test_loss"),
+        },
+        "fid": {
+            "baim_task_models": baim_fid,
+            "edge_initial": _mean(list(fid_by(report, "edge_initial").values())),
+            "personalised": _mean(list(fid_by(report, "personalised").values())),
+            "fedavg": fedavg_fid,
+        },
+        "kept_strategy": kept,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _fmt_flops(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} FLOP"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}x"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(figure: Figure, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return f"{PLOTS_DIR}/{path.name}"
+
+
+def load_samples(path: Path) -> np.ndarray:
+    """(N, 3, H, W) uint8 images from a samples file."""
+    images = load_file(str(path))["images"]
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: expected uint8 images (N, 3, H, W), received {images.dtype} {images.shape}"
+        )
+    return images
+
+
+def image_row(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
+    """The first `columns` images side by side, (H, columns * (W + 1), 3), white gaps."""
+    count, _, height, width = images.shape
+    row = np.full((height, columns * (width + 1), 3), 255, dtype=np.uint8)
+    for i in range(min(columns, count)):
+        row[:, i * (width + 1) : i * (width + 1) + width] = images[i].transpose(1, 2, 0)
+    return row
+
+
+def sample_rows(out_dir: Path, task: str, report: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(label, samples file) for every phase of one task, in the order of the paper's figure."""
+    samples = out_dir / SAMPLES_DIR
+    rows: list[tuple[str, Path]] = []
+    candidates = [("real test images", samples / "real" / f"{task}.safetensors")]
+    edges = report.get("edges") or {}
+    for edge_id, row in edges.items():
+        if row.get("task") == task:
+            candidates.append(
+                (f"edge {edge_id} (initial)", samples / "edge_initial" / f"{edge_id}.safetensors")
+            )
+    kept = kept_strategy(report)
+    candidates.append((f"BAIM ({kept})" if kept else "BAIM", samples / "baim" / f"{task}.safetensors"))
+    for path in sorted((samples / "strategy").glob(f"*__{task}.safetensors")):
+        strategy = path.stem.split("__")[0]
+        candidates.append((f"task model ({strategy})", path))
+    for edge_id, row in edges.items():
+        if row.get("task") == task:
+            candidates.append(
+                (f"edge {edge_id} personalised", samples / "personalised" / f"{edge_id}.safetensors")
+            )
+    candidates.append(("FedAvg global model", samples / "fedavg" / "global.safetensors"))
+    for label, path in candidates:
+        if path.is_file():
+            rows.append((label, path))
+    return rows
+
+
+def plot_samples(out_dir: Path, report: dict[str, Any], task: str) -> str | None:
+    rows = sample_rows(out_dir, task, report)
+    if len(rows) <= 1:  # real images alone are no comparison
+        return None
+    images = [image_row(load_samples(path)) for _, path in rows]
+    height = max(image.shape[0] for image in images)
+    figure = Figure(figsize=(9, 0.9 * len(rows) * max(1.0, height / 32)))
+    axes = figure.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (label, _), image in zip(axes, rows, images, strict=True):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    figure.suptitle(f"Samples, task {task!r}", fontsize=10)
+    return _save(figure, out_dir / PLOTS_DIR / f"samples_{task}.png")
+
+
+def strategy_curves(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """(cloud epoch, test loss) per strategy, rounds concatenated; epoch 0 is the fused BAIM before
+    training, present when the round measured it."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    epochs_done: dict[str, int] = {}
+    for round_report in (report.get("cloud") or {}).get("rounds") or []:
+        for strategy, summary in (round_report.get("strategies") or {}).items():
+            curve = curves.setdefault(strategy, [])
+            done = epochs_done.get(strategy, 0)
+            if done == 0 and summary.get("initial_test_loss") is not None:
+                curve.append((0, summary["initial_test_loss"]))
+            losses = summary.get("test_loss") or []
+            curve.extend((done + i + 1, loss) for i, loss in enumerate(losses))
+            epochs_done[strategy] = done + len(losses)
+    return {strategy: curve for strategy, curve in curves.items() if curve}
+
+
+def plot_losses(out_dir: Path, report: dict[str, Any]) -> str | None:
+    curves = strategy_curves(report)
+    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+    fedavg_curve = [(0, fedavg["initial_test_loss"])] if fedavg.get("initial_test_loss") is not None else []
+    fedavg_curve += [(r["round"], r["test_loss"]) for r in fedavg.get("rounds") or [] if r.get("test_loss")]
+    if not curves and not fedavg_curve:
+        return None
+    figure = Figure(figsize=(10, 3.6))
+    left, right = figure.subplots(1, 2)
+    for strategy, curve in curves.items():
+        left.plot([e for e, _ in curve], [loss for _, loss in curve], marker="o", label=strategy)
+    left.set_xlabel("cloud epoch (0 = fused BAIM before training)")
+    left.set_ylabel("test loss")
+    left.set_title("BAIM training strategies")
+    if curves:
+        left.legend()
+    if fedavg_curve:
+        right.plot([r for r, _ in fedavg_curve], [loss for _, loss in fedavg_curve], marker="s",
+                   color="tab:red", label="FedAvg")  # fmt: skip
+        right.legend()
+    right.set_xlabel("FedAvg round (0 = initial global model)")
+    right.set_title("FedAvg global model")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(figure, out_dir / PLOTS_DIR / "test_loss.png")
+
+
+def plot_costs(out_dir: Path, report: dict[str, Any]) -> str | None:
+    baim_rows = baim_edge_rows(report)
+    fedavg_rows = fedavg_edge_rows(report)
+    edges = sorted(set(baim_rows) | set(fedavg_rows))
+    if not edges:
+        return None
+    figure = Figure(figsize=(12, 3.8))
+    bytes_ax, flops_ax, cloud_ax = figure.subplots(1, 3, gridspec_kw={"width_ratios": [3, 3, 2]})
+    x = np.arange(len(edges))
+    series = [
+        ("BAIM sent", [baim_rows.get(e, {}).get("bytes_sent", 0) for e in edges]),
+        ("BAIM received (task model)", [baim_rows.get(e, {}).get("task_model_bytes") or 0 for e in edges]),
+        ("FedAvg sent", [fedavg_rows.get(e, {}).get("bytes_sent", 0) for e in edges]),
+        ("FedAvg received", [fedavg_rows.get(e, {}).get("bytes_received", 0) for e in edges]),
+    ]
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        bytes_ax.bar(x + (i - 1.5) * width, [max(v, 1) for v in values], width, label=label)
+    bytes_ax.set_yscale("log")
+    bytes_ax.set_title("bytes per edge")
+    flop_series = [
+        ("BAIM training", [baim_rows.get(e, {}).get("train_flops", 0) for e in edges]),
+        ("BAIM personalisation", [baim_rows.get(e, {}).get("personalise_flops") or 0 for e in edges]),
+        ("FedAvg", [fedavg_rows.get(e, {}).get("flops", 0) for e in edges]),
+    ]
+    width = 0.8 / len(flop_series)
+    for i, (label, values) in enumerate(flop_series):
+        flops_ax.bar(x + (i - 1) * width, [max(v, 1) for v in values], width, label=label)
+    flops_ax.set_yscale("log")
+    flops_ax.set_title("edge FLOPs per edge")
+    for ax in (bytes_ax, flops_ax):
+        ax.set_xticks(x)
+        ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+    cloud = dict((report.get("cloud") or {}).get("flops") or {})
+    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+    if fedavg.get("cloud_flops") is not None:
+        cloud["fedavg"] = fedavg["cloud_flops"]
+    names = list(cloud)
+    cloud_ax.bar(names, [max(cloud[n], 1) for n in names], color="tab:gray")
+    cloud_ax.set_yscale("log")
+    cloud_ax.set_title("cloud FLOPs (fedavg: aggregation only)", fontsize=9)
+    return _save(figure, out_dir / PLOTS_DIR / "costs.png")
+
+
+def plot_fid(out_dir: Path, report: dict[str, Any]) -> str | None:
+    quality = report.get("image_quality") or {}
+    rows = quality.get("sets") or []
+    if not rows:
+        return None
+    tasks = sorted({row["task"] for row in rows})
+    figure = Figure(figsize=(5 * len(tasks), 3.8))
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        task_rows = [row for row in rows if row["task"] == task]
+        labels = [f"{row['phase']}\n{row['name']}" for row in task_rows]
+        colours = {"edge_initial": "tab:blue", "strategy": "tab:green", "personalised": "tab:orange"}
+        ax.bar(labels, [row["fid"] for row in task_rows],
+               color=[colours.get(row["phase"], "tab:red") for row in task_rows])  # fmt: skip
+        ax.set_title(f"FID, task {task!r} (lower is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=6, rotation=60)
+    return _save(figure, out_dir / PLOTS_DIR / "fid.png")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _data_section(report: dict[str, Any]) -> list[str]:
+    data = report.get("data") or {}
+    if not data:
+        return [NOT_MEASURED]
+    kind = data.get("kind", "?")
+    what = "real CelebA faces" if kind == "celeba" else "procedural faces (no CelebA found)"
+    lines = [f"- Data: **{what}** from `{data.get('root', '?')}`, {data.get('resolution', '?')} px square."]
+    shards = data.get("shards") or {}
+    if shards:
+        sizes = ", ".join(f"{group} {sum(v.values())}" for group, v in shards.items())
+        lines.append(f"- Images per split: {sizes} (all disjoint).")
+    return lines
+
+
+def _headline_section(numbers: dict[str, Any]) -> list[str]:
+    b, f, c = numbers["bytes_per_edge"], numbers["edge_flops_per_edge"], numbers["cloud_flops"]
+    t, q = numbers["test_loss"], numbers["fid"]
+    rows = [
+        ["bytes per edge, BAIM upload + task-model download", _fmt_bytes(b["baim_with_task_model"]),
+         _fmt_bytes(b["fedavg"]), _fmt_ratio(b["ratio_fedavg_over_baim_task_model"])],
+        ["bytes per edge, BAIM upload + whole-BAIM download", _fmt_bytes(b["baim_with_whole_baim"]),
+         _fmt_bytes(b["fedavg"]), _fmt_ratio(b["ratio_fedavg_over_baim_whole_baim"])],
+        ["edge FLOPs per edge (training)", _fmt_flops(f["baim_training"]), _fmt_flops(f["fedavg"]),
+         _fmt_ratio(f["ratio_fedavg_over_baim"])],
+        ["edge FLOPs per edge (+ personalisation)", _fmt_flops(f["baim_training_plus_personalisation"]),
+         _fmt_flops(f["fedavg"]),
+         _fmt_ratio(_ratio(f["fedavg"], f["baim_training_plus_personalisation"]))],
+        ["cloud FLOPs (all strategies / FedAvg aggregation)", _fmt_flops(c["baim_all_strategies"]),
+         _fmt_flops(c["fedavg"]), ""],
+        ["test loss (BAIM task models / FedAvg global)", _fmt(t["baim_task_models"]), _fmt(t["fedavg"]), ""],
+        ["test loss, personalised edge models", _fmt(t["personalised"]), "", ""],
+        ["FID (BAIM task models / FedAvg global)", _fmt(q["baim_task_models"], 1), _fmt(q["fedavg"], 1), ""],
+        ["FID, edge initial / personalised models", _fmt(q["edge_initial"], 1), _fmt(q["personalised"], 1),
+         ""],
+    ]  # fmt: skip
+    lines = _table(["measure", "BAIM", "FedAvg", "FedAvg / BAIM"], rows)
+    lines.append("")
+    lines.append(
+        f"Means per participating edge ({numbers['edges_baim']} BAIM edges with an accepted upload, "
+        f"{numbers['edges_fedavg']} FedAvg clients). Task models come from the `{numbers['kept_strategy']}` "
+        "strategy (the one the run published). FID means are over tasks; test losses are weighted by test "
+        "images. The BAIM loss also carries its gate's KL term (weight `kld_weight`), FedAvg's does not."
+    )
+    return lines
+
+
+def _edges_section(report: dict[str, Any]) -> list[str]:
+    baim_rows = baim_edge_rows(report)
+    fedavg_rows = fedavg_edge_rows(report)
+    edges = report.get("edges") or {}
+    if not edges:
+        return [NOT_MEASURED]
+    rows = []
+    for edge_id, row in edges.items():
+        b = baim_rows.get(edge_id, {})
+        f = fedavg_rows.get(edge_id, {})
+        rows.append([
+            edge_id, row.get("task", "?"), row.get("status", "?"),
+            _fmt_bytes(row.get("bytes_sent")), _fmt_bytes(b.get("task_model_bytes")),
+            _fmt_flops(row.get("flops")),
+            _fmt_bytes(f.get("bytes_sent")), _fmt_bytes(f.get("bytes_received")), _fmt_flops(f.get("flops")),
+        ])  # fmt: skip
+    header = ["edge", "task", "BAIM status", "BAIM sent", "BAIM task-model download", "BAIM FLOPs",
+              "FedAvg sent", "FedAvg received", "FedAvg FLOPs"]  # fmt: skip
+    return _table(header, rows)
+
+
+def _tasks_section(report: dict[str, Any]) -> list[str]:
+    tasks = report.get("tasks") or {}
+    if not tasks:
+        return [NOT_MEASURED + " (no task models were published)"]
+    rows = [
+        [task, f"{info['params']:,}", f"{info['baim_params']:,}", _fmt(info.get("test_loss")),
+         f"{info['decomposition_max_abs_diff']:.2e}", ", ".join(info.get("learners", []))]
+        for task, info in tasks.items()
+    ]  # fmt: skip
+    return _table(
+        ["task", "params", "BAIM params", "test loss", "decomposition max abs diff", "learners"], rows
+    )
+
+
+def _strategies_section(report: dict[str, Any]) -> list[str]:
+    curves = strategy_curves(report)
+    if not curves:
+        return [NOT_MEASURED + " (no cloud training round)"]
+    flops = (report.get("cloud") or {}).get("flops") or {}
+    seconds = (report.get("cloud") or {}).get("seconds") or {}
+    rows = [
+        [s, curve[0][0], _fmt(curve[0][1]), curve[-1][0], _fmt(curve[-1][1]), _fmt_flops(flops.get(s)),
+         _fmt(seconds.get(s), 1)]
+        for s, curve in curves.items()
+    ]  # fmt: skip
+    header = ["strategy", "first epoch", "test loss", "last epoch", "test loss", "cloud FLOPs", "seconds"]
+    return _table(header, rows)
+
+
+def _fedavg_section(report: dict[str, Any]) -> list[str]:
+    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+    if not fedavg.get("rounds"):
+        reason = " (disabled in the scenario)" if fedavg.get("enabled") is False else ""
+        return [NOT_MEASURED + reason]
+    model = fedavg["model"]
+    lines = [
+        f"One homogeneous VAE (widths {model['widths']}, latent {model['latent_dim']}, "
+        f"{fedavg['params']:,} parameters), {fedavg['rounds_planned']} rounds x "
+        f"{fedavg['local_epochs']} local epochs, client fraction {fedavg['client_fraction']}, "
+        f"averaging weighted by {fedavg['weighting']}.",
+        "",
+    ]
+    rows = []
+    for r in fedavg["rounds"]:
+        failures = ", ".join(f"{f['edge']} ({f['reason']})" for f in r["failures"]) or "none"
+        rows.append([r["round"], len(r["selected"]), len(r["aggregated"]), failures, _fmt(r["test_loss"]),
+                     _fmt_bytes(r["global_model_bytes"]), _fmt(r["seconds"], 1)])  # fmt: skip
+    header = ["round", "selected", "averaged", "failed (reason)", "test loss", "global model", "seconds"]
+    return lines + _table(header, rows)
+
+
+def _personalisation_section(report: dict[str, Any]) -> list[str]:
+    section = report.get("personalisation") or {}
+    edges = section.get("edges") or {}
+    if not edges:
+        return [NOT_MEASURED]
+    rows = [
+        [e, row["task"], row["model_version"], _fmt_bytes(row["bytes_received"]), row["epochs"],
+         _fmt(row["test_loss_before"]), _fmt(row["test_loss_after"]), _fmt_flops(row["flops"])]
+        for e, row in edges.items()
+    ]  # fmt: skip
+    header = ["edge", "task", "model", "downloaded", "epochs", "test loss before", "after", "FLOPs"]
+    return [f"Measured in the {section.get('where', 'driver')}.", "", *_table(header, rows)]
+
+
+def _quality_section(report: dict[str, Any]) -> list[str]:
+    quality = report.get("image_quality") or {}
+    if not quality.get("enabled"):
+        return [NOT_MEASURED + (f" ({quality['reason']})" if quality.get("reason") else "")]
+    real = quality.get("num_real") or {}
+    lines = [
+        f"Extractor `{quality['extractor']}` ({quality['feature_dim']}-d features); "
+        f"{quality['num_generated']} generated images per set against the task's real test images "
+        f"({', '.join(f'{t}: {n}' for t, n in real.items())}); KID over {quality['kid_subsets']} subsets. "
+        "FID is biased upward at these sample counts: compare numbers within this table, and read KID beside "
+        "it. The real-vs-real line is the floor at this sample count (two disjoint halves of the real set).",
+        "",
+    ]
+    rows = [
+        [row["task"], row["phase"], row["name"], _fmt(row["fid"], 1),
+         f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}", row["num_generated"], row["num_real"]]
+        for row in quality.get("sets") or []
+    ]  # fmt: skip
+    for task, ref in (quality.get("real_reference") or {}).items():
+        rows.append([task, "real vs real", "halves", _fmt(ref["fid_real_half_vs_half"], 1), "",
+                     ref["num_per_half"], ref["num_per_half"]])  # fmt: skip
+    return lines + _table(["task", "phase", "model", "FID", "KID", "generated", "real"], rows)
+
+
+def build_markdown(out_dir: Path, report: dict[str, Any]) -> str:
+    """report.md's text; writes the plots it links under out_dir/plots/."""
+    scenario = report.get("scenario") or {}
+    numbers = headline(report)
+    lines = [
+        f"# Run report: {scenario.get('name', '?')}",
+        "",
+        f"Scenario `{scenario.get('name', '?')}`, seed {report.get('seed', '?')}, "
+        f"wall time {_fmt((report.get('totals') or {}).get('wall_seconds'), 0)} s for the BAIM run"
+        + (
+            f", {_fmt(sum((report['evaluation'].get('seconds') or {}).values()), 0)} s for the baseline and "
+            "measurements."
+            if report.get("evaluation")
+            else "."
+        ),
+        *_data_section(report),
+        "",
+        "## Headline: BAIM vs FedAvg",
+        "",
+        *_headline_section(numbers),
+        "",
+    ]
+    plots: list[tuple[str, str | None]] = []
+    tasks = [t["name"] for t in scenario.get("tasks") or []] or list((report.get("tasks") or {}).keys())
+    for task in tasks:
+        plots.append((f"Samples, task {task}", _try_plot(plot_samples, out_dir, report, task)))
+    plots.append(("Test loss", _try_plot(plot_losses, out_dir, report)))
+    plots.append(("Bytes and FLOPs", _try_plot(plot_costs, out_dir, report)))
+    plots.append(("FID", _try_plot(plot_fid, out_dir, report)))
+    lines += ["## Figures", ""]
+    for title, link in plots:
+        lines += [f"### {title}", "", f"![{title}]({link})" if link else NOT_MEASURED, ""]
+    sections = [
+        ("Image quality (FID / KID)", _quality_section(report)),
+        ("Cloud training strategies", _strategies_section(report)),
+        ("Task models", _tasks_section(report)),
+        ("Edges: BAIM vs FedAvg", _edges_section(report)),
+        ("FedAvg baseline", _fedavg_section(report)),
+        ("Personalisation", _personalisation_section(report)),
+    ]
+    for title, body in sections:
+        lines += [f"## {title}", "", *body, ""]
+    lines += [
+        "Rebuild this page and its plots from report.json with `baim report DIR`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _try_plot(plot: Any, *args: Any) -> str | None:
+    """A figure whose inputs are malformed is left out (logged), not allowed to sink the whole report."""
+    try:
+        result: str | None = plot(*args)
+        return result
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        logger.warning("report: %s not drawn: %s: %s", plot.__name__, type(err).__name__, err)
+        return None
+
+
+def write_report_markdown(out_dir: str | Path) -> Path:
+    """Read out_dir/report.json, write out_dir/report.md and out_dir/plots/*.png; return report.md's path.
+
+    Raises FileNotFoundError when report.json is missing and ValueError when it is not a JSON object.
+    """
+    out = Path(out_dir)
+    path = out / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no report.json in {out} (run `baim run` first)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path}: expected a JSON object, received {type(report).__name__}")
+    markdown = build_markdown(out, report)
+    target = out / "report.md"
+    target.write_text(markdown, encoding="utf-8")
+    logger.info("wrote %s", target)
+    return target
