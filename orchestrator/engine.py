@@ -36,7 +36,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
 from actors.edge import EdgeNode
 from orchestrator.data import make_partitions, resolve_source
+from orchestrator.evaluation import EvaluationOptions, evaluate_run
 from orchestrator.metrics import Ledger
+from orchestrator.report import write_report_markdown
 from orchestrator.report_json import build_report, write_report
 from orchestrator.scenario import (
     CoordinatorCrashEvent,
@@ -85,6 +87,8 @@ class EngineOptions:
     cloud_trainer: Literal["ray_train", "local"] = "ray_train"
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
+    # After the run: FedAvg baseline, personalisation, FID/KID, sample grids (orchestrator.evaluation).
+    evaluation: EvaluationOptions | None = None  # None: skip them (report.md is written either way)
 
 
 @dataclass
@@ -247,6 +251,12 @@ class Engine:
         )
         write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {self.out_dir / 'report.json'}")
+        if self.options.evaluation is not None:
+            self._release_actors()  # the coordinator is done: its CPU goes to the baseline's clients
+            report = evaluate_run(report, self.scenario, self.source, self.partitions, self.out_dir,
+                                  self.options.evaluation, progress=self._say)  # fmt: skip
+            write_report(report, self.out_dir / "report.json")
+        self._say(f"wrote {write_report_markdown(self.out_dir)} and {self.out_dir / 'plots'}")
         return report
 
     # ---- edges ---------------------------------------------------------------------------------------
