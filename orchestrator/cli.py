@@ -303,6 +303,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# report
+
+
+def add_report_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="rebuild DIR/report.md and DIR/plots/*.png from DIR/report.json",
+        description=(
+            "Rebuild a run's report.md and its plots (sample grids, test-loss curves, bytes and FLOPs per "
+            "edge, FID/KID, headline ratios BAIM vs FedAvg) from DIR/report.json and the sample tensors "
+            "under DIR/samples/. Sections the run did not measure say so."
+        ),
+    )
+    parser.add_argument("dir", type=Path, help="a run's output folder (holds report.json)")
+    parser.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report_markdown
+
+    try:
+        path = write_report_markdown(args.dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {path} and {args.dir / 'plots'}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
 # entry point
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
@@ -310,6 +340,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_schema_parser,
     add_demo_parser,
     add_run_parser,
+    add_report_parser,
 ]
 
 
