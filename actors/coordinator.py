@@ -444,12 +444,13 @@ class CloudCoordinator:
                 f"spec learner: expected the declared {declared.to_dict()}, "
                 f"received {learner_spec.to_dict()}",
             )
-        expected = {name: tuple(t.shape) for name, t in VAELearner(learner_spec).state_dict().items()}
+        learner = VAELearner(learner_spec)  # built once: the shape template, then the loaded model
+        expected = {name: tuple(t.shape) for name, t in learner.state_dict().items()}
         try:
             check_shapes(tensors, expected, artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}")
         except ArtifactRejected as err:
             raise UploadRejected("wrong_shapes", err.reason) from None
-        learner = _load_learner(learner_spec, {k: v.float() for k, v in tensors.items()})
+        learner.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
         loss = self._plausibility_loss(learner, edge.task)
         if not loss < limits.max_plausibility_loss:  # also catches NaN
