@@ -80,23 +80,6 @@ class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carri
         super().__init__(f"{code}: {detail}")
 
 
-def rejection_code(reason: str) -> str:
-    """Map `unpack_payload`'s free-text reason to a short code (its checks run in a fixed order)."""
-    if reason.startswith("oversized"):
-        return "oversized"
-    if reason.startswith("sha256"):
-        return "sha256_mismatch"
-    if reason.startswith("spec"):
-        return "bad_spec"
-    if reason.startswith("weights"):
-        return "bad_weights"
-    if "dtype" in reason:
-        return "bad_dtype"
-    if "NaN or Inf" in reason:
-        return "non_finite"
-    return "invalid"
-
-
 @dataclass
 class RoundRequest:
     """Everything one cloud training round needs (all of it picklable, nothing an edge sent unchecked)."""
@@ -361,8 +344,8 @@ class CloudCoordinator:
             owner, vname = edge_owner(edge_id), version_name(version)
             try:
                 await asyncio.to_thread(self.registry.put, owner, vname, payload)
-            except ArtifactRejected as err:  # the same version already holds another model
-                raise UploadRejected("version_conflict", err.reason) from None
+            except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
+                raise UploadRejected(err.code, err.reason) from None
         except UploadRejected as err:
             receipt.update(reason=err.code, detail=err.detail)
             self.rejected[key] = receipt
@@ -414,7 +397,7 @@ class CloudCoordinator:
                 allowed_kinds=("learner",),
             )
         except ArtifactRejected as err:
-            raise UploadRejected(rejection_code(err.reason), err.reason) from None
+            raise UploadRejected(err.code, err.reason) from None
         except RecursionError:  # json.loads of a spec nested thousands of levels deep
             raise UploadRejected("bad_spec", "spec JSON nests too deeply to parse") from None
 
@@ -449,7 +432,7 @@ class CloudCoordinator:
         try:
             check_shapes(tensors, expected, artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}")
         except ArtifactRejected as err:
-            raise UploadRejected("wrong_shapes", err.reason) from None
+            raise UploadRejected(err.code, err.reason) from None
         learner.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
         loss = self._plausibility_loss(learner, edge.task)

@@ -96,46 +96,67 @@ def unpack_payload(
     allowed_dtypes: tuple[torch.dtype, ...] = DEFAULT_ALLOWED_DTYPES,
     allowed_kinds: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Verify a payload completely and return (spec, tensors). Raises ArtifactRejected with the reason.
+    """Verify a payload completely and return (spec, tensors). Raises ArtifactRejected with the reason
+    and its code (see orchestrator.errors.ArtifactRejected).
 
     Order: types and size (before reading anything), sha256 over the raw bytes, spec JSON, safetensors
     header and data, dtypes, finiteness.
     """
 
-    def reject(reason: str) -> ArtifactRejected:
-        logger.warning("artifact %s rejected: %s", artifact_id, reason)
-        return ArtifactRejected(artifact_id, reason)
+    def reject(code: str, reason: str) -> ArtifactRejected:
+        logger.warning("artifact %s rejected (%s): %s", artifact_id, code, reason)
+        return ArtifactRejected(artifact_id, reason, code=code)
 
-    if not isinstance(payload, ArtifactPayload):
-        raise reject(f"expected an ArtifactPayload, received {type(payload).__name__}")
-    if not isinstance(payload.weights, bytes):
-        raise reject(f"weights: expected bytes, received {type(payload.weights).__name__}")
-    if not isinstance(payload.spec_json, str):
-        raise reject(f"spec_json: expected str, received {type(payload.spec_json).__name__}")
-    if not isinstance(payload.sha256, str) or not _SHA256_HEX.fullmatch(payload.sha256):
-        raise reject(f"sha256: expected 64 lowercase hex characters, received {payload.sha256!r:.80}")
-    if payload.nbytes > max_bytes:
-        raise reject(f"oversized: {payload.nbytes} bytes, limit is {max_bytes} bytes")
-
-    actual_sha = compute_sha256(payload.spec_json, payload.weights)
-    if actual_sha != payload.sha256:
-        raise reject(f"sha256 mismatch: declared {payload.sha256}, computed {actual_sha}")
-
+    check_payload_integrity(payload, artifact_id=artifact_id, max_bytes=max_bytes)
     spec = _parse_spec(payload.spec_json, reject)
     if allowed_kinds is not None and spec["kind"] not in allowed_kinds:
-        raise reject(f"spec kind: expected one of {list(allowed_kinds)}, received {spec['kind']!r}")
+        raise reject(
+            "bad_spec", f"spec kind: expected one of {list(allowed_kinds)}, received {spec['kind']!r}"
+        )
 
     tensors = _parse_weights(payload.weights, reject)
     for name, tensor in tensors.items():
         if tensor.dtype not in allowed_dtypes:
             allowed = ", ".join(str(d) for d in allowed_dtypes)
-            raise reject(f"tensor {name!r}: dtype {tensor.dtype} not allowed (allowed: {allowed})")
+            raise reject(
+                "bad_dtype", f"tensor {name!r}: dtype {tensor.dtype} not allowed (allowed: {allowed})"
+            )
     for name, tensor in tensors.items():
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            raise reject(f"tensor {name!r}: {bad} of {tensor.numel()} values are NaN or Inf")
+            raise reject("non_finite", f"tensor {name!r}: {bad} of {tensor.numel()} values are NaN or Inf")
     return spec, tensors
+
+
+def check_payload_integrity(payload: ArtifactPayload, *, artifact_id: str, max_bytes: int) -> None:
+    """The cheap part of `unpack_payload`: field types, the size limit and the sha256 over the raw bytes.
+
+    Enough to store bytes that the caller has just verified completely (`Registry.put(..., verified=True)`):
+    it proves that the bytes stored are the bytes verified, without parsing them again.
+    """
+
+    def reject(code: str, reason: str) -> ArtifactRejected:
+        logger.warning("artifact %s rejected (%s): %s", artifact_id, code, reason)
+        return ArtifactRejected(artifact_id, reason, code=code)
+
+    if not isinstance(payload, ArtifactPayload):
+        raise reject("invalid", f"expected an ArtifactPayload, received {type(payload).__name__}")
+    if not isinstance(payload.weights, bytes):
+        raise reject("bad_weights", f"weights: expected bytes, received {type(payload.weights).__name__}")
+    if not isinstance(payload.spec_json, str):
+        raise reject("bad_spec", f"spec_json: expected str, received {type(payload.spec_json).__name__}")
+    if not isinstance(payload.sha256, str) or not _SHA256_HEX.fullmatch(payload.sha256):
+        raise reject(
+            "sha256_mismatch",
+            f"sha256: expected 64 lowercase hex characters, received {payload.sha256!r:.80}",
+        )
+    if payload.nbytes > max_bytes:
+        raise reject("oversized", f"oversized: {payload.nbytes} bytes, limit is {max_bytes} bytes")
+
+    actual_sha = compute_sha256(payload.spec_json, payload.weights)
+    if actual_sha != payload.sha256:
+        raise reject("sha256_mismatch", f"sha256 mismatch: declared {payload.sha256}, computed {actual_sha}")
 
 
 def check_shapes(
@@ -162,8 +183,8 @@ def check_shapes(
             problems.append(f"tensor {name!r}: expected shape {want}, received {got}")
     if problems:
         reason = "; ".join(problems)
-        logger.warning("artifact %s rejected: %s", artifact_id, reason)
-        raise ArtifactRejected(artifact_id, reason)
+        logger.warning("artifact %s rejected (wrong_shapes): %s", artifact_id, reason)
+        raise ArtifactRejected(artifact_id, reason, code="wrong_shapes")
 
 
 def declared_safetensors_size(weights: bytes) -> int | None:
@@ -203,31 +224,37 @@ def _check_spec_object(spec: Any) -> None:
         raise ValueError(f"spec['kind']: expected a non-empty string, received {kind!r}")
 
 
-def _parse_spec(spec_json: str, reject: Callable[[str], ArtifactRejected]) -> dict[str, Any]:
+def _parse_spec(spec_json: str, reject: Callable[[str, str], ArtifactRejected]) -> dict[str, Any]:
     try:
         spec = json.loads(spec_json)
     except ValueError as err:
-        raise reject(f"spec is not valid JSON: {err}") from None
+        raise reject("bad_spec", f"spec is not valid JSON: {err}") from None
     try:
         _check_spec_object(spec)
     except ValueError as err:
-        raise reject(str(err)) from None
+        raise reject("bad_spec", str(err)) from None
     # The sha256 contract is over canonical_json(spec): hold every sender to that one encoding.
     if canonical_json(spec).decode() != spec_json:
-        raise reject("spec_json is not canonical JSON (expected orchestrator.artifacts.canonical_json(spec))")
+        raise reject(
+            "bad_spec",
+            "spec_json is not canonical JSON (expected orchestrator.artifacts.canonical_json(spec))",
+        )
     return spec
 
 
-def _parse_weights(weights: bytes, reject: Callable[[str], ArtifactRejected]) -> dict[str, torch.Tensor]:
+def _parse_weights(weights: bytes, reject: Callable[[str, str], ArtifactRejected]) -> dict[str, torch.Tensor]:
+    # A truncated upload is a kind of bad weights (code bad_weights; the reason says "truncated"). The code
+    # "truncated" is kept for a stored file that lost its tail (Registry.get).
     declared = declared_safetensors_size(weights)
     if declared is not None and declared > len(weights):
         raise reject(
-            f"weights truncated: safetensors header declares {declared} bytes, received {len(weights)}"
+            "bad_weights",
+            f"weights truncated: safetensors header declares {declared} bytes, received {len(weights)}",
         )
     try:
         tensors = safetensors_load(weights)
     except Exception as err:  # any parse failure of untrusted bytes is a rejection, never a crash
-        raise reject(f"weights are not a valid safetensors blob: {err}") from None
+        raise reject("bad_weights", f"weights are not a valid safetensors blob: {err}") from None
     if not tensors:
-        raise reject("weights hold no tensors")
+        raise reject("bad_weights", "weights hold no tensors")
     return tensors

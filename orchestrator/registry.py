@@ -132,7 +132,7 @@ class Registry:
                     return self._ref(owner, version, existing, payload.nbytes)
                 reason = f"version already committed with sha256 {existing}, received {payload.sha256}"
                 logger.warning("artifact %s rejected: %s", artifact_id, reason)
-                raise ArtifactRejected(artifact_id, reason)
+                raise ArtifactRejected(artifact_id, reason, code="version_conflict")
             self._check_no_nesting(owner, version)
             self._fs.create_dir(folder, recursive=True)
             self._write_atomic(f"{folder}/{WEIGHTS_FILE}", payload.weights)
@@ -155,32 +155,37 @@ class Registry:
         if sha256 is None:
             raise ArtifactNotFound(f"no artifact {artifact_id} in registry {self.uri}")
 
-        def reject(reason: str) -> ArtifactRejected:
-            logger.warning("stored artifact %s rejected: %s", artifact_id, reason)
-            return ArtifactRejected(artifact_id, reason)
+        def reject(code: str, reason: str) -> ArtifactRejected:
+            logger.warning("stored artifact %s rejected (%s): %s", artifact_id, code, reason)
+            return ArtifactRejected(artifact_id, reason, code=code)
 
         infos = self._fs.get_file_info([f"{folder}/{WEIGHTS_FILE}", f"{folder}/{SPEC_FILE}"])
         for info in infos:
             if info.type != pafs.FileType.File:
-                raise reject(f"stored file {info.base_name} is missing")
+                raise reject("missing_file", f"stored file {info.base_name} is missing")
         total = sum(int(info.size or 0) for info in infos)
         if total > self.max_artifact_bytes:
-            raise reject(f"oversized: {total} bytes stored, limit is {self.max_artifact_bytes} bytes")
+            raise reject(
+                "oversized", f"oversized: {total} bytes stored, limit is {self.max_artifact_bytes} bytes"
+            )
         weights = self._read(f"{folder}/{WEIGHTS_FILE}")
         spec_bytes = self._read(f"{folder}/{SPEC_FILE}")
         try:
             spec_json = spec_bytes.decode()
         except UnicodeDecodeError:
-            raise reject("stored spec.json is not UTF-8 (corrupted)") from None
+            raise reject("bad_spec", "stored spec.json is not UTF-8 (corrupted)") from None
         actual = compute_sha256(spec_json, weights)
         if actual != sha256:
             declared = declared_safetensors_size(weights)
             if declared is not None and declared > len(weights):
                 raise reject(
+                    "truncated",
                     f"stored weights truncated: safetensors header declares {declared} bytes, "
-                    f"found {len(weights)}"
+                    f"found {len(weights)}",
                 )
-            raise reject(f"stored files do not match sha256: committed {sha256}, computed {actual}")
+            raise reject(
+                "sha256_mismatch", f"stored files do not match sha256: committed {sha256}, computed {actual}"
+            )
         return ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
 
     def ref(self, owner: str, version: str) -> ArtifactRef:

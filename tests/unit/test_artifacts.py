@@ -275,3 +275,66 @@ def test_check_shapes_accepts_torch_size_and_lists():
 def test_rejection_messages_are_json_safe_strings():
     payload = with_weights(b"\xff\xfe binary junk")
     json.dumps({"reason": rejection(payload)})
+
+
+# ---- reason codes ------------------------------------------------------------------------------------
+
+
+def rejection_code(payload: ArtifactPayload, **kwargs) -> str:
+    with pytest.raises(ArtifactRejected) as info:
+        unpack_payload(
+            payload, artifact_id="edge/e1@v000001", max_bytes=kwargs.pop("max_bytes", MAX_BYTES), **kwargs
+        )
+    return info.value.code
+
+
+def _good() -> ArtifactPayload:
+    return pack_state(make_state(), SPEC)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "kwargs", "code"),
+    [
+        (lambda: _good(), {"max_bytes": 10}, "oversized"),
+        (lambda: dataclasses.replace(_good(), sha256="0" * 64), {}, "sha256_mismatch"),
+        (lambda: dataclasses.replace(_good(), sha256="not hex"), {}, "sha256_mismatch"),
+        (lambda: dataclasses.replace(_good(), weights=bytearray(b"x")), {}, "bad_weights"),
+        (lambda: dataclasses.replace(_good(), spec_json=b"{}"), {}, "bad_spec"),
+        (lambda: with_weights(_good().weights, "{oops"), {}, "bad_spec"),
+        (lambda: with_weights(_good().weights, '{"kind": "learner"}'), {}, "bad_spec"),
+        (lambda: _good(), {"allowed_kinds": ("baim",)}, "bad_spec"),
+        (lambda: with_weights(_good().weights[:-7]), {}, "bad_weights"),
+        (lambda: with_weights(pickle.dumps({"w": 1})), {}, "bad_weights"),
+        (lambda: with_weights(safetensors_save({})), {}, "bad_weights"),
+        (lambda: with_weights(safetensors_save({"w": torch.arange(3)})), {}, "bad_dtype"),
+        (lambda: with_weights(safetensors_save({"w": torch.tensor([float("nan")])})), {}, "non_finite"),
+        (lambda: "not a payload", {}, "invalid"),
+    ],
+    ids=[
+        "oversized", "sha-mismatch", "sha-not-hex", "weights-type", "spec-type", "spec-json",
+        "spec-not-canonical", "kind", "truncated", "pickle", "no-tensors", "dtype", "nan", "not-a-payload",
+    ],
+)  # fmt: skip
+def test_every_rejection_carries_its_code(make_bad, kwargs, code):
+    assert rejection_code(make_bad(), **kwargs) == code
+
+
+def test_check_shapes_code_is_wrong_shapes():
+    with pytest.raises(ArtifactRejected) as info:
+        check_shapes({"w": torch.zeros(2)}, {"w": (3,)}, artifact_id="a")
+    assert (info.value.code, info.value.reason) == (
+        "wrong_shapes",
+        "tensor 'w': expected shape (3,), received (2,)",
+    )
+
+
+def test_rejection_code_survives_pickling_and_unknown_codes_are_refused():
+    """Ray ships exceptions between processes by pickling them (our own objects, never an edge's)."""
+    original = ArtifactRejected("edge/e1@v000001", "sha256 mismatch: ...", code="sha256_mismatch")
+    copy = pickle.loads(pickle.dumps(original))
+    assert (copy.artifact_id, copy.reason, copy.code, str(copy)) == (
+        original.artifact_id, original.reason, original.code, str(original),
+    )  # fmt: skip
+    assert ArtifactRejected("a", "r").code == "invalid"
+    with pytest.raises(ValueError, match="code: expected one of"):
+        ArtifactRejected("a", "r", code="sha_mismatch")

@@ -208,13 +208,14 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     # checkpoint (simulated by writing the artifact straight to the registry).
     scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
     registry_dir = tmp_path / "registry"
-    first = make_coordinator(scenario, registry_dir)
-    receipts = [
-        loop.run(first.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
-        for edge_id in ("edge-0", "edge-2")
-    ]
-    poisoned = loop.run(first.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1", mode="nan"))))
+    # Payloads are built before any upload: fusion runs in a coordinator thread and draws from torch's global
+    # RNG too, so seeding it here while a fusion runs would give a different payload now and then.
+    payloads = {edge_id: learner_payload(scenario, edge_id) for edge_id in ("edge-0", "edge-2")}
+    nan_payload = learner_payload(scenario, "edge-1", mode="nan")
     orphan = learner_payload(scenario, "edge-3")
+    first = make_coordinator(scenario, registry_dir)
+    receipts = [loop.run(first.upload(**as_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
+    poisoned = loop.run(first.upload(**as_kwargs("edge-1", nan_payload)))
     Registry(str(registry_dir)).put("edge/edge-3", version_name(1), orphan)
 
     # Execute
@@ -226,13 +227,10 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     assert status["accepted"] == ["edge-0", "edge-2", "edge-3"]
     assert status["learners"] == ["edge-0", "edge-2", "edge-3"]
     assert status["rejected"] == {"edge-1": "non_finite"}
-    again = [
-        loop.run(second.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
-        for edge_id in ("edge-0", "edge-2")
-    ]
+    again = [loop.run(second.upload(**as_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
     assert again == receipts
     assert loop.run(second.upload(**as_kwargs("edge-3", orphan)))["accepted"] is True
-    resent = loop.run(second.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1", mode="nan"))))
+    resent = loop.run(second.upload(**as_kwargs("edge-1", nan_payload)))
     assert resent == poisoned
     # The fused learner holds exactly the uploaded weights.
     torch.manual_seed(0)

@@ -121,6 +121,7 @@ def test_conflicting_re_put_is_rejected_and_keeps_the_original(registry: Registr
         registry.put("edge/e1", "v000001", make_payload(seed=1))
     assert info.value.artifact_id == "edge/e1@v000001"
     assert info.value.reason.startswith(f"version already committed with sha256 {original.sha256}, received ")
+    assert info.value.code == "version_conflict"
     assert registry.get("edge/e1", "v000001") == original
 
 
@@ -134,28 +135,45 @@ def torch_save_bytes() -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("make_bad", "reason_start"),
+    ("make_bad", "reason_start", "code"),
     [
-        (lambda p: dataclasses.replace(p, sha256="f" * 64), "sha256 mismatch"),
-        (lambda p: hostile(p.weights[:-4]), "weights truncated"),
-        (lambda p: hostile(pickle.dumps({"w": [1.0]})), "weights are not a valid safetensors blob"),
-        (lambda p: hostile(torch_save_bytes()), "weights are not a valid safetensors blob"),
-        (lambda p: hostile(safetensors_save({"w": torch.tensor([1.0, float("nan")])})), "tensor 'w': 1 of 2"),
-        (lambda p: hostile(safetensors_save({"w": torch.tensor([float("inf")])})), "tensor 'w': 1 of 1"),
-        (lambda p: hostile(safetensors_save({"w": torch.arange(4)})), "tensor 'w': dtype torch.int64"),
-        (lambda p: hostile(p.weights, "{oops"), "spec is not valid JSON"),
-        (lambda p: hostile(p.weights, '{"latent_dim":4}'), "spec['kind']"),
+        (lambda p: dataclasses.replace(p, sha256="f" * 64), "sha256 mismatch", "sha256_mismatch"),
+        (lambda p: hostile(p.weights[:-4]), "weights truncated", "bad_weights"),
+        (
+            lambda p: hostile(pickle.dumps({"w": [1.0]})),
+            "weights are not a valid safetensors blob",
+            "bad_weights",
+        ),
+        (lambda p: hostile(torch_save_bytes()), "weights are not a valid safetensors blob", "bad_weights"),
+        (
+            lambda p: hostile(safetensors_save({"w": torch.tensor([1.0, float("nan")])})),
+            "tensor 'w': 1 of 2",
+            "non_finite",
+        ),
+        (
+            lambda p: hostile(safetensors_save({"w": torch.tensor([float("inf")])})),
+            "tensor 'w': 1 of 1",
+            "non_finite",
+        ),
+        (
+            lambda p: hostile(safetensors_save({"w": torch.arange(4)})),
+            "tensor 'w': dtype torch.int64",
+            "bad_dtype",
+        ),
+        (lambda p: hostile(p.weights, "{oops"), "spec is not valid JSON", "bad_spec"),
+        (lambda p: hostile(p.weights, '{"latent_dim":4}'), "spec['kind']", "bad_spec"),
     ],
     ids=["sha", "truncated", "pickle", "torch-save", "nan", "inf", "int64", "spec-not-json", "spec-no-kind"],
 )
 def test_bad_upload_rejected_nothing_written_registry_still_usable(
-    tmp_path: Path, registry: Registry, make_bad, reason_start
+    tmp_path: Path, registry: Registry, make_bad, reason_start, code
 ):
     # Execute
     with pytest.raises(ArtifactRejected) as info:
         registry.put("edge/bad", "v000001", make_bad(make_payload()))
     # Assert
     assert info.value.reason.startswith(reason_start)
+    assert info.value.code == code
     assert not version_dir(tmp_path, "edge/bad", "v000001").exists()
     assert registry.versions("edge/bad") == []
     assert_still_usable(registry)
@@ -197,22 +215,23 @@ def delete_weights(folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("corrupt", "reason_start"),
+    ("corrupt", "reason_start", "code"),
     [
-        (corrupt_truncate, "stored weights truncated: safetensors header declares"),
-        (corrupt_flip_byte, "stored files do not match sha256"),
-        (corrupt_spec, "stored files do not match sha256"),
-        (corrupt_spec_binary, "stored spec.json is not UTF-8"),
-        (delete_weights, "stored file weights.safetensors is missing"),
+        (corrupt_truncate, "stored weights truncated: safetensors header declares", "truncated"),
+        (corrupt_flip_byte, "stored files do not match sha256", "sha256_mismatch"),
+        (corrupt_spec, "stored files do not match sha256", "sha256_mismatch"),
+        (corrupt_spec_binary, "stored spec.json is not UTF-8", "bad_spec"),
+        (delete_weights, "stored file weights.safetensors is missing", "missing_file"),
     ],
 )
-def test_corrupted_store_rejected_on_get(tmp_path: Path, registry: Registry, corrupt, reason_start):
+def test_corrupted_store_rejected_on_get(tmp_path: Path, registry: Registry, corrupt, reason_start, code):
     registry.put("edge/e1", "v000001", make_payload())
     corrupt(version_dir(tmp_path, "edge/e1", "v000001"))
     with pytest.raises(ArtifactRejected) as info:
         registry.get("edge/e1", "v000001")
     assert info.value.artifact_id == "edge/e1@v000001"
     assert info.value.reason.startswith(reason_start)
+    assert info.value.code == code
     assert_still_usable(registry)
 
 
