@@ -30,12 +30,13 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.errors import ArtifactRejected, UnknownTask
@@ -290,6 +291,17 @@ def create_api(
             raise HTTPException(status_code=404, detail=str(UnknownTask(task, sorted(handles))))
         return handles[task]
 
+    async def call_replica(task: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        # Every replica call is a pure function of (model version, arguments), so a call that hit a replica
+        # dying under it is safe to repeat once on another; a second failure is the service's, not the
+        # client's: 503, never 500.
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except RayActorError as err:
+                logger.warning("task %s: replica died during a call (attempt %d): %s", task, attempt, err)
+        raise HTTPException(status_code=503, detail=f"task {task!r}: no replica answered; retry later")
+
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -297,14 +309,14 @@ def create_api(
     @api.get("/tasks", response_model=TasksResponse)
     async def list_tasks() -> TasksResponse:
         tasks = sorted(handles)
-        infos = await asyncio.gather(*(handles[task].info.remote() for task in tasks))
+        infos = await asyncio.gather(*(call_replica(task, handles[task].info.remote) for task in tasks))
         return TasksResponse(tasks=[TaskInfo(**info) for info in infos])
 
     @api.post("/tasks/{task}/generate", response_model=GenerateResponse)
     async def generate(task: str, body: GenerateRequest) -> GenerateResponse:
         handle = handle_for(task)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        result = await handle.generate.remote(body.n, seed)
+        result = await call_replica(task, lambda: handle.generate.remote(body.n, seed))
         GENERATION_SECONDS.labels(task=task).observe(result["generation_seconds"])
         return GenerateResponse(
             task=task, model_version=result["model_version"], seed=seed, images=result["images"]
@@ -322,10 +334,10 @@ def create_api(
         handle = handle_for(task)
         cached = request.headers.get("if-none-match", "").strip('"')
         if cached:
-            info = await handle.info.remote()
+            info = await call_replica(task, handle.info.remote)
             if hmac.compare_digest(cached, info["sha256"]):
                 return Response(status_code=304, headers=_model_headers(task, info["model_version"], cached))
-        artifact = await handle.artifact.remote()
+        artifact = await call_replica(task, handle.artifact.remote)
         return Response(
             content=artifact["body"],
             media_type="application/octet-stream",
