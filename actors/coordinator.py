@@ -17,6 +17,9 @@ Fusion: each accepted learner joins the live BAIM at once (`BAIM.from_learners` 
 `BAIM.add_learner`, function-preserving). The fusion policy (`cloud.fusion`) starts a round after
 `min_new_models` new learners, or once the oldest untrained one waited `max_wait_seconds`. A round trains a
 snapshot; learners that arrive meanwhile are fused again on top of the trained BAIM and join the next round.
+Arrival order varies from run to run and the fused structure depends on it, so a round trains its new
+learners re-fused in canonical order (the scenario's edge order, `_canonical_baim`), and its training and test
+noise is seeded (`seeded_loss`): the same uploads and seed give the same trained BAIM.
 
 Durability: after every accepted upload and every round the coordinator writes its state document
 (`coordinator/state`: accepted uploads in arrival order, the trained BAIM version, rounds, rejections,
@@ -27,6 +30,8 @@ accepted upload the registry holds that the trained BAIM lacks: nothing acknowle
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import logging
 import time
@@ -39,6 +44,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from actors.edge import learner_name
 from baim.config import LearnerSpec
+from baim.continual import admit
 from baim.costs import count_params
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner, noise_for
@@ -104,11 +110,35 @@ class RoundResult:
 RoundRunner = Callable[[RoundRequest], RoundResult]
 
 
+def noise_seed(scenario_seed: int, purpose: str) -> int:
+    """Base seed of one noise stream (e.g. "round 1 train"), stable across processes (sha256, not hash())."""
+    digest = hashlib.sha256(f"{purpose}\0{scenario_seed}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def seeded_loss(base_seed: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    """A loss_fn for `train_epoch` / `evaluate` whose i-th call draws all its noise (the gate code, each
+    learner's eps) from `noise_for(name, base_seed + i)`, never from torch's global RNG.
+
+    Why: the global RNG is shared by every thread of the coordinator, and upload validation and fusion draw
+    from it (module construction) while a round trains; noise drawn from it depends on thread timing.
+    """
+    calls = itertools.count()
+
+    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, task_ids = batch
+        return model(images, task_ids, seed=base_seed + next(calls)).loss
+
+    return loss_fn
+
+
 def local_training_round(request: RoundRequest) -> RoundResult:
     """Train the fused BAIM once per strategy in this process (the fallback when Ray Train is not used).
 
     Each strategy starts from the same fused BAIM; the first strategy's result is what the coordinator keeps.
     FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after each epoch.
+    Deterministic: the result depends only on the request (batch order from a seeded generator, training and
+    test noise from `seeded_loss`), not on the global RNG or on what other threads do meanwhile.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -122,6 +152,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
     for strategy in request.strategies:
         model = BAIM.from_spec(spec)
         model.load_state_dict(tensors)
+        admit(model)  # fused-but-pending learners compete from the first step, as in orchestrator.train
         tasks = list(model.config.tasks)
         train_set: ConcatDataset[Any] = ConcatDataset(
             [
@@ -141,16 +172,16 @@ def local_training_round(request: RoundRequest) -> RoundResult:
         apply_strategy(model, strategy, model.learner_modules(), seed=request.scenario.seed)  # type: ignore[arg-type]
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cloud.lr)
 
-        def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
-            images, task_ids = batch
-            return m(images, task_ids).loss
-
+        train_loss = seeded_loss(noise_seed(request.scenario.seed, f"round {request.round_index} train"))
         losses, test_losses, flops, started = [], [], 0, time.perf_counter()
         for _ in range(cloud.epochs):
             with FlopCounterMode(display=False) as counter:
-                losses.append(train_epoch(model, train_loader, optimizer, loss_fn))
+                losses.append(train_epoch(model, train_loader, optimizer, train_loss))
             flops += int(counter.get_total_flops())
-            test_losses.append(evaluate(model, test_loader, loss_fn))
+            # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
+            # evaluate must not reseed the shared global RNG.
+            test_loss = seeded_loss(noise_seed(request.scenario.seed, "test"))
+            test_losses.append(evaluate(model, test_loader, test_loss, seed=None))
         for p in model.parameters():
             p.requires_grad_(True)
         results[strategy] = {
@@ -225,6 +256,7 @@ class CloudCoordinator:
         self.round_runner = round_runner or local_training_round
         self.edges = {edge.id: edge for edge in scenario.all_edges()}
         self.learner_names = {edge_id: learner_name(edge_id) for edge_id in self.edges}
+        self.learner_rank = {name: rank for rank, name in enumerate(self.learner_names.values())}
         self.ledger = Ledger()
         self._holdout: dict[str, torch.Tensor] = {}
 
@@ -484,8 +516,13 @@ class CloudCoordinator:
         name, task = self.learner_names[edge_id], self.edges[edge_id].task
         if self.baim is not None and name in self.baim.config.learner_names:
             return
-        if self.baim is None:
-            self.baim = BAIM.from_learners(
+        self.baim = self._fuse_into(self.baim, name, task, learner)
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+
+    def _fuse_into(self, baim: BAIM | None, name: str, task: str, learner: VAELearner) -> BAIM:
+        if baim is None:
+            return BAIM.from_learners(
                 [task],
                 [(name, task, learner)],
                 top_k=self.cloud.top_k,
@@ -493,10 +530,34 @@ class CloudCoordinator:
                 kld_weight=self.cloud.kld_weight,
                 seed=self.scenario.seed,
             )
-        else:
-            self.baim.add_learner(name, task, learner)
-        if self.pending_since is None:
-            self.pending_since = time.monotonic()
+        baim.add_learner(name, task, learner)
+        return baim
+
+    def _canonical_baim(self, baim: BAIM) -> BAIM:
+        """`baim` with its untrained learners fused in canonical order: the scenario's edge order.
+
+        Fusion follows arrival order, which varies between runs (edges finish at different times, uploads
+        run concurrently), and the fused BAIM depends on it: learner and task order, which member founds a
+        squad (its LSGate row is drawn from the seed) and which join it pending (zero rows), the candidate
+        connections. So a round trains the last trained BAIM (from the registry) with its new learners
+        re-fused in canonical order; nothing is rebuilt when they arrived in that order already.
+        """
+        pending = self._pending_learners()
+        unknown = len(self.learner_rank)  # not in the scenario (an old registry): after the others, by name
+        ordered = sorted(pending, key=lambda name: (self.learner_rank.get(name, unknown), name))
+        if pending == ordered:
+            return baim
+        base: BAIM | None = None
+        if self.baim_version is not None:
+            payload = self.registry.get(BAIM_OWNER, self.baim_version)
+            spec, tensors = unpack_payload(payload, artifact_id=f"baim@{self.baim_version}", max_bytes=2**40)
+            base = BAIM.from_spec(spec)
+            base.load_state_dict(tensors)
+        for name in ordered:
+            base = self._fuse_into(base, name, baim.config.learner(name).task, baim.learner(name))
+        assert base is not None  # ordered is non-empty: pending != ordered
+        logger.info("round learners re-fused in canonical order: %s (arrived as %s)", ordered, pending)
+        return base
 
     def _pending_learners(self) -> list[str]:
         if self.baim is None:
@@ -517,8 +578,9 @@ class CloudCoordinator:
         async with self._lock:
             if self.baim is None or (self._round_task is not None and not self._round_task.done()):
                 return
-            snapshot = await asyncio.to_thread(pack_module, self.baim, self.baim.spec())
-            members = list(self.baim.config.learner_names)
+            self.baim = baim = await asyncio.to_thread(self._canonical_baim, self.baim)
+            snapshot = await asyncio.to_thread(pack_module, baim, baim.spec())
+            members = list(baim.config.learner_names)
             request = RoundRequest(
                 round_index=len(self.rounds) + 1,
                 baim=snapshot,
