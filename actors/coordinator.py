@@ -8,7 +8,9 @@ or a local loop, in a thread that only waits for it), so an upload is never queu
 
 Per upload (`upload`): validate (size limit, sha256, spec, tensor names and shapes against the learner the
 spec rebuilds, dtypes, finite values, and plausibility: the loss on a few held-out cloud images of the edge's
-task must be finite and below `cloud.uploads.max_plausibility_loss`), write it durably to the registry as
+task must be finite, below `cloud.uploads.max_plausibility_loss` and below `cloud.uploads.max_loss_ratio`
+times the holdout's pixel variance, and no tensor's RMS may exceed `cloud.uploads.max_weight_norm_ratio`
+times its RMS in a fresh learner of the declared architecture), write it durably to the registry as
 `edge/<edge_id>@v<version>`, record it in the checkpoint, *then* acknowledge. A receipt is a pure function of
 the upload and its outcome, so re-sending the same upload (a retry after a restart) returns the same receipt.
 Rejections are data: a receipt with `accepted=False`, a short reason code and the detail.
@@ -216,6 +218,35 @@ def ray_train_round(request: RoundRequest) -> RoundResult:
     return RoundResult(trained=trained, strategies={name: r.summary() for name, r in results.items()})
 
 
+def fresh_learner_rms(spec: LearnerSpec) -> dict[str, float]:
+    """RMS of every tensor of a freshly initialised learner of `spec` (seeded, so the same on every run),
+    plus "*" for the whole learner: the scale the weight-norm check compares an upload's tensors with.
+
+    Draws from a forked global RNG, so callers' random streams are left as they were.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PLAUSIBILITY_SEED)
+        state = VAELearner(spec).state_dict()
+    squares = {name: float((t.double() ** 2).sum()) for name, t in state.items()}
+    rms = {name: (squares[name] / state[name].numel()) ** 0.5 for name in state}
+    rms["*"] = (sum(squares.values()) / sum(t.numel() for t in state.values())) ** 0.5
+    return rms
+
+
+def largest_rms_ratio(learner: VAELearner, fresh_rms: dict[str, float]) -> tuple[str, float]:
+    """(tensor name, ratio) of the learner's tensor whose RMS is the largest multiple of its fresh RMS.
+
+    Tensors that start at zero (GroupNorm biases) are measured against the whole fresh learner's RMS.
+    """
+    worst, largest = "", 0.0
+    for name, tensor in learner.state_dict().items():
+        rms = float(tensor.double().pow(2).mean().sqrt())
+        scale = fresh_rms[name] if fresh_rms[name] > 0 else fresh_rms["*"]
+        if rms / scale > largest:
+            worst, largest = name, rms / scale
+    return worst, largest
+
+
 def _load_learner(spec: LearnerSpec, tensors: dict[str, torch.Tensor]) -> VAELearner:
     learner = VAELearner(spec)
     learner.load_state_dict(tensors, strict=True)
@@ -259,6 +290,7 @@ class CloudCoordinator:
         self.learner_rank = {name: rank for rank, name in enumerate(self.learner_names.values())}
         self.ledger = Ledger()
         self._holdout: dict[str, torch.Tensor] = {}
+        self._fresh_rms = {spec: fresh_learner_rms(spec) for spec in self._declared_specs()}
 
         # State (what the checkpoint holds).
         self.accepted: list[dict[str, Any]] = []  # receipts of accepted uploads, in arrival order
@@ -474,6 +506,21 @@ class CloudCoordinator:
                 f"loss on {PLAUSIBILITY_IMAGES} held-out images of task {edge.task!r}: "
                 f"expected a finite value below {limits.max_plausibility_loss}, received {loss:.6g}",
             )
+        reference = self._reference_loss(edge.task)
+        if reference > 0 and loss > limits.max_loss_ratio * reference:
+            raise UploadRejected(
+                "implausible_loss",
+                f"loss on {PLAUSIBILITY_IMAGES} held-out images of task {edge.task!r}: expected at most "
+                f"{limits.max_loss_ratio} x {reference:.6g} (the loss of predicting the holdout's mean "
+                f"image), received {loss:.6g} ({loss / reference:.3g} x)",
+            )
+        name, ratio = largest_rms_ratio(learner, self._fresh_rms[learner_spec])
+        if ratio > limits.max_weight_norm_ratio:
+            raise UploadRejected(
+                "implausible_weights",
+                f"tensor {name!r}: expected an RMS at most {limits.max_weight_norm_ratio} x that of a fresh "
+                f"learner of the declared architecture, received {ratio:.4g} x",
+            )
         return learner
 
     @torch.no_grad()
@@ -482,6 +529,24 @@ class CloudCoordinator:
         eps = noise_for("plausibility", PLAUSIBILITY_SEED, images.shape[0], learner.spec.latent_dim)
         learner.eval()
         return float(learner.loss(images, self.cloud.kld_weight, eps=eps).loss)
+
+    def _reference_loss(self, task: str) -> float:
+        """The holdout's pixel variance: the MSE of predicting every holdout image by their mean image.
+
+        It needs no trusted model, only the cloud's own images; 0 when the holdout has fewer than two
+        distinct images (then the relative check is skipped: there is nothing to compare with).
+        """
+        images = self._holdout_images(task)
+        if images.shape[0] < 2:
+            return 0.0
+        return float(((images - images.mean(dim=0, keepdim=True)) ** 2).mean())
+
+    def _declared_specs(self) -> set[LearnerSpec]:
+        resolution = self.scenario.data.resolution
+        return {
+            LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, resolution)
+            for edge in self.edges.values()
+        }
 
     def _holdout_images(self, task: str) -> torch.Tensor:
         if task not in self._holdout:

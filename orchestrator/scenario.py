@@ -371,6 +371,30 @@ class UploadLimits(StrictModel):
             "implausible (catches poisoned or broken models)."
         ),
     )
+    max_loss_ratio: float = Field(
+        default=2.5,
+        gt=0,
+        description=(
+            "An upload whose holdout loss exceeds this multiple of the holdout's pixel variance (the loss "
+            "of predicting every image by the holdout's mean image, which any useful model must beat) is "
+            "rejected as implausible. Measured: trained edges 0.4-1.2 on CelebA (1.5-1.65 on the "
+            "procedural faces, where tiny edges learn little), untrained learners 1.2-2.14, sign-flipped "
+            "2.8-3.2 (2.1 procedural), Gaussian noise of 3x each tensor's std 2.1-3.1, weights x3 5+. "
+            "The default accepts untrained learners; with real data and trained edges 1.25-1.5 also "
+            "rejects untrained and noise-image models."
+        ),
+    )
+    max_weight_norm_ratio: float = Field(
+        default=50.0,
+        ge=1,
+        description=(
+            "An upload with a tensor whose RMS exceeds this multiple of the same tensor's RMS in a freshly "
+            "initialised learner of the declared architecture (the whole fresh learner's RMS for tensors "
+            "that start at zero) is rejected as implausible. Catches inflated weights whose effect a "
+            "normalisation layer hides from the loss; honest training moved tensors at most 2.8x "
+            "(6 to 25 epochs on CelebA)."
+        ),
+    )
 
 
 class CloudConfig(StrictModel):

@@ -479,15 +479,23 @@ def test_weights_scaled_by_1000_are_rejected_as_implausible(tmp_path: Path, trai
     assert send(coordinator, "edge-1", valid_payload(scenario, "edge-1"))["accepted"] is True
 
 
-@pytest.mark.xfail(
+INSEPARABLE_HERE = pytest.mark.xfail(
     strict=True,
-    reason="BUG (actors/coordinator.py plausibility gate): an absolute loss limit "
-    "(cloud.uploads.max_plausibility_loss, default 10.0) on an MSE-scale loss (~0.05 here) accepts these; "
-    "the gate needs a limit relative to a reference (see docs/reliability.md)",
+    reason="LIMIT (actors/coordinator.py plausibility gate): edge-2 trained 4 epochs on procedural faces "
+    "learns nothing input-dependent (ratio 1.49 x the holdout pixel variance); this poisoned copy (1.77 x "
+    "noise 1 std, 2.11 x sign flip) is no worse than the untrained learners the suite uploads as valid "
+    "(up to 2.14 x), and its weight norm (1.32 x) is within honest training's drift (up to 1.29 x "
+    "total); cloud.uploads.max_loss_ratio (default 2.5) catches a sign flip on CelebA (2.8-3.2 x), not here",
 )
+
+
 @pytest.mark.parametrize(
     ("mode", "scale"),
-    [("sign_flip", 1.0), ("noise", 1.0), ("noise", 3.0)],
+    [
+        pytest.param("sign_flip", 1.0, marks=INSEPARABLE_HERE),
+        pytest.param("noise", 1.0, marks=INSEPARABLE_HERE),
+        ("noise", 3.0),
+    ],
     ids=["sign_flip", "gaussian_noise_1std", "gaussian_noise_3std"],
 )
 def test_poisoned_model_is_rejected_as_implausible(

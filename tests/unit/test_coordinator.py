@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from actors.coordinator import STATE_KEY, CloudCoordinator, version_name
+from actors.coordinator import STATE_KEY, CloudCoordinator, fresh_learner_rms, largest_rms_ratio, version_name
 from actors.edge import poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
@@ -260,3 +260,90 @@ def test_policy_round_trains_and_finish_publishes_exact_task_models(tmp_path: Pa
         assert task["test_loss"] > 0
     registry = Registry(str(tmp_path / "registry"))
     assert registry.versions("task/male") == ["v000001"] and registry.versions("baim") == ["v000001"]
+
+
+# ---- the plausibility gate's relative checks ----------------------------------------------------------
+
+
+def test_loss_above_the_ratio_of_the_holdout_pixel_variance_is_rejected(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    # Prepare: an untrained learner's loss is 1.2 to 2.2 x the holdout's pixel variance (measured); a ratio
+    # limit of 1.0 ("beat the mean image") rejects it, the default 2.5 accepts it.
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    strict = make_coordinator(
+        tiny_scenario(tmp_path, fusion=never, uploads={"max_loss_ratio": 1.0}), tmp_path / "a"
+    )
+    default = make_coordinator(tiny_scenario(tmp_path, fusion=never), tmp_path / "b")
+    payload = learner_payload(strict.scenario, "edge-0")
+    holdout = strict._holdout_images("male")
+    pixel_variance = float(((holdout - holdout.mean(dim=0, keepdim=True)) ** 2).mean())
+
+    # Execute
+    rejected = loop.run(strict.upload(**as_kwargs("edge-0", payload)))
+    accepted = loop.run(default.upload(**as_kwargs("edge-0", payload)))
+
+    # Assert
+    assert (rejected["accepted"], rejected["reason"]) == (False, "implausible_loss"), rejected
+    assert (
+        f"at most 1.0 x {pixel_variance:.6g} (the loss of predicting the holdout's mean image)"
+        in (rejected["detail"])
+    )
+    assert accepted["accepted"] is True, accepted
+
+
+def test_inflated_weights_hidden_by_group_norm_are_rejected(tmp_path: Path, loop: LoopThread) -> None:
+    """Scaling a convolution that a GroupNorm follows barely changes the loss; the norm check sees it."""
+    # Prepare
+    scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    edge = scenario.edge("edge-0")
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    torch.manual_seed(0)
+    state = VAELearner(spec).state_dict()
+    clean_loss = coordinator._plausibility_loss(_loaded(spec, state), "male")
+    state["encoder_stages.1.0.weight"] = state["encoder_stages.1.0.weight"] * 1000.0
+    inflated_loss = coordinator._plausibility_loss(_loaded(spec, state), "male")
+
+    # Execute
+    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", pack_state(state, upload_spec(edge, spec)))))
+
+    # Assert
+    assert abs(inflated_loss - clean_loss) < 0.01 * clean_loss  # the loss checks cannot see it
+    assert (receipt["accepted"], receipt["reason"]) == (False, "implausible_weights"), receipt
+    assert receipt["detail"].startswith("tensor 'encoder_stages.1.0.weight': expected an RMS at most 50.0 x")
+
+
+def _loaded(spec: LearnerSpec, state: dict[str, torch.Tensor]) -> VAELearner:
+    learner = VAELearner(spec)
+    learner.load_state_dict(state)
+    return learner
+
+
+def test_fresh_learner_rms_is_deterministic_and_leaves_the_global_rng_alone() -> None:
+    spec = LearnerSpec((8, 16), 8, 16)
+    torch.manual_seed(5)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(5)
+
+    first = fresh_learner_rms(spec)
+    draw = torch.rand(3)
+
+    assert torch.equal(draw, expected_draw)
+    assert first == fresh_learner_rms(spec)
+    assert first["encoder_stages.0.1.weight"] == 1.0  # GroupNorm weight starts at ones
+    assert first["encoder_stages.0.1.bias"] == 0.0  # ... and its bias at zero: measured against "*"
+    assert 0 < first["*"] < 1
+
+
+def test_largest_rms_ratio_names_the_tensor_and_uses_the_whole_learner_for_zero_init_tensors() -> None:
+    spec = LearnerSpec((8,), 4, 16)
+    fresh = fresh_learner_rms(spec)
+    learner = _loaded(spec, VAELearner(spec).state_dict())
+    with torch.no_grad():
+        learner.encoder_stages[0][1].bias.fill_(3.0 * fresh["*"])  # type: ignore[index]
+
+    name, ratio = largest_rms_ratio(learner, fresh)
+
+    assert name == "encoder_stages.0.1.bias"
+    assert ratio == pytest.approx(3.0)

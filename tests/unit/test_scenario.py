@@ -389,3 +389,29 @@ def test_parser_errors_say_what_and_where(text: str, message: str):
 def test_unknown_attribute_error_lists_valid_names():
     with pytest.raises(ValueError, match="valid attribute names: Male, Smiling"):
         parse_task_expression("Bald", valid_attributes=("Male", "Smiling"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("max_loss_ratio", 0, "greater than 0"),
+        ("max_loss_ratio", "high", "valid number"),
+        ("max_weight_norm_ratio", 0.5, "greater than or equal to 1"),
+    ],
+)
+def test_plausibility_gate_bounds_name_their_field(field: str, value: Any, words: str):
+    document = valid_scenario()
+    document.setdefault("cloud", {})["uploads"] = {field: value}
+
+    problems = problems_of(document)
+
+    assert any(line.startswith(f"cloud.uploads.{field}:") and words in line for line in problems), problems
+
+
+def test_plausibility_gate_defaults():
+    uploads = Scenario.model_validate(valid_scenario()).cloud.uploads
+    assert (uploads.max_plausibility_loss, uploads.max_loss_ratio, uploads.max_weight_norm_ratio) == (
+        10.0,
+        2.5,
+        50.0,
+    )
