@@ -344,7 +344,11 @@ class RunEvaluation:
             if item.task not in real_features:
                 continue
             fake, true = features[(item.phase, item.name)], real_features[item.task]
-            kid_mean, kid_std = kid(fake, true, subsets=self.options.kid_subsets, subset_size=1000, seed=0)
+            # Subsets of half the smaller set: subsets of the whole set would all be equal (std 0).
+            subset_size = max(2, min(fake.shape[0], true.shape[0]) // 2)
+            kid_mean, kid_std = kid(
+                fake, true, subsets=self.options.kid_subsets, subset_size=subset_size, seed=0
+            )
             rows.append(
                 {
                     "phase": item.phase,
@@ -355,6 +359,7 @@ class RunEvaluation:
                     "kid_std": kid_std,
                     "num_generated": int(fake.shape[0]),
                     "num_real": int(true.shape[0]),
+                    "kid_subset_size": subset_size,
                 }
             )
         reference = {}

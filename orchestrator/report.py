@@ -547,7 +547,8 @@ def _quality_section(report: dict[str, Any]) -> list[str]:
     lines = [
         f"Extractor `{quality['extractor']}` ({quality['feature_dim']}-d features); "
         f"{quality['num_generated']} generated images per set against the task's real test images "
-        f"({', '.join(f'{t}: {n}' for t, n in real.items())}); KID over {quality['kid_subsets']} subsets. "
+        f"({', '.join(f'{t}: {n}' for t, n in real.items())}); "
+        f"KID over {quality['kid_subsets']} random subsets of half of each set. "
         "FID is biased upward at these sample counts: compare numbers within this table, and read KID beside "
         "it. The real-vs-real line is the floor at this sample count (two disjoint halves of the real set).",
         "",
