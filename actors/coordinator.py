@@ -407,7 +407,9 @@ class CloudCoordinator:
             payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
             owner, vname = edge_owner(edge_id), version_name(version)
             try:
-                await asyncio.to_thread(self.registry.put, owner, vname, payload)
+                # verified=True: _validate just ran unpack_payload on these very bytes; the registry only
+                # re-checks their size and sha256 (cheap), then writes them durably before the ack.
+                await asyncio.to_thread(self.registry.put, owner, vname, payload, verified=True)
             except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
                 raise UploadRejected(err.code, err.reason) from None
         except UploadRejected as err:

@@ -7,10 +7,14 @@ Layout under the root:
     artifacts/<owner>/<version>/sha256      # written last: its presence commits the version
     state/<key>.json                        # small JSON documents (checkpoints, coordinator state)
 
-Owners may contain '/' (`edge/edge-3`, `task/smiling`, `baim`). Every file is written to a temporary name
-and renamed into place; the sha256 file goes last, so a reader never sees a half-written version as
-committed. Only pyarrow.fs calls touch the store, so the same code runs against S3 on a cluster (the one
-exception is an fsync for local disks, which pyarrow does not expose).
+Owners may contain '/' (`edge/edge-3`, `task/smiling`, `baim`). A version is committed by its sha256 file,
+written last (to a temporary name, then renamed into place), so a reader never sees a half-written version
+as committed. The weights and spec files of a version that is not committed yet are written in place: no
+reader looks at them before the commit, and a retry overwrites them. Durability on a local disk: the two
+data files are fsynced, then the folder (their entries), then the sha256 file and the folder again, so a
+committed marker can never survive a crash without the files it commits (5 fsyncs per artifact). Only
+pyarrow.fs calls touch the store, so the same code runs against S3 on a cluster (the one exception is the
+fsync for local disks, which pyarrow does not expose; S3 objects are durable once written).
 
 Concurrency: one process may call a Registry from several threads. Writers in different processes must
 not write the same (owner, version); if they did, `get` would detect the mix by its sha256.
@@ -31,6 +35,7 @@ import pyarrow.fs as pafs
 
 from orchestrator.artifacts import (
     ArtifactPayload,
+    check_payload_integrity,
     compute_sha256,
     declared_safetensors_size,
     unpack_payload,
@@ -113,16 +118,27 @@ class Registry:
 
     # ---- artifacts -------------------------------------------------------------------------------
 
-    def put(self, owner: str, version: str, payload: ArtifactPayload) -> ArtifactRef:
-        """Verify and durably store an artifact; idempotent on (owner, version, sha256).
+    def put(
+        self, owner: str, version: str, payload: ArtifactPayload, *, verified: bool = False
+    ) -> ArtifactRef:
+        """Verify and durably store an artifact; idempotent on (owner, version, sha256). Returns once the
+        artifact is durable (fsynced on a local disk).
+
+        verified=True is for a caller that has just run `unpack_payload` on this very payload (the
+        coordinator's upload validation): only the cheap checks run again (field types, the size limit and
+        the sha256 over the bytes, which proves the bytes stored are the bytes verified), not the
+        safetensors parse, dtype and finiteness checks. `get` is the same either way.
 
         Raises ArtifactRejected when the payload fails verification or when (owner, version) already holds
-        a different sha256; ValueError for unsafe names.
+        a different sha256 (code version_conflict); ValueError for unsafe names.
         """
         validate_name(owner, "owner", allow_slash=True)
         validate_name(version, "version", allow_slash=False)
         artifact_id = f"{owner}@{version}"
-        unpack_payload(payload, artifact_id=artifact_id, max_bytes=self.max_artifact_bytes)
+        if verified:
+            check_payload_integrity(payload, artifact_id=artifact_id, max_bytes=self.max_artifact_bytes)
+        else:
+            unpack_payload(payload, artifact_id=artifact_id, max_bytes=self.max_artifact_bytes)
         folder = self._version_folder(owner, version)
         with self._write_lock:
             existing = self._read_committed_sha(folder)
@@ -135,8 +151,11 @@ class Registry:
                 raise ArtifactRejected(artifact_id, reason, code="version_conflict")
             self._check_no_nesting(owner, version)
             self._fs.create_dir(folder, recursive=True)
-            self._write_atomic(f"{folder}/{WEIGHTS_FILE}", payload.weights)
-            self._write_atomic(f"{folder}/{SPEC_FILE}", payload.spec_json.encode())
+            # Uncommitted until the sha256 file exists: the data files need no temporary name.
+            self._write_durable(f"{folder}/{WEIGHTS_FILE}", payload.weights)
+            self._write_durable(f"{folder}/{SPEC_FILE}", payload.spec_json.encode())
+            if self._is_local:
+                _fsync_local(folder)  # their folder entries are durable before the commit marker can be
             self._write_atomic(f"{folder}/{SHA256_FILE}", payload.sha256.encode())
         logger.info("stored artifact %s (%d bytes, sha256 %s)", artifact_id, payload.nbytes, payload.sha256)
         return self._ref(owner, version, payload.sha256, payload.nbytes)
@@ -294,6 +313,14 @@ class Registry:
         if self._fs.get_file_info(path).type != pafs.FileType.File:
             return None
         return self._read(path).decode("ascii", errors="replace").strip()
+
+    def _write_durable(self, path: str, data: bytes) -> None:
+        """Write `path` in place and fsync it (local disks); the caller makes its folder entry durable."""
+        with self._fs.open_output_stream(path) as stream:
+            stream.write(data)
+            stream.flush()
+        if self._is_local:
+            _fsync_local(path)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         """Write to a temporary sibling, make it durable, then rename over `path`."""

@@ -452,3 +452,75 @@ def test_concurrent_puts_of_one_version_commit_exactly_one(registry: Registry):
         thread.join()
     assert sorted(outcomes) == ["rejected"] * 5 + ["stored"]
     assert registry.get("baim", "v000001") in candidates
+
+
+# ---- put(verified=True): the coordinator's acknowledgement path ----------------------------------------
+
+
+def test_verified_put_stores_the_same_artifact_as_a_full_put(tmp_path: Path):
+    payload = make_payload()
+    full = Registry(str(tmp_path / "full"))
+    fast = Registry(str(tmp_path / "fast"))
+
+    full.put("edge/e1", "v000001", payload)
+    fast.put("edge/e1", "v000001", payload, verified=True)
+
+    assert fast.get("edge/e1", "v000001") == full.get("edge/e1", "v000001") == payload
+    for name in ("weights.safetensors", "spec.json", "sha256"):
+        fast_file = tmp_path / "fast" / "artifacts" / "edge" / "e1" / "v000001" / name
+        full_file = tmp_path / "full" / "artifacts" / "edge" / "e1" / "v000001" / name
+        assert fast_file.read_bytes() == full_file.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "code"),
+    [
+        (lambda p: dataclasses.replace(p, sha256="f" * 64), "sha256_mismatch"),
+        (lambda p: dataclasses.replace(p, weights=p.weights[:-1]), "sha256_mismatch"),
+        (lambda p: dataclasses.replace(p, sha256="F" * 64), "sha256_mismatch"),
+        (lambda p: dataclasses.replace(p, weights="text"), "bad_weights"),
+    ],
+    ids=["other-sha", "bytes-changed-after-verification", "sha-not-lowercase-hex", "weights-not-bytes"],
+)
+def test_verified_put_still_checks_that_the_bytes_are_the_verified_ones(
+    tmp_path: Path, registry: Registry, make_bad, code
+):
+    with pytest.raises(ArtifactRejected) as info:
+        registry.put("edge/e1", "v000001", make_bad(make_payload()), verified=True)
+
+    assert info.value.code == code
+    assert not version_dir(tmp_path, "edge/e1", "v000001").exists()
+
+
+def test_verified_put_enforces_the_size_limit(tmp_path: Path):
+    payload = make_payload()
+    registry = Registry(str(tmp_path / "registry"), max_artifact_bytes=payload.nbytes - 1)
+    with pytest.raises(ArtifactRejected) as info:
+        registry.put("edge/e1", "v000001", payload, verified=True)
+    assert info.value.code == "oversized"
+
+
+def test_verified_put_skips_the_content_checks_the_caller_already_ran(registry: Registry):
+    """The contract: verified=True trusts the caller's unpack_payload, so a NaN is stored, not re-checked."""
+    nan_payload = hostile(safetensors_save({"w": torch.tensor([float("nan")])}))
+    with pytest.raises(ArtifactRejected):
+        registry.put("edge/e1", "v000001", nan_payload)
+
+    registry.put("edge/e1", "v000001", nan_payload, verified=True)
+
+    assert registry.get("edge/e1", "v000001") == nan_payload
+
+
+def test_put_makes_the_data_durable_before_the_commit_marker(tmp_path: Path, registry: Registry, monkeypatch):
+    import orchestrator.registry as registry_module
+
+    synced: list[str] = []
+    real_fsync = registry_module._fsync_local
+    monkeypatch.setattr(registry_module, "_fsync_local", lambda path: (synced.append(path), real_fsync(path)))
+    folder = str(version_dir(tmp_path, "edge/e1", "v000001"))
+
+    registry.put("edge/e1", "v000001", make_payload(), verified=True)
+
+    names = [path.removeprefix(folder).lstrip("/") or "<folder>" for path in synced]
+    assert names[:3] == ["weights.safetensors", "spec.json", "<folder>"]
+    assert names[3].startswith("sha256.tmp-") and names[4:] == ["<folder>"]
