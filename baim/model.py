@@ -224,10 +224,11 @@ class BAIM(nn.Module):
             truncate_learner(learner, entry.depth)
         return learner
 
-    def _shapes(self) -> dict[str, tuple[list[Shape], list[Shape]]]:
+    def _shapes(self, names: set[str] | None = None) -> dict[str, tuple[list[Shape], list[Shape]]]:
+        """Stage input and output shapes of the learners `names` (all when None)."""
         # Shapes come from the spec, so they are known for truncated learners' dropped stages too.
         shapes = {}
-        for name in self.learners:
+        for name in self.learners if names is None else names:
             learner = self.learner(name)
             stages = range(learner.spec.num_stages)
             shapes[name] = (
@@ -274,33 +275,26 @@ class BAIM(nn.Module):
 
         Joins task's squad (pending: its gate logit is offset until `baim.continual.admit`) or founds a new
         squad for a new task (admitted at once: no existing output depends on that squad).
+
+        The cost is that of the new learner's connections: only the new modules are built and moved to the
+        BAIM's device, and only what is new is validated in depth (see `_config_with_learner`).
         """
         if not isinstance(learner, VAELearner):
             raise TypeError(f"learner: expected a VAELearner, received {type(learner).__name__}")
         if name in self.learners:
             raise ValueError(f"name: learner {name!r} is already in the BAIM")
-        entry = LearnerEntry(name, task, learner.spec)
-        if task in self.config.tasks:
-            squads = tuple(
-                SquadSpec(s.task, (*s.members, name)) if s.task == task else s for s in self.config.squads
-            )
-        else:
-            squads = (*self.config.squads, SquadSpec(task, (name,)))
-        config = self.config.with_changes(learners=(*self.config.learners, entry), squads=squads)
-        new_connections = candidate_connections(config, among={name})
-        config = config.with_changes(connections=(*(config.connections or ()), *new_connections))
+        config, new_connections = _config_with_learner(self.config, LearnerEntry(name, task, learner.spec))
 
-        device = self._device()
         module = VAELearner(learner.spec)
-        module.load_state_dict(learner.state_dict())
-        self.learners[name] = module.to(device)
+        module.load_state_dict(learner.state_dict())  # strict: the weights must fit the spec's architecture
+        self.learners[name] = module.to(self._device())  # only the new modules move, never the whole BAIM
         if task in self.gate.squad_gates:
             self.gate.squad_gate(task).add_member(pending=True)
         else:
             self.gate.add_squad(task, 1)
         self.config = config
-        self.connections.add(new_connections, self._shapes())
-        self.to(device)
+        touched = {name} | {c.src for c in new_connections} | {c.dst for c in new_connections}
+        self.connections.add(new_connections, self._shapes(touched))
         logger.info(
             "fused learner %s into squad %s with %d new connections", name, task, len(new_connections)
         )
@@ -542,6 +536,29 @@ def _positions(rows: torch.Tensor, batch: int) -> torch.Tensor:
     positions = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
     positions[rows] = torch.arange(rows.numel(), device=rows.device)
     return positions
+
+
+def _config_with_learner(config: BAIMConfig, entry: LearnerEntry) -> tuple[BAIMConfig, list[ConnectionSpec]]:
+    """`config` with `entry` appended (to its task's squad, or a new squad) and every candidate connection
+    touching it; returns (new config, new connections), validated incrementally.
+
+    `BAIMConfig.with_changes` re-validates every connection, O(N^2) for N learners. Appending a learner
+    cannot invalidate an existing connection: its endpoints, their arrival indices and the height are
+    unchanged. So the learners and squads are validated in full (cheap), the new connections are
+    valid by construction (`candidate_connections` keeps only valid ones), and they cannot repeat an old
+    one (each touches the new learner). The connections are then set on the fresh, unshared config.
+    """
+    if entry.task in config.tasks:
+        squads = tuple(
+            SquadSpec(s.task, (*s.members, entry.name)) if s.task == entry.task else s for s in config.squads
+        )
+    else:
+        squads = (*config.squads, SquadSpec(entry.task, (entry.name,)))
+    extended = config.with_changes(learners=(*config.learners, entry), squads=squads, connections=None)
+    new_connections = candidate_connections(extended, among={entry.name})
+    # The config is frozen; this one was created above and nothing else holds it yet.
+    object.__setattr__(extended, "connections", (*(config.connections or ()), *new_connections))
+    return extended, new_connections
 
 
 def _kind(spec: object) -> object:

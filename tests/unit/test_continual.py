@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from baim.config import LearnerSpec
 from baim.continual import add_task, admit, continual_parameters, few_shot_adapt, train_only
 from baim.learners import VAELearner
-from baim.model_config import candidate_connections
+from baim.model_config import BAIMConfig, candidate_connections
 from tests.unit.baim_random import BAIMRecipe, baim_recipes, images, learner_specs
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,6 +49,41 @@ def test_adding_a_learner_leaves_every_output_unchanged(recipe: BAIMRecipe, new_
         c for c in baim.connections.specs if "newcomer" in (c.src, c.dst)
     }
     assert baim.generate("t_new", 2, seed=0).shape == (2, 3, 16, 16)
+
+
+@PROPERTY
+@given(recipe=baim_recipes(), new_spec=learner_specs())
+def test_incrementally_validated_config_equals_the_fully_validated_one(
+    recipe: BAIMRecipe, new_spec: LearnerSpec
+):
+    """add_learner validates only what is new; the config it builds must be the one full validation builds."""
+    # Prepare
+    baim = recipe.build()
+    tasks = list(baim.config.tasks)
+    old_connections = tuple(baim.config.connections or ())
+    old_parameters = {name: id(p) for name, p in baim.named_parameters()}
+
+    # Execute
+    joined = baim.add_learner("late", tasks[recipe.seed % len(tasks)], VAELearner(new_spec))
+    founded = baim.add_learner("newcomer", "t_new", VAELearner(new_spec))
+
+    # Assert: the same config as BAIMConfig's own full validation, connections in the documented order
+    assert BAIMConfig.from_dict(baim.config.to_dict()) == baim.config
+    assert baim.config.connections == (*old_connections, *joined, *founded)
+    assert founded == candidate_connections(baim.config, among={"newcomer"})
+    before_newcomer = baim.config.with_changes(
+        learners=baim.config.learners[:-1],
+        squads=tuple(s for s in baim.config.squads if s.task != "t_new"),
+        connections=None,
+    )
+    assert joined == candidate_connections(before_newcomer, among={"late"})
+    assert [c.key for c in baim.connections.specs] == [c.key for c in baim.config.connections]
+    # Existing learners and connections were left as they were (nothing rebuilt or moved); the LSGate of
+    # the joined squad grows by one row, so its projection is new.
+    kept = [name for name in old_parameters if name.startswith(("learners.", "connections."))]
+    assert kept
+    current = dict(baim.named_parameters())
+    assert all(id(current[name]) == old_parameters[name] for name in kept)
 
 
 def test_after_admission_only_gates_and_new_connections_train():
