@@ -9,11 +9,12 @@ common data (baim's training loop, `finetune`), decomposes it and measures each 
 Attacks: sign flip, weights x10 and x1000, Gaussian noise (3x each tensor's std), a model trained on the
 wrong data (the other task's shard), a model trained on random-noise images.
 Defences (the coordinator's own checks, set through the scenario):
-- `none`: plausibility gate off (`cloud.uploads.max_plausibility_loss` = 1e30; format checks stay on);
-- `gate_default`: the shipped default limit (10.0);
-- `gate_relative`: the limit set to 1.25 x the loss of a constant predictor (the holdout's mean image),
-  the smallest limit that still means "better than knowing nothing"; an operator can compute it from the
-  holdout alone, without seeing any upload.
+- `none`: plausibility checks off (`cloud.uploads.max_plausibility_loss`, `max_loss_ratio` and
+  `max_weight_norm_ratio` all 1e30; format checks stay on);
+- `gate_default`: the shipped defaults (absolute loss 10.0, loss ratio 2.5, weight-norm ratio 50);
+- `gate_relative`: the absolute limit set to 1.25 x the loss of a constant predictor (the holdout's mean
+  image), the smallest limit that still means "better than knowing nothing"; an operator can compute it
+  from the holdout alone, without seeing any upload.
 The weight-norm ratio of each upload to a fresh initialisation is printed as the norm check a gate could add.
 
 Goal (issue 8): the defended loss within 5% of the clean one.
@@ -163,9 +164,10 @@ def run_pipeline(
         return asyncio.run(go(coordinator))
 
 
-def with_gate(scenario: Scenario, limit: float) -> Scenario:
+def with_gate(scenario: Scenario, limits: dict[str, float]) -> Scenario:
+    """The scenario with `cloud.uploads` fields overridden (the coordinator reads its checks from there)."""
     document = scenario.model_dump(mode="json")
-    document["cloud"]["uploads"]["max_plausibility_loss"] = limit
+    document["cloud"]["uploads"].update(limits)
     return Scenario.model_validate(document)
 
 
@@ -201,8 +203,11 @@ def main() -> None:
     holdouts = {task: holdout_images(scenario, source, partitions, task) for task in tasks}
     constant = {task: float(((h - h.mean(0, keepdim=True)) ** 2).mean()) for task, h in holdouts.items()}
     relative_limit = 1.25 * max(constant.values())
-    limits = {"none": 1e30, "gate_default": scenario.cloud.uploads.max_plausibility_loss,
-              "gate_relative": relative_limit}  # fmt: skip
+    limits: dict[str, dict[str, float]] = {
+        "none": {"max_plausibility_loss": 1e30, "max_loss_ratio": 1e30, "max_weight_norm_ratio": 1e30},
+        "gate_default": {},
+        "gate_relative": {"max_plausibility_loss": relative_limit},
+    }
     print(f"constant-predictor loss per task {({t: round(v, 5) for t, v in constant.items()})}; "
           f"gate_relative limit {relative_limit:.5f}")  # fmt: skip
 
