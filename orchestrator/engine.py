@@ -34,8 +34,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
-from actors.edge import EdgeNode
 from orchestrator.data import make_partitions, resolve_source
+from orchestrator.edges import spawn_edge_node
 from orchestrator.evaluation import EvaluationOptions, evaluate_run
 from orchestrator.metrics import Ledger
 from orchestrator.report import write_report_markdown
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # the engine's tick: how long one ray.wait blocks at most
 PROGRESS_EVERY_SECONDS = 2.0  # how often running edges are asked for progress
-EDGE_MAX_CONCURRENCY = 4  # run() + progress/events on other threads of the edge actor
 FINAL_EDGE_STATUSES = (
     "accepted",
     "rejected",
@@ -136,20 +135,6 @@ def unmet_demand(demand: dict[str, float], nodes: list[dict[str, Any]]) -> str |
     largest = {name: max(node.get("Resources", {}).get(name, 0.0) for node in alive) for name in demand}
     missing = {name: amount for name, amount in demand.items() if largest[name] < amount}
     return f"no node offers {missing} (largest offer per node: {largest})"
-
-
-def _actor_options(edge: EdgeConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "num_cpus": edge.num_cpus,
-        "num_gpus": edge.num_gpus,
-        "max_concurrency": EDGE_MAX_CONCURRENCY,
-        "max_restarts": 0,  # a crashed edge stays dead (churn), its loss is part of the experiment
-    }
-    if edge.memory_mb is not None:
-        options["memory"] = edge.memory_mb * 1024 * 1024
-    if edge.custom_resources:
-        options["resources"] = dict(edge.custom_resources)
-    return options
 
 
 class Engine:
@@ -263,16 +248,7 @@ class Engine:
 
     def _spawn(self, track: EdgeTrack, reason: str) -> None:
         edge = track.config
-        actor_cls = ray.remote(EdgeNode).options(**_actor_options(edge))
-        track.handle = actor_cls.remote(
-            edge,
-            self._source_ref,
-            self.partitions.edges[edge.id],
-            resolution=self.scenario.data.resolution,
-            scenario_seed=self.scenario.seed,
-            kld_weight=self.scenario.cloud.kld_weight,
-            time_scale=self.scenario.time_scale,
-        )
+        track.handle = spawn_edge_node(self.scenario, edge, self._source_ref, self.partitions.edges[edge.id])
         track.probe_ref = track.handle.progress.remote()
         track.spawned_at = time.monotonic()
         track.status = "pending"

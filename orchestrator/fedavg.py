@@ -38,13 +38,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from actors.edge import EdgeNode
 from baim.config import LearnerSpec
 from baim.costs import count_params
 from baim.learners import VAELearner
 from baim.training import evaluate, vae_batch_loss
 from orchestrator.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.data import DataSource, FaceDataset, Partitions
+from orchestrator.edges import spawn_edge_node
 from orchestrator.errors import ArtifactRejected
 from orchestrator.fedavg_math import weighted_average
 from orchestrator.metrics import Ledger
@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 
 BASELINE_NAME = "fedavg"  # the ledger's cloud "strategy" name and the report's key
 MAX_UPDATE_BYTES = 1 << 30  # an update larger than this is rejected unread
-CLIENT_MAX_CONCURRENCY = 4  # fedavg_round on one thread, timeline events (leave, slow, ...) on the others
 POLL_SECONDS = 0.2
 
 
@@ -303,21 +302,6 @@ class FedAvgOutcome:
     ledger: Ledger
 
 
-def _client_options(edge: EdgeConfig) -> dict[str, Any]:
-    """The same resources the edge declares for the BAIM run."""
-    options: dict[str, Any] = {
-        "num_cpus": edge.num_cpus,
-        "num_gpus": edge.num_gpus,
-        "max_concurrency": CLIENT_MAX_CONCURRENCY,
-        "max_restarts": 0,  # a crashed client stays dead, as in the BAIM run
-    }
-    if edge.memory_mb is not None:
-        options["memory"] = edge.memory_mb * 1024 * 1024
-    if edge.custom_resources:
-        options["resources"] = dict(edge.custom_resources)
-    return options
-
-
 class FedAvgRun:
     """One FedAvg baseline run on Ray (initialised by the caller). Use `run_fedavg` unless you need parts."""
 
@@ -519,16 +503,7 @@ class FedAvgRun:
 
     def _spawn(self, client: Client, reason: str) -> None:
         edge = client.config
-        actor_cls = ray.remote(EdgeNode).options(**_client_options(edge))
-        client.handle = actor_cls.remote(
-            edge,
-            self._source_ref,
-            self.partitions.edges[edge.id],
-            resolution=self.scenario.data.resolution,
-            scenario_seed=self.scenario.seed,
-            kld_weight=self.scenario.cloud.kld_weight,
-            time_scale=self.scenario.time_scale,
-        )
+        client.handle = spawn_edge_node(self.scenario, edge, self._source_ref, self.partitions.edges[edge.id])
         client.probe_ref = client.handle.progress.remote()
         client.status = "starting"
         self._record("client_spawned", edge=edge.id, reason=reason)
