@@ -23,35 +23,19 @@ import pytest
 import torch
 from ray import serve
 
-from baim.config import LearnerSpec
 from baim.decompose import TaskModel, decompose
-from baim.learners import VAELearner
-from baim.model import BAIM
 from orchestrator.artifacts import pack_module
 from orchestrator.registry import Registry
 from orchestrator.scenario import ServingConfig
 from serve.app import RegistryWatcher, app_builder, start_http
 from serve.models import decode_png_base64, to_uint8
 from serve.toolbox import Toolbox
+from tests.unit.test_toolbox import tiny_baim
 
 RESOLUTION = 16
 APP_NAME = "baim-test"
 POLL_SECONDS = 1.0  # how often task replicas look for a new version
 TOKEN = "test-token-7f3a"  # the application requires it (test_bearer_token); every other call sends it
-
-
-def tiny_baim(seed: int) -> BAIM:
-    torch.manual_seed(seed)
-    learners = [
-        ("e0", "smiling", VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=RESOLUTION))),
-        ("e1", "smiling", VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION))),
-        ("e2", "male", VAELearner(LearnerSpec(widths=(8, 8), latent_dim=8, resolution=RESOLUTION))),
-    ]
-    baim = BAIM.from_learners(["smiling", "male"], learners, top_k=1, connection_height=1)
-    with torch.no_grad():
-        for p in baim.connection_parameters():
-            p.normal_(0.0, 0.05)
-    return baim
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from orchestrator.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.registry import Registry
 from orchestrator.scenario import Scenario, load_scenario
+from tests.unit.test_bad_uploads import upload_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,16 +77,6 @@ def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: A
     return pack_state(state, upload_spec(edge, spec))
 
 
-def as_kwargs(edge_id: str, payload: ArtifactPayload, version: int = 1) -> dict[str, Any]:
-    return {
-        "edge_id": edge_id,
-        "version": version,
-        "weights": payload.weights,
-        "spec_json": payload.spec_json,
-        "sha256": payload.sha256,
-    }
-
-
 @pytest.fixture
 def loop() -> Iterator[LoopThread]:
     running = LoopThread()
@@ -105,7 +96,7 @@ def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop
     payload = learner_payload(scenario, "edge-0")
 
     # Execute
-    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
+    receipt = loop.run(coordinator.upload(**upload_kwargs("edge-0", payload)))
 
     # Assert
     assert receipt["accepted"] is True and receipt["reason"] == ""
@@ -122,8 +113,8 @@ def test_resending_the_same_upload_returns_the_same_receipt(tmp_path: Path, loop
     coordinator = make_coordinator(scenario, tmp_path / "registry")
     payload = learner_payload(scenario, "edge-0")
 
-    first = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
-    second = loop.run(coordinator.upload(**as_kwargs("edge-0", payload)))
+    first = loop.run(coordinator.upload(**upload_kwargs("edge-0", payload)))
+    second = loop.run(coordinator.upload(**upload_kwargs("edge-0", payload)))
 
     assert first == second
     assert coordinator.ledger.upload_counts() == {"accepted": 1, "rejected": {}}
@@ -172,14 +163,14 @@ def test_each_bad_upload_is_rejected_with_its_reason(
     scenario = tiny_scenario(tmp_path, fusion={"min_new_models": 10, "max_wait_seconds": 1000})
     coordinator = make_coordinator(scenario, tmp_path / "registry")
 
-    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", make(scenario))))
+    receipt = loop.run(coordinator.upload(**upload_kwargs("edge-0", make(scenario))))
 
     assert receipt["accepted"] is False
     assert receipt["reason"] == code, receipt["detail"]
     assert detail_part in receipt["detail"]
     assert Registry(str(tmp_path / "registry")).versions("edge/edge-0") == []
     # The coordinator keeps working: a good upload right after is accepted.
-    good = loop.run(coordinator.upload(**as_kwargs("edge-1", learner_payload(scenario, "edge-1"))))
+    good = loop.run(coordinator.upload(**upload_kwargs("edge-1", learner_payload(scenario, "edge-1"))))
     assert good["accepted"] is True
 
 
@@ -190,11 +181,11 @@ def test_oversized_unknown_edge_and_version_conflict_are_rejected(tmp_path: Path
     big = learner_payload(scenario, "edge-0")  # 41554 bytes
     small = learner_payload(scenario, "edge-1")  # 32351 bytes
 
-    oversized = loop.run(coordinator.upload(**as_kwargs("edge-0", big)))
-    unknown = loop.run(coordinator.upload(**as_kwargs("edge-99", small)))
-    first = loop.run(coordinator.upload(**as_kwargs("edge-1", small)))
+    oversized = loop.run(coordinator.upload(**upload_kwargs("edge-0", big)))
+    unknown = loop.run(coordinator.upload(**upload_kwargs("edge-99", small)))
+    first = loop.run(coordinator.upload(**upload_kwargs("edge-1", small)))
     other = learner_payload(scenario, "edge-1", seed=1)
-    conflict = loop.run(coordinator.upload(**as_kwargs("edge-1", other)))
+    conflict = loop.run(coordinator.upload(**upload_kwargs("edge-1", other)))
 
     assert big.nbytes > 36_000 > small.nbytes
     assert (oversized["accepted"], oversized["reason"]) == (False, "oversized")
@@ -214,8 +205,8 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     nan_payload = learner_payload(scenario, "edge-1", mode="nan")
     orphan = learner_payload(scenario, "edge-3")
     first = make_coordinator(scenario, registry_dir)
-    receipts = [loop.run(first.upload(**as_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
-    poisoned = loop.run(first.upload(**as_kwargs("edge-1", nan_payload)))
+    receipts = [loop.run(first.upload(**upload_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
+    poisoned = loop.run(first.upload(**upload_kwargs("edge-1", nan_payload)))
     Registry(str(registry_dir)).put("edge/edge-3", version_name(1), orphan)
 
     # Execute
@@ -227,10 +218,10 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     assert status["accepted"] == ["edge-0", "edge-2", "edge-3"]
     assert status["learners"] == ["edge-0", "edge-2", "edge-3"]
     assert status["rejected"] == {"edge-1": "non_finite"}
-    again = [loop.run(second.upload(**as_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
+    again = [loop.run(second.upload(**upload_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
     assert again == receipts
-    assert loop.run(second.upload(**as_kwargs("edge-3", orphan)))["accepted"] is True
-    resent = loop.run(second.upload(**as_kwargs("edge-1", nan_payload)))
+    assert loop.run(second.upload(**upload_kwargs("edge-3", orphan)))["accepted"] is True
+    resent = loop.run(second.upload(**upload_kwargs("edge-1", nan_payload)))
     assert resent == poisoned
     # The fused learner holds exactly the uploaded weights.
     torch.manual_seed(0)
@@ -245,7 +236,7 @@ def test_policy_round_trains_and_finish_publishes_exact_task_models(tmp_path: Pa
     )
     coordinator = make_coordinator(scenario, tmp_path / "registry")
     for edge_id in ("edge-0", "edge-2"):
-        loop.run(coordinator.upload(**as_kwargs(edge_id, learner_payload(scenario, edge_id))))
+        loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
 
     summary = loop.run(coordinator.finish(), timeout=300)
 
@@ -280,8 +271,8 @@ def test_loss_above_the_ratio_of_the_holdout_pixel_variance_is_rejected(
     pixel_variance = float(((holdout - holdout.mean(dim=0, keepdim=True)) ** 2).mean())
 
     # Execute
-    rejected = loop.run(strict.upload(**as_kwargs("edge-0", payload)))
-    accepted = loop.run(default.upload(**as_kwargs("edge-0", payload)))
+    rejected = loop.run(strict.upload(**upload_kwargs("edge-0", payload)))
+    accepted = loop.run(default.upload(**upload_kwargs("edge-0", payload)))
 
     # Assert
     assert (rejected["accepted"], rejected["reason"]) == (False, "implausible_loss"), rejected
@@ -306,7 +297,9 @@ def test_inflated_weights_hidden_by_group_norm_are_rejected(tmp_path: Path, loop
     inflated_loss = coordinator._plausibility_loss(_loaded(spec, state), "male")
 
     # Execute
-    receipt = loop.run(coordinator.upload(**as_kwargs("edge-0", pack_state(state, upload_spec(edge, spec)))))
+    receipt = loop.run(
+        coordinator.upload(**upload_kwargs("edge-0", pack_state(state, upload_spec(edge, spec))))
+    )
 
     # Assert
     assert abs(inflated_loss - clean_loss) < 0.01 * clean_loss  # the loss checks cannot see it
