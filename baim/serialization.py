@@ -56,8 +56,9 @@ def state_and_spec(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return state, module_spec(module)
 
 
-def canonical_json(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+def canonical_json(obj: Any) -> str:
+    """The one JSON encoding of a spec (sorted keys, no whitespace); artifact sha256s are computed over it."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def to_bytes(module: nn.Module) -> tuple[bytes, str]:

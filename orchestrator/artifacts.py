@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from baim.serialization import canonical_json as spec_to_json
 from orchestrator.errors import ArtifactRejected
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class ArtifactPayload:
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The one JSON encoding that the sha256 covers: sorted keys, no whitespace."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    """The one JSON encoding that the sha256 covers (baim's, so `baim.to_bytes` specs pass as canonical)."""
+    return spec_to_json(obj).encode()
 
 
 def compute_sha256(spec_json: str, weights: bytes) -> str:
