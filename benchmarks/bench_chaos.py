@@ -16,10 +16,12 @@ smaller size and asserts the goals):
    the way in. Printed: requests, failed requests (any non-200 or connection error; goal < 1%).
 
 Run: .venv/bin/python benchmarks/bench_chaos.py   (a few minutes on 2 busy cores)
+     .venv/bin/python benchmarks/bench_chaos.py --parts serve --serve-trials 3   (part 3 only, 3 kills)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import socket
@@ -243,41 +245,77 @@ def serve_replica_kill_under_load(
 # ---- the benchmark -----------------------------------------------------------------------------------------
 
 
+PARTS = ("churn", "fusion", "serve")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {', '.join(PARTS)} (default: all three)",
+    )
+    parser.add_argument(
+        "--serve-trials",
+        type=int,
+        default=1,
+        help="replica kills to measure in part 3, each on a fresh deployment (default 1)",
+    )
+    args = parser.parse_args()  # fmt: skip
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    if args.serve_trials < 1:
+        parser.error("--serve-trials must be at least 1")
+
     logging.basicConfig(level=logging.ERROR)
     scenario = load_scenario(CHAOS_SCENARIO)
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-            churn = edge_churn_run(scenario, Path(tmp) / "run")
-            print(f"1. {CHAOS_SCENARIO.name}: {churn['edges']} edges, {churn['crash_events']} crash events "
-                  f"({churn['crash_events'] / churn['edges']:.0%}), crashed {churn['crashed']}")  # fmt: skip
-            print(f"   statuses {churn['statuses']}")
-            print(f"   acknowledged uploads {churn['acknowledged']}, lost {len(churn['lost'])} "
-                  f"{churn['lost']} "
-                  f"(goal 0); coordinator restarts {churn['coordinator_restarts']}; "
-                  f"untrained {churn['untrained_learners']}; run {churn['seconds']:.0f}s")  # fmt: skip
+            if "churn" in parts:
+                churn = edge_churn_run(scenario, Path(tmp) / "run")
+                share = churn["crash_events"] / churn["edges"]
+                print(f"1. {CHAOS_SCENARIO.name}: {churn['edges']} edges, {churn['crash_events']} crash "
+                      f"events ({share:.0%}), crashed {churn['crashed']}")  # fmt: skip
+                print(f"   statuses {churn['statuses']}")
+                print(f"   acknowledged uploads {churn['acknowledged']}, lost {len(churn['lost'])} "
+                      f"{churn['lost']} "
+                      f"(goal 0); coordinator restarts {churn['coordinator_restarts']}; "
+                      f"untrained {churn['untrained_learners']}; run {churn['seconds']:.0f}s")  # fmt: skip
 
-            trials = [
-                coordinator_kill_during_fusion(scenario, str(Path(tmp) / f"kill-{trial}"))
-                for trial in range(3)
-            ]
-            resumes = [t["resume_seconds"] for t in trials]
-            print(f"2. coordinator killed at the first acknowledgement of {trials[0]['uploads']} concurrent "
-                  f"uploads, 3 trials: in flight at the kill {[t['in_flight_at_kill'] for t in trials]}, "
-                  f"resume seconds {[round(r, 2) for r in resumes]} "
-                  f"(median {statistics.median(resumes):.2f}), "
-                  f"acknowledged {[t['acknowledged'] for t in trials]}, "
-                  f"lost {sum(len(t['lost']) for t in trials)} (goal 0)")  # fmt: skip
+            if "fusion" in parts:
+                trials = [
+                    coordinator_kill_during_fusion(scenario, str(Path(tmp) / f"kill-{trial}"))
+                    for trial in range(3)
+                ]
+                resumes = [t["resume_seconds"] for t in trials]
+                print(f"2. coordinator killed at the first acknowledgement of {trials[0]['uploads']} "
+                      f"concurrent uploads, 3 trials: in flight at the kill "
+                      f"{[t['in_flight_at_kill'] for t in trials]}, "
+                      f"resume seconds {[round(r, 2) for r in resumes]} "
+                      f"(median {statistics.median(resumes):.2f}), "
+                      f"acknowledged {[t['acknowledged'] for t in trials]}, "
+                      f"lost {sum(len(t['lost']) for t in trials)} (goal 0)")  # fmt: skip
 
-            registry_uri = str(Path(tmp) / "run" / "registry")
-            task = scenario.tasks[0].name
-            publish_task_model(registry_uri, task, scenario.data.resolution)
-            load = serve_replica_kill_under_load(registry_uri, task, clients=4, requests_per_client=100)
-            print(f"3. Serve replica killed after {load['killed_after_requests']} of {load['requests']} "
-                  f"requests (4 clients): failed {load['failed']} = {load['failed_fraction']:.2%} "
-                  f"(goal < 1%) {load['failure_kinds']}; replica replaced {load['replaced']}; "
-                  f"{load['requests'] / load['seconds']:.1f} req/s")  # fmt: skip
+            if "serve" in parts:
+                registry_uri = str(Path(tmp) / "serve-registry")
+                task = scenario.tasks[0].name
+                publish_task_model(registry_uri, task, scenario.data.resolution)
+                loads = [
+                    serve_replica_kill_under_load(registry_uri, task, clients=4, requests_per_client=100)
+                    for _ in range(args.serve_trials)
+                ]
+                for trial, load in enumerate(loads, start=1):
+                    print(f"3. trial {trial}: Serve replica killed after {load['killed_after_requests']} of "
+                          f"{load['requests']} requests (4 clients): failed {load['failed']} = "
+                          f"{load['failed_fraction']:.2%} (goal < 1%) {load['failure_kinds']}; "
+                          f"replica replaced {load['replaced']}; "
+                          f"{load['requests'] / load['seconds']:.1f} req/s")  # fmt: skip
+                failed = sum(load["failed"] for load in loads)
+                sent = sum(load["requests"] for load in loads)
+                print(f"   all trials: failed {failed} of {sent} = {failed / sent:.2%} (goal < 1%)")
     finally:
         serve.shutdown()
         ray.shutdown()
