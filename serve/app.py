@@ -56,7 +56,7 @@ from serve.models import (
 logger = logging.getLogger(__name__)
 
 TASK_OWNER_PREFIX = "task/"
-API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)
+API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)  # nosec B105
 MAX_IMAGES_PER_REQUEST = 64
 MAX_SEED = 2**63 - 1
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request

@@ -129,7 +129,7 @@ class Toolbox:
             headers["Authorization"] = f"Bearer {self.api_token}"
         request = urllib.request.Request(url, headers=headers, method="GET")  # noqa: S310 (http(s) checked)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310  # nosec B310
                 body = response.read()
                 sha256 = response.headers.get("X-Model-Sha256", "")
                 version = response.headers.get("X-Model-Version", "")
