@@ -13,7 +13,10 @@ times the holdout's pixel variance, and no tensor's RMS may exceed `cloud.upload
 times its RMS in a fresh learner of the declared architecture), write it durably to the registry as
 `edge/<edge_id>@v<version>`, record it in the checkpoint, *then* acknowledge. A receipt is a pure function of
 the upload and its outcome, so re-sending the same upload (a retry after a restart) returns the same receipt.
-Rejections are data: a receipt with `accepted=False`, a short reason code and the detail.
+Rejections are data: a receipt with `accepted=False`, a short reason code and the detail. Only the last
+`cloud.uploads.rejected_receipts_per_edge` rejected receipts of each edge are kept (the ledger counts all), so
+an edge sending many bad uploads does not pile up receipts; at most `cloud.uploads.max_concurrent_validations`
+uploads are validated at once, which bounds the memory of parsing them.
 
 Fusion: each accepted learner joins the live BAIM at once (`BAIM.from_learners` for the first, then
 `BAIM.add_learner`, function-preserving). The fusion policy (`cloud.fusion`) starts a round after
@@ -32,10 +35,12 @@ accepted upload the registry holds that the trained BAIM lacks: nothing acknowle
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +62,7 @@ from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitio
 from orchestrator.errors import ArtifactRejected
 from orchestrator.metrics import Ledger
 from orchestrator.registry import ArtifactNotFound, Registry
-from orchestrator.scenario import Scenario
+from orchestrator.scenario import Scenario, UploadLimits
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +70,10 @@ STATE_KEY = "coordinator/state"
 BAIM_OWNER = "baim"
 PLAUSIBILITY_IMAGES = 16  # held-out images per task used to check an upload's loss
 PLAUSIBILITY_SEED = 0  # fixed noise, so the check gives the same number for the same upload
-POLICY_TICK_SECONDS = 0.25
-MAX_VERSION = (
-    999_999  # version names are v000001 .. v999999  # how often the fusion policy's wait timer is checked
-)
+POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checked
+MAX_VERSION = 999_999  # version names are v000001 .. v999999
+UNKNOWN_EDGES = "(edges not in the scenario)"  # one allowance of kept rejected receipts for all of them
+MAX_DEFAULT_VALIDATIONS = 16  # asyncio's default pool has min(32, CPUs + 4) threads: leave some for writes
 
 
 def edge_owner(edge_id: str) -> str:
@@ -247,6 +252,15 @@ def largest_rms_ratio(learner: VAELearner, fresh_rms: dict[str, float]) -> tuple
     return worst, largest
 
 
+def validation_slots(limits: UploadLimits) -> int:
+    """How many uploads may be validated at once: `limits.max_concurrent_validations`, or when that is None
+    one per CPU this process may use, at least 2 and at most MAX_DEFAULT_VALIDATIONS."""
+    if limits.max_concurrent_validations is not None:
+        return limits.max_concurrent_validations
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, min(cpus, MAX_DEFAULT_VALIDATIONS))
+
+
 def _load_learner(spec: LearnerSpec, tensors: dict[str, torch.Tensor]) -> VAELearner:
     learner = VAELearner(spec)
     learner.load_state_dict(tensors, strict=True)
@@ -294,7 +308,8 @@ class CloudCoordinator:
 
         # State (what the checkpoint holds).
         self.accepted: list[dict[str, Any]] = []  # receipts of accepted uploads, in arrival order
-        self.rejected: dict[str, dict[str, Any]] = {}  # receipt by upload key
+        self.rejected: dict[str, dict[str, Any]] = {}  # receipt by upload key, the last few per edge
+        self._rejected_keys: dict[str, collections.deque[str]] = {}  # per edge, oldest first
         self.rounds: list[dict[str, Any]] = []
         self.baim_version: str | None = None  # last trained BAIM in the registry
         self.restarts = 0
@@ -305,6 +320,7 @@ class CloudCoordinator:
         self.pending_since: float | None = None  # when the oldest untrained learner arrived
         self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
         self._state_lock = asyncio.Lock()  # orders state document writes
+        self._validation_slots = asyncio.Semaphore(validation_slots(self.cloud.uploads))
         self._state_changes = 0  # bumped by every checkpoint request ...
         self._state_written = 0  # ... and the change count the last write covered (group commit)
         self._to_fuse: list[tuple[str, VAELearner]] = []  # accepted, acknowledged, not yet fused
@@ -394,9 +410,10 @@ class CloudCoordinator:
         }
         try:
             try:
-                learner = await asyncio.to_thread(
-                    self._validate, edge_id, version, weights, spec_json, sha256
-                )
+                async with self._validation_slots:  # bounds the memory of uploads being parsed at once
+                    learner = await asyncio.to_thread(
+                        self._validate, edge_id, version, weights, spec_json, sha256
+                    )
             except UploadRejected:
                 raise
             except Exception as err:  # whatever else a malformed upload triggers is still a rejection
@@ -414,7 +431,7 @@ class CloudCoordinator:
                 raise UploadRejected(err.code, err.reason) from None
         except UploadRejected as err:
             receipt.update(reason=err.code, detail=err.detail)
-            self.rejected[key] = receipt
+            self._remember_rejection(receipt)
             self.ledger.record_upload(
                 edge_id if isinstance(edge_id, str) and edge_id else "unknown",
                 "rejected",
@@ -436,6 +453,27 @@ class CloudCoordinator:
         self._schedule_fusion()
         logger.info("accepted upload %s as learner %s", key, receipt["learner"])
         return receipt
+
+    def _remember_rejection(self, receipt: dict[str, Any]) -> None:
+        """Keep a rejected receipt (re-sending that upload returns it), and drop the same edge's oldest ones
+        beyond `cloud.uploads.rejected_receipts_per_edge`.
+
+        Why: every kept receipt is in memory and in each state document write, so keeping all of them let an
+        edge sending distinct bad uploads grow both without bound (quadratic total checkpoint work). Edge ids
+        not in the scenario are chosen by the sender, so they share one allowance. The ledger still counts
+        every rejection (it also lists each upload, see docs/security-audit.md); a re-sent upload whose
+        receipt was dropped is validated (and counted) again.
+        """
+        key, edge_id = receipt["key"], receipt["edge_id"]
+        if key in self.rejected:  # already kept (e.g. a state document listing it twice): just replace
+            self.rejected[key] = receipt
+            return
+        edge = edge_id if isinstance(edge_id, str) and edge_id in self.edges else UNKNOWN_EDGES
+        kept = self._rejected_keys.setdefault(edge, collections.deque())
+        self.rejected[key] = receipt
+        kept.append(key)
+        while len(kept) > self.cloud.uploads.rejected_receipts_per_edge:
+            del self.rejected[kept.popleft()]
 
     def _validate(
         self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
@@ -761,7 +799,8 @@ class CloudCoordinator:
             self.registry.put_json(STATE_KEY, self._state())
             return
         self.restarts = int(state.get("restarts", 0)) + 1
-        self.rejected = {r["key"]: r for r in state["rejected"]}
+        for receipt in state["rejected"]:  # oldest first: the same bound applies to an older, longer list
+            self._remember_rejection(receipt)
         self.rounds = list(state["rounds"])
         self.ledger = Ledger.from_dict(state["ledger"])
         self.baim_version = state["baim_version"]

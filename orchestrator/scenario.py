@@ -395,6 +395,31 @@ class UploadLimits(StrictModel):
             "(6 to 25 epochs on CelebA)."
         ),
     )
+    rejected_receipts_per_edge: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description=(
+            "How many receipts of rejected uploads the coordinator keeps per edge (all edge ids that are "
+            "not in the scenario share one allowance): the most recent ones, shown in status and the report, "
+            "and returned as they are when the same upload is sent again. Older ones are dropped, so an edge "
+            "that sends many bad uploads does not pile up receipts in memory and in every checkpoint. The "
+            "ledger still counts every rejection by reason; an upload whose receipt was dropped is validated "
+            "(and counted) again if re-sent."
+        ),
+    )
+    max_concurrent_validations: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description=(
+            "How many uploads the coordinator validates at once; the others wait their turn (their bytes "
+            "already received). A validation holds the decoded tensors and a model built from them, so this "
+            "bounds that memory. Unset: one per CPU the coordinator's process may use, at least 2 and at "
+            "most 16 (validation is CPU-bound, so more at once would not finish sooner, and threads stay "
+            "free for registry writes and fusion)."
+        ),
+    )
 
 
 class CloudConfig(StrictModel):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from actors.coordinator import CloudCoordinator
+from actors.coordinator import STATE_KEY, CloudCoordinator
 from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
@@ -421,6 +421,63 @@ def test_unknown_edge_is_rejected(tmp_path: Path) -> None:
     assert (receipt["accepted"], receipt["reason"]) == (False, "unknown_edge")
     assert coordinator.ledger.upload_counts() == {"accepted": 0, "rejected": {"unknown_edge": 1}}
     assert send(coordinator, "edge-0", valid_payload(scenario, "edge-0"))["accepted"] is True
+
+
+# ---- a flood of distinct bad uploads: bounded memory and checkpoint --------------------------------------
+
+
+def test_many_bad_uploads_keep_only_the_last_receipts_per_edge_and_count_them_all(tmp_path: Path) -> None:
+    # Prepare: edge-1 is rejected once before edge-0 floods; strangers (ids not in the scenario) flood too.
+    scenario = tiny_scenario(tmp_path)
+    kept = scenario.cloud.uploads.rejected_receipts_per_edge
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    bad = signed(valid_payload(scenario, "edge-0").weights, "not json")  # distinct per version: 50 keys
+    edge_1_receipt = send(coordinator, "edge-1", bad)
+
+    # Execute
+    flood = [send(coordinator, "edge-0", bad, version) for version in range(1, 51)]
+    strangers = [send(coordinator, f"stranger-{i}", bad) for i in range(kept + 5)]
+
+    # Assert: every upload got its rejection and is counted; only the last `kept` per edge are stored.
+    assert kept == 16 and len({r["key"] for r in flood}) == 50
+    assert {(r["accepted"], r["reason"]) for r in flood} == {(False, "bad_spec")}
+    assert {(r["accepted"], r["reason"]) for r in strangers} == {(False, "unknown_edge")}
+    counts = {"bad_spec": 1 + 50, "unknown_edge": kept + 5}
+    assert coordinator.ledger.upload_counts() == {"accepted": 0, "rejected": counts}
+    stored = list(coordinator.rejected.values())
+    assert [r for r in stored if r["edge_id"] == "edge-0"] == flood[-kept:]
+    assert [r for r in stored if r["edge_id"].startswith("stranger-")] == strangers[-kept:]
+    assert [r for r in stored if r["edge_id"] == "edge-1"] == [edge_1_receipt]  # not pushed out by edge-0
+    state = Registry(str(tmp_path / "registry")).get_json(STATE_KEY)
+    assert state["rejected"] == stored
+    # A re-sent upload whose receipt is kept gets it back uncounted; one whose receipt was dropped is
+    # validated again (the same outcome) and counted again.
+    assert send(coordinator, "edge-0", bad, 50) == flood[-1]
+    assert send(coordinator, "edge-0", bad, 1) == flood[0]
+    assert coordinator.ledger.upload_counts()["rejected"] == {**counts, "bad_spec": 1 + 50 + 1}
+    # Still serving: a valid upload from the flooding edge is accepted.
+    assert send(coordinator, "edge-0", valid_payload(scenario, "edge-0"), 51)["accepted"] is True
+
+
+def test_a_restarted_coordinator_applies_the_bound_to_the_receipts_it_reloads(tmp_path: Path) -> None:
+    # Prepare: a checkpoint with 10 rejected receipts of edge-0, written under the default bound (16).
+    scenario = tiny_scenario(tmp_path)
+    first = make_coordinator(scenario, tmp_path / "registry")
+    bad = signed(valid_payload(scenario, "edge-0").weights, "not json")
+    receipts = [send(first, "edge-0", bad, version) for version in range(1, 11)]
+    assert len(first.rejected) == 10
+
+    # Execute: restarted with a smaller bound.
+    second = make_coordinator(
+        tiny_scenario(tmp_path, uploads={"rejected_receipts_per_edge": 4}), tmp_path / "registry"
+    )
+
+    # Assert
+    assert list(second.rejected.values()) == receipts[-4:]
+    assert second.ledger.upload_counts() == {"accepted": 0, "rejected": {"bad_spec": 10}}
+    newest = send(second, "edge-0", bad, 11)
+    assert newest["reason"] == "bad_spec"
+    assert list(second.rejected.values()) == [*receipts[-3:], newest]
 
 
 # ---- poisoned models: the plausibility gate ------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,14 +13,21 @@ from typing import Any
 import pytest
 import torch
 
-from actors.coordinator import STATE_KEY, CloudCoordinator, fresh_learner_rms, largest_rms_ratio, version_name
+from actors.coordinator import (
+    STATE_KEY,
+    CloudCoordinator,
+    fresh_learner_rms,
+    largest_rms_ratio,
+    validation_slots,
+    version_name,
+)
 from actors.edge import poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from orchestrator.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario, load_scenario
+from orchestrator.scenario import Scenario, UploadLimits, load_scenario
 from tests.unit.test_bad_uploads import upload_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,6 +201,79 @@ def test_oversized_unknown_edge_and_version_conflict_are_rejected(tmp_path: Path
     assert (unknown["accepted"], unknown["reason"]) == (False, "unknown_edge")
     assert first["accepted"] is True
     assert (conflict["accepted"], conflict["reason"]) == (False, "version_conflict")
+
+
+class OverlapGauge:
+    """Stands in for `CloudCoordinator._validate`: counts the validations running at once (they run in
+    threads) and holds each one until `bound` have overlapped once, plus a moment, so that a coordinator
+    without a bound would let more start meanwhile; then runs the real validation."""
+
+    def __init__(self, validate: Any, bound: int) -> None:
+        self.validate = validate
+        self.bound = bound
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.bound_reached = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            if self.running >= self.bound:
+                self.bound_reached.set()
+        try:
+            self.bound_reached.wait(timeout=30)
+            time.sleep(0.05)  # room for more validations to start, were nothing bounding them
+            return self.validate(*args)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_concurrent_uploads_all_get_receipts_and_validations_are_bounded(
+    tmp_path: Path, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: at most 2 validations at once; 4 valid and 4 bad uploads (one of each per edge), sent at once.
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    scenario = tiny_scenario(tmp_path, fusion=never, uploads={"max_concurrent_validations": 2})
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    gauge = OverlapGauge(coordinator._validate, bound=2)
+    monkeypatch.setattr(coordinator, "_validate", gauge)
+    edges = ["edge-0", "edge-1", "edge-2", "edge-3"]
+    good = {edge_id: learner_payload(scenario, edge_id) for edge_id in edges}
+    uploads = [upload_kwargs(edge_id, good[edge_id], version=1) for edge_id in edges] + [
+        upload_kwargs(edge_id, _bad_sha(good[edge_id]), version=2) for edge_id in edges
+    ]
+
+    async def send_all() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(coordinator.upload(**kwargs) for kwargs in uploads)))
+
+    # Execute
+    receipts = loop.run(send_all())
+
+    # Assert: every upload got its own receipt, and the bound was reached but never exceeded.
+    assert [(r["edge_id"], r["version"], r["accepted"], r["reason"]) for r in receipts] == [
+        *[(edge_id, 1, True, "") for edge_id in edges],
+        *[(edge_id, 2, False, "sha256_mismatch") for edge_id in edges],
+    ]
+    assert gauge.most == 2
+    assert sorted(loop.run(coordinator.status())["learners"]) == edges
+
+
+@pytest.mark.parametrize(("cpus", "slots"), [(1, 2), (2, 2), (8, 8), (64, 16)])
+def test_validation_slots_default_to_the_usable_cpus_within_bounds(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, slots: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cpus)), raising=False)
+
+    assert validation_slots(UploadLimits()) == slots
+    assert validation_slots(UploadLimits(max_concurrent_validations=5)) == 5
+
+
+def test_validation_slots_setting_rejects_zero() -> None:
+    with pytest.raises(ValueError, match="max_concurrent_validations"):
+        UploadLimits(max_concurrent_validations=0)
 
 
 def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path, loop: LoopThread) -> None:
