@@ -44,7 +44,11 @@ FLOP_SITES = ("edge", "cloud")
 # never free text; free text goes in `detail`, which is kept in the ledger only.
 REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EVENT_VALUE_TYPES = (str, int, float, bool, type(None))
-LEDGER_FORMAT_VERSION = 1
+LEDGER_FORMAT_VERSION = 2  # 2: upload counts kept apart from the (bounded) list of upload records
+# The ledger travels inside every coordinator checkpoint, so its upload records are capped: an edge that sends
+# many bad uploads must not make each checkpoint larger (and the run's total work quadratic). The counts
+# (`upload_counts`, Prometheus) stay exact; only the oldest records are dropped.
+MAX_UPLOAD_RECORDS = 1000
 
 # ---------------------------------------------------------------------------------------------------------
 # Prometheus metrics (one registry owned by this module)
@@ -192,7 +196,9 @@ class Ledger:
         self._edges: dict[str, dict[str, Any]] = {}
         self._cloud_flops: dict[str, int] = {}
         self._phases: dict[str, dict[str, Any]] = {}  # name -> {"seconds": float, "count": int}
-        self._uploads: list[dict[str, Any]] = []
+        self._uploads: list[dict[str, Any]] = []  # the newest MAX_UPLOAD_RECORDS, oldest first
+        self._accepted_uploads = 0
+        self._rejected_uploads: dict[str, int] = {}  # reason -> count
         self._events: list[dict[str, Any]] = []
 
     # -- bytes and FLOPs --------------------------------------------------------------------------------
@@ -317,6 +323,7 @@ class Ledger:
             _check_count("version", version)
         if not isinstance(detail, str):
             raise ValueError(f"detail must be a string, received {detail!r}")
+        self._count_upload(outcome, reason, 1)
         self._uploads.append(
             {
                 "time": time.time(),
@@ -327,8 +334,15 @@ class Ledger:
                 "detail": detail,
             }
         )
+        del self._uploads[:-MAX_UPLOAD_RECORDS]
         if self.export_metrics:
             UPLOADS_TOTAL.labels(outcome=outcome, reason=reason).inc()
+
+    def _count_upload(self, outcome: str, reason: str, count: int) -> None:
+        if outcome == "accepted":
+            self._accepted_uploads += count
+        else:
+            self._rejected_uploads[reason] = self._rejected_uploads.get(reason, 0) + count
 
     def record_event(self, kind: str, **fields: str | int | float | bool | None) -> None:
         """Something that happened (an edge joined, crashed, a round started), with JSON-able fields."""
@@ -361,16 +375,13 @@ class Ledger:
         return sum(costs[f"bytes_{direction}"] for costs in self._edges.values())
 
     def upload_counts(self) -> dict[str, Any]:
-        """{"accepted": n, "rejected": {reason: n}}."""
-        rejected: dict[str, int] = {}
-        for upload in self._uploads:
-            if upload["outcome"] == "rejected":
-                rejected[upload["reason"]] = rejected.get(upload["reason"], 0) + 1
-        accepted = sum(1 for upload in self._uploads if upload["outcome"] == "accepted")
-        return {"accepted": accepted, "rejected": dict(sorted(rejected.items()))}
+        """{"accepted": n, "rejected": {reason: n}}: every upload ever recorded, also those whose record
+        was dropped (see MAX_UPLOAD_RECORDS)."""
+        return {"accepted": self._accepted_uploads, "rejected": dict(sorted(self._rejected_uploads.items()))}
 
     @property
     def uploads(self) -> list[dict[str, Any]]:
+        """The newest MAX_UPLOAD_RECORDS upload records, oldest first."""
         return copy.deepcopy(self._uploads)
 
     @property
@@ -386,6 +397,7 @@ class Ledger:
             "edges": {edge: copy.deepcopy(self._edges[edge]) for edge in sorted(self._edges)},
             "cloud_flops": dict(sorted(self._cloud_flops.items())),
             "phases": {name: dict(self._phases[name]) for name in sorted(self._phases)},
+            "upload_counts": self.upload_counts(),
             "uploads": copy.deepcopy(self._uploads),
             "events": copy.deepcopy(self._events),
         }
@@ -398,7 +410,17 @@ class Ledger:
         """
         if not isinstance(data, dict):
             raise ValueError(f"ledger data must be a dict, received {type(data).__name__}")
-        expected_keys = {"format_version", "edges", "cloud_flops", "phases", "uploads", "events"}
+        if data.get("format_version") == 1:
+            data = _upgrade_ledger_v1(data)
+        expected_keys = {
+            "format_version",
+            "edges",
+            "cloud_flops",
+            "phases",
+            "upload_counts",
+            "uploads",
+            "events",
+        }
         if set(data) != expected_keys:
             raise ValueError(
                 f"ledger data must have exactly the keys {sorted(expected_keys)}, received {sorted(data)}"
@@ -443,6 +465,13 @@ class Ledger:
             if not isinstance(upload["detail"], str):
                 raise ValueError(f"{where}.detail must be a string, received {upload['detail']!r}")
             ledger._uploads.append(dict(upload))
+        del ledger._uploads[:-MAX_UPLOAD_RECORDS]
+        counts = _check_mapping("upload_counts", data["upload_counts"])
+        _check_keys("upload_counts", counts, {"accepted", "rejected"})
+        ledger._accepted_uploads = _check_count("upload_counts.accepted", counts["accepted"])
+        for reason, count in _check_mapping("upload_counts.rejected", counts["rejected"]).items():
+            _check_outcome("upload_counts.rejected key: ", "rejected", reason)
+            ledger._rejected_uploads[reason] = _check_count(f"upload_counts.rejected[{reason!r}]", count)
         for index, event in enumerate(_check_list("events", data["events"])):
             where = f"events[{index}]"
             if not isinstance(event, dict):
@@ -476,19 +505,39 @@ class Ledger:
             mine["count"] += totals["count"]
             if self.export_metrics:
                 PHASE_SECONDS_TOTAL.labels(phase=phase).inc(totals["seconds"])
-        for upload in snapshot["uploads"]:
-            self._uploads.append(upload)
+        counts = snapshot["upload_counts"]
+        self._count_upload("accepted", "", counts["accepted"])
+        if self.export_metrics:
+            UPLOADS_TOTAL.labels(outcome="accepted", reason="").inc(counts["accepted"])
+        for reason, count in counts["rejected"].items():
+            self._count_upload("rejected", reason, count)
             if self.export_metrics:
-                UPLOADS_TOTAL.labels(outcome=upload["outcome"], reason=upload["reason"]).inc()
+                UPLOADS_TOTAL.labels(outcome="rejected", reason=reason).inc(count)
+        self._uploads.extend(snapshot["uploads"])
         self._events.extend(snapshot["events"])
         # Stable sorts: records with equal times keep their order (this ledger's first).
         self._uploads.sort(key=lambda record: record["time"])
+        del self._uploads[:-MAX_UPLOAD_RECORDS]
         self._events.sort(key=lambda record: record["time"])
 
     def _edge(self, edge: str) -> dict[str, Any]:
         if edge not in self._edges:
             self._edges[edge] = _new_edge()
         return self._edges[edge]
+
+
+def _upgrade_ledger_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 ledger (checkpoints written before upload counts were kept apart): it held every upload
+    record, so the counts are those of its records."""
+    accepted, rejected = 0, dict[str, int]()
+    for upload in _check_list("uploads", data.get("uploads")):
+        if not isinstance(upload, dict):
+            continue  # from_dict names the malformed record
+        if upload.get("outcome") == "accepted":
+            accepted += 1
+        elif isinstance(upload.get("reason"), str):
+            rejected[upload["reason"]] = rejected.get(upload["reason"], 0) + 1
+    return {**data, "format_version": 2, "upload_counts": {"accepted": accepted, "rejected": rejected}}
 
 
 def _check_mapping(what: str, value: Any) -> dict[str, Any]:

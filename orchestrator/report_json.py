@@ -4,7 +4,8 @@ Top-level keys:
 - `scenario` (as validated, JSON) and `seed`; `data` (which data source, partition sizes);
 - `edges`: per edge id: task, status, bytes_sent / bytes_received, flops, train_seconds, upload outcome
   (accepted, or rejected with reason code and detail), epochs done, declared resources;
-- `uploads`: every upload decision the coordinator made (accepted / rejected with reason);
+- `uploads`: the coordinator's upload receipts (every accepted one; the newest
+  `cloud.uploads.rejected_receipts_per_edge` rejected ones per edge; exact counts are in `totals`);
 - `cloud`: FLOPs and seconds per strategy, the rounds (learners trained, per-epoch losses per strategy),
   BAIM version and parameter count, the coordinator's restarts, untrained learners;
 - `tasks`: per task: decomposed model's parameter count, test loss, decomposition max abs difference,

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from orchestrator.metrics import (
+    MAX_UPLOAD_RECORDS,
     METRICS_REGISTRY,
     Ledger,
     render_latest,
@@ -161,6 +162,50 @@ def test_merge_adds_costs_and_interleaves_records_by_time() -> None:
     assert times == sorted(times)
     # The merged-in ledger is unchanged.
     assert edge.to_dict() == edge_before
+
+
+def test_upload_records_are_bounded_and_counts_stay_exact() -> None:
+    # A stream of bad uploads must not grow the ledger (it is inside every coordinator checkpoint).
+    ledger = Ledger(export_metrics=False)
+    extra = 25
+    for i in range(MAX_UPLOAD_RECORDS + extra):
+        ledger.record_upload("edge-0", "rejected", reason="sha_mismatch", version=i + 1, detail="bad")
+    ledger.record_upload("edge-0", "accepted", version=1)
+
+    assert ledger.upload_counts() == {"accepted": 1, "rejected": {"sha_mismatch": MAX_UPLOAD_RECORDS + extra}}
+    records = ledger.uploads
+    assert len(records) == MAX_UPLOAD_RECORDS
+    assert records[-1]["outcome"] == "accepted"
+    assert records[0]["version"] == extra + 2  # the oldest records were dropped, the newest kept
+    restored = Ledger.from_dict(json.loads(json.dumps(ledger.to_dict())), export_metrics=False)
+    assert restored.upload_counts() == ledger.upload_counts()
+    assert restored.uploads == records
+
+
+def test_merge_adds_counts_and_keeps_the_newest_records() -> None:
+    first, second = Ledger(export_metrics=False), Ledger(export_metrics=False)
+    for i in range(MAX_UPLOAD_RECORDS):
+        first.record_upload("edge-0", "rejected", reason="non_finite", version=i + 1)
+    for i in range(10):
+        second.record_upload("edge-1", "accepted", version=i + 1)
+
+    first.merge(second)
+
+    assert first.upload_counts() == {"accepted": 10, "rejected": {"non_finite": MAX_UPLOAD_RECORDS}}
+    records = first.uploads
+    assert len(records) == MAX_UPLOAD_RECORDS
+    assert [r["edge"] for r in records[-10:]] == ["edge-1"] * 10
+
+
+def test_a_format_1_ledger_is_read_with_counts_from_its_records() -> None:
+    current = filled_ledger().to_dict()
+    old = {key: value for key, value in current.items() if key != "upload_counts"}
+    old["format_version"] = 1
+
+    restored = Ledger.from_dict(old, export_metrics=False)
+
+    assert restored.upload_counts() == current["upload_counts"]
+    assert restored.uploads == current["uploads"]
 
 
 def test_merge_rejects_itself_and_non_ledgers() -> None:
