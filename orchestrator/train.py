@@ -53,8 +53,10 @@ Decisions, and why:
   storage resumes it as well.
 - Metrics: Ray Train v2 keeps only rank 0's metrics and only those attached to checkpoints; the curves are
   therefore carried in `progress.json` and read back from the final checkpoint.
-- GPUs: `use_gpu=True` on a cluster with fewer GPUs than workers fails at once with a clear error, before any
-  worker is requested (Ray Train would otherwise wait for the resources and time out).
+- Resources: a job the cluster can never host (fewer GPUs than workers with `use_gpu=True`, fewer CPUs than
+  num_workers x cpus_per_worker once the launching actor's own reservation is taken off) fails at once with
+  a clear error, before any worker is requested; Ray Train would otherwise wait for the resources, time out
+  and retry. Retries of a worker group that cannot start are bounded (`WORKER_GROUP_START_RETRIES`).
 """
 
 from __future__ import annotations
@@ -676,27 +678,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---- the driver -----------------------------------------------------------------------------------------
 
 
-def check_cluster_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Fail fast, naming the setting, when the running Ray cluster cannot ever host the workers."""
-    import ray
+def check_resources_fit(
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    cluster_total: dict[str, float],
+    held_by_caller: dict[str, float],
+) -> None:
+    """Raise ValueError, naming the setting, when `num_workers` Train workers can never be placed.
 
-    if not ray.is_initialized():
-        raise RuntimeError("Ray is not initialised: call ray.init(...) (or run through the driver) first")
+    What the job can ever get is the cluster's total minus what the calling process itself holds
+    (`held_by_caller`): the actor that launches the job (the coordinator) keeps its own reservation for the
+    whole run, so those resources are never free for the workers. Resources held by other actors are not
+    subtracted: they are released eventually (finished edges are killed), so they only delay the start.
+    """
     if num_workers < 1:
         raise ValueError(f"num_workers: expected >= 1, received {num_workers}")
     if cpus_per_worker <= 0:
         raise ValueError(f"cpus_per_worker: expected > 0, received {cpus_per_worker}")
-    total = ray.cluster_resources()
-    if use_gpu and total.get("GPU", 0.0) < num_workers:
+    gpus_total, gpus_held = cluster_total.get("GPU", 0.0), held_by_caller.get("GPU", 0.0)
+    if use_gpu and gpus_total - gpus_held < num_workers:
         raise ValueError(
             f"use_gpu: the round needs {num_workers} GPU(s) (one per worker) but the Ray cluster offers "
-            f"{total.get('GPU', 0.0):g}; set cloud.use_gpu: false or add GPU nodes"
+            f"{gpus_total:g}{_held_note(gpus_held)}; set cloud.use_gpu: false or add GPU nodes"
         )
-    if total.get("CPU", 0.0) < num_workers * cpus_per_worker:
+    cpus_total, cpus_held = cluster_total.get("CPU", 0.0), held_by_caller.get("CPU", 0.0)
+    needed = num_workers * cpus_per_worker
+    if cpus_total - cpus_held < needed:
         raise ValueError(
-            f"cpus_per_worker: {num_workers} workers x {cpus_per_worker:g} CPUs = "
-            f"{num_workers * cpus_per_worker:g} CPUs, the Ray cluster has {total.get('CPU', 0.0):g}"
+            f"cpus_per_worker: {num_workers} workers x {cpus_per_worker:g} CPUs = {needed:g} CPUs, the Ray "
+            f"cluster has {cpus_total:g}{_held_note(cpus_held)}; lower cloud.num_workers or "
+            f"cloud.cpus_per_worker, or give Ray more CPUs"
         )
+
+
+def _held_note(held: float) -> str:
+    return f", of which {held:g} stay held by the process launching the job" if held > 0 else ""
+
+
+def check_cluster_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """Fail fast, naming the setting, when the running Ray cluster cannot ever host the workers.
+
+    Called from the process that launches the job: when that is a Ray actor or task (the coordinator), its
+    own reservation is subtracted (see `check_resources_fit`); a driver holds nothing.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call ray.init(...) (or run through the driver) first")
+    context = ray.get_runtime_context()
+    # get_assigned_resources() only works in a worker process (an actor or task), not in a driver.
+    held = context.get_assigned_resources() if context.worker.mode == ray.WORKER_MODE else {}
+    check_resources_fit(num_workers, use_gpu, cpus_per_worker, ray.cluster_resources(), held)
+
+
+# Ray Train v2 retries a worker group that cannot be placed forever by default (controller_failure_limit=-1),
+# each attempt waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default). `check_cluster_resources`
+# rules out clusters that can never host the job; this bound turns the rest (resources held elsewhere for
+# much longer than expected, a node lost) into an error after about that many minutes instead of a hang.
+WORKER_GROUP_START_RETRIES = 5
+
+
+def failure_config(max_failures: int) -> Any:
+    """Ray Train's FailureConfig: `max_failures` worker failures, a bounded number of worker group starts."""
+    import ray.train
+
+    # ray.train.FailureConfig is Train v2's (the default in Ray 2.60) at run time; mypy sees the v1 class,
+    # which lacks controller_failure_limit.
+    return ray.train.FailureConfig(  # type: ignore[call-arg]
+        max_failures=max_failures, controller_failure_limit=WORKER_GROUP_START_RETRIES
+    )
 
 
 def default_storage_path(registry_uri: str) -> str:
@@ -738,16 +789,19 @@ def _fit(
         run_config=ray.train.RunConfig(
             name=cfg.run_name(input_ref.sha256),
             storage_path=storage_path or default_storage_path(cfg.registry_uri),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=failure_config(max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
     started = time.perf_counter()
     try:
-        result = trainer.fit()  # raises when the run fails for good (max_failures exhausted)
+        # raises when the run fails for good: max_failures worker failures, or the workers could not be
+        # started WORKER_GROUP_START_RETRIES + 1 times in a row
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise RuntimeError(
-            f"training round {cfg.round_id} ({cfg.strategy}) failed (max_failures={max_failures}): {err}"
+            f"training round {cfg.round_id} ({cfg.strategy}) failed (max_failures={max_failures}, "
+            f"worker group start retries={WORKER_GROUP_START_RETRIES}): {err}"
         ) from err
     wall_seconds = time.perf_counter() - started
     if result.checkpoint is None:
