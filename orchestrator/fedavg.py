@@ -272,6 +272,12 @@ def mean_test_loss(per_task: Mapping[str, float], partitions: Partitions) -> flo
     return sum(per_task[task] * sizes[task] for task in per_task) / total
 
 
+def loss_text(loss: float | None) -> str:
+    """A loss for progress lines: 5 decimals, or "n/a" when there was nothing to measure it on (no test
+    images, e.g. `test_per_task: all` on a test partition without images of the task)."""
+    return "n/a" if loss is None else f"{loss:.5f}"
+
+
 # --------------------------------------------------------------------------------------------------------
 # The Ray driver
 
@@ -420,7 +426,8 @@ class FedAvgRun:
             )
             self._say(
                 f"fedavg round {server_round}/{self.config.rounds}: {len(aggregate.aggregated)}/"
-                f"{len(selected)} updates averaged, test loss {rounds[-1]['test_loss']:.5f} ({seconds:.1f}s)"
+                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1]['test_loss'])} "
+                f"({seconds:.1f}s)"
             )
         for index, event in pending:  # events after the last round never happened to the baseline
             self._record(event.kind, where=f"timeline.{index}", applied=False, note="after the last round")

@@ -217,21 +217,24 @@ class DataConfig(StrictModel):
     test_per_task: int | Literal["all"] = Field(
         default=200,
         description=(
-            "Test images per task (default for tasks without `test_size`). `all`: every image of the "
-            "official test partition matching the task (needs a partition file with test images)."
+            "Test images per task, at least 1 (default for tasks without `test_size`). `all`: every image "
+            "of the official test partition matching the task (needs a partition file with test images)."
         ),
     )
     cloud_per_task: int = Field(
         default=400,
         ge=0,
-        description="Images per task in the cloud's common training shard (default for `cloud_size`).",
+        description=(
+            "Images per task in the cloud's common training shard (default for `cloud_size`). Uploads are "
+            "checked on these when a task has no holdout images."
+        ),
     )
     holdout_per_task: int = Field(
         default=32,
         ge=0,
         description=(
             "Images per task held out for upload plausibility checks, disjoint from cloud training "
-            "(default for `holdout_size`)."
+            "(default for `holdout_size`). Holdout + cloud images must be at least 1 per task."
         ),
     )
     procedural: ProceduralConfig = Field(
@@ -241,8 +244,9 @@ class DataConfig(StrictModel):
     @field_validator("test_per_task")
     @classmethod
     def _test_size_positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"must be >= 0 or 'all', received {value}")
+        # An empty test split breaks every loss the run reports (FedAvg, the local and Ray Train rounds).
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be >= 1 or 'all', received {value}")
         return value
 
     def resolved_root(self) -> Path:
@@ -264,7 +268,7 @@ class TaskConfig(StrictModel):
         )
     )
     test_size: int | Literal["all"] | None = Field(
-        default=None, description="Test images for this task; unset: `data.test_per_task`."
+        default=None, description="Test images for this task, at least 1; unset: `data.test_per_task`."
     )
     cloud_size: int | None = Field(
         default=None, ge=0, description="Cloud training images; unset: `data.cloud_per_task`."
@@ -282,8 +286,8 @@ class TaskConfig(StrictModel):
     @field_validator("test_size")
     @classmethod
     def _test_size_positive(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"must be >= 0 or 'all', received {value}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be >= 1 or 'all', received {value}")
         return value
 
     def parsed(self) -> TaskExpr:
@@ -729,6 +733,8 @@ class Scenario(StrictModel):
                 f"2**len(widths) = {2 ** len(fedavg_model.widths)}"
             )
 
+        problems += self._upload_check_image_problems()
+
         squad_sizes = {name: 0 for name in task_names}
         for _, edge in edges:
             if edge.task in squad_sizes:
@@ -745,6 +751,29 @@ class Scenario(StrictModel):
             # An edge group reports a problem once, not once per expanded edge.
             raise ValueError("\n".join(dict.fromkeys(problems)))
         return self
+
+    def _upload_check_image_problems(self) -> list[str]:
+        """Every task needs holdout or cloud images: the coordinator checks uploads on its holdout (its cloud
+        images when the holdout is empty), and with neither it would reject every upload of the task."""
+        problems: list[str] = []
+        for t, task in enumerate(self.tasks):
+            holdout, cloud = self.holdout_size(task), self.cloud_size(task)
+            if holdout + cloud >= 1:
+                continue
+            if task.holdout_size is None and task.cloud_size is None:
+                # The same message for every task, so it is reported once.
+                problems.append(
+                    "data.holdout_per_task: 0 holdout and 0 cloud images per task (data.cloud_per_task) "
+                    "leave no images to check uploads on; expected holdout_per_task + cloud_per_task >= 1"
+                )
+            else:
+                field = "holdout_size" if task.holdout_size is not None else "cloud_size"
+                problems.append(
+                    f"tasks.{t}.{field}: task {task.name!r} has 0 holdout and 0 cloud images (holdout_size "
+                    "and cloud_size, else data.holdout_per_task and data.cloud_per_task) and no images to "
+                    "check uploads on; expected holdout + cloud >= 1"
+                )
+        return problems
 
     def _timeline_problems(self, first_path: dict[str, str]) -> list[str]:
         problems: list[str] = []

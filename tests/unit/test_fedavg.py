@@ -21,6 +21,7 @@ from orchestrator.fedavg import (
     FitResult,
     global_spec,
     homogeneous_spec,
+    loss_text,
 )
 from orchestrator.scenario import Scenario
 from tests.unit.test_coordinator import tiny_scenario
@@ -204,3 +205,9 @@ def test_edge_fedavg_round_trains_the_global_model_and_returns_its_serialized_up
     assert len(weights) == len(safetensors_save(aggregate.state))
     assert received.nbytes == len(safetensors_save(aggregate.state)) + len(expected_spec.encode())
     assert again[0] == weights  # same seed and round, same update
+
+
+def test_progress_loss_text_survives_a_loss_measured_on_nothing() -> None:
+    # mean_test_loss is None when no task has test images; the progress line used to raise TypeError.
+    assert loss_text(None) == "n/a"
+    assert loss_text(0.123456789) == "0.12346"

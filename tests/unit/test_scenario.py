@@ -194,7 +194,9 @@ BAD_INPUTS = [
     ("start false, no join", "edges.1.start", False, "edges.1.start:", "no join event"),
     ("link without change", "timeline.5.bandwidth_mbps", None, "timeline.5.link:", "needs `bandwidth_mbps`"),
     ("slow factor", "timeline.0.factor", 0.5, "timeline.0.slow.factor:", "greater than or equal to 1"),
-    ("test size", "data.test_per_task", -3, "data.test_per_task", "must be >= 0 or 'all'"),
+    ("test size", "data.test_per_task", -3, "data.test_per_task", "must be >= 1 or 'all'"),
+    ("test size zero", "data.test_per_task", 0, "data.test_per_task:", "must be >= 1 or 'all', received 0"),
+    ("task test size zero", "tasks.1.test_size", 0, "tasks.1.test_size:", "must be >= 1 or 'all'"),
     ("not a list", "tasks", "male", "tasks:", "valid list"),
 ]
 
@@ -217,6 +219,39 @@ def test_every_schema_error_names_its_field(path: str, value: Any, prefix: str, 
     assert matching, f"no problem starts with {prefix!r}: {problems}"
     if words is not None:
         assert any(words in line for line in matching), problems
+
+
+def test_no_holdout_and_no_cloud_images_for_every_task_is_named_once():
+    # The coordinator checks uploads on a task's holdout, else its cloud images: with neither, it would
+    # reject every upload of the task.
+    document = valid_scenario()
+    document["data"].update(holdout_per_task=0, cloud_per_task=0)
+    problems = problems_of(document)
+    matching = [line for line in problems if "no images to check uploads on" in line]
+    assert len(matching) == 1 and matching[0].startswith("data.holdout_per_task: "), problems
+
+
+def test_no_holdout_and_no_cloud_images_for_one_task_names_its_field():
+    document = valid_scenario()
+    document["tasks"][1].update(holdout_size=0, cloud_size=0)
+    problems = problems_of(document)
+    assert problems == [
+        "tasks.1.holdout_size: task 'smiling_women' has 0 holdout and 0 cloud images (holdout_size and "
+        "cloud_size, else data.holdout_per_task and data.cloud_per_task) and no images to check uploads on; "
+        "expected holdout + cloud >= 1"
+    ]
+    document = valid_scenario()
+    document["data"]["holdout_per_task"] = 0
+    document["tasks"][0]["cloud_size"] = 0
+    assert [line.split(":")[0] for line in problems_of(document)] == ["tasks.0.cloud_size"]
+
+
+def test_holdout_or_cloud_images_alone_are_enough():
+    for holdout, cloud in [(0, 1), (1, 0)]:
+        document = valid_scenario()
+        document["data"].update(holdout_per_task=holdout, cloud_per_task=cloud)
+        scenario = Scenario.model_validate(document)
+        assert scenario.holdout_size(scenario.tasks[0]) + scenario.cloud_size(scenario.tasks[0]) == 1
 
 
 def test_all_problems_are_reported_at_once_one_line_each():
