@@ -84,9 +84,19 @@ class ConnectionGraph(nn.Module):
         self,
         specs: list[ConnectionSpec] | tuple[ConnectionSpec, ...],
         shapes: dict[str, tuple[list[Shape], list[Shape]]],
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Append zero-initialised connections (already validated against the connection rule)."""
-        device, dtype = self._device_dtype()
+        """Append zero-initialised connections (already validated against the connection rule).
+
+        The projections are built on `device` with `dtype` (the owning model's); when not given, those of the
+        connections already in the graph, else PyTorch's defaults. An empty graph cannot know the model's
+        device and dtype, so a model that may have been moved should pass them.
+        """
+        own_device, own_dtype = self._device_dtype()
+        device = own_device if device is None else device
+        dtype = own_dtype if dtype is None else dtype
         for spec in specs:
             if spec.key in self.projections:
                 raise ValueError(f"connection {spec.key}: already in the graph")

@@ -240,8 +240,10 @@ class BAIM(nn.Module):
     def learner(self, name: str) -> VAELearner:
         return cast(VAELearner, self.learners[name])
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the BAIM's parameters live and their dtype (the first parameter's; all share them)."""
+        first = next(self.parameters())
+        return first.device, first.dtype
 
     @property
     def num_learners(self) -> int:
@@ -277,7 +279,7 @@ class BAIM(nn.Module):
         squad for a new task (admitted at once: no existing output depends on that squad).
 
         The cost is that of the new learner's connections: only the new modules are built and moved to the
-        BAIM's device, and only what is new is validated in depth (see `_config_with_learner`).
+        BAIM's device and dtype, and only what is new is validated in depth (see `_config_with_learner`).
         """
         if not isinstance(learner, VAELearner):
             raise TypeError(f"learner: expected a VAELearner, received {type(learner).__name__}")
@@ -285,16 +287,19 @@ class BAIM(nn.Module):
             raise ValueError(f"name: learner {name!r} is already in the BAIM")
         config, new_connections = _config_with_learner(self.config, LearnerEntry(name, task, learner.spec))
 
+        device, dtype = self._device_dtype()
         module = VAELearner(learner.spec)
         module.load_state_dict(learner.state_dict())  # strict: the weights must fit the spec's architecture
-        self.learners[name] = module.to(self._device())  # only the new modules move, never the whole BAIM
+        # only the new modules move, never the whole BAIM
+        self.learners[name] = module.to(device=device, dtype=dtype)
         if task in self.gate.squad_gates:
             self.gate.squad_gate(task).add_member(pending=True)
         else:
             self.gate.add_squad(task, 1)
         self.config = config
         touched = {name} | {c.src for c in new_connections} | {c.dst for c in new_connections}
-        self.connections.add(new_connections, self._shapes(touched))
+        # The BAIM's device and dtype, not the graph's: a graph without connections has neither.
+        self.connections.add(new_connections, self._shapes(touched), device=device, dtype=dtype)
         logger.info(
             "fused learner %s into squad %s with %d new connections", name, task, len(new_connections)
         )

@@ -139,3 +139,19 @@ def test_least_important_ranks_by_weight_norm_and_breaks_ties_by_order():
 
     expected_positions = [1, 3, 6, 2, 4, 0, 7, 5]  # norms ascending, the two zeros in graph order
     assert ranked == [specs[pos] for pos in expected_positions]
+
+
+def test_connections_are_built_with_the_device_and_dtype_they_are_given():
+    from baim.connections import ConnectionGraph
+
+    shapes: dict[str, tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]] = {
+        "a": ([(3, 8, 8)], [(4, 4, 4)]),
+        "b": ([(3, 8, 8)], [(4, 4, 4)]),
+    }
+    # An empty graph has no parameters to take a dtype from: it uses what it is given ...
+    graph = ConnectionGraph([], shapes)
+    graph.add([ConnectionSpec("a", 0, "b", 0)], shapes, device=torch.device("cpu"), dtype=torch.float64)
+    assert graph.projection(ConnectionSpec("a", 0, "b", 0)).conv.weight.dtype == torch.float64
+    # ... and, when not given, that of the connections it already holds.
+    graph.add([ConnectionSpec("b", 0, "a", 0)], shapes)
+    assert {p.dtype for p in graph.parameters()} == {torch.float64}

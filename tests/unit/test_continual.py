@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from baim.config import LearnerSpec
 from baim.continual import add_task, admit, continual_parameters, few_shot_adapt, train_only
 from baim.learners import VAELearner
+from baim.model import BAIM
 from baim.model_config import BAIMConfig, candidate_connections
+from baim.pruning import prune_connections
 from tests.unit.baim_random import BAIMRecipe, baim_recipes, images, learner_specs
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,6 +122,32 @@ def test_after_admission_only_gates_and_new_connections_train():
     assert any(k in new_keys for k in changed)
     assert any(k.startswith("gate.") for k in changed)
     assert all(p.requires_grad for p in baim.parameters())  # restored after training
+
+
+@pytest.mark.parametrize("how_empty", ["single learner", "all pruned"])
+def test_a_learner_fused_into_a_moved_baim_without_connections_takes_its_dtype(how_empty: str):
+    # Prepare: a BAIM whose connection graph is empty (it cannot know the BAIM's dtype), moved to float64
+    # (the stand-in for another device or dtype).
+    spec = LearnerSpec((3,), 2, 16)
+    torch.manual_seed(0)
+    if how_empty == "single learner":
+        baim = BAIM.from_learners(["t0"], [("a", "t0", VAELearner(spec))], top_k=1, connection_height=1)
+    else:
+        learners = [("a", "t0", VAELearner(spec)), ("b", "t0", VAELearner(spec))]
+        baim = BAIM.from_learners(["t0"], learners, top_k=1, connection_height=1)
+        assert baim.connections.specs
+        prune_connections(baim, 1.0)
+    assert baim.connections.specs == []
+    baim.to(torch.float64)
+
+    # Execute
+    new_connections = baim.add_learner("late", "t0", VAELearner(spec))
+
+    # Assert: every new module is float64 and the forward pass runs
+    assert new_connections
+    assert {p.dtype for p in baim.parameters()} == {torch.float64}
+    output = baim(images(4, 1).double(), torch.zeros(4, dtype=torch.long))
+    assert output.loss.dtype == torch.float64 and torch.isfinite(output.loss)
 
 
 def test_admit_rejects_learners_that_are_not_pending():
