@@ -11,6 +11,11 @@ What crosses the process boundary is primitive: the upload is `weights: bytes, s
 (an ArtifactPayload), and what the edge reports back to the driver is a JSON string (`run`, `progress`),
 which the driver parses and validates: nothing an edge sends is ever unpickled by the driver's own code.
 
+Device: an edge that declares `num_gpus` trains on `cuda` when this process sees a GPU (Ray sets
+CUDA_VISIBLE_DEVICES to the GPUs it reserved for the actor), else on the CPU; see `edge_device`. Initial
+weights are drawn on the CPU before the move, and uploads are CPU tensors, so the bytes an edge sends do not
+depend on where it trained beyond floating-point differences of the device's kernels.
+
 Simulated network: an upload of `nbytes` takes `time_scale * (latency + nbytes * 8 / bandwidth)` seconds
 of sleeping before the call; the bytes counted are the payload's real length, once per attempt sent.
 """
@@ -75,6 +80,17 @@ def learner_name(edge_id: str) -> str:
 def upload_spec(edge: EdgeConfig, spec: LearnerSpec) -> dict[str, Any]:
     """The JSON spec an edge sends beside its weights."""
     return {"kind": "learner", "edge_id": edge.id, "task": edge.task, "learner": spec.to_dict()}
+
+
+def edge_device(num_gpus: float, cuda_available: bool) -> torch.device:
+    """Where an edge trains: `cuda` when it declares GPUs (Ray reserved them) and CUDA is usable, else CPU.
+
+    A declared GPU without CUDA (a CPU-only PyTorch build, a driver problem) falls back to the CPU rather
+    than failing: the edge still trains, only slower, and the log says so.
+    """
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus: expected >= 0, received {num_gpus}")
+    return torch.device("cuda") if num_gpus > 0 and cuda_available else torch.device("cpu")
 
 
 def link_delay_seconds(nbytes: int, bandwidth_mbps: float, latency_ms: float, time_scale: float) -> float:
@@ -156,6 +172,11 @@ class EdgeNode:
         if len(self.dataset) == 0:
             raise ValueError(f"edge {edge.id}: expected a non-empty shard, received 0 images")
         self.ledger = Ledger(export_metrics=False)
+        # Only ask CUDA when a GPU was declared: CPU edges never initialise it.
+        self.device = edge_device(edge.num_gpus, edge.num_gpus > 0 and torch.cuda.is_available())
+        if edge.num_gpus > 0 and self.device.type == "cpu":
+            logger.warning("edge %s declares num_gpus=%g but CUDA is not available: training on the CPU",
+                           edge.id, edge.num_gpus)  # fmt: skip
 
         # Mutable state read by the training loop, written by the event methods (other actor threads).
         self.slow_factor = 1.0
@@ -170,7 +191,13 @@ class EdgeNode:
         self.train_loss: float | None = None
         self.receipt: dict[str, Any] | None = None
         self.error: str | None = None
-        logger.info("edge %s ready: %d images, spec %s", edge.id, len(self.dataset), self.spec)
+        logger.info(
+            "edge %s ready: %d images, spec %s, training on %s",
+            edge.id,
+            len(self.dataset),
+            self.spec,
+            self.device,
+        )
 
     # ---- timeline events (called by the driver while run() is in progress) ---------------------------
 
@@ -225,9 +252,9 @@ class EdgeNode:
     def _train(self) -> None:
         self.status = "training"
         torch.manual_seed(self.seed)  # initial weights and noise: the same for the same scenario seed
-        model = VAELearner(self.spec)
+        model = VAELearner(self.spec).to(self.device)  # drawn on the CPU, then moved: same initial weights
         optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
-        loss_fn = vae_batch_loss(self.kld_weight)
+        loss_fn = vae_batch_loss(self.kld_weight)  # moves each batch to the model's device
         order = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(self.dataset, batch_size=self.edge.batch_size, shuffle=True, generator=order)
 
@@ -276,7 +303,7 @@ class EdgeNode:
             previous = time.perf_counter()
 
     def _pack(self) -> ArtifactPayload:
-        state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        state = _cpu_state(self.model)
         if self.poison_mode is not None:
             state = poison_state(state, self.poison_mode, self.poison_scale, self.seed)
             self.ledger.record_event("edge_poisoned", edge=self.edge_id, mode=self.poison_mode)
@@ -338,6 +365,7 @@ class EdgeNode:
             self._check_leave()
             model = VAELearner(LearnerSpec.from_dict(spec["learner"]))
             model.load_state_dict(tensors, strict=True)
+            model.to(self.device)
             optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
             loss_fn = vae_batch_loss(self.kld_weight)
             round_seed = edge_seed(self.seed, f"fedavg round {server_round}")
@@ -351,7 +379,7 @@ class EdgeNode:
                 report["train_loss"] = train_epoch(model, self._paced(loader), optimizer, loss_fn)
             report["train_seconds"] = time.perf_counter() - started
             report["flops"] = flops_per_epoch * local_epochs
-            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            state = _cpu_state(model)
             if self.poison_mode is not None:
                 state = poison_state(state, self.poison_mode, self.poison_scale, round_seed)
                 report["poisoned"] = self.poison_mode
@@ -392,6 +420,11 @@ class EdgeNode:
             "error": self.error,
             "ledger": self.ledger.to_dict(),
         }
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state on the CPU (what is packed and uploaded)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
 
 
 def _image(item: Any) -> torch.Tensor:

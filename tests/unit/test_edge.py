@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from actors.coordinator import CloudCoordinator
-from actors.edge import EdgeNode, link_delay_seconds
+from actors.edge import EdgeNode, edge_device, link_delay_seconds
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.scenario import Scenario
 from tests.unit.test_coordinator import LoopThread, SyncCoordinator, tiny_scenario
@@ -83,6 +84,49 @@ def test_edge_trains_uploads_and_counts_its_real_bytes_and_flops(tmp_path: Path,
     assert costs["bytes_received"] == 0
     assert costs["flops"] > 0
     assert costs["seconds"]["edge_train"] > 0
+
+
+def test_edge_device_is_cuda_only_when_gpus_are_declared_and_cuda_is_usable() -> None:
+    assert edge_device(0.0, cuda_available=False) == torch.device("cpu")
+    assert edge_device(0.0, cuda_available=True) == torch.device("cpu")  # GPUs it did not reserve
+    assert edge_device(0.5, cuda_available=False) == torch.device("cpu")  # declared, but no CUDA here
+    assert edge_device(0.5, cuda_available=True) == torch.device("cuda")
+    assert edge_device(2.0, cuda_available=True) == torch.device("cuda")
+    with pytest.raises(ValueError, match="num_gpus: expected >= 0"):
+        edge_device(-1.0, cuda_available=True)
+
+
+def test_edge_declaring_gpus_picks_its_device_from_cuda_availability(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = never(tmp_path)
+    gpu_edge = scenario.edge("edge-1").model_copy(update={"num_gpus": 1.0})
+    source = resolve_source(scenario.data)
+    indices = make_partitions(source, scenario).edges["edge-1"]
+
+    def node() -> EdgeNode:
+        return EdgeNode(
+            gpu_edge,
+            source,
+            indices,
+            resolution=scenario.data.resolution,
+            scenario_seed=scenario.seed,
+            kld_weight=scenario.cloud.kld_weight,
+            time_scale=0.0,
+        )
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert node().device == torch.device("cuda")  # constructing touches no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    without_cuda = node()
+    assert without_cuda.device == torch.device("cpu")
+    assert make_edge(scenario, "edge-1").device == torch.device("cpu")
+
+    # Without CUDA it trains and uploads exactly what a CPU edge does.
+    gpu_declared, cpu_only = Recorder(), Recorder()
+    without_cuda.run(gpu_declared)
+    make_edge(scenario, "edge-1").run(cpu_only)
+    assert gpu_declared.received[0]["sha256"] == cpu_only.received[0]["sha256"]
 
 
 def test_same_seed_gives_the_same_weights_bytes_and_flops(tmp_path: Path) -> None:
