@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -33,7 +32,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Path, Response, Security
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -58,7 +58,9 @@ logger = logging.getLogger(__name__)
 TASK_OWNER_PREFIX = "task/"
 API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)  # nosec B105
 MAX_IMAGES_PER_REQUEST = 64
-MAX_SEED = 2**63 - 1
+# The largest integer a double holds exactly: OpenAPI documents store bounds as JSON numbers (FastAPI writes
+# them as floats, so 2**63 - 1 was published as 2**63), and JavaScript clients read seeds as doubles.
+MAX_SEED = 2**53 - 1
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
 DEFAULT_POLL_SECONDS = 5.0  # how often each task replica looks for a newer version in the registry
 # How long @serve.batch waits for more requests after the first. 0: a lone request never waits, and under
@@ -68,6 +70,10 @@ INGRESS_NUM_CPUS = 0.1  # the ingress only awaits handles; images are encoded on
 INGRESS_MAX_ONGOING = 256  # it only awaits handles; Serve's default of 5 would cap every task's concurrency
 # Serve's defaults (30 s up, 600 s down) suit big clusters; task models start in about a second.
 DEFAULT_AUTOSCALING = {"upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "look_back_period_s": 15.0}
+# Declares the token in the OpenAPI document only; RequestGuard enforces it (see create_api).
+BEARER_SCHEME = HTTPBearer(
+    auto_error=False, scheme_name="bearerAuth", description="BAIM_API_TOKEN (when the server sets one)"
+)
 
 
 def task_owner(task: str) -> str:
@@ -98,7 +104,7 @@ def latest_task_versions(registry: Registry) -> dict[str, str]:
 class GenerateRequest(BaseModel):
     """Body of POST /tasks/{task}/generate. Strict ints: "3", 3.0 and true are rejected, not coerced."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"n": 4, "seed": 7}, {"n": 1}]})
 
     n: int = Field(strict=True, ge=1, le=MAX_IMAGES_PER_REQUEST, description="How many images, 1..64.")
     seed: int | None = Field(
@@ -106,7 +112,7 @@ class GenerateRequest(BaseModel):
         strict=True,
         ge=0,
         le=MAX_SEED,
-        description="Seed of the noise; the same seed, n and model version give the same images. "
+        description="Seed of the noise, 0..2^53-1; the same seed, n and model version give the same images. "
         "Drawn at random (and returned) when absent.",
     )
 
@@ -128,6 +134,39 @@ class TaskInfo(BaseModel):
 
 class TasksResponse(BaseModel):
     tasks: list[TaskInfo] = Field(description="Every served task, sorted by name.")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error but 422 (whose `detail` is pydantic's list of problems)."""
+
+    detail: str = Field(description="What was wrong with the request, in words.")
+
+
+def error_response(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# Documented in the OpenAPI document, so that clients (and schemathesis) know every status a route can give.
+GUARD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: error_response("Content-Length is not an integer, or the body is not UTF-8 text"),
+    413: error_response(f"Request body over {MAX_BODY_BYTES} bytes (declared or sent)"),
+}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: error_response("Missing or wrong bearer token (header WWW-Authenticate: Bearer)"),
+}
+TASK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: error_response("Unknown task; the detail names the known ones"),
+    503: error_response("No replica of the task answered; retry later"),
+}
+MODEL_HEADERS = {
+    "ETag": {
+        "description": "The artifact's sha256 in quotes: send it back in If-None-Match.",
+        "schema": {"type": "string"},
+    },
+    "X-Task": {"description": "The task.", "schema": {"type": "string"}},
+    "X-Model-Version": {"description": "The registry version.", "schema": {"type": "string"}},
+    "X-Model-Sha256": {"description": "sha256 of the body.", "schema": {"type": "string"}},
+}
 
 
 # ---- the task model deployment ------------------------------------------------------------------------
@@ -278,6 +317,7 @@ def create_api(
         title="BAIM task models",
         description="Generate images with decomposed BAIM task models; download them for an edge toolbox.",
         version="1",
+        responses=GUARD_RESPONSES,
     )
     api.add_middleware(
         RequestGuard,
@@ -285,6 +325,15 @@ def create_api(
         max_body_bytes=max_body_bytes,
         open_paths=("/healthz",),
     )
+
+    # RequestGuard enforces the token; this dependency only declares the bearer scheme in the OpenAPI
+    # document (auto_error=False: it never rejects anything itself).
+    auth_dependencies = [Security(BEARER_SCHEME)] if api_token_sha256 is not None else []
+    auth_responses = AUTH_RESPONSES if api_token_sha256 is not None else {}
+
+    # The served tasks as the path parameter's examples: documentation, and what schemathesis tries first.
+    task_examples = sorted(handles) or None
+    task_description = "A served task (GET /tasks lists them)."
 
     def handle_for(task: str) -> DeploymentHandle:
         if task not in handles:
@@ -306,14 +355,27 @@ def create_api(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/tasks", response_model=TasksResponse)
+    @api.get(
+        "/tasks",
+        response_model=TasksResponse,
+        dependencies=auth_dependencies,
+        responses={**auth_responses, 503: TASK_RESPONSES[503]},
+    )
     async def list_tasks() -> TasksResponse:
         tasks = sorted(handles)
         infos = await asyncio.gather(*(call_replica(task, handles[task].info.remote) for task in tasks))
         return TasksResponse(tasks=[TaskInfo(**info) for info in infos])
 
-    @api.post("/tasks/{task}/generate", response_model=GenerateResponse)
-    async def generate(task: str, body: GenerateRequest) -> GenerateResponse:
+    @api.post(
+        "/tasks/{task}/generate",
+        response_model=GenerateResponse,
+        dependencies=auth_dependencies,
+        responses={**auth_responses, **TASK_RESPONSES},
+    )
+    async def generate(
+        body: GenerateRequest,
+        task: str = Path(description=task_description, examples=task_examples),
+    ) -> GenerateResponse:
         handle = handle_for(task)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
         result = await call_replica(task, lambda: handle.generate.remote(body.n, seed))
@@ -325,17 +387,34 @@ def create_api(
     @api.get(
         "/tasks/{task}/model",
         response_class=Response,
+        dependencies=auth_dependencies,
         responses={
-            200: {"content": {"application/octet-stream": {}}, "description": "spec_json + b'\\n' + weights"},
-            304: {"description": "If-None-Match named the current sha256: the cached copy is current"},
+            200: {
+                "content": {"application/octet-stream": {}},
+                "description": "spec_json + b'\\n' + weights",
+                "headers": MODEL_HEADERS,
+            },
+            304: {
+                "description": "If-None-Match named the current sha256: the cached copy is current",
+                "headers": MODEL_HEADERS,
+            },
+            **auth_responses,
+            **TASK_RESPONSES,
         },
     )
-    async def download_model(task: str, request: Request) -> Response:
+    async def download_model(
+        task: str = Path(description=task_description, examples=task_examples),
+        if_none_match: str | None = Header(
+            default=None, description='"<sha256>" of a cached copy: 304 (empty body) if it is still current'
+        ),
+    ) -> Response:
         handle = handle_for(task)
-        cached = request.headers.get("if-none-match", "").strip('"')
+        cached = (if_none_match or "").strip('"')
         if cached:
             info = await call_replica(task, handle.info.remote)
-            if hmac.compare_digest(cached, info["sha256"]):
+            # The sha256 is public (GET /tasks lists it): a plain comparison. hmac.compare_digest raised
+            # TypeError on a non-ASCII header value, a 500 (found by tests/integration/test_openapi_fuzz.py).
+            if cached == info["sha256"]:
                 return Response(status_code=304, headers=_model_headers(task, info["model_version"], cached))
         artifact = await call_replica(task, handle.artifact.remote)
         return Response(
@@ -344,7 +423,15 @@ def create_api(
             headers=_model_headers(task, artifact["model_version"], artifact["sha256"]),
         )
 
-    @api.get("/metrics", response_class=Response)
+    @api.get(
+        "/metrics",
+        response_class=Response,
+        dependencies=auth_dependencies,
+        responses={
+            **auth_responses,
+            200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text"},
+        },
+    )
     async def metrics() -> Response:
         return Response(content=render_latest(), media_type=METRICS_CONTENT_TYPE)
 

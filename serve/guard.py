@@ -93,7 +93,8 @@ class RequestGuard:
             return
         declared = header(scope, b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            # isascii too: str.isdigit() accepts "²" (Latin-1 0xB2), which int() then refuses.
+            if not (declared.isascii() and declared.isdigit()):
                 await send_json(
                     send, 400, {"detail": f"Content-Length: expected an integer, received {declared!r}"}
                 )

@@ -6,6 +6,7 @@ restore what they change.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -28,6 +29,7 @@ from orchestrator.artifacts import pack_module
 from orchestrator.registry import Registry
 from orchestrator.scenario import ServingConfig
 from serve.app import RegistryWatcher, app_builder, start_http
+from serve.guard import Message, Receive, RequestGuard, Scope, Send
 from serve.models import decode_png_base64, to_uint8
 from serve.toolbox import Toolbox
 from tests.unit.test_toolbox import tiny_baim
@@ -224,6 +226,7 @@ def test_model_download_and_toolbox_over_http(service: Service, tmp_path: Path) 
     assert (first.cache_hit, first.bytes_received) == (False, len(reply.body))
     assert (second.cache_hit, second.bytes_received) == (True, 0)
     assert toolbox.bytes_received == len(reply.body)
+    assert isinstance(first.model, TaskModel)
     assert torch.equal(first.model.generate(2, seed=5), service.smiling_v1.generate(2, seed=5))
     not_modified = service.call(
         "GET", "/tasks/smiling/model", headers={"If-None-Match": f'"{payload.sha256}"'}
@@ -372,3 +375,49 @@ def test_app_builder_for_serve_config_files(service: Service) -> None:
         app_builder({"registry_uri": service.registry.uri, "serving": {"max_replicas": 0}})
     with pytest.raises(ValueError, match="Extra inputs"):
         app_builder({"registry_uri": service.registry.uri, "replicas": 2})
+
+
+@pytest.mark.parametrize("etag", ['"caf\xe9"', "\xff", '"*"', '"a", "b"', ""], ids=repr)
+def test_odd_if_none_match_gets_the_model(service: Service, etag: str) -> None:
+    # Found by tests/integration/test_openapi_fuzz.py: hmac.compare_digest raised TypeError on a non-ASCII
+    # str, so a Latin-1 If-None-Match was a 500. Any value that is not the current sha256 gets the body.
+    reply = service.call("GET", "/tasks/smiling/model", headers={"If-None-Match": etag})
+    assert reply.status == 200
+    assert hashlib.sha256(reply.body).hexdigest() == reply.headers["x-model-sha256"]
+
+
+def test_the_largest_seed_is_exact(service: Service) -> None:
+    # The OpenAPI document published 2**63 - 1 as the float 2**63 (found by test_openapi_fuzz.py): seeds
+    # now stop at 2**53 - 1, which every JSON reader (and the document) holds exactly.
+    largest = 2**53 - 1
+    accepted = service.generate("smiling", 1, seed=largest)
+    assert (accepted.status, accepted.json()["seed"]) == (200, largest)
+    rejected = service.generate("smiling", 1, seed=largest + 1)
+    assert rejected.status == 422 and "less than or equal to 9007199254740991" in rejected.body.decode()
+
+
+@pytest.mark.parametrize("length", ["\xb2", "1\xb9", "-1", "1e3", " "], ids=repr)
+def test_a_content_length_that_is_not_ascii_digits_gets_400(length: str) -> None:
+    # str.isdigit() is true for "²" (Latin-1 0xB2), which int() refuses: the guard raised, a 500. Serve's
+    # uvicorn proxy happens to reject such a header first, so the guard is called directly here.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the request must not reach the app")
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    guard = RequestGuard(app, api_token_sha256=None, max_body_bytes=1024)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", length.encode("latin-1"))],
+    }
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert "Content-Length: expected an integer" in json.loads(sent[1]["body"])["detail"]
