@@ -280,14 +280,19 @@ class Engine:
                 continue
             ready, _ = ray.wait([track.probe_ref], timeout=0)
             if ready:
+                track.probe_ref = None
                 try:
                     track.report = json.loads(ray.get(ready[0]))
-                    track.started_at = time.monotonic()
-                    track.status = "running"
-                    track.probe_ref = None
-                    self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
-                except (RayActorError, RayTaskError):
-                    pass  # _collect_results reports the death through run_ref
+                except RayActorError as err:  # it died starting (e.g. its constructor raised): final now
+                    status = "crashed" if track.crash_requested else "died"
+                    self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
+                    continue
+                except RayTaskError as err:
+                    self._finalise(track, "failed", error=str(err).splitlines()[-1])
+                    continue
+                track.started_at = time.monotonic()
+                track.status = "running"
+                self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
                 continue
             if time.monotonic() - track.spawned_at < self.options.unschedulable_after_s:
                 continue
@@ -309,7 +314,7 @@ class Engine:
                 report = json.loads(ray.get(ref))
             except RayActorError as err:
                 status = "crashed" if track.crash_requested else "died"
-                self._finalise(track, status, error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+                self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
                 continue
             except RayTaskError as err:
                 self._finalise(track, "failed", error=str(err).splitlines()[-1])
@@ -440,6 +445,11 @@ class Engine:
         logger.info("%s", line)
         if self.options.progress is not None:
             self.options.progress(line)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else ""
 
 
 def run_scenario(
