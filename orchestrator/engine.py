@@ -218,6 +218,7 @@ class Engine:
         self._say(f"all edges final after {self._elapsed():.1f}s; coordinator finishing (train, decompose)")
 
         summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+        accepted_by_edge = {receipt["edge_id"]: receipt for receipt in summary["accepted"]}
         ledger = Ledger(export_metrics=False)
         ledger.merge(Ledger.from_dict(summary["ledger"], export_metrics=False))
         for track in self.edges.values():
@@ -227,7 +228,10 @@ class Engine:
             scenario=self.scenario,
             source=self.source,
             partitions=self.partitions,
-            edges={edge_id: self._edge_row(track) for edge_id, track in self.edges.items()},
+            edges={
+                edge_id: self._edge_row(track, accepted_by_edge.get(edge_id))
+                for edge_id, track in self.edges.items()
+            },
             coordinator=summary,
             ledger=ledger,
             events=self.event_log,
@@ -398,10 +402,15 @@ class Engine:
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _edge_row(self, track: EdgeTrack) -> dict[str, Any]:
+    def _edge_row(self, track: EdgeTrack, accepted: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The report row of one edge. `accepted`: the coordinator's accepted receipt for this edge, used when
+        the edge has none of its own (it died after the coordinator stored its upload, before the ack)."""
         report = track.report or {}
         costs = (report.get("ledger") or {}).get("edges", {}).get(track.config.id, {})
         receipt = report.get("receipt") or {}
+        receipt_from = "edge" if receipt else "none"
+        if not receipt and accepted is not None:
+            receipt, receipt_from = accepted, "coordinator"
         outcome = ("accepted" if receipt.get("accepted") else "rejected") if receipt else "none"
         return {
             "task": track.config.task,
@@ -422,6 +431,7 @@ class Engine:
                 "detail": receipt.get("detail", ""),
                 "sha256": receipt.get("sha256"),
                 "artifact": receipt.get("artifact"),
+                "receipt_from": receipt_from,  # "coordinator": the edge never got its receipt
             },
             "costs_are_final": track.status not in ("crashed", "died", "timed_out"),
         }

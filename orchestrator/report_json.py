@@ -3,7 +3,8 @@
 Top-level keys:
 - `scenario` (as validated, JSON) and `seed`; `data` (which data source, partition sizes);
 - `edges`: per edge id: task, status, bytes_sent / bytes_received, flops, train_seconds, upload outcome
-  (accepted, or rejected with reason code and detail), epochs done, declared resources;
+  (accepted, or rejected with reason code and detail; `receipt_from`: "edge", or "coordinator" when the
+  edge died before its receipt arrived), epochs done, declared resources;
 - `uploads`: the coordinator's upload receipts (every accepted one; the newest
   `cloud.uploads.rejected_receipts_per_edge` rejected ones per edge; exact counts are in `totals`);
 - `cloud`: FLOPs and seconds per strategy, the rounds (learners trained, per-epoch losses per strategy),

@@ -1,4 +1,4 @@
-"""The engine's bookkeeping without Ray: start probes that fail.
+"""The engine's bookkeeping without Ray: start probes that fail, report rows.
 
 Ray's functions are replaced with fakes where the engine would call them, so no Ray instance starts.
 """
@@ -76,3 +76,28 @@ def test_edge_whose_start_probe_raises_is_failed_at_once(
     assert track.status == "failed"
     assert track.error == "ValueError: shard unreadable"
     assert track.handle is None
+
+
+def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine) -> None:
+    # Prepare: edge-0 died after the coordinator stored (and fused) its upload, before the receipt arrived;
+    # edge-1 got its own rejection receipt.
+    died = engine.edges["edge-0"]
+    died.status, died.report = "died", {"epoch": 2, "ledger": {}}
+    accepted = {"edge_id": "edge-0", "accepted": True, "reason": "", "detail": "", "sha256": "ab" * 32,
+                "artifact": "edge/edge-0@v000001"}  # fmt: skip
+    rejected = engine.edges["edge-1"]
+    own = {"accepted": False, "reason": "non_finite", "detail": "NaN", "sha256": "cd" * 32, "artifact": None}
+    rejected.status, rejected.report = "rejected", {"epoch": 1, "receipt": own, "ledger": {}}
+
+    # Execute
+    died_row = engine._edge_row(died, accepted)
+    rejected_row = engine._edge_row(rejected, None)
+    never_row = engine._edge_row(engine.edges["edge-2"], None)
+
+    # Assert
+    assert died_row["upload"] == {"outcome": "accepted", "reason": "", "detail": "",
+                                  "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
+                                  "receipt_from": "coordinator"}  # fmt: skip
+    assert died_row["status"] == "died" and died_row["costs_are_final"] is False
+    assert (rejected_row["upload"]["outcome"], rejected_row["upload"]["receipt_from"]) == ("rejected", "edge")
+    assert (never_row["upload"]["outcome"], never_row["upload"]["receipt_from"]) == ("none", "none")
