@@ -26,10 +26,22 @@ Arrival order varies from run to run and the fused structure depends on it, so a
 learners re-fused in canonical order (the scenario's edge order, `_canonical_baim`), and its training and test
 noise is seeded (`seeded_loss`): the same uploads and seed give the same trained BAIM.
 
+Failed rounds: a round whose runner raises (e.g. `cloud.use_gpu: true` on a cluster without GPUs, or any
+deterministic Ray Train error) loses nothing: its learners stay pending, and the error is recorded per round
+index (`round_errors`: round, attempts, learners, error text; checkpointed). The same pending set is not tried
+again until it changes (a new upload was fused) or `cloud.fusion.max_wait_seconds` passed since the failure,
+so a deterministic error costs one attempt per change or per wait, not one per policy tick. `finish()` never
+publishes task models from an untrained BAIM: when learners are still untrained after its last attempt, it
+raises `RoundFailed` naming the round and the cause (the engine writes the report, prints the error and
+`baim run` exits 1). Why fail rather than publish the last trained BAIM: the user asked for every accepted
+upload to be trained; task models that silently leave some out (or were never trained at all) look like a
+success and are not one.
+
 Durability: after every accepted upload and every round the coordinator writes its state document
-(`coordinator/state`: accepted uploads in arrival order, the trained BAIM version, rounds, rejections,
-ledger). A restarted coordinator reads it, reloads the last trained BAIM (`baim@vN`) and re-fuses every
-accepted upload the registry holds that the trained BAIM lacks: nothing acknowledged is ever lost.
+(`coordinator/state`: accepted uploads in arrival order, the trained BAIM version, rounds, round
+errors, rejections, ledger). A restarted coordinator reads it, reloads the last trained BAIM (`baim@vN`) and
+re-fuses every accepted upload the registry holds that the trained BAIM lacks: nothing acknowledged is ever
+lost.
 """
 
 from __future__ import annotations
@@ -74,6 +86,7 @@ POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checke
 MAX_VERSION = 999_999  # version names are v000001 .. v999999
 UNKNOWN_EDGES = "(edges not in the scenario)"  # one allowance of kept rejected receipts for all of them
 MAX_DEFAULT_VALIDATIONS = 16  # asyncio's default pool has min(32, CPUs + 4) threads: leave some for writes
+MAX_ROUND_ERROR_CHARS = 2000  # a Ray Train error can carry whole tracebacks; the state document stays small
 
 
 def edge_owner(edge_id: str) -> str:
@@ -91,6 +104,37 @@ class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carri
         self.code = code
         self.detail = detail
         super().__init__(f"{code}: {detail}")
+
+
+class RoundFailed(Exception):  # noqa: N818 (reads as what happened: "round failed")
+    """`finish()` found learners still untrained after its last round attempt: no task model was published.
+
+    `round` is the round index that failed, `error` the cause's text (type and message), `attempts` how many
+    times that round was tried, `learners` the learners it was to train.
+    """
+
+    def __init__(self, round_index: int, error: str, attempts: int, learners: list[str]) -> None:
+        self.round = round_index
+        self.error = error
+        self.attempts = attempts
+        self.learners = list(learners)
+        tries = "once" if attempts == 1 else f"{attempts} times"
+        super().__init__(
+            f"cloud round {round_index} failed (tried {tries}; learners {', '.join(learners) or 'none'}): "
+            f"{error}; no task models were published"
+        )
+
+    def __reduce__(self) -> tuple[type[RoundFailed], tuple[int, str, int, list[str]]]:
+        # Exception pickling replays `args` (the message alone); Ray ships errors between processes.
+        return (type(self), (self.round, self.error, self.attempts, self.learners))
+
+
+def round_error_text(err: BaseException) -> str:
+    """`Type: message`, cut to MAX_ROUND_ERROR_CHARS."""
+    text = f"{type(err).__name__}: {err}"
+    if len(text) > MAX_ROUND_ERROR_CHARS:
+        text = text[: MAX_ROUND_ERROR_CHARS - 20] + " ... (cut)"
+    return text
 
 
 @dataclass
@@ -311,6 +355,9 @@ class CloudCoordinator:
         self.rejected: dict[str, dict[str, Any]] = {}  # receipt by upload key, the last few per edge
         self._rejected_keys: dict[str, collections.deque[str]] = {}  # per edge, oldest first
         self.rounds: list[dict[str, Any]] = []
+        # Per failed round index: {"round", "attempts", "learners" (of the last attempt), "error" (the last)}.
+        # One entry per index (a retry updates it), so the list stays as short as the rounds list.
+        self.round_errors: list[dict[str, Any]] = []
         self.baim_version: str | None = None  # last trained BAIM in the registry
         self.restarts = 0
 
@@ -318,6 +365,9 @@ class CloudCoordinator:
         self.baim: BAIM | None = None
         self.trained_learners: set[str] = set()  # learners inside the last trained BAIM
         self.pending_since: float | None = None  # when the oldest untrained learner arrived
+        # The pending set of the last failed round and when it failed (monotonic): the back-off. Not
+        # checkpointed: a restarted coordinator tries once more (the restart may have cured the cause).
+        self._last_failure: tuple[frozenset[str], float] | None = None
         self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
         self._state_lock = asyncio.Lock()  # orders state document writes
         self._validation_slots = asyncio.Semaphore(validation_slots(self.cloud.uploads))
@@ -363,22 +413,48 @@ class CloudCoordinator:
             "round_running": self._round_task is not None and not self._round_task.done(),
             "baim_version": self.baim_version,
             "restarts": self.restarts,
+            "round_errors": [dict(e) for e in self.round_errors],
         }
 
     async def finish(self) -> dict[str, Any]:
         """Train whatever is still untrained, decompose every task, publish the task models; summary.
 
+        Untrained learners get one more round unless that very set failed less than
+        `cloud.fusion.max_wait_seconds` ago (the back-off: retrying a deterministic error at once only
+        doubles the wait). If learners are still untrained after that, nothing is published and
+        `RoundFailed` is raised, naming the round and its last error; `summary()` still returns the state
+        for a report.
+
         Idempotent: called again (e.g. retried after a restart) it trains nothing new and republishes the
         same task models.
         """
         await self._fuse_queued()
+        await self._wait_for_rounds()
+        pending = self._pending_learners()
+        if pending and not self._backing_off(pending):
+            await self._start_round()
+            await self._wait_for_rounds()
+        pending = self._pending_learners()
+        if pending:
+            failed = self.round_errors[-1] if self.round_errors else None
+            if failed is None or failed["round"] != len(self.rounds) + 1:  # cannot happen; say so if it does
+                failed = {"round": len(self.rounds) + 1, "attempts": 0, "error": "no round was started"}
+            raise RoundFailed(failed["round"], failed["error"], failed["attempts"], pending)
+        tasks = await asyncio.to_thread(self._publish_task_models)
+        return {**self._summary(), "tasks": tasks}
+
+    async def summary(self) -> dict[str, Any]:
+        """What `finish()` returns, without training or publishing anything (`tasks` is empty): for the report
+        of a run whose `finish()` raised."""
+        await self._fuse_queued()
+        return {**self._summary(), "tasks": {}}
+
+    async def _wait_for_rounds(self) -> None:
+        """Until no round runs (a round that ends may start the next one for late arrivals)."""
         while self._round_task is not None and not self._round_task.done():
             await asyncio.shield(self._round_task)
-        if self._pending_learners():
-            await self._start_round()
-            if self._round_task is not None:
-                await asyncio.shield(self._round_task)
-        tasks = await asyncio.to_thread(self._publish_task_models)
+
+    def _summary(self) -> dict[str, Any]:
         return {
             "accepted": [dict(r) for r in self.accepted],
             "rejected": [dict(r) for r in self.rejected.values()],
@@ -387,7 +463,7 @@ class CloudCoordinator:
             "baim_version": self.baim_version,
             "baim_params": count_params(self.baim) if self.baim is not None else 0,
             "rounds": [dict(r) for r in self.rounds],
-            "tasks": tasks,
+            "round_errors": [dict(e) for e in self.round_errors],
             "restarts": self.restarts,
             "ledger": self.ledger.to_dict(),
         }
@@ -675,9 +751,19 @@ class CloudCoordinator:
         pending = self._pending_learners()
         if not pending:
             return
+        if self._backing_off(pending):
+            return  # this very set failed a moment ago: wait for a new upload or max_wait_seconds
         waited = time.monotonic() - (self.pending_since or time.monotonic())
         if len(pending) >= self.cloud.fusion.min_new_models or waited >= self.cloud.fusion.max_wait_seconds:
             await self._start_round()
+
+    def _backing_off(self, pending: list[str]) -> bool:
+        """True while `pending` is the set whose round failed last, less than max_wait_seconds ago."""
+        if self._last_failure is None:
+            return False
+        failed_set, failed_at = self._last_failure
+        recent = time.monotonic() - failed_at < self.cloud.fusion.max_wait_seconds
+        return recent and frozenset(pending) == failed_set
 
     async def _start_round(self) -> None:
         async with self._lock:
@@ -707,9 +793,7 @@ class CloudCoordinator:
             result = await asyncio.to_thread(self.round_runner, request)
         except Exception as err:  # a failed round loses nothing: its learners stay pending
             logger.exception("round %d failed", request.round_index)
-            self.ledger.record_event(
-                "round_failed", round=request.round_index, error=f"{type(err).__name__}: {err}"
-            )
+            await self._record_round_failure(request.round_index, members, round_error_text(err))
             return
         seconds = time.perf_counter() - started
         async with self._lock:
@@ -722,6 +806,7 @@ class CloudCoordinator:
             self.baim_version = version
             self.trained_learners = set(members)
             self.pending_since = time.monotonic() if late else None
+            self._last_failure = None
             for strategy, summary in result.strategies.items():
                 self.ledger.record_cloud_flops(strategy, int(summary.get("flops", 0)))
                 self.ledger.record_seconds(f"train/{strategy}", float(summary.get("seconds", 0.0)))
@@ -738,6 +823,18 @@ class CloudCoordinator:
             await self._checkpoint()
         logger.info("round %d done in %.1fs: BAIM %s", request.round_index, seconds, version)
         await self._maybe_start_round()
+
+    async def _record_round_failure(self, round_index: int, members: list[str], error: str) -> None:
+        """Record the error under its round index (checkpointed); back off from this pending set."""
+        pending = [name for name in members if name not in self.trained_learners]
+        self._last_failure = (frozenset(pending), time.monotonic())
+        entry = next((e for e in self.round_errors if e["round"] == round_index), None)
+        if entry is None:
+            entry = {"round": round_index, "attempts": 0}
+            self.round_errors.append(entry)
+        entry.update(attempts=entry["attempts"] + 1, learners=pending, error=error)
+        self.ledger.record_event("round_failed", round=round_index, attempt=entry["attempts"], error=error)
+        await self._checkpoint()
 
     def _continue_from(self, trained_payload: ArtifactPayload, late: list[str]) -> BAIM:
         """The trained BAIM with the learners that arrived during the round fused again on top of it."""
@@ -784,6 +881,7 @@ class CloudCoordinator:
             "accepted": list(self.accepted),
             "rejected": list(self.rejected.values()),
             "rounds": list(self.rounds),
+            "round_errors": [dict(e) for e in self.round_errors],
             "baim_version": self.baim_version,
             "trained_learners": sorted(self.trained_learners),
             "restarts": self.restarts,
@@ -802,6 +900,7 @@ class CloudCoordinator:
         for receipt in state["rejected"]:  # oldest first: the same bound applies to an older, longer list
             self._remember_rejection(receipt)
         self.rounds = list(state["rounds"])
+        self.round_errors = [dict(e) for e in state.get("round_errors", [])]
         self.ledger = Ledger.from_dict(state["ledger"])
         self.baim_version = state["baim_version"]
         if self.baim_version is not None:

@@ -246,8 +246,9 @@ def add_run_parser(subparsers: Any) -> None:
             "Run a scenario end to end on a local embedded Ray instance (default) or an existing cluster "
             "(--address auto | ray://host:10001): edge actors train and upload, the coordinator validates, "
             "fuses and trains the BAIM, decomposes it into task models and publishes them to DIR/registry. "
-            "Writes DIR/report.json and prints a summary table. Exit 0 unless the run itself failed (a "
-            "crashed edge in a churn scenario is an expected event)."
+            "Writes DIR/report.json and prints a summary table. Exit 0 unless the run itself failed (exit 1: "
+            "e.g. a cloud round failed, so no task models were published; report.md says why; a crashed edge "
+            "in a churn scenario is an expected event)."
         ),
     )
     parser.add_argument("scenario", type=Path, help="scenario YAML file")
@@ -292,7 +293,7 @@ def add_run_parser(subparsers: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.engine import EngineOptions, run_scenario
+    from orchestrator.engine import EngineOptions, RunFailed, run_scenario
     from orchestrator.evaluation import EvaluationOptions
     from orchestrator.report_json import summary_table
 
@@ -316,6 +317,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         report = run_scenario(scenario, args.out, options)
+    except RunFailed as exc:  # the report is written and says why
+        print(f"run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # the run itself failed: one line, exit 1 (details in the log)
         logger.exception("run failed")
         print(f"run failed: {type(exc).__name__}: {exc}", file=sys.stderr)

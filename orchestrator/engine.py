@@ -14,7 +14,10 @@
    died (a `crash` event or an unexpected death), a per-edge timeout, and for edges that never start, a
    check against the cluster's nodes: a demand no alive node can meet is reported `unschedulable`;
 6. asks the coordinator to `finish()` (train what is untrained, decompose, publish task models), merges every
-   ledger, and writes `out_dir/report.json` (see `orchestrator.report_json`).
+   ledger, and writes `out_dir/report.json` (see `orchestrator.report_json`). Failed cloud rounds are printed
+   as they happen; when `finish()` raises `RoundFailed` (learners left untrained, nothing published), the
+   report is still written (with the round errors, no task models, no evaluation) and then `RunFailed` is
+   raised with the round and the cause, so `baim run` exits 1.
 
 Ray is imported here and in the actors only. Library code: progress goes to the `progress` callback (the CLI
 prints it) and to the log, never to stdout.
@@ -33,7 +36,7 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
+from actors.coordinator import CloudCoordinator, RoundFailed, local_training_round, ray_train_round
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.edges import spawn_edge_node
 from orchestrator.evaluation import EvaluationOptions, evaluate_run
@@ -67,6 +70,11 @@ FINAL_EDGE_STATUSES = (
     "timed_out",
     "unschedulable",
 )
+
+
+class RunFailed(Exception):  # noqa: N818 (reads as what happened)
+    """The run went through but its result is unusable (a cloud round failed: no task models); report.json
+    and report.md were written and say why."""
 
 
 @dataclass
@@ -153,6 +161,8 @@ class Engine:
         self.started = 0.0
         self.coordinator: Any = None
         self._source_ref: Any = None
+        self._status_ref: Any = None  # an outstanding coordinator status() call
+        self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
 
     # ---- driver --------------------------------------------------------------------------------------
 
@@ -213,11 +223,19 @@ class Engine:
             self._check_starts()
             ask = now - last_progress >= PROGRESS_EVERY_SECONDS
             self._poll_progress(ask)
+            self._poll_coordinator(ask)
             if ask:
                 last_progress = now
         self._say(f"all edges final after {self._elapsed():.1f}s; coordinator finishing (train, decompose)")
 
-        summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+        failure: RoundFailed | None = None
+        try:
+            summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+        except RoundFailed as err:  # Ray raises an error that is also an instance of the actor's error
+            failure = err
+            summary = ray.get(self.coordinator.summary.remote(), timeout=self.options.finish_timeout_s)
+        self._say_round_errors(summary.get("round_errors", []))  # those the polls missed
+        failure_text = None if failure is None else _round_failure_text(failure)
         accepted_by_edge = {receipt["edge_id"]: receipt for receipt in summary["accepted"]}
         ledger = Ledger(export_metrics=False)
         ledger.merge(Ledger.from_dict(summary["ledger"], export_metrics=False))
@@ -237,9 +255,13 @@ class Engine:
             events=self.event_log,
             registry_uri=self.registry_uri,
             wall_seconds=time.time() - wall_start,
+            failure=failure_text,
         )
         write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {self.out_dir / 'report.json'}")
+        if failure_text is not None:  # no task models: nothing to evaluate or serve
+            self._say(f"wrote {write_report_markdown(self.out_dir)}")
+            raise RunFailed(f"{failure_text} (report: {self.out_dir / 'report.md'})")
         if self.options.evaluation is not None:
             self._release_actors()  # the coordinator is done: its CPU goes to the baseline's clients
             report = evaluate_run(report, self.scenario, self.source, self.partitions, self.out_dir,
@@ -357,6 +379,38 @@ class Engine:
                 if track.status == "running" and track.progress_ref is None and track.handle is not None:
                     track.progress_ref = track.handle.progress.remote()
 
+    def _poll_coordinator(self, ask: bool) -> None:
+        """Print failed cloud rounds as they happen (never blocks); with `ask`, ask the coordinator again.
+
+        Why: the coordinator's own log does not reach the terminal (log_to_driver=False), and a round that
+        fails (e.g. use_gpu without GPUs) should be visible long before the run ends.
+        """
+        if self._status_ref is not None:
+            ready, _ = ray.wait([self._status_ref], timeout=0)
+            if ready:
+                self._status_ref = None
+                try:
+                    status = ray.get(ready[0])
+                except (RayActorError, RayTaskError):
+                    status = None  # restarting after a crash: ask again next time
+                if status is not None:
+                    self._say_round_errors(status.get("round_errors", []))
+        if ask and self._status_ref is None and self.coordinator is not None:
+            self._status_ref = self.coordinator.status.remote()
+
+    def _say_round_errors(self, round_errors: list[dict[str, Any]]) -> None:
+        for entry in round_errors:
+            key = (int(entry["round"]), int(entry["attempts"]))
+            if key in self._round_errors_said:
+                continue
+            self._round_errors_said.add(key)
+            self._record("round_failed", round=key[0], attempt=key[1], error=entry["error"])
+            self._say(
+                f"cloud round {key[0]} failed (attempt {key[1]}; learners {', '.join(entry['learners'])}): "
+                f"{entry['error']}; its learners stay pending (retried after a new upload or "
+                f"{self.scenario.cloud.fusion.max_wait_seconds:g}s)"
+            )
+
     def _finalise(self, track: EdgeTrack, status: str, error: str | None = None) -> None:
         track.status = status
         track.error = error
@@ -460,6 +514,12 @@ class Engine:
 def _first_line(err: BaseException) -> str:
     lines = str(err).splitlines()
     return lines[0] if lines else ""
+
+
+def _round_failure_text(err: RoundFailed) -> str:
+    """The coordinator's message (Ray's wrapper adds a traceback around it; `cause` is the error itself)."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, RoundFailed) else err)
 
 
 def run_scenario(

@@ -407,6 +407,32 @@ def plot_fid(out_dir: Path, report: dict[str, Any]) -> str | None:
 # Sections
 
 
+def _failure_section(report: dict[str, Any]) -> list[str]:
+    """Why the run failed and which cloud rounds failed; empty for a clean run (the section is then left out).
+
+    At the top of the page: a failed round means the task models are missing or leave learners untrained,
+    so every number below must be read with that in mind.
+    """
+    failure = report.get("failure")
+    errors = (report.get("cloud") or {}).get("round_errors") or []
+    if not failure and not errors:
+        return []
+    lines = [f"**The run failed:** {' '.join(str(failure).split())}", ""] if failure else []
+    if errors:
+        lines.append(
+            "Cloud rounds that failed (a failed round keeps its learners pending; they are retried after a "
+            "new upload or `cloud.fusion.max_wait_seconds`):"
+        )
+        lines.append("")
+        rows = [
+            [e.get("round", "?"), e.get("attempts", "?"), ", ".join(e.get("learners") or []),
+             str(e.get("error", "")).replace("|", "\\|").replace("\n", " ")]
+            for e in errors
+        ]  # fmt: skip
+        lines += _table(["round", "attempts", "learners", "last error"], rows)
+    return lines
+
+
 def _data_section(report: dict[str, Any]) -> list[str]:
     data = report.get("data") or {}
     if not data:
@@ -581,6 +607,11 @@ def build_markdown(out_dir: Path, report: dict[str, Any]) -> str:
         ),
         *_data_section(report),
         "",
+    ]
+    failure_lines = _failure_section(report)
+    if failure_lines:
+        lines += ["## Failures", "", *failure_lines, ""]
+    lines += [
         "## Headline: BAIM vs FedAvg",
         "",
         *_headline_section(numbers),

@@ -1,6 +1,7 @@
 """report.json: what a run did and what it cost, in one JSON document (DESIGN.md, Interfaces).
 
 Top-level keys:
+- `failure`: None, or why the run failed (a cloud round failed: learners untrained, no task models published);
 - `scenario` (as validated, JSON) and `seed`; `data` (which data source, partition sizes);
 - `edges`: per edge id: task, status, bytes_sent / bytes_received, flops, train_seconds, upload outcome
   (accepted, or rejected with reason code and detail; `receipt_from`: "edge", or "coordinator" when the
@@ -8,7 +9,8 @@ Top-level keys:
 - `uploads`: the coordinator's upload receipts (every accepted one; the newest
   `cloud.uploads.rejected_receipts_per_edge` rejected ones per edge; exact counts are in `totals`);
 - `cloud`: FLOPs and seconds per strategy, the rounds (learners trained, per-epoch losses per strategy),
-  BAIM version and parameter count, the coordinator's restarts, untrained learners;
+  `round_errors` (per failed round index: attempts, learners, the last error), BAIM version and parameter
+  count, the coordinator's restarts, untrained learners;
 - `tasks`: per task: decomposed model's parameter count, test loss, decomposition max abs difference,
   learners kept, registry artifact;
 - `totals`: bytes, FLOPs (edge, cloud), upload counts; `events`: the timeline as it was played;
@@ -41,8 +43,10 @@ def build_report(
     events: list[dict[str, Any]],
     registry_uri: str,
     wall_seconds: float,
+    failure: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report from the engine's per-edge rows and the coordinator's finish() summary."""
+    """Assemble the report from the engine's per-edge rows and the coordinator's finish() summary (or its
+    summary() when finish() failed: then `failure` says why)."""
     cloud_seconds = {
         phase.removeprefix("train/"): totals["seconds"]
         for phase, totals in ledger.to_dict()["phases"].items()
@@ -65,6 +69,7 @@ def build_report(
     ]
     return {
         "format_version": REPORT_FORMAT_VERSION,
+        "failure": failure,
         "scenario": scenario.model_dump(mode="json"),
         "seed": scenario.seed,
         "data": {
@@ -81,6 +86,7 @@ def build_report(
             "flops": ledger.cloud_flops(),
             "seconds": cloud_seconds,
             "rounds": coordinator["rounds"],
+            "round_errors": coordinator.get("round_errors", []),
             "baim_version": coordinator["baim_version"],
             "baim_params": coordinator["baim_params"],
             "learners": coordinator["learners"],
@@ -129,6 +135,11 @@ def summary_table(report: dict[str, Any]) -> str:
         task_rows.append((task, f"{info['params']:,}", f"{info['baim_params']:,}", loss, diff, learners))
     cloud = report["cloud"]
     flops = ", ".join(f"{s} {f / 1e9:.2f} GFLOPs" for s, f in cloud["flops"].items()) or "no training"
+    failed_rounds = [
+        f"cloud round {e['round']} failed {e['attempts']}x: {e['error']}"
+        for e in cloud.get("round_errors") or []
+    ]
+    failure = [f"RUN FAILED: {report['failure']}"] if report.get("failure") else []
     return "\n".join(
         [
             *lines,
@@ -138,7 +149,9 @@ def summary_table(report: dict[str, Any]) -> str:
             f"cloud: {len(cloud['rounds'])} rounds, BAIM {cloud['baim_version']} "
             f"({cloud['baim_params']:,} params), {flops}; "
             f"coordinator restarts: {cloud['coordinator_restarts']}",
+            *failed_rounds,
             f"data: {report['data']['kind']} at {report['data']['root']}",
+            *failure,
         ]
     )
 

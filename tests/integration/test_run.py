@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.cli import main
 from orchestrator.registry import Registry
@@ -41,3 +43,33 @@ def test_baim_run_tiny_writes_a_complete_report(tmp_path: Path, capsys: pytest.C
     registry = Registry(report["registry"])
     assert registry.latest("task/male") is not None and registry.latest("baim") is not None
     assert "edge-0" in capsys.readouterr().out  # the summary table
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_failed_cloud_round_fails_the_run_with_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: cloud.use_gpu on a Ray instance without GPUs: every Ray Train round fails at its start.
+    document = yaml.safe_load((REPO / "scenarios" / "tiny.yaml").read_text())
+    document["cloud"].update(use_gpu=True, strategies=["finetune"])
+    document["baselines"]["fedavg"]["enabled"] = False
+    scenario = tmp_path / "gpu.yaml"
+    scenario.write_text(yaml.safe_dump(document))
+    out = tmp_path / "out"
+    command = ["run", str(scenario), "--out", str(out), "--no-serve", "--no-evaluate"]
+
+    # Execute
+    status = main(command)
+
+    # Assert: exit 1 with the round and its cause; the report says the same; nothing was published.
+    err = capsys.readouterr().err
+    assert status == 1
+    # Tried once, unless an edge uploaded fusion.max_wait_seconds after the first: then once per arrival.
+    learners = "learners edge-0, edge-1, edge-2, edge-3"
+    assert re.match(rf"run failed: cloud round 1 failed \(tried (once|\d+ times); {learners}\)", err), err
+    assert "use_gpu: the round needs 1 GPU(s)" in err and "no task models were published" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["failure"].startswith("cloud round 1 failed") and report["tasks"] == {}
+    assert [e["round"] for e in report["cloud"]["round_errors"]] == [1]
+    assert "**The run failed:** cloud round 1 failed" in (out / "report.md").read_text()
+    assert Registry(str(out / "registry")).versions("task/male") == []

@@ -16,8 +16,12 @@ import torch
 from actors.coordinator import (
     STATE_KEY,
     CloudCoordinator,
+    RoundFailed,
+    RoundRequest,
+    RoundResult,
     fresh_learner_rms,
     largest_rms_ratio,
+    local_training_round,
     validation_slots,
     version_name,
 )
@@ -93,9 +97,9 @@ def loop() -> Iterator[LoopThread]:
     running.stop()
 
 
-def make_coordinator(scenario: Scenario, registry_dir: Path) -> CloudCoordinator:
+def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
     source = resolve_source(scenario.data)
-    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario))
+    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario), **options)
 
 
 def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop: LoopThread) -> None:
@@ -422,3 +426,111 @@ def test_largest_rms_ratio_names_the_tensor_and_uses_the_whole_learner_for_zero_
 
     assert name == "encoder_stages.0.1.bias"
     assert ratio == pytest.approx(3.0)
+
+
+# ---- failed rounds ---------------------------------------------------------------------------------
+
+NO_GPU = "use_gpu: the round needs 1 GPU(s) (one per worker) but the Ray cluster offers 0"
+
+
+class FailingRunner:
+    """A round runner that raises (like Ray Train's use_gpu check on a CPU-only cluster) for its first
+    `failures` calls (None: always), then trains locally; counts its calls."""
+
+    def __init__(self, failures: int | None = None) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: RoundRequest) -> RoundResult:
+        with self.lock:
+            self.calls += 1
+            calls = self.calls
+        if self.failures is None or calls <= self.failures:
+            raise RuntimeError(NO_GPU)
+        return local_training_round(request)
+
+
+def wait_until(check: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_failed_round_is_recorded_backs_off_and_fails_finish(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare: a round starts on every upload (min_new_models 1); its runner always fails.
+    scenario = tiny_scenario(
+        tmp_path, strategies=["finetune"], epochs=1, fusion={"min_new_models": 1, "max_wait_seconds": 1000}
+    )
+    runner = FailingRunner()
+    coordinator = make_coordinator(scenario, tmp_path / "registry", round_runner=runner)
+    payloads = {edge_id: learner_payload(scenario, edge_id) for edge_id in ("edge-0", "edge-2")}
+
+    # Execute: one upload; its round fails; then several policy ticks (0.25 s each) pass.
+    loop.run(coordinator.upload(**upload_kwargs("edge-0", payloads["edge-0"])))
+    wait_until(lambda: coordinator.round_errors, "the first round's failure")
+    time.sleep(1.5)
+
+    # Assert: tried once (the old coordinator retried on every tick), the error is in the checkpoint.
+    assert runner.calls == 1
+    expected = {"round": 1, "attempts": 1, "learners": ["edge-0"], "error": f"RuntimeError: {NO_GPU}"}
+    assert Registry(str(tmp_path / "registry")).get_json(STATE_KEY)["round_errors"] == [expected]
+    assert loop.run(coordinator.status())["round_errors"] == [expected]
+
+    # Execute: a new upload changes the pending set: the round is tried again at once (and fails again).
+    loop.run(coordinator.upload(**upload_kwargs("edge-2", payloads["edge-2"])))
+    wait_until(lambda: coordinator.round_errors[0]["attempts"] == 2, "the second attempt's failure")
+
+    # Assert: finish() does not retry the set that just failed, publishes nothing and names round and cause.
+    with pytest.raises(RoundFailed, match=r"cloud round 1 failed \(tried 2 times; learners edge-0, edge-2\)"):
+        loop.run(coordinator.finish())
+    assert runner.calls == 2
+    registry = Registry(str(tmp_path / "registry"))
+    assert registry.versions("task/male") == [] and registry.versions("baim") == []
+    summary = loop.run(coordinator.summary())
+    assert summary["tasks"] == {} and summary["untrained_learners"] == ["edge-0", "edge-2"]
+    assert summary["round_errors"][0]["error"] == f"RuntimeError: {NO_GPU}"
+
+
+def test_round_failure_is_retried_after_max_wait_and_a_later_success_keeps_the_error_on_record(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    # Prepare: the first attempt fails, the next one trains; the back-off lasts max_wait_seconds (0.5 s).
+    scenario = tiny_scenario(
+        tmp_path, strategies=["finetune"], epochs=1, fusion={"min_new_models": 1, "max_wait_seconds": 0.5}
+    )
+    runner = FailingRunner(failures=1)
+    coordinator = make_coordinator(scenario, tmp_path / "registry", round_runner=runner)
+
+    # Execute
+    loop.run(coordinator.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+    wait_until(lambda: coordinator.rounds, "the retried round to finish")
+    summary = loop.run(coordinator.finish(), timeout=300)
+
+    # Assert
+    assert runner.calls == 2
+    assert [r["learners"] for r in summary["rounds"]] == [["edge-0"]]
+    assert summary["round_errors"] == [
+        {"round": 1, "attempts": 1, "learners": ["edge-0"], "error": f"RuntimeError: {NO_GPU}"}
+    ]
+    assert set(summary["tasks"]) == {"male"}
+
+
+def test_restarted_coordinator_keeps_round_errors_and_tries_again(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare: round 1 failed in the first coordinator (which then died).
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    scenario = tiny_scenario(tmp_path, strategies=["finetune"], epochs=1, fusion=never)
+    first = make_coordinator(scenario, tmp_path / "registry", round_runner=FailingRunner())
+    loop.run(first.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+    with pytest.raises(RoundFailed, match=r"cloud round 1 failed .*RuntimeError: use_gpu"):
+        loop.run(first.finish())
+
+    # Execute: Ray restarts it; this time the round trains.
+    second = make_coordinator(scenario, tmp_path / "registry", round_runner=FailingRunner(0))
+    summary = loop.run(second.finish(), timeout=300)
+
+    # Assert
+    assert summary["restarts"] == 1
+    assert [e["round"] for e in summary["round_errors"]] == [1]
+    assert [r["learners"] for r in summary["rounds"]] == [["edge-0"]]

@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from orchestrator.cli import main
+from orchestrator.data import make_partitions, resolve_source
 from orchestrator.evaluation import save_samples
+from orchestrator.metrics import Ledger
 from orchestrator.report import NOT_MEASURED, headline, write_report_markdown
+from orchestrator.report_json import build_report, summary_table
+from tests.unit.test_coordinator import tiny_scenario
 
 
 def full_report() -> dict[str, Any]:
@@ -254,3 +258,79 @@ def test_baim_report_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "report.json").write_text("[1, 2]")
     assert main(["report", str(tmp_path)]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def failed_run_report() -> dict[str, Any]:
+    """A run whose second cloud round failed three times: no task models were published."""
+    return {
+        "scenario": {"name": "gpu"},
+        "failure": "cloud round 2 failed (tried 3 times; learners e0, e1): RuntimeError: no GPU",
+        "edges": {},
+        "tasks": {},
+        "cloud": {
+            "rounds": [],
+            "flops": {},
+            "round_errors": [
+                {
+                    "round": 2,
+                    "attempts": 3,
+                    "learners": ["e0", "e1"],
+                    "error": "RuntimeError: no GPU | see\nlog",
+                }
+            ],
+        },
+        "data": {"kind": "procedural", "root": "/none"},
+    }
+
+
+def test_failed_run_and_round_errors_are_shown_before_the_headline(tmp_path: Path) -> None:
+    # Prepare
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "failed").mkdir()
+
+    # Execute
+    clean = write_report_markdown(write(tmp_path / "clean", {"scenario": {"name": "bare"}})).read_text()
+    failed = write_report_markdown(write(tmp_path / "failed", failed_run_report())).read_text()
+
+    # Assert
+    assert "## Failures" not in clean
+    assert failed.index("## Failures") < failed.index("## Headline")
+    assert (
+        "**The run failed:** cloud round 2 failed (tried 3 times; learners e0, e1): RuntimeError: no GPU"
+        in failed
+    )
+    assert "| 2 | 3 | e0, e1 | RuntimeError: no GPU \\| see log |" in failed
+    assert NOT_MEASURED + " (no task models were published)" in failed
+
+
+def test_summary_table_lists_round_errors_and_the_failure() -> None:
+    report = failed_run_report()
+    report["cloud"].update(baim_version=None, baim_params=0, coordinator_restarts=0)
+
+    table = summary_table(report)
+
+    assert "cloud round 2 failed 3x: RuntimeError: no GPU" in table
+    assert table.splitlines()[-1] == f"RUN FAILED: {report['failure']}"
+
+
+def test_build_report_carries_failure_and_round_errors(tmp_path: Path) -> None:
+    # Prepare: a coordinator summary() of a run whose first round failed
+    scenario = tiny_scenario(tmp_path)
+    source = resolve_source(scenario.data)
+    error = {"round": 1, "attempts": 1, "learners": ["edge-0"], "error": "RuntimeError: no GPU"}
+    summary: dict[str, Any] = {
+        "accepted": [], "rejected": [], "rounds": [], "round_errors": [error], "baim_version": None,
+        "baim_params": 0, "learners": ["edge-0"], "untrained_learners": ["edge-0"], "restarts": 0,
+        "tasks": {},
+    }  # fmt: skip
+
+    # Execute
+    report = build_report(
+        scenario=scenario, source=source, partitions=make_partitions(source, scenario), edges={},
+        coordinator=summary, ledger=Ledger(export_metrics=False), events=[], registry_uri="/r",
+        wall_seconds=1.0, failure="cloud round 1 failed",
+    )  # fmt: skip
+
+    # Assert
+    assert report["failure"] == "cloud round 1 failed"
+    assert report["cloud"]["round_errors"] == [error]
