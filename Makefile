@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The quickstart end to end on the shared real faces: shard table, edges, async fusion, Ray Train,
 # decomposition, FedAvg baseline, FID/KID, report; then it keeps serving the task models over HTTP (Ctrl-C).
+# demo-out is removed first: `baim run` refuses an --out that already holds a run (it would mix two runs).
 demo: venv
+	rm -rf demo-out
 	$(VENV)/bin/baim demo scenarios/quickstart.yaml --out demo-out
 	$(VENV)/bin/baim run scenarios/quickstart.yaml --out demo-out --serve --fid-samples 64 --personalise-epochs 1
 

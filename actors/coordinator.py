@@ -38,10 +38,11 @@ upload to be trained; task models that silently leave some out (or were never tr
 success and are not one.
 
 Durability: after every accepted upload and every round the coordinator writes its state document
-(`coordinator/state`: accepted uploads in arrival order, the trained BAIM version, rounds, round
+(`coordinator/state`: the run id, accepted uploads in arrival order, the trained BAIM version, rounds, round
 errors, rejections, ledger). A restarted coordinator reads it, reloads the last trained BAIM (`baim@vN`) and
 re-fuses every accepted upload the registry holds that the trained BAIM lacks: nothing acknowledged is ever
-lost.
+lost. It resumes only a state document of its own run (`run_id`, a constructor argument, so a Ray restart of
+the same actor keeps it); a registry holding another run's state raises `RegistryHeldByAnotherRun`.
 """
 
 from __future__ import annotations
@@ -127,6 +128,28 @@ class RoundFailed(Exception):  # noqa: N818 (reads as what happened: "round fail
     def __reduce__(self) -> tuple[type[RoundFailed], tuple[int, str, int, list[str]]]:
         # Exception pickling replays `args` (the message alone); Ray ships errors between processes.
         return (type(self), (self.round, self.error, self.attempts, self.learners))
+
+
+class RegistryHeldByAnotherRun(Exception):  # noqa: N818 (reads as the situation it reports)
+    """The registry already holds the coordinator state of another run (another `run_id`).
+
+    Resuming it would load that run's ledger, rounds and BAIM into this one (then reject every upload as a
+    `version_conflict`, or fail on edge ids it does not know). `held_run_id` is the id found there (None for a
+    state written without one).
+    """
+
+    def __init__(self, message: str, held_run_id: str | None) -> None:
+        self.held_run_id = held_run_id
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[RegistryHeldByAnotherRun], tuple[str, str | None]]:
+        return (type(self), (str(self), self.held_run_id))
+
+
+def held_run_id(state: dict[str, Any]) -> str | None:
+    """The run id a state document belongs to (None: written before run ids existed, or without one)."""
+    run_id = state.get("run_id")
+    return run_id if isinstance(run_id, str) else None
 
 
 def round_error_text(err: BaseException) -> str:
@@ -321,6 +344,9 @@ class CloudCoordinator:
             None: derived from the scenario here (deterministic, so equal to the driver's). The engine
             passes None so that a restarted coordinator depends on nothing but its own arguments.
         round_runner: trains one round (blocking; called in a thread). Default `local_training_round`.
+        run_id: the run this coordinator belongs to (the engine makes one per run). It only resumes a state
+            document with the same id, and raises `RegistryHeldByAnotherRun` for another one. None (plain
+            use, tests) matches only a state written with None.
     """
 
     def __init__(
@@ -332,8 +358,10 @@ class CloudCoordinator:
         *,
         round_runner: RoundRunner | None = None,
         torch_threads: int = 1,
+        run_id: str | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
+        self.run_id = run_id
         self.scenario = scenario
         self.cloud = scenario.cloud
         self.registry_uri = registry_uri
@@ -456,6 +484,7 @@ class CloudCoordinator:
 
     def _summary(self) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
             "accepted": [dict(r) for r in self.accepted],
             "rejected": [dict(r) for r in self.rejected.values()],
             "learners": list(self.baim.config.learner_names) if self.baim is not None else [],
@@ -878,6 +907,7 @@ class CloudCoordinator:
 
     def _state(self) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
             "accepted": list(self.accepted),
             "rejected": list(self.rejected.values()),
             "rounds": list(self.rounds),
@@ -896,6 +926,13 @@ class CloudCoordinator:
             # restarts from a checkpoint (and counts the restart).
             self.registry.put_json(STATE_KEY, self._state())
             return
+        if held_run_id(state) != self.run_id:
+            held = held_run_id(state) or "(none recorded)"
+            raise RegistryHeldByAnotherRun(
+                f"registry {self.registry_uri} holds the coordinator state of run {held}, not of this run "
+                f"({self.run_id or 'no run id'}); refusing to resume another run's uploads, rounds and BAIM",
+                held_run_id(state),
+            )
         self.restarts = int(state.get("restarts", 0)) + 1
         for receipt in state["rejected"]:  # oldest first: the same bound applies to an older, longer list
             self._remember_rejection(receipt)

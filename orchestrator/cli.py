@@ -248,7 +248,8 @@ def add_run_parser(subparsers: Any) -> None:
             "fuses and trains the BAIM, decomposes it into task models and publishes them to DIR/registry. "
             "Writes DIR/report.json and prints a summary table. Exit 0 unless the run itself failed (exit 1: "
             "e.g. a cloud round failed, so no task models were published; report.md says why; a crashed edge "
-            "in a churn scenario is an expected event)."
+            "in a churn scenario is an expected event). Exit 2 when DIR (or its registry) already holds "
+            "another run: pick a new --out or delete it."
         ),
     )
     parser.add_argument("scenario", type=Path, help="scenario YAML file")
@@ -293,6 +294,7 @@ def add_run_parser(subparsers: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from actors.coordinator import RegistryHeldByAnotherRun
     from orchestrator.engine import EngineOptions, RunFailed, run_scenario
     from orchestrator.evaluation import EvaluationOptions
     from orchestrator.report_json import summary_table
@@ -317,6 +319,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         report = run_scenario(scenario, args.out, options)
+    except RegistryHeldByAnotherRun as exc:  # found before anything started or was written
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except RunFailed as exc:  # the report is written and says why
         print(f"run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

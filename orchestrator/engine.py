@@ -1,7 +1,10 @@
 """The scenario engine: runs a scenario on Ray and writes report.json.
 
 `run_scenario(scenario, out_dir, ...)`:
-1. partitions the data (bad sizes fail here, before any actor starts);
+1. partitions the data (bad sizes fail here, before any actor starts), gives the run a fresh id, and refuses
+   a registry (by default out_dir/registry) that already holds another run's coordinator state
+   (`RegistryHeldByAnotherRun`, before Ray starts and before anything is written): resuming it would mix two
+   runs;
 2. joins Ray (`ray.init()` local embedded by default, or `address="auto"` / `"ray://..."`);
 3. starts the CloudCoordinator (async actor, `max_restarts=-1`, `max_task_retries=-1`) and one EdgeNode per
    initial edge, each with the resources its scenario entry declares (`num_cpus`, `num_gpus`, `memory`,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,11 +40,20 @@ from typing import Any, Literal
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.coordinator import CloudCoordinator, RoundFailed, local_training_round, ray_train_round
+from actors.coordinator import (
+    STATE_KEY,
+    CloudCoordinator,
+    RegistryHeldByAnotherRun,
+    RoundFailed,
+    held_run_id,
+    local_training_round,
+    ray_train_round,
+)
 from orchestrator.data import make_partitions, resolve_source
 from orchestrator.edges import spawn_edge_node
 from orchestrator.evaluation import EvaluationOptions, evaluate_run
 from orchestrator.metrics import Ledger
+from orchestrator.registry import Registry
 from orchestrator.report import write_report_markdown
 from orchestrator.report_json import build_report, write_report
 from orchestrator.scenario import (
@@ -75,6 +88,11 @@ FINAL_EDGE_STATUSES = (
 class RunFailed(Exception):  # noqa: N818 (reads as what happened)
     """The run went through but its result is unusable (a cloud round failed: no task models); report.json
     and report.md were written and say why."""
+
+
+def new_run_id() -> str:
+    """A fresh run id: UTC start time (readable, sortable) and 6 random hex digits (unique)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -153,6 +171,7 @@ class Engine:
         self.out_dir = Path(out_dir)
         self.options = options
         self.registry_uri = options.registry_uri or str((self.out_dir / "registry").resolve())
+        self.run_id = new_run_id()  # the coordinator resumes only a state of this run (Ray restarts keep it)
         self.source = resolve_source(scenario.data)
         self.partitions = make_partitions(self.source, scenario)  # ScenarioError before any actor starts
         self.edges = {edge.id: EdgeTrack(edge) for edge in scenario.all_edges()}
@@ -164,9 +183,35 @@ class Engine:
         self._status_ref: Any = None  # an outstanding coordinator status() call
         self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
 
+    def check_registry_is_free(self) -> None:
+        """Raise RegistryHeldByAnotherRun when the registry already holds a run's coordinator state.
+
+        Why up front: a new coordinator would take that state for its own restart (old ledger, rounds and
+        BAIM; uploads rejected as version conflicts). Nothing is written before this check.
+        """
+        registry_dir = self.out_dir / "registry"
+        if self.options.registry_uri is None and not registry_dir.exists():
+            return  # the common case: a fresh --out (and no empty registry folder made here)
+        state = Registry(self.registry_uri).get_json(STATE_KEY)
+        if state is None:
+            return
+        held = held_run_id(state) or "unknown (written before runs had ids)"
+        if self.options.registry_uri is None:
+            message = (
+                f"--out {self.out_dir} already holds a run (id {held}, registry {self.registry_uri}); "
+                "pick a new --out or delete it"
+            )
+        else:
+            message = (
+                f"registry {self.registry_uri} already holds a run (id {held}); "
+                "pick another registry or delete it"
+            )
+        raise RegistryHeldByAnotherRun(message, held_run_id(state))
+
     # ---- driver --------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        self.check_registry_is_free()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started_ray = False
         if not ray.is_initialized():
@@ -189,7 +234,8 @@ class Engine:
         wall_start = time.time()
         self._say(
             f"run {self.scenario.name!r}: {len(self.edges)} edges, {len(self.scenario.tasks)} tasks, "
-            f"data {self.source.kind} ({self.source.root}), registry {self.registry_uri}"
+            f"data {self.source.kind} ({self.source.root}), registry {self.registry_uri}, "
+            f"run id {self.run_id}"
         )
         self._source_ref = ray.put(self.source)
         coordinator_cls = ray.remote(CloudCoordinator).options(
@@ -200,7 +246,9 @@ class Engine:
         )
         runner = ray_train_round if self.options.cloud_trainer == "ray_train" else local_training_round
         # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
-        self.coordinator = coordinator_cls.remote(self.scenario, self.registry_uri, round_runner=runner)
+        self.coordinator = coordinator_cls.remote(
+            self.scenario, self.registry_uri, round_runner=runner, run_id=self.run_id
+        )
         self.started = time.monotonic()  # provisional: the clock restarts once everything is up
         initial = [track for track in self.edges.values() if track.config.start]
         for track in initial:
@@ -255,6 +303,7 @@ class Engine:
             events=self.event_log,
             registry_uri=self.registry_uri,
             wall_seconds=time.time() - wall_start,
+            run_id=self.run_id,
             failure=failure_text,
         )
         write_report(report, self.out_dir / "report.json")

@@ -1,6 +1,7 @@
 """report.json: what a run did and what it cost, in one JSON document (DESIGN.md, Interfaces).
 
 Top-level keys:
+- `run_id`: the engine's id of this run (the registry's coordinator state carries the same);
 - `failure`: None, or why the run failed (a cloud round failed: learners untrained, no task models published);
 - `scenario` (as validated, JSON) and `seed`; `data` (which data source, partition sizes);
 - `edges`: per edge id: task, status, bytes_sent / bytes_received, flops, train_seconds, upload outcome
@@ -43,6 +44,7 @@ def build_report(
     events: list[dict[str, Any]],
     registry_uri: str,
     wall_seconds: float,
+    run_id: str | None = None,
     failure: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the report from the engine's per-edge rows and the coordinator's finish() summary (or its
@@ -69,6 +71,7 @@ def build_report(
     ]
     return {
         "format_version": REPORT_FORMAT_VERSION,
+        "run_id": run_id,
         "failure": failure,
         "scenario": scenario.model_dump(mode="json"),
         "seed": scenario.seed,

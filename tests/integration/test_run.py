@@ -46,7 +46,7 @@ def test_baim_run_tiny_writes_a_complete_report(tmp_path: Path, capsys: pytest.C
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_failed_cloud_round_fails_the_run_with_a_report(
+def test_failed_cloud_round_fails_the_run_with_a_report_and_out_is_not_reused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Prepare: cloud.use_gpu on a Ray instance without GPUs: every Ray Train round fails at its start.
@@ -73,3 +73,12 @@ def test_failed_cloud_round_fails_the_run_with_a_report(
     assert [e["round"] for e in report["cloud"]["round_errors"]] == [1]
     assert "**The run failed:** cloud round 1 failed" in (out / "report.md").read_text()
     assert Registry(str(out / "registry")).versions("task/male") == []
+
+    # Execute: the same --out again is refused up front, and leaves the first run's files alone.
+    before = (out / "report.json").read_text()
+    again = main(command)
+
+    # Assert
+    assert again == 2
+    assert f"--out {out} already holds a run (id {report['run_id']}" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == before

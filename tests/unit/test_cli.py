@@ -152,3 +152,36 @@ def test_demo_require_real_without_data_exits_2(tmp_path: Path, capsys: pytest.C
     paper = REPO_ROOT / "scenarios" / "paper_celeba.yaml"
     assert main(["demo", str(paper), "--data-root", str(tmp_path / "none")]) == 2
     assert "data.require_real: no CelebA found at" in capsys.readouterr().err
+
+
+def test_run_into_an_out_dir_holding_another_run_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    # Prepare: --out holds an earlier run's coordinator state; Ray must not even start.
+    import ray
+
+    from actors.coordinator import STATE_KEY
+    from orchestrator.registry import Registry
+
+    out = tmp_path / "out"
+    state = {"run_id": "20240101T000000Z-abcdef", "accepted": [], "rounds": []}
+    Registry(str(out / "registry")).put_json(STATE_KEY, state)
+    files_before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "put", no_ray)
+
+    # Execute
+    status = main(["run", str(TINY), "--out", str(out), "--no-serve", "--data-root", str(tmp_path / "none")])
+
+    # Assert
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        f"--out {out} already holds a run (id 20240101T000000Z-abcdef, "
+        f"registry {(out / 'registry').resolve()}); pick a new --out or delete it"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
+    assert Registry(str(out / "registry")).get_json(STATE_KEY) == state

@@ -16,6 +16,7 @@ import torch
 from actors.coordinator import (
     STATE_KEY,
     CloudCoordinator,
+    RegistryHeldByAnotherRun,
     RoundFailed,
     RoundRequest,
     RoundResult,
@@ -428,7 +429,7 @@ def test_largest_rms_ratio_names_the_tensor_and_uses_the_whole_learner_for_zero_
     assert ratio == pytest.approx(3.0)
 
 
-# ---- failed rounds ---------------------------------------------------------------------------------
+# ---- failed rounds and run ids ------------------------------------------------------------------------
 
 NO_GPU = "use_gpu: the round needs 1 GPU(s) (one per worker) but the Ray cluster offers 0"
 
@@ -534,3 +535,24 @@ def test_restarted_coordinator_keeps_round_errors_and_tries_again(tmp_path: Path
     assert summary["restarts"] == 1
     assert [e["round"] for e in summary["round_errors"]] == [1]
     assert [r["learners"] for r in summary["rounds"]] == [["edge-0"]]
+
+
+def test_coordinator_refuses_the_state_of_another_run(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare: run-a stored an upload.
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    scenario = tiny_scenario(tmp_path, fusion=never)
+    registry_dir = tmp_path / "registry"
+    first = make_coordinator(scenario, registry_dir, run_id="run-a")
+    loop.run(first.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+    before = Registry(str(registry_dir)).get_json(STATE_KEY)
+
+    # Execute / Assert: another run is refused and changes nothing; the same run resumes.
+    with pytest.raises(
+        RegistryHeldByAnotherRun, match="holds the coordinator state of run run-a, not of this run"
+    ):
+        make_coordinator(scenario, registry_dir, run_id="run-b")
+    with pytest.raises(RegistryHeldByAnotherRun, match="run run-a, not of this run \\(no run id\\)"):
+        make_coordinator(scenario, registry_dir)
+    assert Registry(str(registry_dir)).get_json(STATE_KEY) == before
+    again = make_coordinator(scenario, registry_dir, run_id="run-a")
+    assert again.restarts == 1 and [r["edge_id"] for r in again.accepted] == ["edge-0"]

@@ -1,4 +1,4 @@
-"""The engine's bookkeeping without Ray: start probes that fail, report rows.
+"""The engine's bookkeeping without Ray: start probes that fail, report rows, a registry held by another run.
 
 Ray's functions are replaced with fakes where the engine would call them, so no Ray instance starts.
 """
@@ -13,7 +13,9 @@ import pytest
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors.coordinator import STATE_KEY, RegistryHeldByAnotherRun
 from orchestrator.engine import EdgeTrack, Engine, EngineOptions
+from orchestrator.registry import Registry
 from tests.unit.test_coordinator import tiny_scenario
 
 
@@ -101,3 +103,32 @@ def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine
     assert died_row["status"] == "died" and died_row["costs_are_final"] is False
     assert (rejected_row["upload"]["outcome"], rejected_row["upload"]["receipt_from"]) == ("rejected", "edge")
     assert (never_row["upload"]["outcome"], never_row["upload"]["receipt_from"]) == ("none", "none")
+
+
+def test_registry_holding_another_run_is_refused_before_ray_starts(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: out/registry holds the coordinator state of an earlier run.
+    state = {"run_id": "20240101T000000Z-abcdef", "accepted": [], "rounds": []}
+    Registry(str(tmp_path / "out" / "registry")).put_json(STATE_KEY, state)
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "put", no_ray)
+
+    # Execute / Assert
+    with pytest.raises(RegistryHeldByAnotherRun) as caught:
+        engine.run()
+    assert str(caught.value) == (
+        f"--out {tmp_path / 'out'} already holds a run (id 20240101T000000Z-abcdef, registry "
+        f"{(tmp_path / 'out' / 'registry').resolve()}); pick a new --out or delete it"
+    )
+    assert Registry(str(tmp_path / "out" / "registry")).get_json(STATE_KEY) == state
+
+
+def test_each_engine_gets_its_own_run_id(tmp_path: Path) -> None:
+    scenario = tiny_scenario(tmp_path)
+
+    first = Engine(scenario, tmp_path / "a", EngineOptions())
+    second = Engine(scenario, tmp_path / "b", EngineOptions())
+
+    assert first.run_id != second.run_id
+    assert first.run_id[:8].isdigit() and len(first.run_id.split("-")[-1]) == 6

@@ -313,7 +313,7 @@ def test_summary_table_lists_round_errors_and_the_failure() -> None:
     assert table.splitlines()[-1] == f"RUN FAILED: {report['failure']}"
 
 
-def test_build_report_carries_failure_and_round_errors(tmp_path: Path) -> None:
+def test_build_report_carries_run_id_failure_and_round_errors(tmp_path: Path) -> None:
     # Prepare: a coordinator summary() of a run whose first round failed
     scenario = tiny_scenario(tmp_path)
     source = resolve_source(scenario.data)
@@ -328,9 +328,9 @@ def test_build_report_carries_failure_and_round_errors(tmp_path: Path) -> None:
     report = build_report(
         scenario=scenario, source=source, partitions=make_partitions(source, scenario), edges={},
         coordinator=summary, ledger=Ledger(export_metrics=False), events=[], registry_uri="/r",
-        wall_seconds=1.0, failure="cloud round 1 failed",
+        wall_seconds=1.0, run_id="run-7", failure="cloud round 1 failed",
     )  # fmt: skip
 
     # Assert
-    assert report["failure"] == "cloud round 1 failed"
+    assert (report["run_id"], report["failure"]) == ("run-7", "cloud round 1 failed")
     assert report["cloud"]["round_errors"] == [error]
