@@ -1,10 +1,11 @@
 """Byzantine edges: each task's test loss with and without an attack, with and without the defence.
 
-The real pipeline at a tiny size: four edges (two per task) train their VAEs with the real EdgeNode on
-their own shards; one of them (`f-1`, a female-task edge: 25% of the edges) is the attacker. Its upload is
-replaced by an attack; every upload goes through the real CloudCoordinator (validation, durable registry
-write, fusion into the BAIM), then `finish()` trains the fused BAIM for a short cloud round on the cloud's
-common data (baim's training loop, `finetune`), decomposes it and measures each task model's test loss.
+The real pipeline at a tiny size: N edges per task (`--edges-per-task`, default 2: four edges) train their
+VAEs with the real EdgeNode on their own shards; one of them (`f-1`, a female-task edge: 1 / (2N) of the
+edges, 25% at the default) is the attacker. Its upload is replaced by an attack; every upload goes through
+the real CloudCoordinator (validation, durable registry write, fusion into the BAIM), then `finish()` trains
+the fused BAIM for a short cloud round on the cloud's common data (baim's training loop, `finetune`),
+decomposes it and measures each task model's test loss.
 
 Attacks: sign flip, weights x10 and x1000, Gaussian noise (3x each tensor's std), a model trained on the
 wrong data (the other task's shard), a model trained on random-noise images.
@@ -20,21 +21,26 @@ The weight-norm ratio of each upload to a fresh initialisation is printed as the
 Goal (issue 8): the defended loss within 5% of the clean one.
 Data: the shared CelebA subset when present, else procedural faces (printed).
 
-Run: .venv/bin/python benchmarks/bench_byzantine.py   (about 5-10 minutes on 2 busy cores)
+Run: .venv/bin/python benchmarks/bench_byzantine.py   (4 edges: about 5 minutes on 2 busy cores; 10: 20)
+     .venv/bin/python benchmarks/bench_byzantine.py --edges-per-task 5 --attacks scale_x1000,noise_images \
+         --defences none,gate_relative                  (a subset at 10 edges, the attacker 10% of them)
+The clean run and the honest edges alone are always measured (every ratio is over them).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from actors.coordinator import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED, CloudCoordinator
+from actors.coordinator import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED, CloudCoordinator, RoundFailed
 from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
@@ -48,18 +54,11 @@ ATTACKER = "f-1"
 GOAL = 0.05  # defended loss within 5% of the clean one
 EDGE = {"shard_size": 128, "batch_size": 16, "local_epochs": 4, "lr": 3e-3,
         "model": {"widths": [16, 32], "latent_dim": 16}}  # fmt: skip
-SCENARIO = {
+SCENARIO_BASE = {
     "name": "bench-byzantine",
-    "seed": 11,
     "time_scale": 0.0,
     "data": {"resolution": 16, "test_per_task": 128, "cloud_per_task": 192, "holdout_per_task": 32},
     "tasks": [{"name": "male", "expression": "Male"}, {"name": "female", "expression": "not Male"}],
-    "edges": [
-        {"id": "m-0", "task": "male", **EDGE},
-        {"id": "m-1", "task": "male", **EDGE},
-        {"id": "f-0", "task": "female", **EDGE},
-        {"id": ATTACKER, "task": "female", **EDGE},
-    ],
     "cloud": {
         "strategies": ["finetune"],
         "epochs": 3,
@@ -73,6 +72,24 @@ SCENARIO = {
     "serving": {"enabled": False},
 }
 DEFENCES = ("none", "gate_default", "gate_relative")
+ATTACKS = ("sign_flip", "scale_x10", "scale_x1000", "noise_3std", "wrong_task_data", "noise_images")
+TASK_PREFIXES = {"male": "m", "female": "f"}  # edge ids: m-0, m-1, ..., f-0, f-1 (the attacker), ...
+
+
+def build_scenario(edges_per_task: int, seed: int) -> Scenario:
+    """The benchmark's scenario with `edges_per_task` identical edges per task, male edges first.
+
+    `seed` draws the data splits and seeds every training (edges and cloud round).
+
+    Shards are drawn in declaration order after the test, holdout and cloud splits, so those splits are the
+    same at every size and the default size (2) gives the four edges the benchmark always had.
+    """
+    edges = [
+        {"id": f"{prefix}-{index}", "task": task, **EDGE}
+        for task, prefix in TASK_PREFIXES.items()
+        for index in range(edges_per_task)
+    ]
+    return Scenario.model_validate(SCENARIO_BASE | {"edges": edges, "seed": seed})
 
 
 def train_edge(scenario: Scenario, source: DataSource, edge_id: str, indices: list[int]) -> VAELearner:
@@ -140,7 +157,8 @@ def run_pipeline(
     """Every upload through a fresh CloudCoordinator, then finish(): receipts and per-task test loss.
 
     Training is deterministic (seeded), so the same accepted uploads give the same losses: `cache` maps the
-    accepted uploads' sha256s to the losses and finish() runs once per distinct set.
+    accepted uploads' sha256s to the losses and finish() runs once per distinct set. A cloud round that fails
+    (e.g. diverges on a poisoned model) publishes no task model: its losses are NaN.
     """
 
     async def go(coordinator: CloudCoordinator) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
@@ -155,8 +173,12 @@ def run_pipeline(
             )
         key = tuple(sorted(receipt["sha256"] for receipt in receipts.values() if receipt["accepted"]))
         if key not in cache:
-            summary = await coordinator.finish()
-            cache[key] = {task: s["test_loss"] for task, s in summary["tasks"].items()}
+            try:
+                summary = await coordinator.finish()
+                cache[key] = {task: s["test_loss"] for task, s in summary["tasks"].items()}
+            except RoundFailed as err:
+                print(f"  cloud round failed, no task model published: {err.error}")
+                cache[key] = {task.name: float("nan") for task in scenario.tasks}
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
@@ -171,32 +193,88 @@ def with_gate(scenario: Scenario, limits: dict[str, float]) -> Scenario:
     return Scenario.model_validate(document)
 
 
+def names_from(text: str, valid: tuple[str, ...]) -> list[str]:
+    """A comma-separated subset of `valid`, in the order given; an unknown or repeated name is an error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names from {', '.join(valid)}, received {text!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--edges-per-task",
+        type=int,
+        default=2,
+        help="edges per task (male, female); the attacker is f-1, so at least 2 (default 2: today's numbers)",
+    )
+    parser.add_argument(
+        "--attacks",
+        type=lambda text: names_from(text, ATTACKS),
+        default=list(ATTACKS),
+        help=f"comma-separated subset of {','.join(ATTACKS)} (default all)",
+    )
+    parser.add_argument(
+        "--defences",
+        type=lambda text: names_from(text, DEFENCES),
+        default=list(DEFENCES),
+        help=f"comma-separated subset of {','.join(DEFENCES)} (default all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=11,
+        help="the scenario's seed: data splits, edge and cloud training (default 11: today's numbers)",
+    )
+    args = parser.parse_args(argv)
+    if args.edges_per_task < 2:
+        parser.error(
+            f"--edges-per-task: the attacker is {ATTACKER}, so at least 2; received {args.edges_per_task}"
+        )
+    return args
+
+
 def main() -> None:
+    args = parse_args()
+    chosen_attacks: list[str] = args.attacks
+    chosen_defences: list[str] = args.defences
     logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
-    scenario = Scenario.model_validate(SCENARIO)
+    scenario = build_scenario(args.edges_per_task, args.seed)
+    edge_count = len(scenario.all_edges())
     source = resolve_source(scenario.data)
     partitions = make_partitions(source, scenario)
     tasks = [task.name for task in scenario.tasks]
     print(f"data: {source.kind} ({source.root}), resolution {scenario.data.resolution}, "
-          f"edges {[e.id for e in scenario.all_edges()]}, attacker {ATTACKER} (task female)")  # fmt: skip
+          f"seed {scenario.seed}, edges {[e.id for e in scenario.all_edges()]}, "
+          f"attacker {ATTACKER} (task female, 1 of {edge_count} edges); "
+          f"attacks {chosen_attacks}, defences {chosen_defences}")  # fmt: skip
 
     # 1. Honest local training (the attacker's honest model is the clean run's f-1).
     honest = {
         edge.id: train_edge(scenario, source, edge.id, partitions.edges[edge.id]).state_dict()
         for edge in scenario.all_edges()
     }
-    wrong_data = train_edge(scenario, source, ATTACKER, partitions.edges["m-0"]).state_dict()
-    noise_images = train_on_noise_images(scenario, ATTACKER, len(partitions.edges[ATTACKER])).state_dict()
     attacker_state = honest[ATTACKER]
-    attacks: dict[str, dict[str, torch.Tensor]] = {
-        "sign_flip": poison_state(attacker_state, "sign_flip", 1.0, seed=1),
-        "scale_x10": poison_state(attacker_state, "scale", 10.0, seed=1),
-        "scale_x1000": poison_state(attacker_state, "scale", 1000.0, seed=1),
-        "noise_3std": poison_state(attacker_state, "noise", 3.0, seed=1),
-        "wrong_task_data": wrong_data,
-        "noise_images": noise_images,
+    # Built only when chosen: the two retrained models cost a local training each.
+    attack_builders: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+        "sign_flip": lambda: poison_state(attacker_state, "sign_flip", 1.0, seed=1),
+        "scale_x10": lambda: poison_state(attacker_state, "scale", 10.0, seed=1),
+        "scale_x1000": lambda: poison_state(attacker_state, "scale", 1000.0, seed=1),
+        "noise_3std": lambda: poison_state(attacker_state, "noise", 3.0, seed=1),
+        "wrong_task_data": lambda: train_edge(
+            scenario, source, ATTACKER, partitions.edges["m-0"]
+        ).state_dict(),
+        "noise_images": lambda: train_on_noise_images(
+            scenario, ATTACKER, len(partitions.edges[ATTACKER])
+        ).state_dict(),
     }
+    attacks = {name: attack_builders[name]() for name in chosen_attacks}
     print(f"local training: {time.perf_counter() - started:.0f}s")
 
     # 2. The relative gate: 1.25 x the loss of predicting each holdout image by the holdout's mean image.
@@ -240,14 +318,15 @@ def main() -> None:
     rows = []
     for name, state in attacks.items():
         uploads = clean_uploads | {ATTACKER: payload_of(scenario, ATTACKER, state)}
-        for defence in DEFENCES:
+        for defence in chosen_defences:
             accepted, losses = run(uploads, defence)
             rows.append((name, defence, accepted, losses))
             print(f"  ran {name} / {defence}: attacker {'accepted' if accepted else 'rejected'} "
                   f"({time.perf_counter() - started:.0f}s)")  # fmt: skip
 
-    # 4. The table: each loss over the clean run's (all four edges honest) and over the honest edges alone.
-    print("\nclean test loss (all 4 edges honest): " + ", ".join(f"{t} {clean[t]:.5f}" for t in tasks))
+    # 4. The table: each loss over the clean run's (all edges honest) and over the honest edges alone.
+    clean_line = ", ".join(f"{t} {clean[t]:.5f}" for t in tasks)
+    print(f"\nclean test loss (all {edge_count} edges honest): {clean_line}")
     print(f"honest edges only ({ATTACKER} absent): " + ", ".join(f"{t} {honest_only[t]:.5f}" for t in tasks))
     header = f"{'attack':<16} {'defence':<14} {'attacker':<9}" + "".join(
         f" {t + ' loss':>12} {'/clean':>7} {'/honest':>8}" for t in tasks
