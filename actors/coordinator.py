@@ -69,7 +69,8 @@ from baim.costs import count_params
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner, noise_for
 from baim.model import BAIM
-from baim.training import apply_strategy, evaluate, train_epoch
+from baim.pruning import prune_connections
+from baim.training import apply_strategy, evaluate, make_optimizer, train_epoch
 from orchestrator.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
 from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitions, resolve_source
 from orchestrator.errors import ArtifactRejected
@@ -210,9 +211,10 @@ def local_training_round(request: RoundRequest) -> RoundResult:
     """Train the fused BAIM once per strategy in this process (the fallback when Ray Train is not used).
 
     Each strategy starts from the same fused BAIM; the first strategy's result is what the coordinator keeps.
-    FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after each epoch.
-    Deterministic: the result depends only on the request (batch order from a seeded generator, training and
-    test noise from `seeded_loss`), not on the global RNG or on what other threads do meanwhile.
+    Connections are pruned on the scenario's schedule (`cloud.prune_interval`, `cloud.prune_ratio`), as on
+    Ray Train. FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after
+    each epoch. Deterministic: the result depends only on the request (batch order from a seeded generator,
+    training and test noise from `seeded_loss`), not on the global RNG or on what other threads do meanwhile.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -244,14 +246,21 @@ def local_training_round(request: RoundRequest) -> RoundResult:
         train_loader = DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=generator)
         test_loader = DataLoader(test_set, batch_size=cloud.batch_size)
         apply_strategy(model, strategy, model.learner_modules(), seed=request.scenario.seed)  # type: ignore[arg-type]
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cloud.lr)
+        optimizer = make_optimizer(model, cloud.lr)
 
         train_loss = seeded_loss(noise_seed(request.scenario.seed, f"round {request.round_index} train"))
         losses, test_losses, flops, started = [], [], 0, time.perf_counter()
-        for _ in range(cloud.epochs):
+        connections: list[int] = []
+        for epoch in range(1, cloud.epochs + 1):
             with FlopCounterMode(display=False) as counter:
                 losses.append(train_epoch(model, train_loader, optimizer, train_loss))
             flops += int(counter.get_total_flops())
+            # The same pruning schedule as orchestrator.train: after the training of every prune_interval-th
+            # epoch, before its evaluation; survivors keep their optimizer state.
+            if cloud.prune_ratio > 0 and epoch % cloud.prune_interval == 0:
+                prune_connections(model, cloud.prune_ratio)
+                optimizer = make_optimizer(model, cloud.lr, previous=optimizer)
+            connections.append(len(model.connections.specs))
             # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
             # evaluate must not reseed the shared global RNG.
             test_loss = seeded_loss(noise_seed(request.scenario.seed, "test"))
@@ -264,6 +273,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             "flops": flops,
             "seconds": time.perf_counter() - started,
             "epochs": cloud.epochs,
+            "connections": connections,
             "runner": "local",
         }
         if trained is None:

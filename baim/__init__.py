@@ -9,7 +9,15 @@ from baim.model import BAIM, BAIMOutput
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.pruning import prune_connections, prune_learners, selection_frequency
 from baim.serialization import build_from_spec, from_bytes, state_and_spec, to_bytes
-from baim.training import STRATEGIES, Strategy, apply_strategy, evaluate, train_epoch, vae_batch_loss
+from baim.training import (
+    STRATEGIES,
+    Strategy,
+    apply_strategy,
+    evaluate,
+    make_optimizer,
+    train_epoch,
+    vae_batch_loss,
+)
 
 __all__ = [
     "BAIM",
@@ -37,6 +45,7 @@ __all__ = [
     "few_shot_adapt",
     "forward_backward_flops",
     "from_bytes",
+    "make_optimizer",
     "noise_for",
     "prune_connections",
     "prune_learners",

@@ -113,6 +113,23 @@ def batch_size(batch: Any) -> int:
     )
 
 
+def make_optimizer(
+    model: nn.Module, lr: float, previous: torch.optim.Optimizer | None = None
+) -> torch.optim.Adam:
+    """Adam over the trainable parameters; survivors keep their state from `previous`.
+
+    Why: pruning replaces the model's connection modules, so the optimizer must be rebuilt over the new
+    parameter set without resetting the moments of the parameters that survived.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    if previous is not None:
+        for p in params:
+            if p in previous.state:
+                optimizer.state[p] = previous.state[p]
+    return optimizer
+
+
 def train_epoch(
     model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.Optimizer, loss_fn: LossFn
 ) -> float:

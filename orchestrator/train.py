@@ -83,7 +83,7 @@ from baim.costs import count_flops, count_params
 from baim.decompose import decompose
 from baim.model import BAIM
 from baim.pruning import prune_connections
-from baim.training import Strategy, apply_strategy
+from baim.training import Strategy, apply_strategy, make_optimizer
 from orchestrator.artifacts import ArtifactPayload, pack_module, unpack_payload
 from orchestrator.data import DataSource, FaceDataset, resolve_source
 from orchestrator.metrics import Ledger
@@ -317,17 +317,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def eval_seed(seed: int, task_index: int, batch_index: int) -> int:
     """Noise seed of one test batch (noise_for keys it by learner name too)."""
     return (seed * 1_000_003 + task_index * 10_007 + batch_index) % 2**63
-
-
-def make_optimizer(baim: BAIM, lr: float, previous: torch.optim.Optimizer | None = None) -> torch.optim.Adam:
-    """Adam over the trainable parameters; survivors keep their state from `previous` (after pruning)."""
-    params = [p for p in baim.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    if previous is not None:
-        for p in params:
-            if p in previous.state:
-                optimizer.state[p] = previous.state[p]
-    return optimizer
 
 
 def optimizer_tensors(baim: BAIM, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -247,6 +248,38 @@ def test_local_round_does_not_depend_on_the_global_rng(tmp_path: Path) -> None:
     assert again.trained.sha256 == result.trained.sha256
     assert again.strategies["finetune"]["test_loss"] == result.strategies["finetune"]["test_loss"]
     assert again.strategies["finetune"]["train_loss"] == result.strategies["finetune"]["train_loss"]
+
+
+def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
+    # Prepare: one round's request, replayed with 3 epochs and pruning after every epoch.
+    scenario = tiny_scenario(tmp_path)
+    payloads = edge_payloads(scenario)
+    runner = RecordingRunner()
+    coordinator = CloudCoordinator(scenario, str(tmp_path / "registry"), round_runner=runner)
+
+    async def first_round() -> None:
+        await upload_in_order(coordinator, payloads, EDGES)
+        await coordinator.finish()
+
+    asyncio.run(first_round())
+    request, _ = runner.rounds[0]
+    document = request.scenario.model_dump(mode="json")
+    document["cloud"].update(epochs=3, prune_interval=1, prune_ratio=0.5)
+    pruning = dataclasses.replace(request, scenario=Scenario.model_validate(document))
+    initial = len(json.loads(request.baim.spec_json)["connections"])
+
+    # Execute
+    result = local_training_round(pruning)
+
+    # Assert: floor(ratio * surviving) go after every epoch, as on Ray Train (orchestrator.train).
+    expected, remaining = [], initial
+    for _ in range(3):
+        remaining -= remaining // 2
+        expected.append(remaining)
+    assert initial >= 4, "the tiny scenario must offer connections to prune"
+    assert result.strategies["finetune"]["connections"] == expected
+    assert len(json.loads(result.trained.spec_json)["connections"]) == expected[-1]
+    assert local_training_round(pruning).trained.sha256 == result.trained.sha256  # still deterministic
 
 
 def main() -> None:
