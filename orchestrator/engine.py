@@ -356,15 +356,11 @@ class Engine:
             ready, _ = ray.wait([track.probe_ref], timeout=0)
             if ready:
                 track.probe_ref = None
-                try:
-                    track.report = json.loads(ray.get(ready[0]))
-                except RayActorError as err:  # it died starting (e.g. its constructor raised): final now
-                    status = "crashed" if track.crash_requested else "died"
-                    self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
+                # An edge that died starting (e.g. its constructor raised) is final now, not pending.
+                probe = self._report_or_finalise(track, ready[0])
+                if probe is None:
                     continue
-                except RayTaskError as err:
-                    self._finalise(track, "failed", error=str(err).splitlines()[-1])
-                    continue
+                track.report = probe
                 track.started_at = time.monotonic()
                 track.status = "running"
                 self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
@@ -377,6 +373,20 @@ class Engine:
                 ray.kill(track.handle, no_restart=True)
                 self._finalise(track, "unschedulable", error=why)
 
+    def _report_or_finalise(self, track: EdgeTrack, ref: ray.ObjectRef) -> dict[str, Any] | None:
+        """The edge's JSON report behind `ref`; or None after finalising the edge when the call failed: its
+        actor died ("crashed" when the timeline killed it, else "died"), or the method raised ("failed")."""
+        try:
+            report: dict[str, Any] = json.loads(ray.get(ref))
+        except RayActorError as err:
+            status = "crashed" if track.crash_requested else "died"
+            self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
+            return None
+        except RayTaskError as err:
+            self._finalise(track, "failed", error=str(err).splitlines()[-1])
+            return None
+        return report
+
     def _collect_results(self) -> None:
         running = {t.run_ref: t for t in self.edges.values() if t.run_ref is not None and not t.final}
         if not running:
@@ -385,14 +395,8 @@ class Engine:
         ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
         for ref in ready:
             track = running[ref]
-            try:
-                report = json.loads(ray.get(ref))
-            except RayActorError as err:
-                status = "crashed" if track.crash_requested else "died"
-                self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
-                continue
-            except RayTaskError as err:
-                self._finalise(track, "failed", error=str(err).splitlines()[-1])
+            report = self._report_or_finalise(track, ref)
+            if report is None:
                 continue
             track.report = report
             self._finalise(track, report["status"], error=report.get("error"))

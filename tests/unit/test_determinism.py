@@ -226,19 +226,24 @@ def test_late_learners_are_refused_in_canonical_order_on_top_of_the_trained_baim
     assert names == ["edge-0", "edge-2", "edge-1", "edge-3"]
 
 
-def test_local_round_does_not_depend_on_the_global_rng(tmp_path: Path) -> None:
-    # Prepare: one round's request.
-    scenario = tiny_scenario(tmp_path)
+def first_round(workdir: Path) -> tuple[RoundRequest, RoundResult]:
+    """The request and result of the round `finish()` trains after the four honest uploads."""
+    scenario = tiny_scenario(workdir)
     payloads = edge_payloads(scenario)
     runner = RecordingRunner()
-    coordinator = CloudCoordinator(scenario, str(tmp_path / "registry"), round_runner=runner)
+    coordinator = CloudCoordinator(scenario, str(workdir / "registry"), round_runner=runner)
 
-    async def first_round() -> None:
+    async def upload_and_finish() -> None:
         await upload_in_order(coordinator, payloads, EDGES)
         await coordinator.finish()
 
-    asyncio.run(first_round())
-    request, result = runner.rounds[0]
+    asyncio.run(upload_and_finish())
+    return runner.rounds[0]
+
+
+def test_local_round_does_not_depend_on_the_global_rng(tmp_path: Path) -> None:
+    # Prepare: one round's request.
+    request, result = first_round(tmp_path)
 
     # Execute: the same request again, from another global RNG state.
     torch.manual_seed(12345)
@@ -252,17 +257,7 @@ def test_local_round_does_not_depend_on_the_global_rng(tmp_path: Path) -> None:
 
 def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
     # Prepare: one round's request, replayed with 3 epochs and pruning after every epoch.
-    scenario = tiny_scenario(tmp_path)
-    payloads = edge_payloads(scenario)
-    runner = RecordingRunner()
-    coordinator = CloudCoordinator(scenario, str(tmp_path / "registry"), round_runner=runner)
-
-    async def first_round() -> None:
-        await upload_in_order(coordinator, payloads, EDGES)
-        await coordinator.finish()
-
-    asyncio.run(first_round())
-    request, _ = runner.rounds[0]
+    request, _ = first_round(tmp_path)
     document = request.scenario.model_dump(mode="json")
     document["cloud"].update(epochs=3, prune_interval=1, prune_ratio=0.5)
     pruning = dataclasses.replace(request, scenario=Scenario.model_validate(document))
