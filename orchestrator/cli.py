@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from orchestrator.errors import ArtifactRejected, ScenarioError, UnknownTask
 from orchestrator.scenario import (
     EdgeConfig,
     Scenario,
+    ServingConfig,
     format_validation_error,
     load_scenario,
     scenario_reference_markdown,
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed
 EXIT_BAD_INPUT = 2  # the scenario, a file or an argument is wrong (also argparse's own status)
+REGISTRY_ENV = "BAIM_REGISTRY"  # cluster.yaml exports it on every node
 
 
 def _load(args: argparse.Namespace) -> Scenario:
@@ -259,6 +262,7 @@ def add_run_parser(subparsers: Any) -> None:
         default=None,
         help="join an existing Ray cluster: auto or ray://host:port (default: local)",
     )
+    add_registry_argument(parser, default_help="DIR/registry")
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local embedded Ray (default: all cores)"
     )
@@ -312,6 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     options = EngineOptions(
         address=args.address,
+        registry_uri=args.registry,
         num_cpus=args.num_cpus,
         progress=lambda line: print(line, flush=True),
         keep_ray=serve_after,
@@ -346,6 +351,86 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         with contextlib.suppress(KeyboardInterrupt):
             serve_registry(report["registry"], scenario.serving)
+    return EXIT_OK
+
+
+def add_registry_argument(parser: argparse.ArgumentParser, *, default_help: str) -> None:
+    """--registry URI, defaulting to $BAIM_REGISTRY (cluster.yaml exports it on every node)."""
+    parser.add_argument(
+        "--registry",
+        default=os.environ.get(REGISTRY_ENV) or None,
+        metavar="URI",
+        help=f"artifact registry: a folder or a pyarrow.fs URI such as s3://bucket/prefix, shared by every "
+        f"node on a cluster (default: ${REGISTRY_ENV} when set, else {default_help})",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# serve
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a registry's task models over HTTP with Ray Serve, following new versions",
+        description=(
+            "Deploy every task model of a registry with Ray Serve (one autoscaling deployment per task "
+            "behind one HTTP ingress, docs/http-api.md) and follow the registry: new versions roll out and "
+            "new tasks appear without failing requests. Blocks until Ctrl-C. Replica settings come from the "
+            "scenario's `serving` section when --scenario is given, else from its defaults. Set "
+            "BAIM_API_TOKEN to require a bearer token."
+        ),
+    )
+    add_registry_argument(parser, default_help="required")
+    parser.add_argument(
+        "--scenario", type=Path, default=None, help="take the `serving` settings from this scenario YAML"
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="join an existing Ray cluster: auto or ray://host:port (default: a local embedded Ray)",
+    )
+    parser.add_argument("--host", default=None, help="HTTP host (default: serving.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: serving.port, 8000)")
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=5.0,
+        help="how often the registry is checked for new versions and tasks (default 5)",
+    )
+    parser.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.registry:
+        print(f"--registry: required (or set {REGISTRY_ENV})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.poll_seconds <= 0:
+        print(f"--poll-seconds: expected > 0, received {args.poll_seconds}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    serving = load_scenario(args.scenario).serving if args.scenario is not None else ServingConfig()
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    # Validated like the scenario's own fields (port range, ...); main() prints a ValidationError.
+    serving = ServingConfig.model_validate({**serving.model_dump(), **overrides})
+
+    import ray
+
+    from orchestrator.registry import Registry
+    from serve.app import serve_registry
+
+    try:
+        Registry(args.registry)  # a bad URI or an unreachable bucket fails here, before Ray starts
+    except Exception as exc:
+        print(f"--registry {args.registry}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    where = f"http://{serving.host}:{serving.port}"
+    print(f"serving the task models of {args.registry} at {where} (Ctrl-C stops); try: curl {where}/tasks")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_registry(args.registry, serving, poll_seconds=args.poll_seconds)
+    finally:
+        ray.shutdown()
     return EXIT_OK
 
 
@@ -387,6 +472,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_schema_parser,
     add_demo_parser,
     add_run_parser,
+    add_serve_parser,
     add_report_parser,
 ]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -533,7 +534,25 @@ def app_builder(args: BuildArgs | dict[str, Any]) -> serve.Application:
 
 def start_http(serving_cfg: ServingConfig) -> None:
     """Start Serve's HTTP proxy on serving_cfg.host:port (cluster-wide; fixed until serve.shutdown())."""
+    if not is_loopback(serving_cfg.host) and not os.environ.get(API_TOKEN_ENV):
+        logger.warning(
+            "serving on %s, which is not loopback, without %s: anyone who can reach port %d can generate "
+            "and download the task models",
+            serving_cfg.host,
+            API_TOKEN_ENV,
+            serving_cfg.port,
+        )
     serve.start(http_options={"host": serving_cfg.host, "port": serving_cfg.port})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to be loopback without resolving it
+        return False
 
 
 class RegistryWatcher:

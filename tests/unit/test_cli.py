@@ -185,3 +185,63 @@ def test_run_into_an_out_dir_holding_another_run_exits_2_and_writes_nothing(
     )
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
     assert Registry(str(out / "registry")).get_json(STATE_KEY) == state
+
+
+def test_run_takes_the_registry_from_baim_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    # Prepare: the registry named by $BAIM_REGISTRY (as cluster.yaml exports it) holds another run.
+    import ray
+
+    from actors.coordinator import STATE_KEY
+    from orchestrator.registry import Registry
+
+    shared = tmp_path / "shared-registry"
+    Registry(str(shared)).put_json(STATE_KEY, {"run_id": "other-run", "accepted": [], "rounds": []})
+    monkeypatch.setenv("BAIM_REGISTRY", str(shared))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    args = ["run", str(TINY), "--no-serve", "--data-root", str(tmp_path / "none")]
+
+    # Execute / Assert: the run uses that registry (not --out/registry), so it refuses to start.
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert f"registry {shared} already holds a run (id other-run)" in capsys.readouterr().err
+    # --registry beats the environment: a fresh registry is accepted up to starting Ray.
+    with pytest.raises(pytest.fail.Exception, match="Ray started"):
+        main([*args, "--out", str(tmp_path / "out2"), "--registry", str(tmp_path / "fresh")])
+
+
+def test_serve_without_a_registry_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("BAIM_REGISTRY", raising=False)
+    assert main(["serve"]) == 2
+    assert "--registry: required (or set BAIM_REGISTRY)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--port", "70000"], "port"), (["--poll-seconds", "0"], "--poll-seconds: expected > 0")],
+)
+def test_serve_bad_settings_exit_2_before_ray_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    assert main(["serve", "--registry", str(tmp_path / "registry"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("10.0.0.5", False), ("::", False), ("example.com", False)],
+)  # fmt: skip
+def test_is_loopback(host: str, loopback: bool):
+    from serve.app import is_loopback
+
+    assert is_loopback(host) is loopback
