@@ -1,0 +1,83 @@
+"""`baim serve` as a user runs it: a separate process with its own local Ray, serving a registry over HTTP
+until Ctrl-C (SIGINT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
+from orchestrator.artifacts import pack_module
+from orchestrator.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def get_json(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_baim_serve_serves_a_registry_until_interrupted(tmp_path: Path) -> None:
+    # Prepare: a registry holding one task model (a lone learner, as an edge uploads it).
+    torch.manual_seed(0)
+    learner = VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=16))
+    spec = {"kind": "learner", "edge_id": "edge-0", "task": "male", "learner": learner.spec.to_dict()}
+    registry = Registry(str(tmp_path / "registry"))
+    registry.put("task/male", "v000001", pack_module(learner, spec))
+    port = free_port()
+    env = {**os.environ, "BAIM_REGISTRY": registry.uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("BAIM_API_TOKEN", None)
+
+    # Execute: the registry comes from $BAIM_REGISTRY, as on a cluster node.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve", "--port", str(port), "--poll-seconds", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        tasks: dict = {}
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                status, tasks = get_json(f"{base}/tasks")
+                if status == 200 and tasks["tasks"]:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[0]
+        generated = get_json(f"{base}/tasks/male/generate", {"n": 2, "seed": 3})
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+
+    # Assert
+    assert [t["task"] for t in tasks["tasks"]] == ["male"], output
+    assert generated[0] == 200 and len(generated[1]["images"]) == 2
+    assert generated[1]["model_version"] == "v000001"
+    assert process.returncode == 0, output
+    assert f"serving the task models of {registry.uri} at {base}" in output
