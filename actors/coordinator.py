@@ -100,7 +100,11 @@ def version_name(version: int) -> str:
 
 
 class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carried as data)
-    """A rejection with a short code (a Prometheus label) and a human-readable detail."""
+    """A rejection with a short code (a Prometheus label) and a human-readable detail.
+
+    Codes: the artifact checks' `orchestrator.errors.REJECTION_CODES`, plus the upload-level ones raised
+    here: unknown_edge, bad_version, implausible_loss, implausible_weights.
+    """
 
     def __init__(self, code: str, detail: str) -> None:
         self.code = code

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 UPLOAD_OUTCOMES = ("accepted", "rejected")
 DIRECTIONS = ("sent", "received")  # seen from the edge: "sent" is edge -> cloud
 FLOP_SITES = ("edge", "cloud")
-# Rejection reasons become a Prometheus label, so they are short codes ("sha_mismatch", "non_finite"),
+# Rejection reasons become a Prometheus label, so they are short codes ("sha256_mismatch", "non_finite"),
 # never free text; free text goes in `detail`, which is kept in the ledger only.
 REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 EVENT_VALUE_TYPES = (str, int, float, bool, type(None))
@@ -316,7 +316,7 @@ class Ledger:
         detail: str = "",
     ) -> None:
         """An upload from `edge` was accepted, or rejected with `reason` (a short code such as
-        "sha_mismatch"; free text goes in `detail`). Count its bytes with `record_bytes` separately."""
+        "sha256_mismatch"; free text goes in `detail`). Count its bytes with `record_bytes` separately."""
         _check_name("edge", edge)
         _check_outcome("", outcome, reason)
         if version is not None:

@@ -317,7 +317,11 @@ class EdgeFields(StrictModel):
     shard_size: int = Field(ge=1, description="Images in the edge's private (non-IID) training shard.")
     model: ModelSpecConfig = Field(description="The edge's VAE; the resolution comes from `data.resolution`.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs the edge actor reserves in Ray.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs the edge actor reserves in Ray.")
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs the edge actor reserves in Ray; above 0, it trains on CUDA when CUDA is available.",
+    )
     memory_mb: int | None = Field(
         default=None, gt=0, description="Memory the edge actor reserves in Ray, in MiB."
     )
