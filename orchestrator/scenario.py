@@ -459,6 +459,16 @@ class CloudConfig(StrictModel):
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(default=False, description="Ray Train workers use a GPU each.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each Ray Train worker reserves.")
+    wait_for_nodes_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=24 * 3600,
+        description=(
+            "When the nodes up now cannot host the Ray Train workers (e.g. no GPU node yet): 0 fails the "
+            "round at once; above 0, ask the cluster's autoscaler for the workers' resources and wait up to "
+            "this many seconds for them (cluster.yaml's GPU nodes start at min_workers 0: use e.g. 900)."
+        ),
+    )
     fusion: FusionPolicy = Field(
         default_factory=FusionPolicy, description="When fused arrivals trigger training."
     )

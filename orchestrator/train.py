@@ -68,6 +68,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -705,8 +706,11 @@ def _held_note(held: float) -> str:
     return f", of which {held:g} stay held by the process launching the job" if held > 0 else ""
 
 
-def check_cluster_resources(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Fail fast, naming the setting, when the running Ray cluster cannot ever host the workers.
+def check_cluster_resources(
+    num_workers: int, use_gpu: bool, cpus_per_worker: float, *, wait_for_nodes_s: float = 0.0
+) -> None:
+    """Fail, naming the setting, when the Ray cluster cannot host the workers: at once, or (wait_for_nodes_s
+    > 0) after asking the autoscaler for the workers' resources and waiting that long for nodes to join.
 
     Called from the process that launches the job: when that is a Ray actor or task (the coordinator), its
     own reservation is subtracted (see `check_resources_fit`); a driver holds nothing.
@@ -718,7 +722,50 @@ def check_cluster_resources(num_workers: int, use_gpu: bool, cpus_per_worker: fl
     context = ray.get_runtime_context()
     # get_assigned_resources() only works in a worker process (an actor or task), not in a driver.
     held = context.get_assigned_resources() if context.worker.mode == ray.WORKER_MODE else {}
-    check_resources_fit(num_workers, use_gpu, cpus_per_worker, ray.cluster_resources(), held)
+
+    def check(total: dict[str, float]) -> None:
+        check_resources_fit(num_workers, use_gpu, cpus_per_worker, total, held)
+
+    try:
+        check(ray.cluster_resources())
+        return
+    except ValueError:
+        if wait_for_nodes_s <= 0:
+            raise
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    logger.info("asking the autoscaler for %d x %s; waiting up to %gs", num_workers, bundle, wait_for_nodes_s)
+    request_resources(bundles=[bundle] * num_workers)
+    try:
+        wait_for_resources(check, ray.cluster_resources, wait_for_nodes_s)
+    finally:
+        # The request is sticky; once the nodes are up, the job's own placement group keeps them in demand.
+        request_resources(bundles=[])
+
+
+def wait_for_resources(
+    check: Callable[[dict[str, float]], None],
+    cluster_resources: Callable[[], dict[str, float]],
+    wait_s: float,
+    *,
+    poll_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Poll `cluster_resources()` until `check` accepts it (returns) or `wait_s` passed (raises `check`'s
+    last ValueError, saying how long it waited)."""
+    deadline = clock() + wait_s
+    while True:
+        try:
+            check(cluster_resources())
+            return
+        except ValueError as err:
+            if clock() >= deadline:
+                raise ValueError(
+                    f"{err} (waited {wait_s:g}s for the autoscaler to add nodes: cloud.wait_for_nodes_s)"
+                ) from err
+        sleep(min(poll_s, max(0.0, deadline - clock())))
 
 
 # Ray Train v2 retries a worker group that cannot be placed forever by default (controller_failure_limit=-1),
@@ -754,11 +801,12 @@ def _fit(
     cpus_per_worker: float,
     storage_path: str | None,
     max_failures: int,
+    wait_for_nodes_s: float,
 ) -> TrainRoundResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_cluster_resources(num_workers, use_gpu, cpus_per_worker)
+    check_cluster_resources(num_workers, use_gpu, cpus_per_worker, wait_for_nodes_s=wait_for_nodes_s)
     if cfg.batch_size % num_workers != 0:
         raise ValueError(
             f"batch_size: expected a multiple of num_workers ({num_workers}), received {cfg.batch_size}"
@@ -911,6 +959,7 @@ def run_training_round(
     max_failures: int = 1,
     publish: bool = True,
     ledger: Ledger | None = None,
+    wait_for_nodes_s: float = 0.0,
 ) -> TrainRoundResult:
     """Train one round with Ray Train, then (publish=True) publish the BAIM and its task models.
 
@@ -924,6 +973,7 @@ def run_training_round(
         cpus_per_worker=cpus_per_worker,
         storage_path=storage_path,
         max_failures=max_failures,
+        wait_for_nodes_s=wait_for_nodes_s,
     )
     if publish:
         result = publish_round(cfg, result)
@@ -943,6 +993,7 @@ def run_strategies(
     max_failures: int = 1,
     publish: Strategy | Literal["best"] | None = None,
     ledger: Ledger | None = None,
+    wait_for_nodes_s: float = 0.0,
 ) -> dict[str, TrainRoundResult]:
     """The paper's comparison: every strategy from the same fused BAIM, one curve each.
 
@@ -963,6 +1014,7 @@ def run_strategies(
             max_failures=max_failures,
             publish=False,
             ledger=ledger,
+            wait_for_nodes_s=wait_for_nodes_s,
         )
     if publish is not None:
         chosen = min(results, key=lambda s: results[s].final_test_loss) if publish == "best" else publish
@@ -1020,6 +1072,7 @@ def train_fused_baim(
         cpus_per_worker=cloud.cpus_per_worker,
         storage_path=storage_path,
         max_failures=max_failures,
+        wait_for_nodes_s=cloud.wait_for_nodes_s,
     )
     trained = load_trained_baim(results[strategies[0]])
     return pack_module(trained, trained.spec()), results

@@ -178,6 +178,9 @@ def test_use_gpu_without_gpus_fails_clearly(ray_session: None) -> None:
         pytest.skip("this machine has GPUs")
     with pytest.raises(ValueError, match=r"use_gpu: the round needs 2 GPU\(s\).*offers 0"):
         check_cluster_resources(num_workers=2, use_gpu=True, cpus_per_worker=1.0)
+    # With a wait, the autoscaler is asked (a no-op on a local instance) and the same error comes after it.
+    with pytest.raises(ValueError, match=r"needs 2 GPU\(s\).*waited 1s for the autoscaler"):
+        check_cluster_resources(num_workers=2, use_gpu=True, cpus_per_worker=1.0, wait_for_nodes_s=1.0)
 
 
 def test_optimizer_state_round_trips_through_flat_tensors() -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.train import WORKER_GROUP_START_RETRIES, check_resources_fit, failure_config
+from orchestrator.train import (
+    WORKER_GROUP_START_RETRIES,
+    check_resources_fit,
+    failure_config,
+    wait_for_resources,
+)
 
 COORDINATOR = {"CPU": 0.5}  # EngineOptions.coordinator_num_cpus: held for the whole run
 
@@ -45,3 +50,40 @@ def test_worker_group_start_retries_are_bounded() -> None:
     assert config.max_failures == 1
     assert config.controller_failure_limit == WORKER_GROUP_START_RETRIES
     assert 0 <= WORKER_GROUP_START_RETRIES < 30
+
+
+class FakeClock:
+    """time.monotonic / time.sleep stand-ins: sleeping advances the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def gpu_node_joins_at(clock: FakeClock, seconds: float):
+    """The cluster's resources as an autoscaler brings a GPU node up `seconds` after the request."""
+    return lambda: {"CPU": 8.0, "GPU": 1.0} if clock.now >= seconds else {"CPU": 4.0}
+
+
+def needs_one_gpu(total: dict[str, float]) -> None:
+    check_resources_fit(1, True, 1.0, total, COORDINATOR)
+
+
+def test_waiting_returns_once_the_autoscaler_adds_the_node() -> None:
+    clock = FakeClock()
+    wait_for_resources(needs_one_gpu, gpu_node_joins_at(clock, 12.0), 900, clock=clock, sleep=clock.sleep)
+    assert 12.0 <= clock.now < 12.0 + 5.0  # polled every 5 s
+
+
+def test_waiting_fails_after_wait_s_naming_the_setting() -> None:
+    clock = FakeClock()
+    with pytest.raises(
+        ValueError, match=r"use_gpu: the round needs 1 GPU.*waited 60s.*cloud\.wait_for_nodes_s"
+    ):
+        wait_for_resources(needs_one_gpu, gpu_node_joins_at(clock, 600.0), 60, clock=clock, sleep=clock.sleep)
+    assert clock.now == 60.0  # the last poll lands on the deadline, not past it
