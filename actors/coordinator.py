@@ -410,6 +410,9 @@ class CloudCoordinator:
         # The pending set of the last failed round and when it failed (monotonic): the back-off. Not
         # checkpointed: a restarted coordinator tries once more (the restart may have cured the cause).
         self._last_failure: tuple[frozenset[str], float] | None = None
+        # Set by finish(): from then on rounds start only from finish() itself, never from the policy timer
+        # or summary(), so the report of a failed finish() describes a coordinator that is not training.
+        self._finishing = False
         self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
         self._state_lock = asyncio.Lock()  # orders state document writes
         self._validation_slots = asyncio.Semaphore(validation_slots(self.cloud.uploads))
@@ -470,6 +473,7 @@ class CloudCoordinator:
         Idempotent: called again (e.g. retried after a restart) it trains nothing new and republishes the
         same task models.
         """
+        self._finishing = True
         await self._fuse_queued()
         await self._wait_for_rounds()
         pending = self._pending_learners()
@@ -789,6 +793,8 @@ class CloudCoordinator:
         return [name for name in self.baim.config.learner_names if name not in self.trained_learners]
 
     async def _maybe_start_round(self) -> None:
+        if self._finishing:
+            return  # finish() decides about the last round itself
         if self._round_task is not None and not self._round_task.done():
             return  # arrivals during a round join the next one
         pending = self._pending_learners()

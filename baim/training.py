@@ -116,10 +116,12 @@ def batch_size(batch: Any) -> int:
 def make_optimizer(
     model: nn.Module, lr: float, previous: torch.optim.Optimizer | None = None
 ) -> torch.optim.Adam:
-    """Adam over the trainable parameters; survivors keep their state from `previous`.
+    """Adam over the trainable parameters; parameters that are still the same tensors keep their state
+    from `previous`.
 
-    Why: pruning replaces the model's connection modules, so the optimizer must be rebuilt over the new
-    parameter set without resetting the moments of the parameters that survived.
+    Why: pruning restructures the model, so the optimizer must be rebuilt over the new parameter set
+    without resetting the moments of what survived unchanged (learners, kept connections). Modules that
+    restructuring rebuilds (the gate's projection rows, `baim.gates`) start with fresh moments.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)

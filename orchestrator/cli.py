@@ -316,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     options = EngineOptions(
         address=args.address,
-        registry_uri=args.registry,
+        registry_uri=absolute_registry(args.registry),
         num_cpus=args.num_cpus,
         progress=lambda line: print(line, flush=True),
         keep_ray=serve_after,
@@ -352,6 +352,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             serve_registry(report["registry"], scenario.serving)
     return EXIT_OK
+
+
+def absolute_registry(uri: str | None) -> str | None:
+    """A local registry path made absolute: the coordinator, Ray Train and Serve replicas each resolve a
+    relative one against their own working directory (under `ray job submit`, a temporary copy)."""
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(uri)
 
 
 def add_registry_argument(parser: argparse.ArgumentParser, *, default_help: str) -> None:
@@ -418,17 +426,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator.registry import Registry
     from serve.app import serve_registry
 
+    registry_uri = absolute_registry(args.registry)
+    assert registry_uri is not None
+    if "://" not in registry_uri and not os.path.isdir(registry_uri):
+        # Registry() would create it: a mistyped path would serve an empty /tasks forever.
+        print(f"--registry {registry_uri}: no such folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        Registry(args.registry)  # a bad URI or an unreachable bucket fails here, before Ray starts
+        Registry(registry_uri)  # a bad URI or an unreachable bucket fails here, before Ray starts
     except Exception as exc:
-        print(f"--registry {args.registry}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"--registry {registry_uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     ray.init(address=args.address, include_dashboard=False, configure_logging=False)
     where = f"http://{serving.host}:{serving.port}"
-    print(f"serving the task models of {args.registry} at {where} (Ctrl-C stops); try: curl {where}/tasks")
+    print(f"serving the task models of {registry_uri} at {where} (Ctrl-C stops); try: curl {where}/tasks")
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            serve_registry(args.registry, serving, poll_seconds=args.poll_seconds)
+            serve_registry(registry_uri, serving, poll_seconds=args.poll_seconds)
     finally:
         ray.shutdown()
     return EXIT_OK

@@ -734,14 +734,28 @@ def check_cluster_resources(
             raise
     from ray.autoscaler.sdk import request_resources
 
-    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    logger.info("asking the autoscaler for %d x %s; waiting up to %gs", num_workers, bundle, wait_for_nodes_s)
-    request_resources(bundles=[bundle] * num_workers)
+    bundles = autoscaler_request(num_workers, use_gpu, cpus_per_worker, held)
+    logger.info("asking the autoscaler for %s; waiting up to %gs", bundles, wait_for_nodes_s)
+    request_resources(bundles=bundles)
     try:
         wait_for_resources(check, ray.cluster_resources, wait_for_nodes_s)
     finally:
         # The request is sticky; once the nodes are up, the job's own placement group keeps them in demand.
         request_resources(bundles=[])
+
+
+def autoscaler_request(
+    num_workers: int, use_gpu: bool, cpus_per_worker: float, held_by_caller: dict[str, float]
+) -> list[dict[str, float]]:
+    """The bundles to ask the autoscaler for: the workers', plus what the launching process holds.
+
+    Why the latter: the autoscaler sizes the cluster for the request as a whole, ignoring what is in use, so
+    without it a cluster of exactly the workers' size looks big enough although the coordinator's share of
+    it is never free.
+    """
+    worker = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    held = {key: value for key, value in held_by_caller.items() if key in ("CPU", "GPU") and value > 0}
+    return ([held] if held else []) + [dict(worker) for _ in range(num_workers)]
 
 
 def wait_for_resources(

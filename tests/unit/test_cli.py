@@ -232,8 +232,21 @@ def test_serve_bad_settings_exit_2_before_ray_starts(
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    (tmp_path / "registry").mkdir()
     assert main(["serve", "--registry", str(tmp_path / "registry"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_a_missing_local_registry_exits_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--registry", "regsitry"]) == 2  # a typo, relative
+    assert capsys.readouterr().err.strip() == f"--registry {tmp_path / 'regsitry'}: no such folder"
+    assert not (tmp_path / "regsitry").exists()
 
 
 @pytest.mark.parametrize(

@@ -518,6 +518,33 @@ def test_round_failure_is_retried_after_max_wait_and_a_later_success_keeps_the_e
     assert set(summary["tasks"]) == {"male"}
 
 
+def test_after_a_failed_finish_neither_the_policy_timer_nor_summary_starts_rounds(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    # Prepare: a back-off shorter than the wait below, a runner that always fails.
+    scenario = tiny_scenario(
+        tmp_path, strategies=["finetune"], epochs=1, fusion={"min_new_models": 1, "max_wait_seconds": 0.3}
+    )
+    runner = FailingRunner()
+    coordinator = make_coordinator(scenario, tmp_path / "registry", round_runner=runner)
+    loop.run(coordinator.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+    wait_until(lambda: coordinator.round_errors, "the first round's failure")
+    with pytest.raises(RoundFailed):
+        loop.run(coordinator.finish())
+    calls = runner.calls
+
+    # Execute: several back-off periods and policy ticks pass; the engine asks for the summary twice.
+    time.sleep(1.5)
+    first = loop.run(coordinator.summary())
+    time.sleep(0.5)
+    second = loop.run(coordinator.summary())
+
+    # Assert: the report describes a coordinator that stopped training.
+    assert runner.calls == calls
+    assert first["round_errors"] == second["round_errors"]
+    assert second["untrained_learners"] == ["edge-0"]
+
+
 def test_restarted_coordinator_keeps_round_errors_and_tries_again(tmp_path: Path, loop: LoopThread) -> None:
     # Prepare: round 1 failed in the first coordinator (which then died).
     never = {"min_new_models": 10, "max_wait_seconds": 1000}

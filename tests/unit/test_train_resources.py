@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.train import (
     WORKER_GROUP_START_RETRIES,
+    autoscaler_request,
     check_resources_fit,
     failure_config,
     wait_for_resources,
@@ -87,3 +88,14 @@ def test_waiting_fails_after_wait_s_naming_the_setting() -> None:
     ):
         wait_for_resources(needs_one_gpu, gpu_node_joins_at(clock, 600.0), 60, clock=clock, sleep=clock.sleep)
     assert clock.now == 60.0  # the last poll lands on the deadline, not past it
+
+
+def test_the_autoscaler_is_asked_for_the_workers_and_what_the_launcher_holds() -> None:
+    # The autoscaler sizes for the whole request, ignoring usage: 2 x 2 CPUs alone "fit" a 4-CPU cluster
+    # although the coordinator's 0.5 CPU is never free there.
+    assert autoscaler_request(2, False, 2.0, COORDINATOR) == [{"CPU": 0.5}, {"CPU": 2.0}, {"CPU": 2.0}]
+    assert autoscaler_request(1, True, 1.0, {"CPU": 0.5, "memory": 1e9}) == [
+        {"CPU": 0.5},
+        {"CPU": 1.0, "GPU": 1.0},
+    ]
+    assert autoscaler_request(2, True, 4.0, {}) == [{"CPU": 4.0, "GPU": 1.0}] * 2  # a driver holds nothing
