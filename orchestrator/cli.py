@@ -396,7 +396,8 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="join an existing Ray cluster: auto or ray://host:port (default: a local embedded Ray)",
+        help="auto or ray://host:port joins an existing Ray cluster; local starts a new embedded one "
+        "(default: Ray's own choice: a running local cluster if there is one, else a new one)",
     )
     parser.add_argument("--host", default=None, help="HTTP host (default: serving.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: serving.port, 8000)")

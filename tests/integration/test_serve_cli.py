@@ -22,6 +22,7 @@ from orchestrator.artifacts import pack_module
 from orchestrator.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVE = [sys.executable, "-m", "orchestrator", "serve"]
 
 
 def free_port() -> int:
@@ -50,7 +51,9 @@ def test_baim_serve_serves_a_registry_until_interrupted(tmp_path: Path) -> None:
 
     # Execute: the registry comes from $BAIM_REGISTRY, as on a cluster node.
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "serve", "--port", str(port), "--poll-seconds", "1"],
+        # --address local: its own Ray instance, whatever other instance this machine runs (other tests'
+        # session holds one; a plain ray.init() may join a running local cluster).
+        [*SERVE, "--address", "local", "--port", str(port), "--poll-seconds", "1"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -73,7 +76,11 @@ def test_baim_serve_serves_a_registry_until_interrupted(tmp_path: Path) -> None:
         generated = get_json(f"{base}/tasks/male/generate", {"n": 2, "seed": 3})
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=120)
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0] + "\n(killed: SIGINT did not stop it within 120 s)"
 
     # Assert
     assert [t["task"] for t in tasks["tasks"]] == ["male"], output

@@ -199,6 +199,7 @@ def test_run_takes_the_registry_from_baim_registry(
     shared = tmp_path / "shared-registry"
     Registry(str(shared)).put_json(STATE_KEY, {"run_id": "other-run", "accepted": [], "rounds": []})
     monkeypatch.setenv("BAIM_REGISTRY", str(shared))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # other tests may have left Ray running
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
     args = ["run", str(TINY), "--no-serve", "--data-root", str(tmp_path / "none")]
 
