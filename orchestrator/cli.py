@@ -16,7 +16,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -439,13 +441,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"--registry {registry_uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    # Ctrl-C and SIGTERM (what service managers send) both end serving cleanly. Set explicitly, after
+    # ray.init (whose driver installs a SIGTERM handler that exits at once): a process started in the
+    # background by a shell also inherits SIGINT ignored.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     where = f"http://{serving.host}:{serving.port}"
     print(f"serving the task models of {registry_uri} at {where} (Ctrl-C stops); try: curl {where}/tasks")
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            serve_registry(registry_uri, serving, poll_seconds=args.poll_seconds)
+        serve_registry(registry_uri, serving, poll_seconds=args.poll_seconds, stop=stop)
     finally:
         ray.shutdown()
+    print("stopped serving", flush=True)
     return EXIT_OK
 
 

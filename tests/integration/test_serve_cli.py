@@ -1,5 +1,5 @@
 """`baim serve` as a user runs it: a separate process with its own local Ray, serving a registry over HTTP
-until Ctrl-C (SIGINT)."""
+until SIGTERM or Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,14 @@ def test_baim_serve_serves_a_registry_until_interrupted(tmp_path: Path) -> None:
         assert process.poll() is None, process.communicate()[0]
         generated = get_json(f"{base}/tasks/male/generate", {"n": 2, "seed": 3})
     finally:
-        process.send_signal(signal.SIGINT)
+        # SIGTERM, as a service manager stops it (Ctrl-C's SIGINT takes the same path; a test run in the
+        # background may have SIGINT ignored, which `baim serve` overrides).
+        process.send_signal(signal.SIGTERM)
         try:
             output, _ = process.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
-            output = process.communicate()[0] + "\n(killed: SIGINT did not stop it within 120 s)"
+            output = process.communicate()[0] + "\n(killed: SIGTERM did not stop it within 120 s)"
 
     # Assert
     assert [t["task"] for t in tasks["tasks"]] == ["male"], output
@@ -88,3 +90,4 @@ def test_baim_serve_serves_a_registry_until_interrupted(tmp_path: Path) -> None:
     assert generated[1]["model_version"] == "v000001"
     assert process.returncode == 0, output
     assert f"serving the task models of {registry.uri} at {base}" in output
+    assert "stopped serving" in output
