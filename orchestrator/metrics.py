@@ -335,14 +335,15 @@ class Ledger:
             }
         )
         del self._uploads[:-MAX_UPLOAD_RECORDS]
-        if self.export_metrics:
-            UPLOADS_TOTAL.labels(outcome=outcome, reason=reason).inc()
 
     def _count_upload(self, outcome: str, reason: str, count: int) -> None:
+        """Add `count` uploads to the exact counts (and to Prometheus when this ledger exports)."""
         if outcome == "accepted":
             self._accepted_uploads += count
         else:
             self._rejected_uploads[reason] = self._rejected_uploads.get(reason, 0) + count
+        if self.export_metrics:
+            UPLOADS_TOTAL.labels(outcome=outcome, reason=reason).inc(count)
 
     def record_event(self, kind: str, **fields: str | int | float | bool | None) -> None:
         """Something that happened (an edge joined, crashed, a round started), with JSON-able fields."""
@@ -507,12 +508,8 @@ class Ledger:
                 PHASE_SECONDS_TOTAL.labels(phase=phase).inc(totals["seconds"])
         counts = snapshot["upload_counts"]
         self._count_upload("accepted", "", counts["accepted"])
-        if self.export_metrics:
-            UPLOADS_TOTAL.labels(outcome="accepted", reason="").inc(counts["accepted"])
         for reason, count in counts["rejected"].items():
             self._count_upload("rejected", reason, count)
-            if self.export_metrics:
-                UPLOADS_TOTAL.labels(outcome="rejected", reason=reason).inc(count)
         self._uploads.extend(snapshot["uploads"])
         self._events.extend(snapshot["events"])
         # Stable sorts: records with equal times keep their order (this ledger's first).
