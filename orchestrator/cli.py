@@ -259,11 +259,7 @@ def add_run_parser(subparsers: Any) -> None:
     )
     parser.add_argument("scenario", type=Path, help="scenario YAML file")
     parser.add_argument("--out", type=Path, default=Path("baim-out"), help="output folder (default baim-out)")
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="join an existing Ray cluster: auto or ray://host:port (default: local)",
-    )
+    add_address_argument(parser)
     add_registry_argument(parser, default_help="DIR/registry")
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local embedded Ray (default: all cores)"
@@ -364,6 +360,16 @@ def absolute_registry(uri: str | None) -> str | None:
     return os.path.abspath(uri)
 
 
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """--address, passed to ray.init as is (`baim run` and `baim serve` join Ray the same way)."""
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="auto or ray://host:port joins an existing Ray cluster; local starts a new embedded one "
+        "(default: Ray's own choice: a running local cluster if there is one, else a new one)",
+    )
+
+
 def add_registry_argument(parser: argparse.ArgumentParser, *, default_help: str) -> None:
     """--registry URI, defaulting to $BAIM_REGISTRY (cluster.yaml exports it on every node)."""
     parser.add_argument(
@@ -395,12 +401,7 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--scenario", type=Path, default=None, help="take the `serving` settings from this scenario YAML"
     )
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="auto or ray://host:port joins an existing Ray cluster; local starts a new embedded one "
-        "(default: Ray's own choice: a running local cluster if there is one, else a new one)",
-    )
+    add_address_argument(parser)
     parser.add_argument("--host", default=None, help="HTTP host (default: serving.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: serving.port, 8000)")
     parser.add_argument(
