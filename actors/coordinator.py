@@ -71,12 +71,14 @@ from baim.learners import VAELearner, noise_for
 from baim.model import BAIM
 from baim.pruning import prune_connections
 from baim.training import apply_strategy, evaluate, make_optimizer, train_epoch
-from orchestrator.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
-from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitions, resolve_source
-from orchestrator.errors import ArtifactRejected
-from orchestrator.metrics import Ledger
-from orchestrator.registry import ArtifactNotFound, Registry
-from orchestrator.scenario import Scenario, UploadLimits
+from orchestrator.core.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
+from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.registry import ArtifactNotFound, Registry
+from orchestrator.core.scenario import Scenario, UploadLimits
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.partitions import Partitions, make_partitions
+from orchestrator.data.sources import DataSource, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def version_name(version: int) -> str:
 class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carried as data)
     """A rejection with a short code (a Prometheus label) and a human-readable detail.
 
-    Codes: the artifact checks' `orchestrator.errors.REJECTION_CODES`, plus the upload-level ones raised
+    Codes: the artifact checks' `orchestrator.core.errors.REJECTION_CODES`, plus the upload-level ones raised
     here: unknown_edge, bad_version, implausible_loss, implausible_weights.
     """
 
@@ -232,7 +234,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
     for strategy in request.strategies:
         model = BAIM.from_spec(spec)
         model.load_state_dict(tensors)
-        admit(model)  # fused-but-pending learners compete from the first step, as in orchestrator.train
+        admit(model)  # fused-but-pending learners compete from the first step, as in orchestrator.cloud.train
         tasks = list(model.config.tasks)
         train_set: ConcatDataset[Any] = ConcatDataset(
             [
@@ -259,8 +261,8 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             with FlopCounterMode(display=False) as counter:
                 losses.append(train_epoch(model, train_loader, optimizer, train_loss))
             flops += int(counter.get_total_flops())
-            # The same pruning schedule as orchestrator.train: after the training of every prune_interval-th
-            # epoch, before its evaluation; survivors keep their optimizer state.
+            # The same pruning schedule as orchestrator.cloud.train: after the training of every
+            # prune_interval-th epoch, before its evaluation; survivors keep their optimizer state.
             if cloud.prune_ratio > 0 and epoch % cloud.prune_interval == 0:
                 prune_connections(model, cloud.prune_ratio)
                 optimizer = make_optimizer(model, cloud.lr, previous=optimizer)
@@ -287,9 +289,9 @@ def local_training_round(request: RoundRequest) -> RoundResult:
 
 
 def ray_train_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM with every strategy as Ray Train jobs (orchestrator.train), from a thread of the
-    coordinator that only waits for them. Needs Ray (the coordinator runs as a Ray actor)."""
-    from orchestrator.train import train_fused_baim
+    """Train the fused BAIM with every strategy as Ray Train jobs (orchestrator.cloud.train), from a thread of
+    the coordinator that only waits for them. Needs Ray (the coordinator runs as a Ray actor)."""
+    from orchestrator.cloud.train import train_fused_baim
 
     tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
     trained, results = train_fused_baim(

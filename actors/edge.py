@@ -37,10 +37,11 @@ from baim.config import LearnerSpec
 from baim.costs import forward_backward_flops
 from baim.learners import VAELearner
 from baim.training import evaluate, train_epoch, vae_batch_loss
-from orchestrator.artifacts import ArtifactPayload, pack_state, unpack_payload
-from orchestrator.data import DataSource, FaceDataset
-from orchestrator.metrics import Ledger
-from orchestrator.scenario import EdgeConfig
+from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.scenario import EdgeConfig
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.sources import DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class EdgeNode:
         self.status = "upload_failed"
         self.error = f"coordinator unreachable after {UPLOAD_ATTEMPTS} attempts: {last_error}"
 
-    # ---- the FedAvg baseline (driven by orchestrator/fedavg.py) ---------------------------------------
+    # ---- the FedAvg baseline (driven by orchestrator/baselines/fedavg.py) -----------------------------
 
     def fedavg_round(
         self, weights: bytes, spec_json: str, sha256: str, server_round: int, local_epochs: int

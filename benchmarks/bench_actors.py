@@ -23,8 +23,9 @@ import ray
 
 from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.scenario import Scenario
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 
 TINY_EDGE = {"shard_size": 8, "batch_size": 8, "num_cpus": 0.005, "model": {"widths": [4], "latent_dim": 2}}
 

@@ -45,9 +45,11 @@ from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
 from baim.training import train_epoch, vae_batch_loss
-from orchestrator.artifacts import ArtifactPayload, pack_state
-from orchestrator.data import DataSource, FaceDataset, Partitions, make_partitions, resolve_source
-from orchestrator.scenario import Scenario
+from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.partitions import Partitions, make_partitions
+from orchestrator.data.sources import DataSource, resolve_source
 
 torch.set_num_threads(1)
 ATTACKER = "f-1"

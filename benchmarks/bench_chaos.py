@@ -42,10 +42,10 @@ from actors.coordinator import CloudCoordinator
 from actors.edge import learner_name, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, pack_module, pack_state
-from orchestrator.engine import EngineOptions, run_scenario
-from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario, ServingConfig, load_scenario
+from orchestrator.core.artifacts import ArtifactPayload, pack_module, pack_state
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import Scenario, ServingConfig, load_scenario
+from orchestrator.runtime.engine import EngineOptions, run_scenario
 from serve.app import RegistryWatcher, deployment_name, start_http
 
 REPO = Path(__file__).resolve().parents[1]

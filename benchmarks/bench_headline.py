@@ -29,13 +29,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.report import fedavg_edge_rows, headline  # noqa: E402
+from orchestrator.report.markdown import fedavg_edge_rows, headline  # noqa: E402
 
 
 def run(scenario_path: Path, out_dir: Path, fid_samples: int) -> dict[str, Any]:
-    from orchestrator.engine import EngineOptions, run_scenario
-    from orchestrator.evaluation import EvaluationOptions
-    from orchestrator.scenario import load_scenario
+    from orchestrator.core.scenario import load_scenario
+    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.runtime.engine import EngineOptions, run_scenario
 
     scenario = load_scenario(scenario_path)
     started = time.perf_counter()

@@ -37,9 +37,9 @@ from baim.config import LearnerSpec  # noqa: E402
 from baim.decompose import decompose  # noqa: E402
 from baim.learners import VAELearner  # noqa: E402
 from baim.model import BAIM  # noqa: E402
-from orchestrator.artifacts import pack_module  # noqa: E402
-from orchestrator.registry import Registry  # noqa: E402
-from orchestrator.scenario import ServingConfig  # noqa: E402
+from orchestrator.core.artifacts import pack_module  # noqa: E402
+from orchestrator.core.registry import Registry  # noqa: E402
+from orchestrator.core.scenario import ServingConfig  # noqa: E402
 from serve.app import build_app, deployment_name, start_http  # noqa: E402
 from serve.models import GenerationRequest, generate_batch, load_model, png_base64  # noqa: E402
 

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.artifacts import pack_module
-from orchestrator.data import resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import DataConfig
-from orchestrator.train import CachedFaces, TrainRoundConfig, run_training_round
+from orchestrator.cloud.train import CachedFaces, TrainRoundConfig, run_training_round
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import DataConfig
+from orchestrator.data.sources import resolve_source
 
 TASKS = {"male": "Male", "female": "not Male"}
 

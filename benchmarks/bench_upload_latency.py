@@ -27,8 +27,8 @@ from actors.coordinator import CloudCoordinator, local_training_round, ray_train
 from actors.edge import upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, pack_state
-from orchestrator.scenario import Scenario
+from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.scenario import Scenario
 
 EDGE = {"shard_size": 4, "batch_size": 4, "num_cpus": 0.01, "model": {"widths": [8, 16], "latent_dim": 8}}
 

@@ -30,11 +30,11 @@ import torch
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.artifacts import pack_module
-from orchestrator.data import resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import DataConfig, ProceduralConfig
-from orchestrator.train import TrainRoundConfig, TrainRoundResult, WorkerCrash, run_training_round
+from orchestrator.cloud.train import TrainRoundConfig, TrainRoundResult, WorkerCrash, run_training_round
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import DataConfig, ProceduralConfig
+from orchestrator.data.sources import resolve_source
 
 EPOCHS = 3
 

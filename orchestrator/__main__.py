@@ -1,5 +1,5 @@
 """`python -m orchestrator ...` is the `baim` command line."""
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 
 raise SystemExit(main())

@@ -40,10 +40,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.errors import ArtifactRejected, UnknownTask
-from orchestrator.metrics import GENERATION_SECONDS, METRICS_CONTENT_TYPE, render_latest
-from orchestrator.registry import Registry
-from orchestrator.scenario import ServingConfig
+from orchestrator.core.errors import ArtifactRejected, UnknownTask
+from orchestrator.core.metrics import GENERATION_SECONDS, METRICS_CONTENT_TYPE, render_latest
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import ServingConfig
 from serve.guard import RequestGuard
 from serve.models import (
     GenerationRequest,

@@ -6,7 +6,7 @@ It does three things before and around the FastAPI app, in this order:
 2. Body limit: a request whose Content-Length, or whose streamed body, exceeds `max_body_bytes` gets 413
    before any JSON parsing; the body is read here (bounded) and replayed to the app.
 3. Metrics: every response is counted by route template, method and status, and timed
-   (`baim_http_requests_total`, `baim_http_request_seconds`, on orchestrator.metrics' registry).
+   (`baim_http_requests_total`, `baim_http_request_seconds`, on orchestrator.core.metrics' registry).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from orchestrator.metrics import METRICS_REGISTRY
+from orchestrator.core.metrics import METRICS_REGISTRY
 
 logger = logging.getLogger(__name__)
 

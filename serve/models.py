@@ -36,8 +36,8 @@ from baim.config import LearnerSpec
 from baim.decompose import TaskModel
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for
-from orchestrator.artifacts import ArtifactPayload, check_shapes, unpack_payload
-from orchestrator.errors import ArtifactRejected
+from orchestrator.core.artifacts import ArtifactPayload, check_shapes, unpack_payload
+from orchestrator.core.errors import ArtifactRejected
 
 logger = logging.getLogger(__name__)
 

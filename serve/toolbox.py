@@ -36,8 +36,8 @@ from torch import nn
 from baim.decompose import TaskModel
 from baim.learners import VAELearner
 from baim.training import LossFn, evaluate, train_epoch, vae_batch_loss
-from orchestrator.errors import ArtifactRejected, UnknownTask
-from orchestrator.registry import Registry
+from orchestrator.core.errors import ArtifactRejected, UnknownTask
+from orchestrator.core.registry import Registry
 from serve.models import LoadedModel, artifact_body, body_sha256, load_model, payload_from_body
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from ray import serve
 
-from orchestrator.scenario import Scenario, load_scenario
+from orchestrator.core.scenario import Scenario, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("ray_session")

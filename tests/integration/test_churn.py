@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.engine import EngineOptions, run_scenario
-from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import Scenario
+from orchestrator.runtime.engine import EngineOptions, run_scenario
 
 EDGE = {"shard_size": 32, "batch_size": 16, "num_cpus": 0.25, "model": {"widths": [8, 16], "latent_dim": 8}}
 

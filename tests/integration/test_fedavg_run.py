@@ -9,10 +9,11 @@ import ray
 
 from baim.costs import serialized_bytes
 from baim.learners import VAELearner
-from orchestrator.artifacts import canonical_json
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.fedavg import global_spec, homogeneous_spec, run_fedavg
-from orchestrator.scenario import Scenario
+from orchestrator.baselines.fedavg import global_spec, homogeneous_spec, run_fedavg
+from orchestrator.core.artifacts import canonical_json
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 from tests.unit.test_coordinator import tiny_scenario
 
 

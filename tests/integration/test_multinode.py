@@ -68,9 +68,10 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from actors.edge import EdgeNode
-    from orchestrator.data import make_partitions, resolve_source
-    from orchestrator.engine import EngineOptions, resource_demand, run_scenario, unmet_demand
-    from orchestrator.scenario import Scenario
+    from orchestrator.core.scenario import Scenario
+    from orchestrator.data.partitions import make_partitions
+    from orchestrator.data.sources import resolve_source
+    from orchestrator.runtime.engine import EngineOptions, resource_demand, run_scenario, unmet_demand
 
     class PlacedEdgeNode(EdgeNode):
         """The real EdgeNode plus one question: which node am I on?"""

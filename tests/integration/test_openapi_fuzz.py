@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, settings
 from ray import serve
 
 from baim.decompose import decompose
-from orchestrator.artifacts import pack_module
-from orchestrator.registry import Registry
-from orchestrator.scenario import ServingConfig
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import ServingConfig
 from serve.app import (
     MAX_BODY_BYTES,
     MAX_IMAGES_PER_REQUEST,

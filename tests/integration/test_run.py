@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
-from orchestrator.registry import Registry
+from orchestrator.cli.main import main
+from orchestrator.core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -25,9 +25,9 @@ import torch
 from ray import serve
 
 from baim.decompose import TaskModel, decompose
-from orchestrator.artifacts import pack_module
-from orchestrator.registry import Registry
-from orchestrator.scenario import ServingConfig
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import ServingConfig
 from serve.app import RegistryWatcher, app_builder, start_http
 from serve.guard import Message, Receive, RequestGuard, Scope, Send
 from serve.models import decode_png_base64, to_uint8

@@ -18,8 +18,8 @@ import torch
 
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import pack_module
-from orchestrator.registry import Registry
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE = [sys.executable, "-m", "orchestrator", "serve"]

@@ -21,11 +21,12 @@ from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.training import train_epoch, vae_batch_loss
-from orchestrator.artifacts import pack_module
-from orchestrator.data import FaceDataset, resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import DataConfig
-from orchestrator.train import TrainRoundConfig, run_strategies
+from orchestrator.cloud.train import TrainRoundConfig, run_strategies
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import DataConfig
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.sources import resolve_source
 
 RESOLUTION = 32
 KLD_WEIGHT = 0.00025

@@ -17,11 +17,7 @@ import torch
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.artifacts import pack_module, unpack_payload
-from orchestrator.data import resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import DataConfig, ProceduralConfig
-from orchestrator.train import (
+from orchestrator.cloud.train import (
     TrainRoundConfig,
     TrainRoundResult,
     WorkerCrash,
@@ -32,6 +28,10 @@ from orchestrator.train import (
     run_training_round,
     state_sha256,
 )
+from orchestrator.core.artifacts import pack_module, unpack_payload
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import DataConfig, ProceduralConfig
+from orchestrator.data.sources import resolve_source
 
 RESOLUTION = 16
 PRUNE_RATIO = 0.25

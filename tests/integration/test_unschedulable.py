@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.engine import EngineOptions, run_scenario, unmet_demand
-from orchestrator.scenario import Scenario
+from orchestrator.core.scenario import Scenario
+from orchestrator.runtime.engine import EngineOptions, run_scenario, unmet_demand
 
 EDGE = {"shard_size": 32, "batch_size": 16, "model": {"widths": [8], "latent_dim": 4}}
 

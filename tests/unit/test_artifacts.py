@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from orchestrator.artifacts import (
+from orchestrator.core.artifacts import (
     ArtifactPayload,
     canonical_json,
     check_shapes,
@@ -22,7 +22,7 @@ from orchestrator.artifacts import (
     pack_state,
     unpack_payload,
 )
-from orchestrator.errors import ArtifactRejected
+from orchestrator.core.errors import ArtifactRejected
 
 MAX_BYTES = 1 << 20
 SPEC = {"kind": "learner", "widths": [4, 8], "latent_dim": 3}

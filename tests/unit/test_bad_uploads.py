@@ -26,10 +26,11 @@ from actors.coordinator import STATE_KEY, CloudCoordinator
 from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, canonical_json, compute_sha256, pack_state
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario, load_scenario
+from orchestrator.core.artifacts import ArtifactPayload, canonical_json, compute_sha256, pack_state
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import Scenario, load_scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 
 REPO = Path(__file__).resolve().parents[2]
 NEVER_TRAIN = {"min_new_models": 100, "max_wait_seconds": 100_000}  # no training round during these tests

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
-from orchestrator.data import Partitions
-from orchestrator.scenario import load_scenario
+from orchestrator.cli.main import main
+from orchestrator.core.scenario import load_scenario
+from orchestrator.data.partitions import Partitions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = REPO_ROOT / "scenarios" / "tiny.yaml"
@@ -161,7 +161,7 @@ def test_run_into_an_out_dir_holding_another_run_exits_2_and_writes_nothing(
     import ray
 
     from actors.coordinator import STATE_KEY
-    from orchestrator.registry import Registry
+    from orchestrator.core.registry import Registry
 
     out = tmp_path / "out"
     state = {"run_id": "20240101T000000Z-abcdef", "accepted": [], "rounds": []}
@@ -194,7 +194,7 @@ def test_run_takes_the_registry_from_baim_registry(
     import ray
 
     from actors.coordinator import STATE_KEY
-    from orchestrator.registry import Registry
+    from orchestrator.core.registry import Registry
 
     shared = tmp_path / "shared-registry"
     Registry(str(shared)).put_json(STATE_KEY, {"run_id": "other-run", "accepted": [], "rounds": []})

@@ -29,10 +29,11 @@ from actors.coordinator import (
 from actors.edge import poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, compute_sha256, pack_state
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario, UploadLimits, load_scenario
+from orchestrator.core.artifacts import ArtifactPayload, compute_sha256, pack_state
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import Scenario, UploadLimits, load_scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 from tests.unit.test_bad_uploads import upload_kwargs
 
 REPO = Path(__file__).resolve().parents[2]

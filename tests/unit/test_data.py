@@ -10,26 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.data import (
-    DataSource,
-    FaceDataset,
-    Partitions,
-    draw_procedural_face,
-    evaluate_expression,
-    load_celeba,
-    make_partitions,
-    procedural_attributes,
-    resolve_source,
-    to_square_tensor,
-)
-from orchestrator.errors import ScenarioError
-from orchestrator.scenario import (
+from orchestrator.core.errors import ScenarioError
+from orchestrator.core.scenario import (
     CELEBA_ATTRIBUTES,
     DataConfig,
     Scenario,
     load_scenario,
     parse_task_expression,
 )
+from orchestrator.data.datasets import FaceDataset, to_square_tensor
+from orchestrator.data.partitions import Partitions, make_partitions
+from orchestrator.data.procedural import draw_procedural_face, procedural_attributes
+from orchestrator.data.sources import DataSource, evaluate_expression, load_celeba, resolve_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -32,8 +32,8 @@ from actors.coordinator import CloudCoordinator, RoundRequest, RoundResult, loca
 from actors.edge import upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, pack_state
-from orchestrator.scenario import Scenario, load_scenario
+from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.scenario import Scenario, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
 EDGES = ["edge-0", "edge-1", "edge-2", "edge-3"]  # scenarios/tiny.yaml: two per task, mixed sizes
@@ -266,7 +266,7 @@ def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
     # Execute
     result = local_training_round(pruning)
 
-    # Assert: floor(ratio * surviving) go after every epoch, as on Ray Train (orchestrator.train).
+    # Assert: floor(ratio * surviving) go after every epoch, as on Ray Train (orchestrator.cloud.train).
     expected, remaining = [], initial
     for _ in range(3):
         remaining -= remaining // 2

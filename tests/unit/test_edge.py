@@ -12,8 +12,9 @@ import torch
 
 from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode, edge_device, link_delay_seconds
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.scenario import Scenario
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 from tests.unit.test_coordinator import LoopThread, SyncCoordinator, tiny_scenario
 
 

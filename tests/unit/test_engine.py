@@ -14,8 +14,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import STATE_KEY, RegistryHeldByAnotherRun
-from orchestrator.engine import EdgeTrack, Engine, EngineOptions
-from orchestrator.registry import Registry
+from orchestrator.core.registry import Registry
+from orchestrator.runtime.engine import EdgeTrack, Engine, EngineOptions
 from tests.unit.test_coordinator import tiny_scenario
 
 

@@ -13,9 +13,7 @@ from actors.edge import EdgeNode
 from baim.config import LearnerSpec
 from baim.costs import count_params
 from baim.learners import VAELearner
-from orchestrator.artifacts import ArtifactPayload, canonical_json, pack_state
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.fedavg import (
+from orchestrator.baselines.fedavg import (
     FedAvgBaseline,
     FitFailure,
     FitResult,
@@ -23,7 +21,10 @@ from orchestrator.fedavg import (
     homogeneous_spec,
     loss_text,
 )
-from orchestrator.scenario import Scenario
+from orchestrator.core.artifacts import ArtifactPayload, canonical_json, pack_state
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
 from tests.unit.test_coordinator import tiny_scenario
 
 SPEC = LearnerSpec(widths=(4,), latent_dim=2, resolution=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.fedavg_math import weighted_average
+from orchestrator.baselines.fedavg_math import weighted_average
 
 
 def test_identical_models_average_to_the_same_model():

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from orchestrator.metrics import (
+from orchestrator.core.metrics import (
     MAX_UPLOAD_RECORDS,
     METRICS_REGISTRY,
     Ledger,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.quality import (
+from orchestrator.evaluation.quality import (
     FeatureExtractor,
     InceptionExtractor,
     PixelGradientExtractor,

@@ -14,9 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from orchestrator.artifacts import ArtifactPayload, canonical_json, compute_sha256, pack_state, unpack_payload
-from orchestrator.errors import ArtifactRejected
-from orchestrator.registry import ArtifactNotFound, ArtifactRef, Registry
+from orchestrator.core.artifacts import (
+    ArtifactPayload,
+    canonical_json,
+    compute_sha256,
+    pack_state,
+    unpack_payload,
+)
+from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.registry import ArtifactNotFound, ArtifactRef, Registry
 
 SPEC = {"kind": "learner", "latent_dim": 4}
 
@@ -512,7 +518,7 @@ def test_verified_put_skips_the_content_checks_the_caller_already_ran(registry: 
 
 
 def test_put_makes_the_data_durable_before_the_commit_marker(tmp_path: Path, registry: Registry, monkeypatch):
-    import orchestrator.registry as registry_module
+    import orchestrator.core.registry as registry_module
 
     synced: list[str] = []
     real_fsync = registry_module._fsync_local

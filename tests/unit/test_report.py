@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator.cli import main
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.evaluation import save_samples
-from orchestrator.metrics import Ledger
-from orchestrator.report import NOT_MEASURED, headline, write_report_markdown
-from orchestrator.report_json import build_report, summary_table
+from orchestrator.cli.main import main
+from orchestrator.core.metrics import Ledger
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
+from orchestrator.evaluation.evaluate import save_samples
+from orchestrator.report.build import build_report, summary_table
+from orchestrator.report.markdown import NOT_MEASURED, headline, write_report_markdown
 from tests.unit.test_coordinator import tiny_scenario
 
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from orchestrator.errors import ScenarioError, UnknownTask
-from orchestrator.scenario import (
+from orchestrator.core.errors import ScenarioError, UnknownTask
+from orchestrator.core.scenario import (
     And,
     Attr,
     JoinEvent,
@@ -377,7 +377,7 @@ def test_load_scenario_round_trips_through_yaml(tmp_path: Path):
 
 
 def test_data_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from orchestrator.scenario import DEFAULT_DATA_ROOT, DataConfig
+    from orchestrator.core.scenario import DEFAULT_DATA_ROOT, DataConfig
 
     monkeypatch.delenv("BAIM_DATA_ROOT", raising=False)
     assert DataConfig().resolved_root() == DEFAULT_DATA_ROOT.resolve()

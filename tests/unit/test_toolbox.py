@@ -17,9 +17,9 @@ from baim.config import LearnerSpec
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.artifacts import pack_module
-from orchestrator.errors import ArtifactRejected, UnknownTask
-from orchestrator.registry import Registry
+from orchestrator.core.artifacts import pack_module
+from orchestrator.core.errors import ArtifactRejected, UnknownTask
+from orchestrator.core.registry import Registry
 from serve.models import (
     GenerationRequest,
     artifact_body,

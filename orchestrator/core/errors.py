@@ -21,7 +21,7 @@ REJECTION_CODES = (
 class ScenarioError(Exception):
     """A scenario cannot be loaded or cannot be carried out (missing file, YAML syntax, data too small).
 
-    Field-level schema problems are pydantic `ValidationError`s instead; `orchestrator.cli` prints both
+    Field-level schema problems are pydantic `ValidationError`s instead; `orchestrator.cli.main` prints both
     one problem per line.
     """
 
@@ -30,7 +30,7 @@ class ArtifactRejected(Exception):  # noqa: N818 (name fixed by docs/ARCHITECTUR
     """An uploaded or stored artifact failed validation.
 
     `reason` is the human-readable detail (expected vs received); `code` is a short, stable label set where
-    the check fails, for receipts, reports and Prometheus (`orchestrator.metrics.Ledger.record_upload`).
+    the check fails, for receipts, reports and Prometheus (`orchestrator.core.metrics.Ledger.record_upload`).
     Codes in use (`REJECTION_CODES`): oversized, sha256_mismatch, bad_spec, bad_weights, bad_dtype,
     non_finite, wrong_shapes, truncated (a stored file shorter than its header declares), version_conflict
     (a version already committed with another sha256), missing_file (a committed version lacks a file),

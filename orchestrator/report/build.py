@@ -15,7 +15,7 @@ Top-level keys:
 - `tasks`: per task: decomposed model's parameter count, test loss, decomposition max abs difference,
   learners kept, registry artifact;
 - `totals`: bytes, FLOPs (edge, cloud), upload counts; `events`: the timeline as it was played;
-- `ledger`: the merged cost ledger (orchestrator.metrics.Ledger.to_dict()).
+- `ledger`: the merged cost ledger (orchestrator.core.metrics.Ledger.to_dict()).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data import DataSource, Partitions
-from orchestrator.metrics import Ledger
-from orchestrator.scenario import Scenario
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import Partitions
+from orchestrator.data.sources import DataSource
 
 REPORT_FORMAT_VERSION = 1
 

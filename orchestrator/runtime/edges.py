@@ -7,7 +7,7 @@ from typing import Any
 import ray
 
 from actors.edge import EdgeNode
-from orchestrator.scenario import EdgeConfig, Scenario
+from orchestrator.core.scenario import EdgeConfig, Scenario
 
 # One thread runs the long call (run() or fedavg_round()); the others answer progress and timeline events.
 EDGE_MAX_CONCURRENCY = 4

@@ -17,7 +17,7 @@
    died (a `crash` event or an unexpected death), a per-edge timeout, and for edges that never start, a
    check against the cluster's nodes: a demand no alive node can meet is reported `unschedulable`;
 6. asks the coordinator to `finish()` (train what is untrained, decompose, publish task models), merges every
-   ledger, and writes `out_dir/report.json` (see `orchestrator.report_json`). Failed cloud rounds are printed
+   ledger, and writes `out_dir/report.json` (see `orchestrator.report.build`). Failed cloud rounds are printed
    as they happen; when `finish()` raises `RoundFailed` (learners left untrained, nothing published), the
    report is still written (with the round errors, no task models, no evaluation) and then `RunFailed` is
    raised with the round and the cause, so `baim run` exits 1.
@@ -49,14 +49,9 @@ from actors.coordinator import (
     local_training_round,
     ray_train_round,
 )
-from orchestrator.data import make_partitions, resolve_source
-from orchestrator.edges import spawn_edge_node
-from orchestrator.evaluation import EvaluationOptions, evaluate_run
-from orchestrator.metrics import Ledger
-from orchestrator.registry import Registry
-from orchestrator.report import write_report_markdown
-from orchestrator.report_json import build_report, write_report
-from orchestrator.scenario import (
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
     CrashEvent,
     EdgeConfig,
@@ -67,6 +62,12 @@ from orchestrator.scenario import (
     Scenario,
     SlowEvent,
 )
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
+from orchestrator.evaluation.evaluate import EvaluationOptions, evaluate_run
+from orchestrator.report.build import build_report, write_report
+from orchestrator.report.markdown import write_report_markdown
+from orchestrator.runtime.edges import spawn_edge_node
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class EngineOptions:
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
-    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.train) or "local" (a plain
+    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.cloud.train) or "local" (a plain
     # loop in a thread of the coordinator; faster to start, for small runs and tests).
     cloud_trainer: Literal["ray_train", "local"] = "ray_train"
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)

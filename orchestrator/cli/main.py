@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.errors import ArtifactRejected, ScenarioError, UnknownTask
-from orchestrator.scenario import (
+from orchestrator.core.errors import ArtifactRejected, ScenarioError, UnknownTask
+from orchestrator.core.scenario import (
     EdgeConfig,
     Scenario,
     ServingConfig,
@@ -78,7 +78,8 @@ def add_validate_parser(subparsers: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     scenario = _load(args)
     if args.check_data:
-        from orchestrator.data import make_partitions, resolve_source
+        from orchestrator.data.partitions import make_partitions
+        from orchestrator.data.sources import resolve_source
 
         make_partitions(resolve_source(scenario.data), scenario)
     print(
@@ -157,7 +158,8 @@ def _resources(edge: EdgeConfig) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.data import make_partitions, resolve_source
+    from orchestrator.data.partitions import make_partitions
+    from orchestrator.data.sources import resolve_source
 
     scenario = _load(args)
     source = resolve_source(scenario.data)
@@ -297,9 +299,9 @@ def add_run_parser(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from actors.coordinator import RegistryHeldByAnotherRun
-    from orchestrator.engine import EngineOptions, RunFailed, run_scenario
-    from orchestrator.evaluation import EvaluationOptions
-    from orchestrator.report_json import summary_table
+    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.report.build import summary_table
+    from orchestrator.runtime.engine import EngineOptions, RunFailed, run_scenario
 
     scenario = _load(args)
     serve_after = scenario.serving.enabled if args.serve is None else args.serve
@@ -427,7 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import ray
 
-    from orchestrator.registry import Registry
+    from orchestrator.core.registry import Registry
     from serve.app import serve_registry
 
     registry_uri = absolute_registry(args.registry)
@@ -477,7 +479,7 @@ def add_report_parser(subparsers: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import write_report_markdown
+    from orchestrator.report.markdown import write_report_markdown
 
     try:
         path = write_report_markdown(args.dir)

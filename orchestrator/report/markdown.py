@@ -9,7 +9,7 @@ Every section renders from whatever report.json holds: a section whose data is m
 
 Plots use matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), so building a report never
 touches pyplot's global state or needs a display. Sample grids come from the uint8 safetensors that
-`orchestrator.evaluation` saved under DIR/samples/.
+`orchestrator.evaluation.evaluate` saved under DIR/samples/.
 """
 
 from __future__ import annotations

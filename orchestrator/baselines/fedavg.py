@@ -2,8 +2,9 @@
 
 Shape (Flower's `FedAvg` strategy): `FedAvgBaseline` has one method per phase of a server round:
 `initialize_parameters` (the seeded global model), `configure_fit` (seeded client sampling) and
-`aggregate_fit` (verify each update, then the pure `orchestrator.fedavg_math.weighted_average` weighted by
-shard size). Failed clients are data: `aggregate_fit` receives them and the round proceeds with the rest.
+`aggregate_fit` (verify each update, then the pure
+`orchestrator.baselines.fedavg_math.weighted_average`, weighted by shard size). Failed clients are data:
+`aggregate_fit` receives them and the round proceeds with the rest.
 
 `run_fedavg(...)` drives it on Ray: one `EdgeNode` actor per edge of the scenario (the same class, the same
 declared resources, the same private shard as in the BAIM run), R rounds of `EdgeNode.fedavg_round`, the
@@ -42,13 +43,11 @@ from baim.config import LearnerSpec
 from baim.costs import count_params
 from baim.learners import VAELearner
 from baim.training import evaluate, vae_batch_loss
-from orchestrator.artifacts import ArtifactPayload, pack_state, unpack_payload
-from orchestrator.data import DataSource, FaceDataset, Partitions
-from orchestrator.edges import spawn_edge_node
-from orchestrator.errors import ArtifactRejected
-from orchestrator.fedavg_math import weighted_average
-from orchestrator.metrics import Ledger
-from orchestrator.scenario import (
+from orchestrator.baselines.fedavg_math import weighted_average
+from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
+from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
     CrashEvent,
     EdgeConfig,
@@ -59,6 +58,10 @@ from orchestrator.scenario import (
     Scenario,
     SlowEvent,
 )
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.partitions import Partitions
+from orchestrator.data.sources import DataSource
+from orchestrator.runtime.edges import spawn_edge_node
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from baim.serialization import canonical_json as spec_to_json
-from orchestrator.errors import ArtifactRejected
+from orchestrator.core.errors import ArtifactRejected
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def unpack_payload(
     allowed_kinds: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Verify a payload completely and return (spec, tensors). Raises ArtifactRejected with the reason
-    and its code (see orchestrator.errors.ArtifactRejected).
+    and its code (see orchestrator.core.errors.ArtifactRejected).
 
     Order: types and size (before reading anything), sha256 over the raw bytes, spec JSON, safetensors
     header and data, dtypes, finiteness.
@@ -238,7 +238,7 @@ def _parse_spec(spec_json: str, reject: Callable[[str, str], ArtifactRejected]) 
     if canonical_json(spec).decode() != spec_json:
         raise reject(
             "bad_spec",
-            "spec_json is not canonical JSON (expected orchestrator.artifacts.canonical_json(spec))",
+            "spec_json is not canonical JSON (expected orchestrator.core.artifacts.canonical_json(spec))",
         )
     return spec
 

@@ -85,11 +85,12 @@ from baim.decompose import decompose
 from baim.model import BAIM
 from baim.pruning import prune_connections
 from baim.training import Strategy, apply_strategy, make_optimizer
-from orchestrator.artifacts import ArtifactPayload, pack_module, unpack_payload
-from orchestrator.data import DataSource, FaceDataset, resolve_source
-from orchestrator.metrics import Ledger
-from orchestrator.registry import Registry
-from orchestrator.scenario import DataConfig, Scenario
+from orchestrator.core.artifacts import ArtifactPayload, pack_module, unpack_payload
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import DataConfig, Scenario
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.sources import DataSource, resolve_source
 
 logger = logging.getLogger(__name__)
 

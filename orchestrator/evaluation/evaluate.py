@@ -3,7 +3,7 @@
 `evaluate_run(report, scenario, source, partitions, out_dir, options)` runs after the BAIM run has written
 report.json (Ray still up) and returns the report with four more sections:
 
-- `baselines.fedavg`: the FedAvg baseline on the same edges and shards (orchestrator.fedavg).
+- `baselines.fedavg`: the FedAvg baseline on the same edges and shards (orchestrator.baselines.fedavg).
 - `personalisation`: every edge whose upload was accepted downloads its task's published model into its
   toolbox (serve.toolbox, from the registry; `bytes_received` is the artifact's serialized size) and
   fine-tunes it on its own shard for `personalise_epochs`; test loss on the task's test split before and
@@ -17,7 +17,8 @@ report.json (Ray still up) and returns the report with four more sections:
   extractor's name and both sample counts. Generation is seeded, so a rerun gives the same images.
 
 Sample grids: the first `grid_samples` generated images of every set (and real test images per task) are
-saved as uint8 safetensors under `out_dir/samples/`; `orchestrator.report` draws the PNG grids from them.
+saved as uint8 safetensors under `out_dir/samples/`; `orchestrator.report.markdown` draws the PNG grids
+from them.
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ from baim.costs import count_params, forward_backward_flops
 from baim.decompose import decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.artifacts import unpack_payload
-from orchestrator.data import DataSource, FaceDataset, Partitions
-from orchestrator.fedavg import run_fedavg
-from orchestrator.quality import (
+from orchestrator.baselines.fedavg import run_fedavg
+from orchestrator.core.artifacts import unpack_payload
+from orchestrator.core.registry import Registry
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.partitions import Partitions
+from orchestrator.data.sources import DataSource
+from orchestrator.evaluation.quality import (
     FeatureExtractor,
     InceptionExtractor,
     extract_features,
     frechet_distance_from_features,
     kid,
 )
-from orchestrator.registry import Registry
-from orchestrator.scenario import Scenario
 from serve.toolbox import Toolbox, model_loss_fn, personalise
 
 logger = logging.getLogger(__name__)
@@ -402,7 +405,7 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 
-    from orchestrator.train import SPEC_FILE, WEIGHTS_FILE
+    from orchestrator.cloud.train import SPEC_FILE, WEIGHTS_FILE
 
     with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())

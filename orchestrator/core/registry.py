@@ -33,14 +33,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from orchestrator.artifacts import (
+from orchestrator.core.artifacts import (
     ArtifactPayload,
     check_payload_integrity,
     compute_sha256,
     declared_safetensors_size,
     unpack_payload,
 )
-from orchestrator.errors import ArtifactRejected
+from orchestrator.core.errors import ArtifactRejected
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Baselines run on the same edges and shards: FedAvg."""

@@ -1,0 +1,1 @@
+"""The `baim` command line."""

@@ -1,0 +1,1 @@
+"""Cloud training rounds over the BAIM (Ray Train and in-process runners), resources, publishing."""

@@ -1,0 +1,1 @@
+"""Contracts with no Ray: scenario schema, errors, artifacts, registry, ledger and metrics."""

@@ -1,0 +1,1 @@
+"""Data: sources (CelebA or procedural faces), partitions, datasets. No Ray."""

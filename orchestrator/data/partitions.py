@@ -1,0 +1,176 @@
+"""Seeded, disjoint test / cloud / holdout / edge shards of a data source (`make_partitions`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from orchestrator.core.errors import ScenarioError
+from orchestrator.core.scenario import (
+    expression_attributes,
+)
+from orchestrator.data.sources import PARTITION_CODES, DataSource
+
+if TYPE_CHECKING:
+    from orchestrator.core.scenario import Scenario
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------
+# Partitions
+
+
+@dataclass
+class Partitions:
+    """Disjoint index lists into a DataSource. Every list is sorted; no index appears twice anywhere."""
+
+    seed: int
+    data_kind: str
+    num_images: int
+    test_split_drawn: bool
+    test: dict[str, list[int]] = field(default_factory=dict)
+    cloud: dict[str, list[int]] = field(default_factory=dict)
+    holdout: dict[str, list[int]] = field(default_factory=dict)
+    edges: dict[str, list[int]] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, dict[str, list[int]]]:
+        return {"test": self.test, "cloud": self.cloud, "holdout": self.holdout, "edges": self.edges}
+
+    def check_disjoint(self) -> None:
+        """Raise ValueError naming the first index used by two shards."""
+        owner: dict[int, str] = {}
+        for group, shards in self.groups().items():
+            for key, indices in shards.items():
+                for index in indices:
+                    if index in owner:
+                        raise ValueError(f"index {index} is in both {owner[index]} and {group}[{key}]")
+                    if not 0 <= index < self.num_images:
+                        raise ValueError(f"{group}[{key}]: index {index} outside 0..{self.num_images - 1}")
+                    owner[index] = f"{group}[{key}]"
+
+    def to_json(self) -> str:
+        document = {
+            "seed": self.seed,
+            "data_kind": self.data_kind,
+            "num_images": self.num_images,
+            "test_split_drawn": self.test_split_drawn,
+            **self.groups(),
+        }
+        return json.dumps(document, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Partitions:
+        """Rebuild from `to_json` output; ValueError names the first malformed entry."""
+        document = json.loads(text)
+        if not isinstance(document, dict):
+            raise ValueError(f"partitions JSON must be an object, received {type(document).__name__}")
+        for key, kind in (("seed", int), ("data_kind", str), ("num_images", int), ("test_split_drawn", bool)):
+            if not isinstance(document.get(key), kind):
+                raise ValueError(
+                    f"partitions JSON: {key!r} must be {kind.__name__}, received {document.get(key)!r}"
+                )
+        groups: dict[str, dict[str, list[int]]] = {}
+        for group in ("test", "cloud", "holdout", "edges"):
+            shards = document.get(group)
+            if not isinstance(shards, dict):
+                raise ValueError(f"partitions JSON: {group!r} must be an object of index lists")
+            for key, indices in shards.items():
+                if not isinstance(indices, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in indices
+                ):
+                    raise ValueError(f"partitions JSON: {group}[{key}] must be a list of integers")
+            groups[group] = shards
+        partitions = cls(
+            seed=document["seed"],
+            data_kind=document["data_kind"],
+            num_images=document["num_images"],
+            test_split_drawn=document["test_split_drawn"],
+            **groups,
+        )
+        partitions.check_disjoint()
+        return partitions
+
+
+def make_partitions(source: DataSource, scenario: Scenario) -> Partitions:
+    """Seeded, disjoint shards: per task test, holdout and cloud images, then one non-IID shard per edge
+    (every edge of the run, including those that join later) drawn from the images of the edge's task.
+
+    Draw order is fixed (test for each task, then holdout, then cloud, then edges in declaration order),
+    so the same seed and data give the same partitions. Raises ScenarioError naming the task or edge when
+    the data cannot supply a requested size.
+    """
+    masks: dict[str, np.ndarray] = {}
+    for task in scenario.tasks:
+        missing = sorted(expression_attributes(task.parsed()) - set(source.attr_names))
+        if missing:
+            raise ScenarioError(
+                f"task {task.name!r}: attribute(s) {', '.join(missing)} not in the {source.kind} data at "
+                f"{source.root}; valid names: {', '.join(source.attr_names)}"
+            )
+        masks[task.name] = source.matching(task.expression)
+
+    training_codes = [PARTITION_CODES[name] for name in scenario.data.training_partitions]
+    training_pool = np.isin(source.partition, training_codes)
+    test_pool = training_pool if source.test_split_drawn else source.partition == PARTITION_CODES["test"]
+    used = np.zeros(source.num_images, dtype=bool)
+    rng = np.random.default_rng(scenario.seed)
+    partitions = Partitions(
+        seed=scenario.seed,
+        data_kind=source.kind,
+        num_images=source.num_images,
+        test_split_drawn=source.test_split_drawn,
+    )
+
+    def draw(what: str, pool: np.ndarray, size: int | Literal["all"]) -> list[int]:
+        candidates = np.flatnonzero(pool & ~used)
+        if size == "all":
+            chosen = candidates
+        else:
+            if size > len(candidates):
+                raise ScenarioError(
+                    f"{what}: requested {size} images, the {source.kind} data has {len(candidates)} left "
+                    f"({source.num_images} images in all)"
+                )
+            chosen = rng.permutation(candidates)[:size]
+        used[chosen] = True
+        return sorted(int(i) for i in chosen)
+
+    for task in scenario.tasks:
+        test_size = scenario.test_size(task)
+        if test_size == "all" and source.test_split_drawn:
+            raise ScenarioError(
+                f"task {task.name!r}: test size 'all' needs an official test partition, and the partition "
+                f"file at {source.root} has no test images; give a number instead"
+            )
+        partitions.test[task.name] = draw(
+            f"task {task.name!r} test split ({task.expression})", masks[task.name] & test_pool, test_size
+        )
+    for task in scenario.tasks:
+        partitions.holdout[task.name] = draw(
+            f"task {task.name!r} holdout ({task.expression})",
+            masks[task.name] & training_pool,
+            scenario.holdout_size(task),
+        )
+    for task in scenario.tasks:
+        partitions.cloud[task.name] = draw(
+            f"task {task.name!r} cloud shard ({task.expression})",
+            masks[task.name] & training_pool,
+            scenario.cloud_size(task),
+        )
+    for edge in scenario.all_edges():
+        task = scenario.task(edge.task)
+        partitions.edges[edge.id] = draw(
+            f"edge {edge.id!r} shard (task {task.name!r}: {task.expression})",
+            masks[task.name] & training_pool,
+            edge.shard_size,
+        )
+    logger.info(
+        "partitions: %d test, %d holdout, %d cloud, %d edge images (seed %d)",
+        *(sum(len(v) for v in shards.values()) for shards in partitions.groups().values()),
+        scenario.seed,
+    )
+    return partitions

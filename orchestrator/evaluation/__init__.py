@@ -1,0 +1,1 @@
+"""End-of-run evaluation: FedAvg baseline, personalisation, image quality (FID/KID)."""

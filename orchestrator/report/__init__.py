@@ -1,0 +1,1 @@
+"""report.json (build) and report.md with plots (markdown)."""

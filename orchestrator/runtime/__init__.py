@@ -1,0 +1,1 @@
+"""Running a scenario: the engine and the edge fleet (spawn, probe, timeline)."""
