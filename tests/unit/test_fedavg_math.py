@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.baselines.fedavg_math import weighted_average
+from orchestrator.baselines.fedavg_math import (
+    coordinate_median,
+    krum,
+    krum_scores,
+    trimmed_mean,
+    weighted_average,
+)
 
 
 def test_identical_models_average_to_the_same_model():
@@ -96,3 +102,114 @@ def test_inputs_are_not_modified():
 def test_broken_preconditions_raise_value_error(states, weights, message):
     with pytest.raises(ValueError, match=message):
         weighted_average(states, weights)
+
+
+# ---- robust aggregation (Flower's aggregate_median / aggregate_trimmed_avg / aggregate_krum) -------------
+
+
+def test_median_of_an_odd_count_is_the_middle_value():
+    # Prepare: per coordinate the middle of {1, 9, 5} = 5 and of {-2, 0, 7} = 0
+    states = [
+        {"w": torch.tensor([1.0, -2.0])},
+        {"w": torch.tensor([9.0, 0.0])},
+        {"w": torch.tensor([5.0, 7.0])},
+    ]
+    # Execute
+    result = coordinate_median(states)
+    # Assert
+    assert torch.equal(result["w"], torch.tensor([5.0, 0.0]))
+
+
+def test_median_of_an_even_count_averages_the_two_middle_values():
+    # Prepare: {1, 2, 10, 100} -> (2 + 10) / 2 = 6, as numpy's median (torch.median would give 2)
+    states = [{"w": torch.tensor([v])} for v in (10.0, 1.0, 100.0, 2.0)]
+    # Execute
+    result = coordinate_median(states)
+    # Assert
+    assert torch.equal(result["w"], torch.tensor([6.0]))
+
+
+def test_median_ignores_one_huge_outlier():
+    # Prepare: an attacker scales its update by 1000
+    states = [
+        {"w": torch.tensor([1.0, 1.0])},
+        {"w": torch.tensor([2.0, 2.0])},
+        {"w": torch.tensor([1e3, -1e3])},
+    ]
+    # Execute
+    result = coordinate_median(states)
+    # Assert
+    assert torch.equal(result["w"], torch.tensor([2.0, 1.0]))
+
+
+def test_trimmed_mean_cuts_int_proportion_times_n_from_each_end():
+    # Prepare: n = 5, proportion 0.2 -> cut 1 from each end: {0, 1, 2, 3, 100} -> mean(1, 2, 3) = 2
+    states = [{"w": torch.tensor([v])} for v in (3.0, 100.0, 0.0, 2.0, 1.0)]
+    # Execute
+    result = trimmed_mean(states, 0.2)
+    # Assert
+    assert torch.equal(result["w"], torch.tensor([2.0]))
+
+
+def test_trimmed_mean_with_nothing_cut_is_the_plain_mean():
+    # Prepare: n = 4, proportion 0.2 -> int(0.8) = 0 cut: mean(1, 2, 3, 10) = 4
+    states = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 3.0, 10.0)]
+    # Execute
+    result = trimmed_mean(states, 0.2)
+    # Assert
+    assert torch.equal(result["w"], torch.tensor([4.0]))
+
+
+def test_trimmed_mean_rejects_a_proportion_that_leaves_nothing():
+    states = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}]
+    with pytest.raises(ValueError, match="proportion_to_cut"):
+        trimmed_mean(states, 0.5)
+
+
+def test_krum_scores_hand_computed():
+    # Prepare: points 0, 1, 3, 10 on a line; n = 4, f = 1 -> each scores its n - f - 2 = 1 nearest other
+    # squared distance: 0 -> 1, 1 -> 1, 3 -> 4, 10 -> 49
+    states = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
+    # Execute
+    scores = krum_scores(states, num_malicious=1)
+    # Assert
+    assert scores == [1.0, 1.0, 4.0, 49.0]
+
+
+def test_krum_scores_sum_over_all_tensors_of_a_state():
+    # Prepare: two tensors per state; n = 3, f = 0 -> max(1, 3 - 0 - 2) = 1 nearest
+    # distances^2: s0-s1 = 1 + 4 = 5, s0-s2 = 9 + 0 = 9, s1-s2 = 4 + 4 = 8
+    states = [
+        {"a": torch.tensor([0.0]), "b": torch.tensor([0.0])},
+        {"a": torch.tensor([1.0]), "b": torch.tensor([2.0])},
+        {"a": torch.tensor([3.0]), "b": torch.tensor([0.0])},
+    ]
+    # Execute
+    scores = krum_scores(states, num_malicious=0)
+    # Assert
+    assert scores == [5.0, 5.0, 8.0]
+
+
+def test_krum_picks_the_lowest_score_and_ties_go_to_the_earlier_state():
+    # Prepare: scores [1, 1, 4, 49] (above)
+    states = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
+    # Execute
+    chosen_state, chosen = krum(states, [1, 1, 1, 1], num_malicious=1)
+    # Assert
+    assert chosen == [0]
+    assert torch.equal(chosen_state["w"], torch.tensor([0.0]))
+
+
+def test_multi_krum_averages_the_lowest_scoring_states_by_example_count():
+    # Prepare: to_keep 3 -> states 0, 1, 2 (scores 1, 1, 4) weighted 1, 1, 2: (0 + 1 + 2 * 3) / 4 = 1.75
+    states = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
+    # Execute
+    averaged, chosen = krum(states, [1, 1, 2, 5], num_malicious=1, to_keep=3)
+    # Assert
+    assert chosen == [0, 1, 2]
+    assert torch.equal(averaged["w"], torch.tensor([1.75]))
+
+
+def test_krum_needs_two_states():
+    with pytest.raises(ValueError, match="at least 2"):
+        krum_scores([{"w": torch.tensor([1.0])}], num_malicious=0)
