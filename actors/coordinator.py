@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -70,6 +69,7 @@ from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner, noise_for
 from baim.model import BAIM
 from baim.pruning import prune_connections
+from baim.seeding import noise_seed
 from baim.training import apply_strategy, evaluate, make_optimizer, train_epoch
 from orchestrator.core.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
 from orchestrator.core.errors import ArtifactRejected
@@ -189,12 +189,6 @@ class RoundResult:
 
 
 RoundRunner = Callable[[RoundRequest], RoundResult]
-
-
-def noise_seed(scenario_seed: int, purpose: str) -> int:
-    """Base seed of one noise stream (e.g. "round 1 train"), stable across processes (sha256, not hash())."""
-    digest = hashlib.sha256(f"{purpose}\0{scenario_seed}".encode()).digest()
-    return int.from_bytes(digest[:6], "little")
 
 
 def seeded_loss(base_seed: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:

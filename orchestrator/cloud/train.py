@@ -84,6 +84,7 @@ from baim.costs import count_flops, count_params
 from baim.decompose import decompose
 from baim.model import BAIM
 from baim.pruning import prune_connections
+from baim.seeding import epoch_seed, eval_seed
 from baim.training import Strategy, apply_strategy, make_optimizer
 from orchestrator.core.artifacts import ArtifactPayload, pack_module, unpack_payload
 from orchestrator.core.metrics import Ledger
@@ -309,16 +310,6 @@ def state_sha256(module: nn.Module) -> str:
 def connections_sha256(baim: BAIM) -> str:
     """sha256 of the surviving connection keys, in graph order."""
     return hashlib.sha256("\n".join(spec.key for spec in baim.connections.specs).encode()).hexdigest()
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of the global RNG (training noise) for one (epoch, rank); independent of restarts."""
-    return ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63
-
-
-def eval_seed(seed: int, task_index: int, batch_index: int) -> int:
-    """Noise seed of one test batch (noise_for keys it by learner name too)."""
-    return (seed * 1_000_003 + task_index * 10_007 + batch_index) % 2**63
 
 
 def optimizer_tensors(baim: BAIM, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
