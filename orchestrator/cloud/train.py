@@ -951,8 +951,6 @@ def record_costs(ledger: Ledger, result: TrainRoundResult) -> None:
     """Put a run's cloud FLOPs and seconds into the ledger (the one place costs are recorded)."""
     ledger.record_cloud_flops(result.strategy, result.cloud_flops)
     ledger.record_seconds(f"train/{result.strategy}", result.train_seconds)
-    for epoch in result.epochs:
-        ledger.record_training_epoch_seconds(result.strategy, epoch.seconds)
 
 
 def run_training_round(
