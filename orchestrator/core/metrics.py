@@ -239,7 +239,8 @@ class LedgerSnapshot(StrictModel):
         """Format 1 held every upload record, so its counts are those of its records."""
         if not (isinstance(data, dict) and data.get("format_version") == 1):
             return data
-        records = data.get("uploads") if isinstance(data.get("uploads"), list) else []
+        records = data.get("uploads")
+        records = records if isinstance(records, list) else []
         accepted, rejected = 0, dict[str, int]()
         for upload in records:
             if not isinstance(upload, dict):
