@@ -49,28 +49,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from actors.edge import learner_name
+from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
 from baim.config import LearnerSpec
-from baim.continual import admit
 from baim.costs import count_params
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner, noise_for
 from baim.model import BAIM
-from baim.pruning import prune_connections
-from baim.seeding import noise_seed
-from baim.training import apply_strategy, evaluate, make_optimizer, train_epoch
 from orchestrator.core.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
@@ -90,7 +84,6 @@ POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checke
 MAX_VERSION = 999_999  # version names are v000001 .. v999999
 UNKNOWN_EDGES = "(edges not in the scenario)"  # one allowance of kept rejected receipts for all of them
 MAX_DEFAULT_VALIDATIONS = 16  # asyncio's default pool has min(32, CPUs + 4) threads: leave some for writes
-MAX_ROUND_ERROR_CHARS = 2000  # a Ray Train error can carry whole tracebacks; the state document stays small
 
 
 def edge_owner(edge_id: str) -> str:
@@ -114,29 +107,6 @@ class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carri
         super().__init__(f"{code}: {detail}")
 
 
-class RoundFailed(Exception):  # noqa: N818 (reads as what happened: "round failed")
-    """`finish()` found learners still untrained after its last round attempt: no task model was published.
-
-    `round` is the round index that failed, `error` the cause's text (type and message), `attempts` how many
-    times that round was tried, `learners` the learners it was to train.
-    """
-
-    def __init__(self, round_index: int, error: str, attempts: int, learners: list[str]) -> None:
-        self.round = round_index
-        self.error = error
-        self.attempts = attempts
-        self.learners = list(learners)
-        tries = "once" if attempts == 1 else f"{attempts} times"
-        super().__init__(
-            f"cloud round {round_index} failed (tried {tries}; learners {', '.join(learners) or 'none'}): "
-            f"{error}; no task models were published"
-        )
-
-    def __reduce__(self) -> tuple[type[RoundFailed], tuple[int, str, int, list[str]]]:
-        # Exception pickling replays `args` (the message alone); Ray ships errors between processes.
-        return (type(self), (self.round, self.error, self.attempts, self.learners))
-
-
 class RegistryHeldByAnotherRun(Exception):  # noqa: N818 (reads as the situation it reports)
     """The registry already holds the coordinator state of another run (another `run_id`).
 
@@ -157,147 +127,6 @@ def held_run_id(state: dict[str, Any]) -> str | None:
     """The run id a state document belongs to (None: written before run ids existed, or without one)."""
     run_id = state.get("run_id")
     return run_id if isinstance(run_id, str) else None
-
-
-def round_error_text(err: BaseException) -> str:
-    """`Type: message`, cut to MAX_ROUND_ERROR_CHARS."""
-    text = f"{type(err).__name__}: {err}"
-    if len(text) > MAX_ROUND_ERROR_CHARS:
-        text = text[: MAX_ROUND_ERROR_CHARS - 20] + " ... (cut)"
-    return text
-
-
-@dataclass
-class RoundRequest:
-    """Everything one cloud training round needs (all of it picklable, nothing an edge sent unchecked)."""
-
-    round_index: int
-    baim: ArtifactPayload  # the fused BAIM to train, as verified artifact bytes
-    strategies: list[str]
-    scenario: Scenario
-    source: DataSource
-    partitions: Partitions
-    registry_uri: str
-
-
-@dataclass
-class RoundResult:
-    trained: ArtifactPayload  # the BAIM the first strategy produced: the coordinator continues from it
-    strategies: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # per strategy: losses, flops, seconds
-
-
-RoundRunner = Callable[[RoundRequest], RoundResult]
-
-
-def seeded_loss(base_seed: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """A loss_fn for `train_epoch` / `evaluate` whose i-th call draws all its noise (the gate code, each
-    learner's eps) from `noise_for(name, base_seed + i)`, never from torch's global RNG.
-
-    Why: the global RNG is shared by every thread of the coordinator, and upload validation and fusion draw
-    from it (module construction) while a round trains; noise drawn from it depends on thread timing.
-    """
-    calls = itertools.count()
-
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        images, task_ids = batch
-        return model(images, task_ids, seed=base_seed + next(calls)).loss
-
-    return loss_fn
-
-
-def local_training_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM once per strategy in this process (the fallback when Ray Train is not used).
-
-    Each strategy starts from the same fused BAIM; the first strategy's result is what the coordinator keeps.
-    Connections are pruned on the scenario's schedule (`cloud.prune_interval`, `cloud.prune_ratio`), as on
-    Ray Train. FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after
-    each epoch. Deterministic: the result depends only on the request (batch order from a seeded generator,
-    training and test noise from `seeded_loss`), not on the global RNG or on what other threads do meanwhile.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cloud = request.scenario.cloud
-    spec, tensors = unpack_payload(
-        request.baim, artifact_id=f"baim round {request.round_index}", max_bytes=2**40
-    )
-    resolution = request.scenario.data.resolution
-    results: dict[str, dict[str, Any]] = {}
-    trained: ArtifactPayload | None = None
-    for strategy in request.strategies:
-        model = BAIM.from_spec(spec)
-        model.load_state_dict(tensors)
-        admit(model)  # fused-but-pending learners compete from the first step, as in orchestrator.cloud.train
-        tasks = list(model.config.tasks)
-        train_set: ConcatDataset[Any] = ConcatDataset(
-            [
-                FaceDataset(request.source, request.partitions.cloud[t], resolution, task_id=i)
-                for i, t in enumerate(tasks)
-            ]
-        )
-        test_set: ConcatDataset[Any] = ConcatDataset(
-            [
-                FaceDataset(request.source, request.partitions.test[t], resolution, task_id=i)
-                for i, t in enumerate(tasks)
-            ]
-        )
-        generator = torch.Generator().manual_seed(request.scenario.seed + request.round_index)
-        train_loader = DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=generator)
-        test_loader = DataLoader(test_set, batch_size=cloud.batch_size)
-        apply_strategy(model, strategy, model.learner_modules(), seed=request.scenario.seed)  # type: ignore[arg-type]
-        optimizer = make_optimizer(model, cloud.lr)
-
-        train_loss = seeded_loss(noise_seed(request.scenario.seed, f"round {request.round_index} train"))
-        losses, test_losses, flops, started = [], [], 0, time.perf_counter()
-        connections: list[int] = []
-        for epoch in range(1, cloud.epochs + 1):
-            with FlopCounterMode(display=False) as counter:
-                losses.append(train_epoch(model, train_loader, optimizer, train_loss))
-            flops += int(counter.get_total_flops())
-            # The same pruning schedule as orchestrator.cloud.train: after the training of every
-            # prune_interval-th epoch, before its evaluation; survivors keep their optimizer state.
-            if cloud.prune_ratio > 0 and epoch % cloud.prune_interval == 0:
-                prune_connections(model, cloud.prune_ratio)
-                optimizer = make_optimizer(model, cloud.lr, previous=optimizer)
-            connections.append(len(model.connections.specs))
-            # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
-            # evaluate must not reseed the shared global RNG.
-            test_loss = seeded_loss(noise_seed(request.scenario.seed, "test"))
-            test_losses.append(evaluate(model, test_loader, test_loss, seed=None))
-        for p in model.parameters():
-            p.requires_grad_(True)
-        results[strategy] = {
-            "train_loss": losses,
-            "test_loss": test_losses,
-            "flops": flops,
-            "seconds": time.perf_counter() - started,
-            "epochs": cloud.epochs,
-            "connections": connections,
-            "runner": "local",
-        }
-        if trained is None:
-            trained = pack_module(model, model.spec())
-    assert trained is not None  # strategies is non-empty (schema: min_length=1)
-    return RoundResult(trained=trained, strategies=results)
-
-
-def ray_train_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM with every strategy as Ray Train jobs (orchestrator.cloud.train), from a thread of
-    the coordinator that only waits for them. Needs Ray (the coordinator runs as a Ray actor)."""
-    from orchestrator.cloud.train import train_fused_baim
-
-    tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
-    trained, results = train_fused_baim(
-        request.baim,
-        request.scenario,
-        {task: indices for task, indices in request.partitions.cloud.items() if task in tasks},
-        {task: indices for task, indices in request.partitions.test.items() if task in tasks},
-        round_id=request.round_index,
-        registry_uri=request.registry_uri,
-        strategies=request.strategies,  # type: ignore[arg-type]
-    )
-    return RoundResult(trained=trained, strategies={name: r.summary() for name, r in results.items()})
 
 
 def fresh_learner_rms(spec: LearnerSpec) -> dict[str, float]:
@@ -366,7 +195,7 @@ class CloudCoordinator:
         source: DataSource | None = None,
         partitions: Partitions | None = None,
         *,
-        round_runner: RoundRunner | None = None,
+        round_runner: RoundRunner,
         torch_threads: int = 1,
         run_id: str | None = None,
     ) -> None:
@@ -380,7 +209,7 @@ class CloudCoordinator:
         )
         self.source = source if source is not None else resolve_source(scenario.data)
         self.partitions = partitions if partitions is not None else make_partitions(self.source, scenario)
-        self.round_runner = round_runner or local_training_round
+        self.round_runner = round_runner
         self.edges = {edge.id: edge for edge in scenario.all_edges()}
         self.learner_names = {edge_id: learner_name(edge_id) for edge_id in self.edges}
         self.learner_rank = {name: rank for rank, name in enumerate(self.learner_names.values())}
@@ -853,15 +682,15 @@ class CloudCoordinator:
             self.pending_since = time.monotonic() if late else None
             self._last_failure = None
             for strategy, summary in result.strategies.items():
-                self.ledger.record_cloud_flops(strategy, int(summary.get("flops", 0)))
-                self.ledger.record_seconds(f"train/{strategy}", float(summary.get("seconds", 0.0)))
+                self.ledger.record_cloud_flops(strategy, summary.flops)
+                self.ledger.record_seconds(f"train/{strategy}", summary.seconds)
             self.rounds.append(
                 {
                     "round": request.round_index,
                     "learners": members,
                     "baim_version": version,
                     "seconds": seconds,
-                    "strategies": result.strategies,
+                    "strategies": {name: run.model_dump() for name, run in result.strategies.items()},
                 }
             )
             self.ledger.record_event("round_finished", round=request.round_index, baim_version=version)

@@ -45,6 +45,7 @@ from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
 from baim.training import train_epoch, vae_batch_loss
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
@@ -184,7 +185,9 @@ def run_pipeline(
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
-        coordinator = CloudCoordinator(scenario, registry, source, partitions)
+        coordinator = CloudCoordinator(
+            scenario, registry, source, partitions, round_runner=local_training_round
+        )
         return asyncio.run(go(coordinator))
 
 

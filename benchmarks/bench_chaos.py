@@ -42,6 +42,7 @@ from actors.coordinator import CloudCoordinator
 from actors.edge import learner_name, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_module, pack_state
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, ServingConfig, load_scenario
@@ -103,7 +104,7 @@ def coordinator_kill_during_fusion(scenario: Scenario, registry_uri: str) -> dic
     coordinator_class = ray.remote(CloudCoordinator).options(
         num_cpus=0.25, max_restarts=-1, max_task_retries=-1, max_concurrency=1000
     )  # exactly the engine's options: Ray restarts it and re-sends calls in flight
-    coordinator: Any = coordinator_class.remote(scenario, registry_uri)
+    coordinator: Any = coordinator_class.remote(scenario, registry_uri, round_runner=local_training_round)
     ray.get(coordinator.status.remote(), timeout=300)  # up and resumed (a fresh registry: nothing to resume)
     payloads = honest_payloads(scenario)
     try:

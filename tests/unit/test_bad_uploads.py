@@ -26,6 +26,7 @@ from actors.coordinator import STATE_KEY, CloudCoordinator
 from actors.edge import EdgeNode, poison_state, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, canonical_json, compute_sha256, pack_state
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, load_scenario
@@ -325,7 +326,10 @@ PICKLE_CASES = {"pickle_as_weights", "torch_save_as_weights", "pickle_as_spec"}
 
 def make_coordinator(scenario: Scenario, registry_dir: Path) -> CloudCoordinator:
     source = resolve_source(scenario.data)
-    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario))
+    partitions = make_partitions(source, scenario)
+    return CloudCoordinator(
+        scenario, str(registry_dir), source, partitions, round_runner=local_training_round
+    )
 
 
 def send(coordinator: CloudCoordinator, edge_id: str, payload: ArtifactPayload, version: int = 1) -> Any:

@@ -17,18 +17,16 @@ from actors.coordinator import (
     STATE_KEY,
     CloudCoordinator,
     RegistryHeldByAnotherRun,
-    RoundFailed,
-    RoundRequest,
-    RoundResult,
     fresh_learner_rms,
     largest_rms_ratio,
-    local_training_round,
     validation_slots,
     version_name,
 )
 from actors.edge import poison_state, upload_spec
+from actors.rounds import RoundFailed, RoundRequest, RoundResult
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, UploadLimits, load_scenario
@@ -101,6 +99,7 @@ def loop() -> Iterator[LoopThread]:
 
 def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
     source = resolve_source(scenario.data)
+    options.setdefault("round_runner", local_training_round)
     return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario), **options)
 
 
