@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from actors.coordinator import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED, CloudCoordinator, RoundFailed
+from actors.coordinator import CloudCoordinator, RoundFailed
 from actors.edge import EdgeNode, poison_state, upload_spec
+from actors.uploads import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
 from baim.training import train_epoch, vae_batch_loss

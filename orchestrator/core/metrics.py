@@ -470,7 +470,11 @@ class Ledger:
 
         Restored totals are not replayed into Prometheus: counters there start from zero in every process.
         """
-        snapshot = LedgerSnapshot.model_validate(data)
+        return cls.from_snapshot(LedgerSnapshot.model_validate(data), export_metrics=export_metrics)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: LedgerSnapshot, *, export_metrics: bool = True) -> Ledger:
+        """Restore a ledger from its typed snapshot (not replayed into Prometheus either)."""
         ledger = cls(export_metrics=export_metrics)
         ledger._edges = {edge: costs.model_dump() for edge, costs in snapshot.edges.items()}
         ledger._cloud_flops = dict(snapshot.cloud_flops)

@@ -449,7 +449,7 @@ def test_many_bad_uploads_keep_only_the_last_receipts_per_edge_and_count_them_al
     assert {(r["accepted"], r["reason"]) for r in strangers} == {(False, "unknown_edge")}
     counts = {"bad_spec": 1 + 50, "unknown_edge": kept + 5}
     assert coordinator.ledger.upload_counts() == {"accepted": 0, "rejected": counts}
-    stored = list(coordinator.rejected.values())
+    stored = [receipt.model_dump() for receipt in coordinator.rejected.receipts()]
     assert [r for r in stored if r["edge_id"] == "edge-0"] == flood[-kept:]
     assert [r for r in stored if r["edge_id"].startswith("stranger-")] == strangers[-kept:]
     assert [r for r in stored if r["edge_id"] == "edge-1"] == [edge_1_receipt]  # not pushed out by edge-0
@@ -470,7 +470,7 @@ def test_a_restarted_coordinator_applies_the_bound_to_the_receipts_it_reloads(tm
     first = make_coordinator(scenario, tmp_path / "registry")
     bad = signed(valid_payload(scenario, "edge-0").weights, "not json")
     receipts = [send(first, "edge-0", bad, version) for version in range(1, 11)]
-    assert len(first.rejected) == 10
+    assert len(first.rejected.receipts()) == 10
 
     # Execute: restarted with a smaller bound.
     second = make_coordinator(
@@ -478,11 +478,11 @@ def test_a_restarted_coordinator_applies_the_bound_to_the_receipts_it_reloads(tm
     )
 
     # Assert
-    assert list(second.rejected.values()) == receipts[-4:]
+    assert [r.model_dump() for r in second.rejected.receipts()] == receipts[-4:]
     assert second.ledger.upload_counts() == {"accepted": 0, "rejected": {"bad_spec": 10}}
     newest = send(second, "edge-0", bad, 11)
     assert newest["reason"] == "bad_spec"
-    assert list(second.rejected.values()) == [*receipts[-3:], newest]
+    assert [r.model_dump() for r in second.rejected.receipts()] == [*receipts[-3:], newest]
 
 
 # ---- poisoned models: the plausibility gate ------------------------------------------------------------
