@@ -27,7 +27,6 @@ import numpy as np
 import ray
 import torch
 
-from actors.publishing import publish_baim, publish_task_models
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
@@ -35,7 +34,7 @@ from orchestrator.cloud.ray_train import (
     TrainRoundConfig,
     TrainRoundResult,
     WorkerCrash,
-    load_trained_baim,
+    publish_result,
     run_training_round,
 )
 from orchestrator.core.artifacts import pack_module
@@ -87,20 +86,8 @@ def round_config(root: Path, round_id: int) -> TrainRoundConfig:
 
 
 def publish(cfg: TrainRoundConfig, result: TrainRoundResult) -> dict[str, float]:
-    """Publish the run's trained BAIM and its task models; their decomposition max abs diff per task."""
-    registry = Registry(cfg.registry_uri)
-    baim = load_trained_baim(result)  # on the CPU
-    version = publish_baim(registry, pack_module(baim, baim.spec()))
-    tasks = publish_task_models(
-        registry,
-        baim,
-        version,
-        source=resolve_source(cfg.data),
-        test_indices=cfg.test_indices,
-        resolution=cfg.data.resolution,
-        batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
-    )
+    """Publish the run's trained BAIM (loaded on the CPU) and its task models; their decomposition error."""
+    _, tasks = publish_result(cfg, result)
     return {task: model.decomposition_max_abs_diff for task, model in tasks.items()}
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
 from baim.costs import count_params
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
@@ -39,7 +40,7 @@ from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.resources import WORKER_GROUP_START_RETRIES, check_cluster_resources, failure_config
 from orchestrator.core.artifacts import ArtifactPayload, pack_module
 from orchestrator.core.names import BAIM_OWNER, FUSED_BAIM_OWNER, SPEC_FILE, WEIGHTS_FILE
-from orchestrator.core.receipts import RayTrainStrategyRun
+from orchestrator.core.receipts import PublishedTaskModel, RayTrainStrategyRun
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import DataConfig, Scenario, StrictModel
 from orchestrator.data.sources import resolve_source
@@ -71,7 +72,7 @@ class TrainRoundConfig(StrictModel):
     """Everything one Ray Train run needs; carried to every worker under train_loop_config["round"]."""
 
     round_id: int = Field(ge=0, description="Training round number (the coordinator's round index).")
-    registry_uri: str = Field(min_length=1, description="Registry the BAIM is read from and published to.")
+    registry_uri: str = Field(min_length=1, description="Registry the fused BAIM is read from.")
     baim_owner: str = Field(default=BAIM_OWNER, description="Registry owner of the BAIM to start from.")
     baim_version: str = Field(min_length=1, description="Registry version of the BAIM to start from.")
     strategy: Literal["finetune", "freeze", "scratch"] = Field(
@@ -147,7 +148,7 @@ class EpochMetrics(StrictModel):
 
 
 class TrainRoundResult(StrictModel):
-    """One (round, strategy) run: curves, costs, and what was published."""
+    """One (round, strategy) run: curves, costs and where its final checkpoint is."""
 
     round_id: int = Field(description="Training round number.")
     strategy: str = Field(description="finetune, freeze or scratch.")
@@ -657,6 +658,27 @@ def load_trained_baim(result: TrainRoundResult) -> BAIM:
     with ray.train.Checkpoint(result.checkpoint_uri).as_directory() as directory:
         baim = load_checkpoint_baim(directory)
     return baim.eval()
+
+
+def publish_result(
+    cfg: TrainRoundConfig, result: TrainRoundResult
+) -> tuple[str, dict[str, PublishedTaskModel]]:
+    """A run's trained BAIM and its task models through the one publish path (`actors.publishing`);
+    returns the BAIM's version and the published task models."""
+    registry = Registry(cfg.registry_uri)
+    baim = load_trained_baim(result)
+    version = publish_baim(registry, pack_module(baim, baim.spec()))
+    tasks = publish_task_models(
+        registry,
+        baim,
+        version,
+        source=resolve_source(cfg.data),
+        test_indices=cfg.test_indices,
+        resolution=cfg.data.resolution,
+        batch_size=cfg.eval_batch_size,
+        seed=cfg.seed,
+    )
+    return version, tasks
 
 
 def run_training_round(

@@ -15,7 +15,6 @@ import pytest
 import ray
 import torch
 
-from actors.publishing import publish_baim, publish_task_models
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
@@ -27,6 +26,7 @@ from orchestrator.cloud.ray_train import (
     load_optimizer_tensors,
     load_trained_baim,
     optimizer_tensors,
+    publish_result,
     run_training_round,
     state_sha256,
 )
@@ -103,20 +103,7 @@ def published(
 ) -> tuple[str, dict[str, PublishedTaskModel]]:
     """The clean run's trained BAIM and task models, through the one publish path."""
     cfg, _ = round_setup
-    registry = Registry(cfg.registry_uri)
-    baim = load_trained_baim(clean_run)
-    version = publish_baim(registry, pack_module(baim, baim.spec()))
-    tasks = publish_task_models(
-        registry,
-        baim,
-        version,
-        source=resolve_source(cfg.data),
-        test_indices=cfg.test_indices,
-        resolution=cfg.data.resolution,
-        batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
-    )
-    return version, tasks
+    return publish_result(cfg, clean_run)
 
 
 def test_loss_falls(clean_run: TrainRoundResult) -> None:
