@@ -44,6 +44,7 @@ from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_module, pack_state
+from orchestrator.core.names import task_owner, version_name
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, ServingConfig, load_scenario
 from orchestrator.runtime.engine import EngineOptions, run_scenario
@@ -162,12 +163,12 @@ def free_port() -> int:
 def publish_task_model(registry_uri: str, task: str, resolution: int) -> None:
     """A servable task model (a lone learner, as an edge uploads it) when the registry holds none."""
     registry = Registry(registry_uri)
-    if registry.latest(f"task/{task}") is not None:
+    if registry.latest(task_owner(task)) is not None:
         return
     torch.manual_seed(0)
     learner = VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=resolution))
     spec = {"kind": "learner", "edge_id": "chaos", "task": task, "learner": learner.spec.to_dict()}
-    registry.put(f"task/{task}", "v000001", pack_module(learner, spec))
+    registry.put(task_owner(task), version_name(1), pack_module(learner, spec))
 
 
 def replica_names(task: str) -> list[str]:
