@@ -190,6 +190,7 @@ class CloudCoordinator:
     async def _handle_upload(
         self, key: str, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any
     ) -> UploadReceipt:
+        # What the upload named, echoed in its receipt whatever it was (an actor call can carry any value).
         sent: dict[str, Any] = {"key": key, "edge_id": echo(edge_id), "version": echo(version)}
         sent["sha256"] = echo(sha256)
         try:

@@ -543,7 +543,7 @@ def test_weights_scaled_by_1000_are_rejected_as_implausible(tmp_path: Path, trai
 
 INSEPARABLE_HERE = pytest.mark.xfail(
     strict=True,
-    reason="LIMIT (actors/coordinator.py plausibility gate): edge-2 trained 4 epochs on procedural faces "
+    reason="LIMIT (actors/uploads.py plausibility gate): edge-2 trained 4 epochs on procedural faces "
     "learns nothing input-dependent (ratio 1.49 x the holdout pixel variance); this poisoned copy (1.77 x "
     "noise 1 std, 2.11 x sign flip) is no worse than the untrained learners the suite uploads as valid "
     "(up to 2.14 x), and its weight norm (1.32 x) is within honest training's drift (up to 1.29 x "
