@@ -187,7 +187,6 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes_identically(
         cpus_per_worker=1.0,
         storage_path=str(tmp_path / "ray_train"),
         max_failures=1,
-        publish=False,
     )
     assert result.resumed_at_epochs == [2]
     assert [e.epoch for e in result.epochs] == [1, 2]
