@@ -1,368 +1,74 @@
 """CloudCoordinator: accepts edge uploads concurrently, fuses them into the BAIM, trains it in rounds.
 
-A plain class whose public methods are coroutines; the engine runs it as an async Ray actor
-(`ray.remote(CloudCoordinator).options(max_restarts=-1, max_task_retries=-1, ...)`), and unit tests drive it
-with `asyncio.run`. Its event loop only does cheap, structural work; everything CPU-heavy goes to a thread
-(upload validation, registry writes) and a training round runs outside the loop altogether (a Ray Train job
-or a local loop, in a thread that only waits for it), so an upload is never queued behind a round.
-
-Per upload (`upload`): validate (size limit, sha256, spec, tensor names and shapes against the learner the
-spec rebuilds, dtypes, finite values, and plausibility: the loss on a few held-out cloud images of the edge's
-task must be finite, below `cloud.uploads.max_plausibility_loss` and below `cloud.uploads.max_loss_ratio`
-times the holdout's pixel variance, and no tensor's RMS may exceed `cloud.uploads.max_weight_norm_ratio`
-times its RMS in a fresh learner of the declared architecture), write it durably to the registry as
-`edge/<edge_id>@v<version>`, record it in the checkpoint, *then* acknowledge. A receipt is a pure function of
-the upload and its outcome, so re-sending the same upload (a retry after a restart) returns the same receipt.
-Rejections are data: a receipt with `accepted=False`, a short reason code and the detail. Only the last
-`cloud.uploads.rejected_receipts_per_edge` rejected receipts of each edge are kept (the ledger counts all), so
-an edge sending many bad uploads does not pile up receipts; at most `cloud.uploads.max_concurrent_validations`
-uploads are validated at once, which bounds the memory of parsing them.
-
-Fusion: each accepted learner joins the live BAIM at once (`BAIM.from_learners` for the first, then
-`BAIM.add_learner`, function-preserving). The fusion policy (`cloud.fusion`) starts a round after
-`min_new_models` new learners, or once the oldest untrained one waited `max_wait_seconds`. A round trains a
-snapshot; learners that arrive meanwhile are fused again on top of the trained BAIM and join the next round.
-Arrival order varies from run to run and the fused structure depends on it, so a round trains its new
-learners re-fused in canonical order (the scenario's edge order, `_canonical_baim`), and its training and test
-noise is seeded (`seeded_loss`): the same uploads and seed give the same trained BAIM.
-
-Failed rounds: a round whose runner raises (e.g. `cloud.use_gpu: true` on a cluster without GPUs, or any
-deterministic Ray Train error) loses nothing: its learners stay pending, and the error is recorded per round
-index (`round_errors`: round, attempts, learners, error text; checkpointed). The same pending set is not tried
-again until it changes (a new upload was fused) or `cloud.fusion.max_wait_seconds` passed since the failure,
-so a deterministic error costs one attempt per change or per wait, not one per policy tick. `finish()` never
-publishes task models from an untrained BAIM: when learners are still untrained after its last attempt, it
-raises `RoundFailed` naming the round and the cause (the engine writes the report, prints the error and
-`baim run` exits 1). Why fail rather than publish the last trained BAIM: the user asked for every accepted
-upload to be trained; task models that silently leave some out (or were never trained at all) look like a
-success and are not one.
-
-Durability: after every accepted upload and every round the coordinator writes its state document
-(`coordinator/state`: the run id, accepted uploads in arrival order, the trained BAIM version, rounds, round
-errors, rejections, ledger). A restarted coordinator reads it, reloads the last trained BAIM (`baim@vN`) and
-re-fuses every accepted upload the registry holds that the trained BAIM lacks: nothing acknowledged is ever
-lost. It resumes only a state document of its own run (`run_id`, a constructor argument, so a Ray restart of
-the same actor keeps it); a registry holding another run's state raises `RegistryHeldByAnotherRun`.
+A plain class whose public methods are coroutines; the engine runs it as an async Ray actor and injects the
+round runner. The event loop does only cheap, structural work: validation, registry writes and fusion run in
+threads, and a round runs in a thread that only waits for it, so an upload is never queued behind a round.
+Its parts: `actors.uploads` (validation, rejected receipts), `actors.fusion` (live BAIM, policy),
+`actors.coordinator_state` (state document), `actors.publishing`. Design: docs/design/coordinator.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
-import itertools
-import json
 import logging
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
 
+from actors.coordinator_state import (
+    STATE_KEY,
+    CoordinatorState,
+    RegistryHeldByAnotherRun,
+    RoundLog,
+    StateStore,
+    held_run_id,
+    stored_uploads,
+)
 from actors.edge import learner_name
-from baim.config import LearnerSpec
-from baim.continual import admit
+from actors.fusion import LiveBAIM, RoundPolicy
+from actors.publishing import publish_baim, publish_task_models
+from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
+from actors.uploads import RejectionBook, UploadRejected, UploadValidator, upload_key, validation_slots
 from baim.costs import count_params
-from baim.decompose import TaskModel, decompose
-from baim.learners import VAELearner, noise_for
+from baim.learners import VAELearner
 from baim.model import BAIM
-from baim.pruning import prune_connections
-from baim.training import apply_strategy, evaluate, make_optimizer, train_epoch
-from orchestrator.core.artifacts import ArtifactPayload, check_shapes, pack_module, unpack_payload
+from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES, edge_owner, version_name
+from orchestrator.core.receipts import (
+    CoordinatorStatus,
+    CoordinatorSummary,
+    PublishedTaskModel,
+    RoundRecord,
+    UploadReceipt,
+    echo,
+)
 from orchestrator.core.registry import ArtifactNotFound, Registry
-from orchestrator.core.scenario import Scenario, UploadLimits
-from orchestrator.data.datasets import FaceDataset
+from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import Partitions, make_partitions
 from orchestrator.data.sources import DataSource, resolve_source
 
+__all__ = ["STATE_KEY", "CloudCoordinator", "RegistryHeldByAnotherRun", "RoundFailed", "held_run_id"]
+
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "coordinator/state"
-BAIM_OWNER = "baim"
-PLAUSIBILITY_IMAGES = 16  # held-out images per task used to check an upload's loss
-PLAUSIBILITY_SEED = 0  # fixed noise, so the check gives the same number for the same upload
 POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checked
-MAX_VERSION = 999_999  # version names are v000001 .. v999999
-UNKNOWN_EDGES = "(edges not in the scenario)"  # one allowance of kept rejected receipts for all of them
-MAX_DEFAULT_VALIDATIONS = 16  # asyncio's default pool has min(32, CPUs + 4) threads: leave some for writes
-MAX_ROUND_ERROR_CHARS = 2000  # a Ray Train error can carry whole tracebacks; the state document stays small
-
-
-def edge_owner(edge_id: str) -> str:
-    return f"edge/{edge_id}"
-
-
-def version_name(version: int) -> str:
-    return f"v{version:06d}"
-
-
-class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carried as data)
-    """A rejection with a short code (a Prometheus label) and a human-readable detail.
-
-    Codes: the artifact checks' `orchestrator.core.errors.REJECTION_CODES`, plus the upload-level ones raised
-    here: unknown_edge, bad_version, implausible_loss, implausible_weights.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{code}: {detail}")
-
-
-class RoundFailed(Exception):  # noqa: N818 (reads as what happened: "round failed")
-    """`finish()` found learners still untrained after its last round attempt: no task model was published.
-
-    `round` is the round index that failed, `error` the cause's text (type and message), `attempts` how many
-    times that round was tried, `learners` the learners it was to train.
-    """
-
-    def __init__(self, round_index: int, error: str, attempts: int, learners: list[str]) -> None:
-        self.round = round_index
-        self.error = error
-        self.attempts = attempts
-        self.learners = list(learners)
-        tries = "once" if attempts == 1 else f"{attempts} times"
-        super().__init__(
-            f"cloud round {round_index} failed (tried {tries}; learners {', '.join(learners) or 'none'}): "
-            f"{error}; no task models were published"
-        )
-
-    def __reduce__(self) -> tuple[type[RoundFailed], tuple[int, str, int, list[str]]]:
-        # Exception pickling replays `args` (the message alone); Ray ships errors between processes.
-        return (type(self), (self.round, self.error, self.attempts, self.learners))
-
-
-class RegistryHeldByAnotherRun(Exception):  # noqa: N818 (reads as the situation it reports)
-    """The registry already holds the coordinator state of another run (another `run_id`).
-
-    Resuming it would load that run's ledger, rounds and BAIM into this one (then reject every upload as a
-    `version_conflict`, or fail on edge ids it does not know). `held_run_id` is the id found there (None for a
-    state written without one).
-    """
-
-    def __init__(self, message: str, held_run_id: str | None) -> None:
-        self.held_run_id = held_run_id
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[type[RegistryHeldByAnotherRun], tuple[str, str | None]]:
-        return (type(self), (str(self), self.held_run_id))
-
-
-def held_run_id(state: dict[str, Any]) -> str | None:
-    """The run id a state document belongs to (None: written before run ids existed, or without one)."""
-    run_id = state.get("run_id")
-    return run_id if isinstance(run_id, str) else None
-
-
-def round_error_text(err: BaseException) -> str:
-    """`Type: message`, cut to MAX_ROUND_ERROR_CHARS."""
-    text = f"{type(err).__name__}: {err}"
-    if len(text) > MAX_ROUND_ERROR_CHARS:
-        text = text[: MAX_ROUND_ERROR_CHARS - 20] + " ... (cut)"
-    return text
-
-
-@dataclass
-class RoundRequest:
-    """Everything one cloud training round needs (all of it picklable, nothing an edge sent unchecked)."""
-
-    round_index: int
-    baim: ArtifactPayload  # the fused BAIM to train, as verified artifact bytes
-    strategies: list[str]
-    scenario: Scenario
-    source: DataSource
-    partitions: Partitions
-    registry_uri: str
-
-
-@dataclass
-class RoundResult:
-    trained: ArtifactPayload  # the BAIM the first strategy produced: the coordinator continues from it
-    strategies: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # per strategy: losses, flops, seconds
-
-
-RoundRunner = Callable[[RoundRequest], RoundResult]
-
-
-def noise_seed(scenario_seed: int, purpose: str) -> int:
-    """Base seed of one noise stream (e.g. "round 1 train"), stable across processes (sha256, not hash())."""
-    digest = hashlib.sha256(f"{purpose}\0{scenario_seed}".encode()).digest()
-    return int.from_bytes(digest[:6], "little")
-
-
-def seeded_loss(base_seed: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """A loss_fn for `train_epoch` / `evaluate` whose i-th call draws all its noise (the gate code, each
-    learner's eps) from `noise_for(name, base_seed + i)`, never from torch's global RNG.
-
-    Why: the global RNG is shared by every thread of the coordinator, and upload validation and fusion draw
-    from it (module construction) while a round trains; noise drawn from it depends on thread timing.
-    """
-    calls = itertools.count()
-
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        images, task_ids = batch
-        return model(images, task_ids, seed=base_seed + next(calls)).loss
-
-    return loss_fn
-
-
-def local_training_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM once per strategy in this process (the fallback when Ray Train is not used).
-
-    Each strategy starts from the same fused BAIM; the first strategy's result is what the coordinator keeps.
-    Connections are pruned on the scenario's schedule (`cloud.prune_interval`, `cloud.prune_ratio`), as on
-    Ray Train. FLOPs are counted on every step by FlopCounterMode (exact); the test loss is measured after
-    each epoch. Deterministic: the result depends only on the request (batch order from a seeded generator,
-    training and test noise from `seeded_loss`), not on the global RNG or on what other threads do meanwhile.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cloud = request.scenario.cloud
-    spec, tensors = unpack_payload(
-        request.baim, artifact_id=f"baim round {request.round_index}", max_bytes=2**40
-    )
-    resolution = request.scenario.data.resolution
-    results: dict[str, dict[str, Any]] = {}
-    trained: ArtifactPayload | None = None
-    for strategy in request.strategies:
-        model = BAIM.from_spec(spec)
-        model.load_state_dict(tensors)
-        admit(model)  # fused-but-pending learners compete from the first step, as in orchestrator.cloud.train
-        tasks = list(model.config.tasks)
-        train_set: ConcatDataset[Any] = ConcatDataset(
-            [
-                FaceDataset(request.source, request.partitions.cloud[t], resolution, task_id=i)
-                for i, t in enumerate(tasks)
-            ]
-        )
-        test_set: ConcatDataset[Any] = ConcatDataset(
-            [
-                FaceDataset(request.source, request.partitions.test[t], resolution, task_id=i)
-                for i, t in enumerate(tasks)
-            ]
-        )
-        generator = torch.Generator().manual_seed(request.scenario.seed + request.round_index)
-        train_loader = DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=generator)
-        test_loader = DataLoader(test_set, batch_size=cloud.batch_size)
-        apply_strategy(model, strategy, model.learner_modules(), seed=request.scenario.seed)  # type: ignore[arg-type]
-        optimizer = make_optimizer(model, cloud.lr)
-
-        train_loss = seeded_loss(noise_seed(request.scenario.seed, f"round {request.round_index} train"))
-        losses, test_losses, flops, started = [], [], 0, time.perf_counter()
-        connections: list[int] = []
-        for epoch in range(1, cloud.epochs + 1):
-            with FlopCounterMode(display=False) as counter:
-                losses.append(train_epoch(model, train_loader, optimizer, train_loss))
-            flops += int(counter.get_total_flops())
-            # The same pruning schedule as orchestrator.cloud.train: after the training of every
-            # prune_interval-th epoch, before its evaluation; survivors keep their optimizer state.
-            if cloud.prune_ratio > 0 and epoch % cloud.prune_interval == 0:
-                prune_connections(model, cloud.prune_ratio)
-                optimizer = make_optimizer(model, cloud.lr, previous=optimizer)
-            connections.append(len(model.connections.specs))
-            # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
-            # evaluate must not reseed the shared global RNG.
-            test_loss = seeded_loss(noise_seed(request.scenario.seed, "test"))
-            test_losses.append(evaluate(model, test_loader, test_loss, seed=None))
-        for p in model.parameters():
-            p.requires_grad_(True)
-        results[strategy] = {
-            "train_loss": losses,
-            "test_loss": test_losses,
-            "flops": flops,
-            "seconds": time.perf_counter() - started,
-            "epochs": cloud.epochs,
-            "connections": connections,
-            "runner": "local",
-        }
-        if trained is None:
-            trained = pack_module(model, model.spec())
-    assert trained is not None  # strategies is non-empty (schema: min_length=1)
-    return RoundResult(trained=trained, strategies=results)
-
-
-def ray_train_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM with every strategy as Ray Train jobs (orchestrator.cloud.train), from a thread of
-    the coordinator that only waits for them. Needs Ray (the coordinator runs as a Ray actor)."""
-    from orchestrator.cloud.train import train_fused_baim
-
-    tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
-    trained, results = train_fused_baim(
-        request.baim,
-        request.scenario,
-        {task: indices for task, indices in request.partitions.cloud.items() if task in tasks},
-        {task: indices for task, indices in request.partitions.test.items() if task in tasks},
-        round_id=request.round_index,
-        registry_uri=request.registry_uri,
-        strategies=request.strategies,  # type: ignore[arg-type]
-    )
-    return RoundResult(trained=trained, strategies={name: r.summary() for name, r in results.items()})
-
-
-def fresh_learner_rms(spec: LearnerSpec) -> dict[str, float]:
-    """RMS of every tensor of a freshly initialised learner of `spec` (seeded, so the same on every run),
-    plus "*" for the whole learner: the scale the weight-norm check compares an upload's tensors with.
-
-    Draws from a forked global RNG, so callers' random streams are left as they were.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(PLAUSIBILITY_SEED)
-        state = VAELearner(spec).state_dict()
-    squares = {name: float((t.double() ** 2).sum()) for name, t in state.items()}
-    rms = {name: (squares[name] / state[name].numel()) ** 0.5 for name in state}
-    rms["*"] = (sum(squares.values()) / sum(t.numel() for t in state.values())) ** 0.5
-    return rms
-
-
-def largest_rms_ratio(learner: VAELearner, fresh_rms: dict[str, float]) -> tuple[str, float]:
-    """(tensor name, ratio) of the learner's tensor whose RMS is the largest multiple of its fresh RMS.
-
-    Tensors that start at zero (GroupNorm biases) are measured against the whole fresh learner's RMS.
-    """
-    worst, largest = "", 0.0
-    for name, tensor in learner.state_dict().items():
-        rms = float(tensor.double().pow(2).mean().sqrt())
-        scale = fresh_rms[name] if fresh_rms[name] > 0 else fresh_rms["*"]
-        if rms / scale > largest:
-            worst, largest = name, rms / scale
-    return worst, largest
-
-
-def validation_slots(limits: UploadLimits) -> int:
-    """How many uploads may be validated at once: `limits.max_concurrent_validations`, or when that is None
-    one per CPU this process may use, at least 2 and at most MAX_DEFAULT_VALIDATIONS."""
-    if limits.max_concurrent_validations is not None:
-        return limits.max_concurrent_validations
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(2, min(cpus, MAX_DEFAULT_VALIDATIONS))
-
-
-def _load_learner(spec: LearnerSpec, tensors: dict[str, torch.Tensor]) -> VAELearner:
-    learner = VAELearner(spec)
-    learner.load_state_dict(tensors, strict=True)
-    return learner
 
 
 class CloudCoordinator:
-    """The cloud side of a run. See the module docstring.
+    """The cloud side of a run.
 
     Args:
         scenario: the validated scenario (edges, tasks, cloud config).
         registry_uri: where uploads, BAIM versions, task models and the state document live.
-        source, partitions: the run's data; the coordinator reads only holdout, cloud and test images.
-            None: derived from the scenario here (deterministic, so equal to the driver's). The engine
-            passes None so that a restarted coordinator depends on nothing but its own arguments.
-        round_runner: trains one round (blocking; called in a thread). Default `local_training_round`.
-        run_id: the run this coordinator belongs to (the engine makes one per run). It only resumes a state
-            document with the same id, and raises `RegistryHeldByAnotherRun` for another one. None (plain
-            use, tests) matches only a state written with None.
+        source, partitions: the run's data (the coordinator reads holdout, cloud and test images). None:
+            derived from the scenario here (deterministic), so a restarted actor needs only its arguments.
+        round_runner: trains one round (blocking; called in a thread): `orchestrator.cloud.local.
+            local_training_round` or `orchestrator.cloud.ray_train.ray_train_round`.
+        run_id: the run this coordinator belongs to. It resumes only a state document with the same id and
+            raises `RegistryHeldByAnotherRun` for another one (None matches only a state written with None).
     """
 
     def __init__(
@@ -372,7 +78,7 @@ class CloudCoordinator:
         source: DataSource | None = None,
         partitions: Partitions | None = None,
         *,
-        round_runner: RoundRunner | None = None,
+        round_runner: RoundRunner,
         torch_threads: int = 1,
         run_id: str | None = None,
     ) -> None:
@@ -382,50 +88,41 @@ class CloudCoordinator:
         self.cloud = scenario.cloud
         self.registry_uri = registry_uri
         self.registry = Registry(
-            registry_uri, max_artifact_bytes=max(scenario.cloud.uploads.max_upload_bytes, 1 << 30)
+            registry_uri, max_artifact_bytes=max(self.cloud.uploads.max_upload_bytes, MAX_MODEL_BYTES)
         )
         self.source = source if source is not None else resolve_source(scenario.data)
         self.partitions = partitions if partitions is not None else make_partitions(self.source, scenario)
-        self.round_runner = round_runner or local_training_round
+        self.round_runner = round_runner
         self.edges = {edge.id: edge for edge in scenario.all_edges()}
         self.learner_names = {edge_id: learner_name(edge_id) for edge_id in self.edges}
-        self.learner_rank = {name: rank for rank, name in enumerate(self.learner_names.values())}
+        self.validator = UploadValidator(scenario, self.source, self.partitions)
+        self.rejected = RejectionBook(self.cloud.uploads.rejected_receipts_per_edge, set(self.edges))
+        rank = {name: position for position, name in enumerate(self.learner_names.values())}
+        self.live = LiveBAIM(self.cloud, scenario.seed, rank)
+        self.policy = RoundPolicy(self.cloud)
+        self.store = StateStore(self.registry, run_id)
+        # State (what the checkpoint holds, with the rejected receipts and the live BAIM's trained set).
         self.ledger = Ledger()
-        self._holdout: dict[str, torch.Tensor] = {}
-        self._fresh_rms = {spec: fresh_learner_rms(spec) for spec in self._declared_specs()}
-
-        # State (what the checkpoint holds).
-        self.accepted: list[dict[str, Any]] = []  # receipts of accepted uploads, in arrival order
-        self.rejected: dict[str, dict[str, Any]] = {}  # receipt by upload key, the last few per edge
-        self._rejected_keys: dict[str, collections.deque[str]] = {}  # per edge, oldest first
-        self.rounds: list[dict[str, Any]] = []
-        # Per failed round index: {"round", "attempts", "learners" (of the last attempt), "error" (the last)}.
-        # One entry per index (a retry updates it), so the list stays as short as the rounds list.
-        self.round_errors: list[dict[str, Any]] = []
+        self.accepted: list[UploadReceipt] = []  # in arrival order
+        self.log = RoundLog([], [])
         self.baim_version: str | None = None  # last trained BAIM in the registry
         self.restarts = 0
-
-        # Live structure (rebuilt from the state on restart).
-        self.baim: BAIM | None = None
-        self.trained_learners: set[str] = set()  # learners inside the last trained BAIM
-        self.pending_since: float | None = None  # when the oldest untrained learner arrived
-        # The pending set of the last failed round and when it failed (monotonic): the back-off. Not
-        # checkpointed: a restarted coordinator tries once more (the restart may have cured the cause).
-        self._last_failure: tuple[frozenset[str], float] | None = None
         # Set by finish(): from then on rounds start only from finish() itself, never from the policy timer
         # or summary(), so the report of a failed finish() describes a coordinator that is not training.
         self._finishing = False
         self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
-        self._state_lock = asyncio.Lock()  # orders state document writes
         self._validation_slots = asyncio.Semaphore(validation_slots(self.cloud.uploads))
-        self._state_changes = 0  # bumped by every checkpoint request ...
-        self._state_written = 0  # ... and the change count the last write covered (group commit)
         self._to_fuse: list[tuple[str, VAELearner]] = []  # accepted, acknowledged, not yet fused
         self._fusion_task: asyncio.Task[None] | None = None
-        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[str, asyncio.Future[UploadReceipt]] = {}
         self._round_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
         self._resume()
+
+    @property
+    def baim(self) -> BAIM | None:
+        """The live BAIM (every fused learner)."""
+        return self.live.baim
 
     # ---- public API (coroutines) ------------------------------------------------------------------
 
@@ -434,110 +131,73 @@ class CloudCoordinator:
     ) -> dict[str, Any]:
         """Validate, store durably, fuse; return the receipt (idempotent for the same upload)."""
         self._start_policy_timer()
-        key = f"{edge_id!s:.100}@{version!s:.20}#{sha256!s:.64}"  # bounded: it is logged and stored
-        for receipt in self.accepted:
-            if receipt["key"] == key:
-                return dict(receipt)
-        if key in self.rejected:
-            return dict(self.rejected[key])
+        key = upload_key(edge_id, version, sha256)
+        known = next((r for r in self.accepted if r.key == key), None) or self.rejected.get(key)
+        if known is not None:
+            return known.model_dump()
         if key not in self._inflight:
             future = asyncio.ensure_future(
                 self._handle_upload(key, edge_id, version, weights, spec_json, sha256)
             )
             self._inflight[key] = future
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return dict(await asyncio.shield(self._inflight[key]))
+        return (await asyncio.shield(self._inflight[key])).model_dump()
 
     async def status(self) -> dict[str, Any]:
-        """A JSON-able snapshot for progress displays and tests (after fusing what is queued)."""
+        """A snapshot for progress displays and tests (after fusing what is queued)."""
         await self._fuse_queued()
-        return {
-            "accepted": [r["edge_id"] for r in self.accepted],
-            "rejected": {r["edge_id"]: r["reason"] for r in self.rejected.values()},
-            "learners": list(self.baim.config.learner_names) if self.baim is not None else [],
-            "pending": self._pending_learners(),
-            "rounds": len(self.rounds),
-            "round_running": self._round_task is not None and not self._round_task.done(),
-            "baim_version": self.baim_version,
-            "restarts": self.restarts,
-            "round_errors": [dict(e) for e in self.round_errors],
-        }
+        return CoordinatorStatus(
+            accepted=[r.edge_id for r in self.accepted],
+            rejected={str(r.edge_id): r.reason for r in self.rejected.receipts()},
+            learners=self.live.learners,
+            pending=self.live.pending(),
+            rounds=len(self.log.rounds),
+            round_running=self._round_task is not None and not self._round_task.done(),
+            baim_version=self.baim_version,
+            restarts=self.restarts,
+            round_errors=self.log.errors,
+        ).model_dump()
 
     async def finish(self) -> dict[str, Any]:
-        """Train whatever is still untrained, decompose every task, publish the task models; summary.
+        """Train whatever is still untrained, decompose every task, publish the task models; the summary.
 
-        Untrained learners get one more round unless that very set failed less than
-        `cloud.fusion.max_wait_seconds` ago (the back-off: retrying a deterministic error at once only
-        doubles the wait). If learners are still untrained after that, nothing is published and
-        `RoundFailed` is raised, naming the round and its last error; `summary()` still returns the state
-        for a report.
-
-        Idempotent: called again (e.g. retried after a restart) it trains nothing new and republishes the
-        same task models.
+        Untrained learners get one more round unless that very set is backing off. If learners are still
+        untrained after that, nothing is published and `RoundFailed` names the round and its last error.
+        Idempotent: called again it trains nothing new and republishes the same task models.
         """
         self._finishing = True
         await self._fuse_queued()
         await self._wait_for_rounds()
-        pending = self._pending_learners()
-        if pending and not self._backing_off(pending):
+        if self.live.pending() and not self.policy.backing_off(self.live.pending()):
             await self._start_round()
             await self._wait_for_rounds()
-        pending = self._pending_learners()
+        pending = self.live.pending()
         if pending:
-            failed = self.round_errors[-1] if self.round_errors else None
-            if failed is None or failed["round"] != len(self.rounds) + 1:  # cannot happen; say so if it does
-                failed = {"round": len(self.rounds) + 1, "attempts": 0, "error": "no round was started"}
-            raise RoundFailed(failed["round"], failed["error"], failed["attempts"], pending)
+            failed = self.log.failure_of_next_round()
+            if failed is None:  # cannot happen; say so if it does
+                raise RoundFailed(self.log.next_round, "no round was started", 0, pending)
+            raise RoundFailed(failed.round, failed.error, failed.attempts, pending)
         tasks = await asyncio.to_thread(self._publish_task_models)
-        return {**self._summary(), "tasks": tasks}
+        return self._summary(tasks).model_dump()
 
     async def summary(self) -> dict[str, Any]:
-        """What `finish()` returns, without training or publishing anything (`tasks` is empty): for the report
-        of a run whose `finish()` raised."""
+        """What `finish()` returns, without training or publishing (`tasks` is empty): for a failed run."""
         await self._fuse_queued()
-        return {**self._summary(), "tasks": {}}
+        return self._summary({}).model_dump()
 
-    async def _wait_for_rounds(self) -> None:
-        """Until no round runs (a round that ends may start the next one for late arrivals)."""
-        while self._round_task is not None and not self._round_task.done():
-            await asyncio.shield(self._round_task)
-
-    def _summary(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "accepted": [dict(r) for r in self.accepted],
-            "rejected": [dict(r) for r in self.rejected.values()],
-            "learners": list(self.baim.config.learner_names) if self.baim is not None else [],
-            "untrained_learners": self._pending_learners(),
-            "baim_version": self.baim_version,
-            "baim_params": count_params(self.baim) if self.baim is not None else 0,
-            "rounds": [dict(r) for r in self.rounds],
-            "round_errors": [dict(e) for e in self.round_errors],
-            "restarts": self.restarts,
-            "ledger": self.ledger.to_dict(),
-        }
-
-    # ---- upload handling --------------------------------------------------------------------------
+    # ---- uploads -------------------------------------------------------------------------------------
 
     async def _handle_upload(
-        self, key: str, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
-    ) -> dict[str, Any]:
-        receipt: dict[str, Any] = {
-            "key": key,
-            "edge_id": edge_id,
-            "version": version,
-            "sha256": sha256,
-            "accepted": False,
-            "reason": "",
-            "detail": "",
-            "learner": None,
-            "artifact": None,
-        }
+        self, key: str, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any
+    ) -> UploadReceipt:
+        # What the upload named, echoed in its receipt whatever it was (an actor call can carry any value).
+        sent: dict[str, Any] = {"key": key, "edge_id": echo(edge_id), "version": echo(version)}
+        sent["sha256"] = echo(sha256)
         try:
             try:
                 async with self._validation_slots:  # bounds the memory of uploads being parsed at once
                     learner = await asyncio.to_thread(
-                        self._validate, edge_id, version, weights, spec_json, sha256
+                        self.validator.validate, edge_id, version, weights, spec_json, sha256
                     )
             except UploadRejected:
                 raise
@@ -546,17 +206,19 @@ class CloudCoordinator:
                 raise UploadRejected(
                     "invalid", f"validation failed: {type(err).__name__}: {err}"[:500]
                 ) from None
-            payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
             owner, vname = edge_owner(edge_id), version_name(version)
             try:
-                # verified=True: _validate just ran unpack_payload on these very bytes; the registry only
-                # re-checks their size and sha256 (cheap), then writes them durably before the ack.
+                # verified=True: validation just checked these very bytes; the registry only re-checks their
+                # size and sha256 (cheap), then writes them durably before the acknowledgement.
+                payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
                 await asyncio.to_thread(self.registry.put, owner, vname, payload, verified=True)
             except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
                 raise UploadRejected(err.code, err.reason) from None
         except UploadRejected as err:
-            receipt.update(reason=err.code, detail=err.detail)
-            self._remember_rejection(receipt)
+            rejected = UploadReceipt(
+                **sent, accepted=False, reason=err.code, detail=err.detail, learner=None, artifact=None
+            )
+            self.rejected.remember(rejected)
             self.ledger.record_upload(
                 edge_id if isinstance(edge_id, str) and edge_id else "unknown",
                 "rejected",
@@ -566,173 +228,30 @@ class CloudCoordinator:
             )
             await self._checkpoint()
             logger.warning("rejected upload %s: %s (%s)", key, err.code, err.detail)
-            return receipt
-
-        receipt.update(accepted=True, learner=self.learner_names[edge_id], artifact=f"{owner}@{vname}")
+            return rejected
+        receipt = UploadReceipt(
+            **sent,
+            accepted=True,
+            reason="",
+            detail="",
+            learner=self.learner_names[edge_id],
+            artifact=f"{owner}@{vname}",
+        )
         self.accepted.append(receipt)
         self.ledger.record_upload(edge_id, "accepted", version=version)
         await self._checkpoint()  # durable (registry + state document) before the acknowledgement
-        # Fusion happens after the acknowledgement, in arrival order, off the event loop: its cost grows
-        # with the BAIM, and a restarted coordinator re-fuses from the registry anyway.
+        # Fusion follows the acknowledgement, in arrival order, off the event loop: its cost grows with the
+        # BAIM, and a restarted coordinator re-fuses from the registry anyway.
         self._to_fuse.append((edge_id, learner))
-        self._schedule_fusion()
-        logger.info("accepted upload %s as learner %s", key, receipt["learner"])
-        return receipt
-
-    def _remember_rejection(self, receipt: dict[str, Any]) -> None:
-        """Keep a rejected receipt (re-sending that upload returns it), and drop the same edge's oldest ones
-        beyond `cloud.uploads.rejected_receipts_per_edge`.
-
-        Why: every kept receipt is in memory and in each state document write, so keeping all of them let an
-        edge sending distinct bad uploads grow both without bound (quadratic total checkpoint work). Edge ids
-        not in the scenario are chosen by the sender, so they share one allowance. The ledger still counts
-        every rejection (it also lists each upload, see docs/security-audit.md); a re-sent upload whose
-        receipt was dropped is validated (and counted) again.
-        """
-        key, edge_id = receipt["key"], receipt["edge_id"]
-        if key in self.rejected:  # already kept (e.g. a state document listing it twice): just replace
-            self.rejected[key] = receipt
-            return
-        edge = edge_id if isinstance(edge_id, str) and edge_id in self.edges else UNKNOWN_EDGES
-        kept = self._rejected_keys.setdefault(edge, collections.deque())
-        self.rejected[key] = receipt
-        kept.append(key)
-        while len(kept) > self.cloud.uploads.rejected_receipts_per_edge:
-            del self.rejected[kept.popleft()]
-
-    def _validate(
-        self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
-    ) -> VAELearner:
-        """Every check of an upload; CPU-heavy, so it runs in a thread. Raises UploadRejected."""
-        if not isinstance(edge_id, str) or edge_id not in self.edges:
-            raise UploadRejected("unknown_edge", f"edge_id {edge_id!r} is not an edge of this scenario")
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-            raise UploadRejected(
-                "bad_version", f"version: expected an int >= 1 and <= {MAX_VERSION}, received {version!r:.40}"
-            )
-        if not isinstance(spec_json, str):
-            raise UploadRejected("bad_spec", f"spec_json: expected str, received {type(spec_json).__name__}")
-        try:
-            spec_json.encode()
-        except UnicodeEncodeError as err:
-            raise UploadRejected("bad_spec", f"spec_json is not encodable UTF-8 text: {err}") from None
-        limits = self.cloud.uploads
-        payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
-        try:
-            spec, tensors = unpack_payload(
-                payload,
-                artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}",
-                max_bytes=limits.max_upload_bytes,
-                allowed_kinds=("learner",),
-            )
-        except ArtifactRejected as err:
-            raise UploadRejected(err.code, err.reason) from None
-        except RecursionError:  # json.loads of a spec nested thousands of levels deep
-            raise UploadRejected("bad_spec", "spec JSON nests too deeply to parse") from None
-
-        edge = self.edges[edge_id]
-        declared = LearnerSpec(
-            widths=tuple(edge.model.widths),
-            latent_dim=edge.model.latent_dim,
-            resolution=self.scenario.data.resolution,
-        )
-        if set(spec) != {"kind", "edge_id", "task", "learner"}:
-            raise UploadRejected(
-                "bad_spec", f"spec keys: expected edge_id, kind, learner, task, received {sorted(spec)}"
-            )
-        if spec["edge_id"] != edge_id:
-            raise UploadRejected(
-                "bad_spec", f"spec edge_id: expected {edge_id!r}, received {spec['edge_id']!r}"
-            )
-        if spec["task"] != edge.task:
-            raise UploadRejected("bad_spec", f"spec task: expected {edge.task!r}, received {spec['task']!r}")
-        try:
-            learner_spec = LearnerSpec.from_dict(spec["learner"])
-        except (ValueError, TypeError) as err:
-            raise UploadRejected("bad_spec", f"spec learner: {err}") from None
-        if learner_spec != declared:
-            raise UploadRejected(
-                "bad_spec",
-                f"spec learner: expected the declared {declared.to_dict()}, "
-                f"received {learner_spec.to_dict()}",
-            )
-        learner = VAELearner(learner_spec)  # built once: the shape template, then the loaded model
-        expected = {name: tuple(t.shape) for name, t in learner.state_dict().items()}
-        try:
-            check_shapes(tensors, expected, artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}")
-        except ArtifactRejected as err:
-            raise UploadRejected(err.code, err.reason) from None
-        learner.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-
-        loss = self._plausibility_loss(learner, edge.task)
-        if not loss < limits.max_plausibility_loss:  # also catches NaN
-            raise UploadRejected(
-                "implausible_loss",
-                f"loss on {PLAUSIBILITY_IMAGES} held-out images of task {edge.task!r}: "
-                f"expected a finite value below {limits.max_plausibility_loss}, received {loss:.6g}",
-            )
-        reference = self._reference_loss(edge.task)
-        if reference > 0 and loss > limits.max_loss_ratio * reference:
-            raise UploadRejected(
-                "implausible_loss",
-                f"loss on {PLAUSIBILITY_IMAGES} held-out images of task {edge.task!r}: expected at most "
-                f"{limits.max_loss_ratio} x {reference:.6g} (the loss of predicting the holdout's mean "
-                f"image), received {loss:.6g} ({loss / reference:.3g} x)",
-            )
-        name, ratio = largest_rms_ratio(learner, self._fresh_rms[learner_spec])
-        if ratio > limits.max_weight_norm_ratio:
-            raise UploadRejected(
-                "implausible_weights",
-                f"tensor {name!r}: expected an RMS at most {limits.max_weight_norm_ratio} x that of a fresh "
-                f"learner of the declared architecture, received {ratio:.4g} x",
-            )
-        return learner
-
-    @torch.no_grad()
-    def _plausibility_loss(self, learner: VAELearner, task: str) -> float:
-        images = self._holdout_images(task)
-        eps = noise_for("plausibility", PLAUSIBILITY_SEED, images.shape[0], learner.spec.latent_dim)
-        learner.eval()
-        return float(learner.loss(images, self.cloud.kld_weight, eps=eps).loss)
-
-    def _reference_loss(self, task: str) -> float:
-        """The holdout's pixel variance: the MSE of predicting every holdout image by their mean image.
-
-        It needs no trusted model, only the cloud's own images; 0 when the holdout has fewer than two
-        distinct images (then the relative check is skipped: there is nothing to compare with).
-        """
-        images = self._holdout_images(task)
-        if images.shape[0] < 2:
-            return 0.0
-        return float(((images - images.mean(dim=0, keepdim=True)) ** 2).mean())
-
-    def _declared_specs(self) -> set[LearnerSpec]:
-        resolution = self.scenario.data.resolution
-        return {
-            LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, resolution)
-            for edge in self.edges.values()
-        }
-
-    def _holdout_images(self, task: str) -> torch.Tensor:
-        if task not in self._holdout:
-            indices = self.partitions.holdout.get(task, [])[:PLAUSIBILITY_IMAGES]
-            if not indices:  # no holdout configured: fall back to the task's cloud images
-                indices = self.partitions.cloud[task][:PLAUSIBILITY_IMAGES]
-            dataset = FaceDataset(self.source, indices, self.scenario.data.resolution)
-            self._holdout[task] = torch.stack([dataset[i] for i in range(len(dataset))])  # type: ignore[misc]
-        return self._holdout[task]
-
-    # ---- fusion, rounds, checkpoints ------------------------------------------------------------------
-
-    def _schedule_fusion(self) -> None:
         if self._fusion_task is None or self._fusion_task.done():
             self._fusion_task = asyncio.ensure_future(self._fuse_queued())
+        logger.info("accepted upload %s as learner %s", key, receipt.learner)
+        return receipt
 
     async def _fuse_queued(self) -> None:
         """Fuse every queued learner in arrival order (a thread does the work), then apply the policy.
 
-        An item leaves the queue only once fused, so a task cancelled midway (or an event loop that closes)
-        loses nothing: the next call fuses it (`_fuse` skips a learner that is already in).
+        An item leaves the queue only once fused, so a task cancelled midway loses nothing.
         """
         async with self._lock:
             while self._to_fuse:
@@ -743,95 +262,31 @@ class CloudCoordinator:
         await self._maybe_start_round()
 
     def _fuse(self, edge_id: str, learner: VAELearner) -> None:
-        name, task = self.learner_names[edge_id], self.edges[edge_id].task
-        if self.baim is not None and name in self.baim.config.learner_names:
-            return
-        self.baim = self._fuse_into(self.baim, name, task, learner)
-        if self.pending_since is None:
-            self.pending_since = time.monotonic()
+        self.live.fuse(self.learner_names[edge_id], self.edges[edge_id].task, learner)
 
-    def _fuse_into(self, baim: BAIM | None, name: str, task: str, learner: VAELearner) -> BAIM:
-        if baim is None:
-            return BAIM.from_learners(
-                [task],
-                [(name, task, learner)],
-                top_k=self.cloud.top_k,
-                connection_height=self.cloud.connection_height,
-                kld_weight=self.cloud.kld_weight,
-                seed=self.scenario.seed,
-            )
-        baim.add_learner(name, task, learner)
-        return baim
-
-    def _canonical_baim(self, baim: BAIM) -> BAIM:
-        """`baim` with its untrained learners fused in canonical order: the scenario's edge order.
-
-        Fusion follows arrival order, which varies between runs (edges finish at different times, uploads
-        run concurrently), and the fused BAIM depends on it: learner and task order, which member founds a
-        squad (its LSGate row is drawn from the seed) and which join it pending (zero rows), the candidate
-        connections. So a round trains the last trained BAIM (from the registry) with its new learners
-        re-fused in canonical order; nothing is rebuilt when they arrived in that order already.
-        """
-        pending = self._pending_learners()
-        unknown = len(self.learner_rank)  # not in the scenario (an old registry): after the others, by name
-        ordered = sorted(pending, key=lambda name: (self.learner_rank.get(name, unknown), name))
-        if pending == ordered:
-            return baim
-        base: BAIM | None = None
-        if self.baim_version is not None:
-            payload = self.registry.get(BAIM_OWNER, self.baim_version)
-            spec, tensors = unpack_payload(payload, artifact_id=f"baim@{self.baim_version}", max_bytes=2**40)
-            base = BAIM.from_spec(spec)
-            base.load_state_dict(tensors)
-        for name in ordered:
-            base = self._fuse_into(base, name, baim.config.learner(name).task, baim.learner(name))
-        assert base is not None  # ordered is non-empty: pending != ordered
-        logger.info("round learners re-fused in canonical order: %s (arrived as %s)", ordered, pending)
-        return base
-
-    def _pending_learners(self) -> list[str]:
-        if self.baim is None:
-            return []
-        return [name for name in self.baim.config.learner_names if name not in self.trained_learners]
+    # ---- rounds --------------------------------------------------------------------------------------
 
     async def _maybe_start_round(self) -> None:
-        if self._finishing:
-            return  # finish() decides about the last round itself
-        if self._round_task is not None and not self._round_task.done():
-            return  # arrivals during a round join the next one
-        pending = self._pending_learners()
-        if not pending:
-            return
-        if self._backing_off(pending):
-            return  # this very set failed a moment ago: wait for a new upload or max_wait_seconds
-        waited = time.monotonic() - (self.pending_since or time.monotonic())
-        if len(pending) >= self.cloud.fusion.min_new_models or waited >= self.cloud.fusion.max_wait_seconds:
+        if self._finishing or (self._round_task is not None and not self._round_task.done()):
+            return  # finish() decides about the last round itself; arrivals during a round join the next
+        if self.policy.due(self.live.pending(), self.live.pending_since):
             await self._start_round()
-
-    def _backing_off(self, pending: list[str]) -> bool:
-        """True while `pending` is the set whose round failed last, less than max_wait_seconds ago."""
-        if self._last_failure is None:
-            return False
-        failed_set, failed_at = self._last_failure
-        recent = time.monotonic() - failed_at < self.cloud.fusion.max_wait_seconds
-        return recent and frozenset(pending) == failed_set
 
     async def _start_round(self) -> None:
         async with self._lock:
-            if self.baim is None or (self._round_task is not None and not self._round_task.done()):
+            if self.live.baim is None or (self._round_task is not None and not self._round_task.done()):
                 return
-            self.baim = baim = await asyncio.to_thread(self._canonical_baim, self.baim)
-            snapshot = await asyncio.to_thread(pack_module, baim, baim.spec())
-            members = list(baim.config.learner_names)
+            baim = await asyncio.to_thread(self.live.canonical, self._last_trained)
             request = RoundRequest(
-                round_index=len(self.rounds) + 1,
-                baim=snapshot,
+                round_index=self.log.next_round,
+                baim=await asyncio.to_thread(pack_module, baim, baim.spec()),
                 strategies=list(self.cloud.strategies),
                 scenario=self.scenario,
                 source=self.source,
                 partitions=self.partitions,
                 registry_uri=self.registry_uri,
             )
+            members = list(baim.config.learner_names)
             self.ledger.record_event("round_started", round=request.round_index, learners=len(members))
             self._round_task = asyncio.ensure_future(self._run_round(request, members))
 
@@ -844,60 +299,47 @@ class CloudCoordinator:
             result = await asyncio.to_thread(self.round_runner, request)
         except Exception as err:  # a failed round loses nothing: its learners stay pending
             logger.exception("round %d failed", request.round_index)
-            await self._record_round_failure(request.round_index, members, round_error_text(err))
+            pending = [name for name in members if name not in self.live.trained]
+            self.policy.failed(pending)
+            entry = self.log.failed(request.round_index, pending, round_error_text(err))
+            self.ledger.record_event(
+                "round_failed", round=entry.round, attempt=entry.attempts, error=entry.error
+            )
+            await self._checkpoint()
             return
         seconds = time.perf_counter() - started
         async with self._lock:
-            version = await asyncio.to_thread(self.registry.next_version, BAIM_OWNER)
-            await asyncio.to_thread(self.registry.put, BAIM_OWNER, version, result.trained)
-            late = (
-                [name for name in self.baim.config.learner_names if name not in members] if self.baim else []
-            )
-            self.baim = await asyncio.to_thread(self._continue_from, result.trained, late)
+            version = await asyncio.to_thread(publish_baim, self.registry, result.trained)
+            trained = await asyncio.to_thread(load_module, result.trained, BAIM, artifact_id="trained BAIM")
+            await asyncio.to_thread(self.live.trained_round, trained, members)
             self.baim_version = version
-            self.trained_learners = set(members)
-            self.pending_since = time.monotonic() if late else None
-            self._last_failure = None
-            for strategy, summary in result.strategies.items():
-                self.ledger.record_cloud_flops(strategy, int(summary.get("flops", 0)))
-                self.ledger.record_seconds(f"train/{strategy}", float(summary.get("seconds", 0.0)))
-            self.rounds.append(
-                {
-                    "round": request.round_index,
-                    "learners": members,
-                    "baim_version": version,
-                    "seconds": seconds,
-                    "strategies": result.strategies,
-                }
+            self.policy.succeeded()
+            for strategy, run in result.strategies.items():
+                self.ledger.record_cloud_flops(strategy, run.flops)
+                self.ledger.record_seconds(f"train/{strategy}", run.seconds)
+            self.log.rounds.append(
+                RoundRecord(
+                    round=request.round_index,
+                    learners=members,
+                    baim_version=version,
+                    seconds=seconds,
+                    strategies=result.strategies,
+                )
             )
             self.ledger.record_event("round_finished", round=request.round_index, baim_version=version)
             await self._checkpoint()
         logger.info("round %d done in %.1fs: BAIM %s", request.round_index, seconds, version)
         await self._maybe_start_round()
 
-    async def _record_round_failure(self, round_index: int, members: list[str], error: str) -> None:
-        """Record the error under its round index (checkpointed); back off from this pending set."""
-        pending = [name for name in members if name not in self.trained_learners]
-        self._last_failure = (frozenset(pending), time.monotonic())
-        entry = next((e for e in self.round_errors if e["round"] == round_index), None)
-        if entry is None:
-            entry = {"round": round_index, "attempts": 0}
-            self.round_errors.append(entry)
-        entry.update(attempts=entry["attempts"] + 1, learners=pending, error=error)
-        self.ledger.record_event("round_failed", round=round_index, attempt=entry["attempts"], error=error)
-        await self._checkpoint()
+    async def _wait_for_rounds(self) -> None:
+        """Until no round runs (a round that ends may start the next one for late arrivals)."""
+        while self._round_task is not None and not self._round_task.done():
+            await asyncio.shield(self._round_task)
 
-    def _continue_from(self, trained_payload: ArtifactPayload, late: list[str]) -> BAIM:
-        """The trained BAIM with the learners that arrived during the round fused again on top of it."""
-        spec, tensors = unpack_payload(trained_payload, artifact_id="trained BAIM", max_bytes=2**40)
-        trained = BAIM.from_spec(spec)
-        trained.load_state_dict(tensors)
-        for name in late:
-            trained.add_learner(name, self._task_of(name), self.baim.learner(name))  # type: ignore[union-attr]
-        return trained
-
-    def _task_of(self, name: str) -> str:
-        return self.baim.config.learner(name).task if self.baim is not None else ""
+    def _last_trained(self) -> BAIM | None:
+        if self.baim_version is None:
+            return None
+        return self.registry.load_module(BAIM_OWNER, self.baim_version, BAIM)
 
     def _start_policy_timer(self) -> None:
         if self._policy_task is None:
@@ -911,153 +353,96 @@ class CloudCoordinator:
             except Exception:  # keep the timer alive; the failure is logged
                 logger.exception("fusion policy check failed")
 
+    # ---- state ---------------------------------------------------------------------------------------
+
     async def _checkpoint(self) -> None:
-        """Write the state document; returns once a write that includes this call's changes is durable.
+        await self.store.checkpoint(self._state)
 
-        Group commit: writes are ordered by a lock, and callers whose changes a later snapshot already
-        covered return without writing again, so a burst of uploads costs a few writes, not one each.
-        """
-        self._state_changes += 1
-        mine = self._state_changes
-        async with self._state_lock:
-            if self._state_written >= mine:
-                return
-            covered = self._state_changes
-            state = self._state()  # snapshot taken in the event loop: consistent
-            await asyncio.to_thread(self.registry.put_json, STATE_KEY, state)
-            self._state_written = covered
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "accepted": list(self.accepted),
-            "rejected": list(self.rejected.values()),
-            "rounds": list(self.rounds),
-            "round_errors": [dict(e) for e in self.round_errors],
-            "baim_version": self.baim_version,
-            "trained_learners": sorted(self.trained_learners),
-            "restarts": self.restarts,
-            "ledger": self.ledger.to_dict(),
-        }
+    def _state(self) -> CoordinatorState:
+        return CoordinatorState(
+            run_id=self.run_id,
+            accepted=self.accepted,
+            rejected=self.rejected.receipts(),
+            rounds=self.log.rounds,
+            round_errors=self.log.errors,
+            baim_version=self.baim_version,
+            trained_learners=sorted(self.live.trained),
+            restarts=self.restarts,
+            ledger=self.ledger.snapshot(),
+        )
 
     def _resume(self) -> None:
-        """Rebuild from the last state document and the registry (a no-op on a fresh registry)."""
-        state = self.registry.get_json(STATE_KEY)
-        if state is None:
-            # The first checkpoint, written at start: a coordinator killed before any upload still
-            # restarts from a checkpoint (and counts the restart).
-            self.registry.put_json(STATE_KEY, self._state())
+        """Rebuild from the last state document and the registry (a fresh registry: write the first one)."""
+        state = self.store.read()
+        if state is None:  # a coordinator killed before any upload still restarts from a checkpoint
+            self.store.write(self._state())
             return
-        if held_run_id(state) != self.run_id:
-            held = held_run_id(state) or "(none recorded)"
-            raise RegistryHeldByAnotherRun(
-                f"registry {self.registry_uri} holds the coordinator state of run {held}, not of this run "
-                f"({self.run_id or 'no run id'}); refusing to resume another run's uploads, rounds and BAIM",
-                held_run_id(state),
-            )
-        self.restarts = int(state.get("restarts", 0)) + 1
-        for receipt in state["rejected"]:  # oldest first: the same bound applies to an older, longer list
-            self._remember_rejection(receipt)
-        self.rounds = list(state["rounds"])
-        self.round_errors = [dict(e) for e in state.get("round_errors", [])]
-        self.ledger = Ledger.from_dict(state["ledger"])
-        self.baim_version = state["baim_version"]
+        # The restart is recorded before anything else: a kill while resuming must not lose its count.
+        self.restarts = state.restarts + 1
+        self.store.write(state.model_copy(update={"restarts": self.restarts}))
+        for receipt in state.rejected:  # oldest first: the bound applies to an older, longer list too
+            self.rejected.remember(receipt)
+        self.log = RoundLog(state.rounds, state.round_errors)
+        self.ledger = Ledger.from_snapshot(state.ledger)
+        self.baim_version = state.baim_version
         if self.baim_version is not None:
-            payload = self.registry.get(BAIM_OWNER, self.baim_version)
-            spec, tensors = unpack_payload(payload, artifact_id=f"baim@{self.baim_version}", max_bytes=2**40)
-            self.baim = BAIM.from_spec(spec)
-            self.baim.load_state_dict(tensors)
-            self.trained_learners = set(state["trained_learners"])
-
+            self.live.baim = self._last_trained()
+            self.live.trained = set(state.trained_learners)
         # Every accepted upload: those the state lists (arrival order), then any the registry holds that the
         # state missed (stored, then the coordinator died before its checkpoint).
-        receipts = {r["key"]: r for r in state["accepted"]}
-        order = [r["key"] for r in state["accepted"]]
-        for owner in self.registry.owners("edge/"):
-            edge_id = owner.removeprefix("edge/")
-            for vname in self.registry.versions(owner):
-                ref = self.registry.ref(owner, vname)
-                version = int(vname.removeprefix("v"))
-                key = f"{edge_id}@{version}#{ref.sha256}"
-                if key not in receipts:
-                    receipts[key] = {
-                        "key": key,
-                        "edge_id": edge_id,
-                        "version": version,
-                        "sha256": ref.sha256,
-                        "accepted": True,
-                        "reason": "",
-                        "detail": "",
-                        "learner": self.learner_names.get(edge_id),
-                        "artifact": f"{owner}@{vname}",
-                    }
-                    order.append(key)
-                    self.ledger.record_upload(edge_id, "accepted", version=version)
-        self.accepted = [receipts[key] for key in order]
+        self.accepted = list(state.accepted)
+        listed = {receipt.key for receipt in self.accepted}
+        for receipt in stored_uploads(self.registry, self.learner_names):
+            if receipt.key not in listed:
+                self.accepted.append(receipt)
+                self.ledger.record_upload(str(receipt.edge_id), "accepted", version=int(receipt.version or 0))
         for receipt in self.accepted:
-            name = receipt["learner"]
-            if self.baim is not None and name in self.baim.config.learner_names:
-                continue
-            payload = self._stored_upload(receipt)
-            spec, tensors = unpack_payload(payload, artifact_id=receipt["artifact"], max_bytes=2**40)
-            learner = _load_learner(LearnerSpec.from_dict(spec["learner"]), tensors)
-            self._fuse(receipt["edge_id"], learner)
+            if receipt.learner not in self.live.learners:
+                self._fuse(str(receipt.edge_id), self._stored_learner(receipt))
         self.ledger.record_event("coordinator_resumed", restarts=self.restarts, accepted=len(self.accepted))
         logger.warning(
             "coordinator resumed (restart %d): %d accepted uploads, BAIM %s, %d pending",
-            self.restarts, len(self.accepted), self.baim_version, len(self._pending_learners()),
+            self.restarts, len(self.accepted), self.baim_version, len(self.live.pending()),
         )  # fmt: skip
-        self.registry.put_json(STATE_KEY, self._state())  # the restart itself is part of the record
+        self.store.write(self._state())
 
-    def _stored_upload(self, receipt: dict[str, Any]) -> ArtifactPayload:
-        owner, vname = receipt["artifact"].split("@")
+    def _stored_learner(self, receipt: UploadReceipt) -> VAELearner:
+        owner, vname = str(receipt.artifact).split("@")
         try:
-            return self.registry.get(owner, vname)
+            return self.registry.load_module(owner, vname, VAELearner)
         except ArtifactNotFound:
             raise RuntimeError(
-                f"accepted upload {receipt['artifact']} is missing from {self.registry_uri}"
+                f"accepted upload {receipt.artifact} is missing from {self.registry_uri}"
             ) from None
 
     # ---- the end of a run -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _publish_task_models(self) -> dict[str, dict[str, Any]]:
-        """Decompose each task, check it against the BAIM, measure its test loss, publish it."""
-        if self.baim is None:
+    def _publish_task_models(self) -> dict[str, PublishedTaskModel]:
+        if self.live.baim is None:
             return {}
-        baim = self.baim
-        baim.eval()
-        resolution = self.scenario.data.resolution
-        out: dict[str, dict[str, Any]] = {}
-        for task_id, task in enumerate(baim.config.tasks):
-            model: TaskModel = decompose(baim, task)
-            test = FaceDataset(self.source, self.partitions.test[task], resolution)
-            loader = DataLoader(test, batch_size=self.cloud.batch_size)
-            max_diff, total, count = 0.0, 0.0, 0
-            for batch_index, images in enumerate(loader):
-                seed = self.scenario.seed + batch_index
-                full = baim(images, task_id, seed=seed)
-                alone = model(images, seed=seed)
-                max_diff = max(max_diff, float((full.recon - alone.recon).abs().max()))
-                total += float(alone.loss) * images.shape[0]
-                count += images.shape[0]
-            payload = pack_module(model, model.spec())
-            version = (
-                self.baim_version or "v000000"
-            )  # task models carry the version of the BAIM they come from
-            ref = self.registry.put(f"task/{task}", version, payload)
-            out[task] = {
-                "params": count_params(model),
-                "baim_params": count_params(baim),
-                "learners": list(model.config.learner_names),
-                "test_loss": total / count if count else None,
-                "test_images": count,
-                "decomposition_max_abs_diff": max_diff,
-                "artifact": f"{ref.owner}@{ref.version}",
-                "sha256": ref.sha256,
-            }
-        return out
+        return publish_task_models(
+            self.registry,
+            self.live.baim,
+            self.baim_version or version_name(0),
+            source=self.source,
+            test_indices=self.partitions.test,
+            resolution=self.scenario.data.resolution,
+            batch_size=self.cloud.batch_size,
+            seed=self.scenario.seed,
+        )
 
-
-def receipt_json(receipt: dict[str, Any]) -> str:
-    return json.dumps(receipt, sort_keys=True)
+    def _summary(self, tasks: dict[str, PublishedTaskModel]) -> CoordinatorSummary:
+        return CoordinatorSummary(
+            run_id=self.run_id,
+            accepted=self.accepted,
+            rejected=self.rejected.receipts(),
+            learners=self.live.learners,
+            untrained_learners=self.live.pending(),
+            baim_version=self.baim_version,
+            baim_params=count_params(self.live.baim) if self.live.baim is not None else 0,
+            rounds=self.log.rounds,
+            round_errors=self.log.errors,
+            restarts=self.restarts,
+            ledger=self.ledger.snapshot(),
+            tasks=tasks,
+        )

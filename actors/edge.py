@@ -22,7 +22,6 @@ of sleeping before the call; the bytes counted are the payload's real length, on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader
 from baim.config import LearnerSpec
 from baim.costs import forward_backward_flops
 from baim.learners import VAELearner
+from baim.seeding import derive_seed
 from baim.training import evaluate, train_epoch, vae_batch_loss
 from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.core.metrics import Ledger
@@ -68,8 +68,7 @@ class EdgeLeft(Exception):  # noqa: N818 (control flow, not an error)
 
 def edge_seed(scenario_seed: int, edge_id: str) -> int:
     """A per-edge seed from the scenario seed: stable across processes (unlike hash())."""
-    digest = hashlib.sha256(f"edge\0{scenario_seed}\0{edge_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("edge", scenario_seed, edge_id)
 
 
 def learner_name(edge_id: str) -> str:

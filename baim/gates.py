@@ -129,10 +129,6 @@ class LSGate(nn.Module):
         self.proj.bias.copy_(old.bias[index])
         self.admission_offset = self.admission_offset[index].clone()
 
-    @torch.no_grad()
-    def admit_all(self) -> None:
-        self.admission_offset.zero_()
-
 
 class TSGate(nn.Module):
     """Routes each input to its task's squad by the given task id (no parameters; see module docstring)."""

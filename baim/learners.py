@@ -27,7 +27,6 @@ the same noise.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import NamedTuple
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baim.config import LearnerSpec
+from baim.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +273,12 @@ def noise_for(
 ) -> torch.Tensor:
     """Reproducible standard-normal noise (batch, dim) keyed by (name, seed).
 
-    The generator's seed is the first 8 bytes of sha256(f"{name}\\0{seed}") (stable across processes and
-    Python runs, unlike hash()), so the BAIM and a decomposed task model give learner `name` the same eps for
-    the same seed. Drawn on the CPU, then moved to `device`, so it is the same on every device.
+    The generator's seed is `baim.seeding.derive_seed(name, seed)` (stable across processes), so the BAIM and
+    a decomposed task model give learner `name` the same eps for the same seed. Drawn on the CPU, then moved
+    to `device`, so it is the same on every device.
     """
     if batch < 0 or dim < 1:
         raise ValueError(f"noise shape: expected batch >= 0 and dim >= 1, received ({batch}, {dim})")
-    digest = hashlib.sha256(f"{name}\0{seed}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    generator = torch.Generator().manual_seed(derive_seed(name, seed))
     noise = torch.randn(batch, dim, generator=generator)
     return noise if device is None else noise.to(device)

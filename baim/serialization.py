@@ -1,18 +1,19 @@
 """Build any model of this package from its JSON spec, and save / load it as safetensors + spec.
 
 Spec kinds (a JSON object, always with "kind"):
-- "learner": {"kind": "learner", **LearnerSpec.to_dict()} -> VAELearner
+- "learner" -> VAELearner: flat, {"kind": "learner", **LearnerSpec.to_dict()}, or as an edge uploads it,
+  {"kind": "learner", "edge_id", "task", "learner": LearnerSpec.to_dict()}
 - "baim": {"kind": "baim", **BAIMConfig.to_dict()} -> BAIM
 - "task_model": {"kind": "task_model", **BAIMConfig.to_dict()} (one squad) -> TaskModel
 
-Weights travel as safetensors (no pickle: loading cannot run code) and specs as JSON, so what an edge or a
-client sends is never unpickled. `to_bytes` / `from_bytes` round-trip bit-identically: the same keys,
-shapes, dtypes and values, buffers included.
+Weights are safetensors and specs JSON: loading never unpickles. `to_bytes` / `from_bytes` round-trip
+bit-identically (keys, shapes, dtypes, values, buffers).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import safetensors.torch
@@ -24,7 +25,23 @@ from baim.decompose import TaskModel
 from baim.learners import VAELearner
 from baim.model import BAIM
 
-SPEC_KINDS = ("learner", "baim", "task_model")
+SPEC_KINDS: dict[str, type[nn.Module]] = {"learner": VAELearner, "baim": BAIM, "task_model": TaskModel}
+UPLOAD_SPEC_KEYS = ("edge_id", "kind", "learner", "task")  # an edge upload's learner spec
+
+
+def kinds_of(module_type: type[nn.Module]) -> tuple[str, ...]:
+    """The spec kinds whose modules are instances of `module_type` (nn.Module: every kind)."""
+    return tuple(kind for kind, cls in SPEC_KINDS.items() if issubclass(cls, module_type))
+
+
+def learner_spec(spec: dict[str, Any]) -> LearnerSpec:
+    """The LearnerSpec of a "learner" spec, flat or an edge upload's (ValueError naming what is wrong)."""
+    if "learner" not in spec:
+        return LearnerSpec.from_dict({k: v for k, v in spec.items() if k != "kind"})
+    unknown = sorted(set(spec) - set(UPLOAD_SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"upload spec: unknown keys {unknown}; expected only {list(UPLOAD_SPEC_KEYS)}")
+    return LearnerSpec.from_dict(spec["learner"])
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
@@ -33,7 +50,7 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"spec: expected a JSON object, received {type(spec).__name__}")
     kind = spec.get("kind")
     if kind == "learner":
-        return VAELearner(LearnerSpec.from_dict({k: v for k, v in spec.items() if k != "kind"}))
+        return VAELearner(learner_spec(spec))
     if kind == "baim":
         return BAIM.from_spec(spec)
     if kind == "task_model":
@@ -97,3 +114,8 @@ def from_bytes(weights: bytes, spec_json: str) -> nn.Module:
         raise ValueError(f"weights: expected safetensors bytes, could not parse them: {error}") from error
     load_state(module, state)
     return module
+
+
+def from_files(weights_path: str | Path, spec_path: str | Path) -> nn.Module:
+    """Rebuild a module from a safetensors file and a JSON spec file (e.g. a training checkpoint)."""
+    return from_bytes(Path(weights_path).read_bytes(), Path(spec_path).read_text())

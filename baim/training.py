@@ -1,9 +1,9 @@
-"""Training strategies (finetune / freeze / scratch) and a plain training loop.
+"""Training strategies (finetune / freeze / scratch), the optimiser, and one training step / epoch.
 
-The loop is used as is by an edge (a VAELearner on its own shard) and by the cloud (the BAIM, inside a Ray
-Train worker). A loss function has the signature `loss_fn(model, batch) -> scalar tensor`: it unpacks the
-batch, moves it to the model's device if needed, calls the model's forward (so DDP wrappers see the call) and
-returns the loss. `vae_batch_loss(kld_weight)` builds one for a lone VAELearner.
+A loss function has the signature `loss_fn(model, batch) -> scalar tensor`: it unpacks the batch, moves it
+to the model's device if needed, calls the model's forward (so DDP wrappers see the call) and returns the
+loss. `vae_batch_loss(kld_weight)` builds one for a lone VAELearner. Edges train with `train_epoch`; the
+cloud's epochs run in `baim.loop.train_strategy`, over the same `train_steps`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from baim.learners import vae_loss
 
@@ -24,10 +25,19 @@ Strategy = Literal["finetune", "freeze", "scratch"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# FLOPs of the training steps: every step counted exactly (FlopCounterMode's dispatch costs ~40 ms a step on
+# a CPU), or the first step of the epoch counted and scaled by the samples of the others (exact when a step's
+# cost does not depend on the route), or none.
+FlopCounting = Literal["every_batch", "first_batch", "none"]
 
 
 def apply_strategy(
-    model: nn.Module, strategy: Strategy, learner_modules: Iterable[nn.Module], seed: int
+    model: nn.Module,
+    strategy: Strategy,
+    learner_modules: Iterable[nn.Module],
+    seed: int,
+    *,
+    reinitialise: bool = True,
 ) -> None:
     """Prepare `model` in place for cloud training with one of the paper's three strategies.
 
@@ -41,7 +51,8 @@ def apply_strategy(
       The seed drives the CPU and CUDA RNGs inside a forked RNG state, so the caller's RNG is untouched;
       the same seed on the same device kind gives the same weights.
 
-    `seed` is ignored except by "scratch".
+    `seed` is ignored except by "scratch". reinitialise=False skips scratch's re-initialisation (a run
+    resumed from a checkpoint, whose weights win): only requires_grad is set.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {list(STRATEGIES)}, received {strategy!r}")
@@ -55,7 +66,7 @@ def apply_strategy(
             "parameters that the model does not hold"
         )
 
-    if strategy == "scratch":
+    if strategy == "scratch" and reinitialise:
         _reinitialise(model, seed)
 
     for p in model.parameters():
@@ -132,25 +143,63 @@ def make_optimizer(
     return optimizer
 
 
+class StepTotals(NamedTuple):
+    """What a pass of training steps adds up to."""
+
+    loss_sum: float  # sum over samples of each step's (pre-step) mean loss
+    samples: int
+    flops: int  # 0 with flop_counting="none"
+
+
+def training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss_fn: LossFn
+) -> torch.Tensor:
+    """One optimiser step on `batch`; returns the (pre-step) loss, detached. A non-finite loss raises."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss: expected a finite value, received {loss.item()} (diverged?)")
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    flop_counting: FlopCounting = "none",
+) -> StepTotals:
+    """One optimiser step per batch, in train mode; FLOPs counted as `flop_counting` says."""
+    model.train()
+    loss_sum, samples, flops = 0.0, 0, 0
+    per_sample_flops = 0.0
+    for step, batch in enumerate(batches):
+        n = batch_size(batch)
+        if flop_counting == "every_batch" or (flop_counting == "first_batch" and step == 0):
+            with FlopCounterMode(display=False) as counter:
+                loss = training_step(model, optimizer, batch, loss_fn)
+            counted = int(counter.get_total_flops())
+            flops += counted
+            per_sample_flops = counted / n
+        else:
+            loss = training_step(model, optimizer, batch, loss_fn)
+            if flop_counting == "first_batch":
+                flops += round(per_sample_flops * n)
+        loss_sum += loss.item() * n
+        samples += n
+    if samples == 0:
+        raise ValueError("loader: expected at least one batch, received none")
+    return StepTotals(loss_sum, samples, flops)
+
+
 def train_epoch(
     model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.Optimizer, loss_fn: LossFn
 ) -> float:
     """One pass over `loader` with one optimiser step per batch; returns the sample-weighted mean loss."""
-    model.train()
-    total, count = 0.0, 0
-    for batch in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss: expected a finite value, received {loss.item()} (diverged?)")
-        loss.backward()
-        optimizer.step()
-        n = batch_size(batch)
-        total += loss.item() * n
-        count += n
-    if count == 0:
-        raise ValueError("loader: expected at least one batch, received none")
-    return total / count
+    totals = train_steps(model, loader, optimizer, loss_fn)
+    return totals.loss_sum / totals.samples
 
 
 @torch.no_grad()

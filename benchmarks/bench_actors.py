@@ -23,6 +23,7 @@ import ray
 
 from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
@@ -129,7 +130,9 @@ def main() -> None:
 
     if args.train and pids:
         coordinator = ray.remote(CloudCoordinator).options(num_cpus=0.01, max_concurrency=1000)
-        cloud = coordinator.remote(scenario, str(workdir / "registry"), source_ref, partitions)
+        cloud = coordinator.remote(
+            scenario, str(workdir / "registry"), source_ref, partitions, round_runner=local_training_round
+        )
         started = time.perf_counter()
         reports = [json.loads(r) for r in ray.get([h.run.remote(cloud) for h in handles[: len(pids)]])]
         seconds = time.perf_counter() - started

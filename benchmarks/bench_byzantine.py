@@ -40,11 +40,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from actors.coordinator import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED, CloudCoordinator, RoundFailed
+from actors.coordinator import CloudCoordinator, RoundFailed
 from actors.edge import EdgeNode, poison_state, upload_spec
+from actors.uploads import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
 from baim.training import train_epoch, vae_batch_loss
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
@@ -184,7 +186,9 @@ def run_pipeline(
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
-        coordinator = CloudCoordinator(scenario, registry, source, partitions)
+        coordinator = CloudCoordinator(
+            scenario, registry, source, partitions, round_runner=local_training_round
+        )
         return asyncio.run(go(coordinator))
 
 

@@ -42,7 +42,9 @@ from actors.coordinator import CloudCoordinator
 from actors.edge import learner_name, upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_module, pack_state
+from orchestrator.core.names import task_owner, version_name
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, ServingConfig, load_scenario
 from orchestrator.runtime.engine import EngineOptions, run_scenario
@@ -103,7 +105,7 @@ def coordinator_kill_during_fusion(scenario: Scenario, registry_uri: str) -> dic
     coordinator_class = ray.remote(CloudCoordinator).options(
         num_cpus=0.25, max_restarts=-1, max_task_retries=-1, max_concurrency=1000
     )  # exactly the engine's options: Ray restarts it and re-sends calls in flight
-    coordinator: Any = coordinator_class.remote(scenario, registry_uri)
+    coordinator: Any = coordinator_class.remote(scenario, registry_uri, round_runner=local_training_round)
     ray.get(coordinator.status.remote(), timeout=300)  # up and resumed (a fresh registry: nothing to resume)
     payloads = honest_payloads(scenario)
     try:
@@ -161,12 +163,12 @@ def free_port() -> int:
 def publish_task_model(registry_uri: str, task: str, resolution: int) -> None:
     """A servable task model (a lone learner, as an edge uploads it) when the registry holds none."""
     registry = Registry(registry_uri)
-    if registry.latest(f"task/{task}") is not None:
+    if registry.latest(task_owner(task)) is not None:
         return
     torch.manual_seed(0)
     learner = VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=resolution))
     spec = {"kind": "learner", "edge_id": "chaos", "task": task, "learner": learner.spec.to_dict()}
-    registry.put(f"task/{task}", "v000001", pack_module(learner, spec))
+    registry.put(task_owner(task), version_name(1), pack_module(learner, spec))
 
 
 def replica_names(task: str) -> list[str]:

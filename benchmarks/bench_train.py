@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.cloud.train import CachedFaces, TrainRoundConfig, run_training_round
+from orchestrator.cloud.data import CachedFaces
+from orchestrator.cloud.ray_train import TrainRoundConfig, run_training_round
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import DataConfig
@@ -113,7 +114,7 @@ def main() -> None:
         for workers in (1, 2):
             run_cfg = cfg.model_copy(update={"round_id": workers})
             runs[workers] = run_training_round(
-                run_cfg, num_workers=workers, cpus_per_worker=1.0, max_failures=0, publish=False
+                run_cfg, num_workers=workers, cpus_per_worker=1.0, max_failures=0
             )
     finally:
         ray.shutdown()

@@ -23,10 +23,12 @@ from typing import Any
 import ray
 import torch
 
-from actors.coordinator import CloudCoordinator, local_training_round, ray_train_round
+from actors.coordinator import CloudCoordinator
 from actors.edge import upload_spec
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
+from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
 from orchestrator.core.scenario import Scenario
 

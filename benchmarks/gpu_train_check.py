@@ -3,7 +3,7 @@
 One worker trains a tiny fused BAIM (2 tasks x 2 learners, procedural faces at 16x16) for 3 epochs with
 pruning after every epoch, three times: on the CPU (the reference), on the GPU, and on the GPU with the
 worker killed during epoch 2 (`WorkerCrash`), so that it resumes from a checkpoint written from CUDA
-tensors. Each run publishes its BAIM and task models; the check reloads them on the CPU.
+tensors. Each run's BAIM and task models go through the one publish path (`actors.publishing`), on the CPU.
 
 Printed: per-epoch train/test loss for each run, the GPU-vs-CPU difference of the final test loss, whether
 the resumed GPU run ends where the clean GPU run ended, and the decomposition error of the published task
@@ -30,7 +30,13 @@ import torch
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.cloud.train import TrainRoundConfig, TrainRoundResult, WorkerCrash, run_training_round
+from orchestrator.cloud.ray_train import (
+    TrainRoundConfig,
+    TrainRoundResult,
+    WorkerCrash,
+    publish_result,
+    run_training_round,
+)
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import DataConfig, ProceduralConfig
@@ -79,7 +85,13 @@ def round_config(root: Path, round_id: int) -> TrainRoundConfig:
     )
 
 
-def describe(name: str, result: TrainRoundResult) -> list[str]:
+def publish(cfg: TrainRoundConfig, result: TrainRoundResult) -> dict[str, float]:
+    """Publish the run's trained BAIM (loaded on the CPU) and its task models; their decomposition error."""
+    _, tasks = publish_result(cfg, result)
+    return {task: model.decomposition_max_abs_diff for task, model in tasks.items()}
+
+
+def describe(name: str, result: TrainRoundResult, diffs: dict[str, float]) -> list[str]:
     problems = []
     losses = [(e.train_loss, e.test_loss) for e in result.epochs]
     print(f"{name}: use_gpu={result.use_gpu} initial test {result.initial_test_loss}; per epoch "
@@ -93,7 +105,6 @@ def describe(name: str, result: TrainRoundResult) -> list[str]:
         problems.append(f"{name}: the test loss did not fall")
     if result.resumed_at_epochs:
         print(f"   resumed at epochs {result.resumed_at_epochs}")
-    diffs = {model.task: model.decomposition_max_abs_diff for model in result.task_models}
     print(f"   published task models, decomposition max abs diff (on the CPU): {diffs}")
     if not diffs or any(d > 1e-5 for d in diffs.values()):
         problems.append(f"{name}: decomposition not exact ({diffs})")
@@ -125,7 +136,7 @@ def main() -> int:
                     problems.append(f"{name}: {type(err).__name__}: {err}")
                     print(f"{name}: FAILED {type(err).__name__}: {err}")
                     continue
-                problems += describe(name, runs[name])
+                problems += describe(name, runs[name], publish(cfg, runs[name]))
             if "cpu" in runs and "gpu" in runs:
                 cpu, gpu = runs["cpu"].final_test_loss, runs["gpu"].final_test_loss
                 print(f"final test loss: cpu {cpu:.6f}, gpu {gpu:.6f}, gpu/cpu {gpu / cpu:.4f}")

@@ -24,7 +24,6 @@ models are measured on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from baim.config import LearnerSpec
 from baim.costs import count_params
 from baim.learners import VAELearner
+from baim.seeding import derive_seed
 from baim.training import evaluate, vae_batch_loss
 from orchestrator.baselines.fedavg_math import weighted_average
 from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
@@ -72,8 +72,7 @@ POLL_SECONDS = 0.2
 
 def fedavg_seed(scenario_seed: int, what: str) -> int:
     """A seed for one purpose of the baseline (initial weights, client sampling), stable across processes."""
-    digest = hashlib.sha256(f"fedavg\0{scenario_seed}\0{what}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("fedavg", scenario_seed, what)
 
 
 def homogeneous_spec(scenario: Scenario) -> LearnerSpec:

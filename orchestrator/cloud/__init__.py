@@ -1,1 +1,1 @@
-"""Cloud training rounds over the BAIM (Ray Train and in-process runners), resources, publishing."""
+"""Cloud training rounds: the in-process and Ray Train runners over `baim.loop`, and their resource checks."""

@@ -1,8 +1,9 @@
-"""Artifacts: safetensors weights + a JSON spec + a sha256 over both (see docs/ARCHITECTURE.md).
+"""Artifacts: safetensors weights + a canonical JSON spec + a sha256 over both, and their verified loading.
 
-An artifact crosses process boundaries as primitive types only (`ArtifactPayload`). Nothing here ever
-unpickles: weights are parsed by safetensors, whose header check rejects pickles, torch.save files,
-truncated blobs and garbage before any tensor is built.
+An artifact crosses process boundaries as primitive types only (`ArtifactPayload`). Nothing here unpickles:
+safetensors' header check rejects pickles, torch.save files, truncated blobs and garbage before any tensor
+is built. `load_module` is the one way from a payload to a module: verify, rebuild from the spec, check
+shapes, load strictly.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+from torch import nn
 
+from baim.serialization import build_from_spec, kinds_of
 from baim.serialization import canonical_json as spec_to_json
 from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.names import MAX_MODEL_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ DEFAULT_ALLOWED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16,
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # safetensors layout: 8-byte little-endian header length, JSON header, then the raw tensor bytes.
 _HEADER_LENGTH_BYTES = 8
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,40 @@ def unpack_payload(
             bad = int((~finite).sum())
             raise reject("non_finite", f"tensor {name!r}: {bad} of {tensor.numel()} values are NaN or Inf")
     return spec, tensors
+
+
+def load_module(
+    payload: ArtifactPayload,
+    module_type: type[ModuleT],
+    *,
+    artifact_id: str,
+    max_bytes: int = MAX_MODEL_BYTES,
+    allowed_kinds: tuple[str, ...] | None = None,
+    check_spec: Callable[[dict[str, Any]], None] | None = None,
+) -> ModuleT:
+    """Verify a payload (`unpack_payload`), rebuild its module from the spec and load the weights strictly.
+
+    `module_type` restricts the spec kinds (BAIM: "baim"; nn.Module: every kind), `allowed_kinds` narrows
+    them further; `check_spec(spec)` runs before anything is built (it raises to refuse the spec). Raises
+    ArtifactRejected: the `unpack_payload` codes, bad_spec (the spec does not build) or wrong_shapes.
+    Tensors of another allowed float dtype are cast to the module's.
+    """
+    kinds = kinds_of(module_type)
+    if allowed_kinds is not None:
+        kinds = tuple(kind for kind in kinds if kind in allowed_kinds)
+    spec, tensors = unpack_payload(payload, artifact_id=artifact_id, max_bytes=max_bytes, allowed_kinds=kinds)
+    if check_spec is not None:
+        check_spec(spec)
+    try:
+        module = build_from_spec(spec)
+    except (ValueError, TypeError) as err:
+        logger.warning("artifact %s rejected (bad_spec): %s", artifact_id, err)
+        raise ArtifactRejected(artifact_id, f"spec does not build a model: {err}", code="bad_spec") from None
+    assert isinstance(module, module_type)  # kinds_of(module_type) admits only its kinds
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    check_shapes(tensors, expected, artifact_id=artifact_id)
+    module.load_state_dict(tensors, strict=True)
+    return module
 
 
 def check_payload_integrity(payload: ArtifactPayload, *, artifact_id: str, max_bytes: int) -> None:

@@ -1,17 +1,6 @@
-"""Costs and metrics in one place.
+"""Costs and metrics in one place: the run's `Ledger` (JSON snapshots, mergeable) and its Prometheus metrics.
 
-`Ledger` records what a run costs, measured rather than estimated: the bytes each edge sends and receives
-(always the length of the payload that actually crossed the boundary, passed in by the caller), FLOPs at each
-edge and in the cloud per training strategy (from `torch.utils.flop_counter`, passed in), wall-clock seconds
-per phase, every upload's outcome and a list of events. `to_dict()` is the JSON for report.json and for
-checkpoints, `from_dict()` restores it, `merge()` folds in the ledger of another actor.
-
-Every record also updates this module's Prometheus metrics, kept in `METRICS_REGISTRY` (not the
-process-global default registry, so tests and embedding applications stay isolated). `start_metrics_server`
-exports them over HTTP on loopback; `render_latest()` is the body for an HTTP `/metrics` route.
-Metric names and labels are documented in docs/metrics.md.
-
-Plain Python: no Ray import, so actors, the driver and Serve replicas can all use it.
+Metric names and labels: docs/metrics.md. Plain Python, no Ray: actors, the driver and Serve replicas use it.
 """
 
 from __future__ import annotations
@@ -23,7 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -34,12 +23,14 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from pydantic import AfterValidator, Field, model_validator
+
+from orchestrator.core.scenario import StrictModel
 
 logger = logging.getLogger(__name__)
 
 UPLOAD_OUTCOMES = ("accepted", "rejected")
 DIRECTIONS = ("sent", "received")  # seen from the edge: "sent" is edge -> cloud
-FLOP_SITES = ("edge", "cloud")
 # Rejection reasons become a Prometheus label, so they are short codes ("sha256_mismatch", "non_finite"),
 # never free text; free text goes in `detail`, which is kept in the ledger only.
 REASON_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -85,13 +76,6 @@ FUSION_SECONDS = Histogram(
     "baim_fusion_seconds",
     "Seconds to fuse one arriving edge model into the BAIM.",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
-    registry=METRICS_REGISTRY,
-)
-TRAINING_EPOCH_SECONDS = Histogram(
-    "baim_training_epoch_seconds",
-    "Seconds per cloud training epoch, by strategy (finetune, freeze, scratch, or a baseline).",
-    ["strategy"],
-    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
     registry=METRICS_REGISTRY,
 )
 GENERATION_SECONDS = Histogram(
@@ -181,6 +165,94 @@ def _new_edge() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The snapshot `to_dict` writes and `from_dict` reads (report.json's "ledger", coordinator checkpoints)
+
+Count = Annotated[int, Field(ge=0, strict=True)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Name = Annotated[str, Field(min_length=1)]
+ReasonCode = Annotated[str, Field(pattern=REASON_PATTERN.pattern)]
+
+
+def _check_event(event: dict[str, Any]) -> dict[str, Any]:
+    _check_seconds("time", event.get("time"))
+    _check_name("kind", event.get("kind"))
+    return _check_fields("event", event)
+
+
+class EdgeCosts(StrictModel):
+    """What one edge cost."""
+
+    bytes_sent: Count = Field(description="Serialized bytes the edge sent (edge -> cloud).")
+    bytes_received: Count = Field(description="Serialized bytes the edge received (cloud -> edge).")
+    flops: Count = Field(description="FLOPs spent on the edge (training, personalisation).")
+    seconds: dict[Name, Seconds] = Field(description="Wall-clock seconds per phase on this edge.")
+
+
+class PhaseTotals(StrictModel):
+    """Wall-clock time of one named phase, summed over its occurrences."""
+
+    seconds: Seconds = Field(description="Total seconds.")
+    count: Count = Field(description="How many times the phase was recorded.")
+
+
+class UploadRecord(StrictModel):
+    """One upload's outcome, as recorded."""
+
+    time: Seconds = Field(description="Unix time of the record.")
+    edge: Name = Field(description="The edge id the upload named ('unknown' when it named none).")
+    outcome: Literal["accepted", "rejected"] = Field(description="Accepted or rejected.")
+    reason: str = Field(description="Short rejection code (a Prometheus label); empty when accepted.")
+    version: Count | None = Field(description="The upload's version, when it was a valid one.")
+    detail: str = Field(description="Free-text explanation of a rejection.")
+
+    @model_validator(mode="after")
+    def _reason_matches_outcome(self) -> UploadRecord:
+        _check_outcome("", self.outcome, self.reason)
+        return self
+
+
+class UploadCounts(StrictModel):
+    """Every upload ever recorded, also those whose record was dropped (MAX_UPLOAD_RECORDS)."""
+
+    accepted: Count = Field(description="Accepted uploads.")
+    rejected: dict[ReasonCode, Count] = Field(description="Rejected uploads per reason code.")
+
+
+class LedgerSnapshot(StrictModel):
+    """A ledger as JSON (format 2; format 1, from older checkpoints, is upgraded on reading)."""
+
+    format_version: Literal[2] = Field(description="Snapshot format; 2 keeps upload counts apart.")
+    edges: dict[Name, EdgeCosts] = Field(description="Costs per edge id.")
+    cloud_flops: dict[Name, Count] = Field(description="Cloud FLOPs per training strategy or baseline.")
+    phases: dict[Name, PhaseTotals] = Field(description="Wall-clock seconds per named phase.")
+    upload_counts: UploadCounts = Field(description="Exact upload counts.")
+    uploads: list[UploadRecord] = Field(
+        description="The newest MAX_UPLOAD_RECORDS upload records, oldest first."
+    )
+    events: list[Annotated[dict[str, Any], AfterValidator(_check_event)]] = Field(
+        description="What happened: each event has `time` (Unix seconds), `kind` and JSON scalar fields."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_format_1(cls, data: Any) -> Any:
+        """Format 1 held every upload record, so its counts are those of its records."""
+        if not (isinstance(data, dict) and data.get("format_version") == 1):
+            return data
+        records = data.get("uploads")
+        records = records if isinstance(records, list) else []
+        accepted, rejected = 0, dict[str, int]()
+        for upload in records:
+            if not isinstance(upload, dict):
+                continue  # the model names the malformed record
+            if upload.get("outcome") == "accepted":
+                accepted += 1
+            elif isinstance(upload.get("reason"), str):
+                rejected[upload["reason"]] = rejected.get(upload["reason"], 0) + 1
+        return {**data, "format_version": 2, "upload_counts": {"accepted": accepted, "rejected": rejected}}
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 class Ledger:
@@ -260,14 +332,6 @@ class Ledger:
         if self.export_metrics:
             FUSION_SECONDS.observe(seconds)
 
-    def record_training_epoch_seconds(self, strategy: str, seconds: float) -> None:
-        """One cloud training epoch (measured where it ran, e.g. a Ray Train worker): phase
-        "train/<strategy>" and the training_epoch_seconds histogram."""
-        _check_name("strategy", strategy)
-        self.record_seconds(f"train/{strategy}", seconds)
-        if self.export_metrics:
-            TRAINING_EPOCH_SECONDS.labels(strategy=strategy).observe(seconds)
-
     def record_generation_seconds(self, task: str, seconds: float) -> None:
         """One generation request: phase "generate/<task>" and the generation_seconds histogram."""
         _check_name("task", task)
@@ -283,16 +347,6 @@ class Ledger:
             yield
         finally:
             self.record_fusion_seconds(time.perf_counter() - start)
-
-    @contextmanager
-    def training_epoch(self, strategy: str) -> Iterator[None]:
-        """Time the `with` block as one training epoch of `strategy`."""
-        _check_name("strategy", strategy)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record_training_epoch_seconds(strategy, time.perf_counter() - start)
 
     @contextmanager
     def generation(self, task: str) -> Iterator[None]:
@@ -391,95 +445,44 @@ class Ledger:
 
     # -- serialisation and merging ----------------------------------------------------------------------
 
+    def snapshot(self) -> LedgerSnapshot:
+        """The typed snapshot (report.json, checkpoints); `from_dict(snapshot().model_dump())` restores it."""
+        return LedgerSnapshot.model_validate(
+            {
+                "format_version": LEDGER_FORMAT_VERSION,
+                "edges": {edge: self._edges[edge] for edge in sorted(self._edges)},
+                "cloud_flops": dict(sorted(self._cloud_flops.items())),
+                "phases": {name: self._phases[name] for name in sorted(self._phases)},
+                "upload_counts": self.upload_counts(),
+                "uploads": self._uploads,
+                "events": self._events,
+            }
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able snapshot (report.json, checkpoints). `from_dict(to_dict())` restores it exactly."""
-        return {
-            "format_version": LEDGER_FORMAT_VERSION,
-            "edges": {edge: copy.deepcopy(self._edges[edge]) for edge in sorted(self._edges)},
-            "cloud_flops": dict(sorted(self._cloud_flops.items())),
-            "phases": {name: dict(self._phases[name]) for name in sorted(self._phases)},
-            "upload_counts": self.upload_counts(),
-            "uploads": copy.deepcopy(self._uploads),
-            "events": copy.deepcopy(self._events),
-        }
+        """The snapshot as plain JSON-able data."""
+        return self.snapshot().model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, export_metrics: bool = True) -> Ledger:
-        """Restore a ledger written by `to_dict`. Raises ValueError naming the first malformed entry.
+        """Restore a ledger written by `to_dict` (format 1 or 2). Raises ValueError (a pydantic
+        ValidationError) naming every malformed entry by its path.
 
         Restored totals are not replayed into Prometheus: counters there start from zero in every process.
         """
-        if not isinstance(data, dict):
-            raise ValueError(f"ledger data must be a dict, received {type(data).__name__}")
-        if data.get("format_version") == 1:
-            data = _upgrade_ledger_v1(data)
-        expected_keys = {
-            "format_version",
-            "edges",
-            "cloud_flops",
-            "phases",
-            "upload_counts",
-            "uploads",
-            "events",
-        }
-        if set(data) != expected_keys:
-            raise ValueError(
-                f"ledger data must have exactly the keys {sorted(expected_keys)}, received {sorted(data)}"
-            )
-        if data["format_version"] != LEDGER_FORMAT_VERSION:
-            raise ValueError(
-                f"ledger format_version must be {LEDGER_FORMAT_VERSION}, received {data['format_version']!r}"
-            )
+        return cls.from_snapshot(LedgerSnapshot.model_validate(data), export_metrics=export_metrics)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: LedgerSnapshot, *, export_metrics: bool = True) -> Ledger:
+        """Restore a ledger from its typed snapshot (not replayed into Prometheus either)."""
         ledger = cls(export_metrics=export_metrics)
-        for edge, costs in _check_mapping("edges", data["edges"]).items():
-            _check_name("edges key", edge)
-            _check_keys(f"edges[{edge!r}]", costs, {"bytes_sent", "bytes_received", "flops", "seconds"})
-            ledger._edges[edge] = {
-                "bytes_sent": _check_count(f"edges[{edge!r}].bytes_sent", costs["bytes_sent"]),
-                "bytes_received": _check_count(f"edges[{edge!r}].bytes_received", costs["bytes_received"]),
-                "flops": _check_count(f"edges[{edge!r}].flops", costs["flops"]),
-                "seconds": {
-                    _check_name(f"edges[{edge!r}].seconds key", phase): _check_seconds(
-                        f"edges[{edge!r}].seconds[{phase!r}]", seconds
-                    )
-                    for phase, seconds in _check_mapping(f"edges[{edge!r}].seconds", costs["seconds"]).items()
-                },
-            }
-        for strategy, flops in _check_mapping("cloud_flops", data["cloud_flops"]).items():
-            _check_name("cloud_flops key", strategy)
-            ledger._cloud_flops[strategy] = _check_count(f"cloud_flops[{strategy!r}]", flops)
-        for phase, totals in _check_mapping("phases", data["phases"]).items():
-            _check_name("phases key", phase)
-            _check_keys(f"phases[{phase!r}]", totals, {"seconds", "count"})
-            ledger._phases[phase] = {
-                "seconds": _check_seconds(f"phases[{phase!r}].seconds", totals["seconds"]),
-                "count": _check_count(f"phases[{phase!r}].count", totals["count"]),
-            }
-        for index, upload in enumerate(_check_list("uploads", data["uploads"])):
-            where = f"uploads[{index}]"
-            _check_keys(where, upload, {"time", "edge", "outcome", "reason", "version", "detail"})
-            _check_seconds(f"{where}.time", upload["time"])
-            _check_name(f"{where}.edge", upload["edge"])
-            _check_outcome(f"{where}.", upload["outcome"], upload["reason"])
-            if upload["version"] is not None:
-                _check_count(f"{where}.version", upload["version"])
-            if not isinstance(upload["detail"], str):
-                raise ValueError(f"{where}.detail must be a string, received {upload['detail']!r}")
-            ledger._uploads.append(dict(upload))
-        del ledger._uploads[:-MAX_UPLOAD_RECORDS]
-        counts = _check_mapping("upload_counts", data["upload_counts"])
-        _check_keys("upload_counts", counts, {"accepted", "rejected"})
-        ledger._accepted_uploads = _check_count("upload_counts.accepted", counts["accepted"])
-        for reason, count in _check_mapping("upload_counts.rejected", counts["rejected"]).items():
-            _check_outcome("upload_counts.rejected key: ", "rejected", reason)
-            ledger._rejected_uploads[reason] = _check_count(f"upload_counts.rejected[{reason!r}]", count)
-        for index, event in enumerate(_check_list("events", data["events"])):
-            where = f"events[{index}]"
-            if not isinstance(event, dict):
-                raise ValueError(f"{where} must be a dict, received {type(event).__name__}")
-            _check_seconds(f"{where}.time", event.get("time"))
-            _check_name(f"{where}.kind", event.get("kind"))
-            ledger._events.append(_check_fields(where, event))
+        ledger._edges = {edge: costs.model_dump() for edge, costs in snapshot.edges.items()}
+        ledger._cloud_flops = dict(snapshot.cloud_flops)
+        ledger._phases = {phase: totals.model_dump() for phase, totals in snapshot.phases.items()}
+        ledger._uploads = [upload.model_dump() for upload in snapshot.uploads[-MAX_UPLOAD_RECORDS:]]
+        ledger._accepted_uploads = snapshot.upload_counts.accepted
+        ledger._rejected_uploads = dict(snapshot.upload_counts.rejected)
+        ledger._events = [dict(event) for event in snapshot.events]
         return ledger
 
     def merge(self, other: Ledger) -> None:
@@ -521,35 +524,3 @@ class Ledger:
         if edge not in self._edges:
             self._edges[edge] = _new_edge()
         return self._edges[edge]
-
-
-def _upgrade_ledger_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """A format 1 ledger (checkpoints written before upload counts were kept apart): it held every upload
-    record, so the counts are those of its records."""
-    accepted, rejected = 0, dict[str, int]()
-    for upload in _check_list("uploads", data.get("uploads")):
-        if not isinstance(upload, dict):
-            continue  # from_dict names the malformed record
-        if upload.get("outcome") == "accepted":
-            accepted += 1
-        elif isinstance(upload.get("reason"), str):
-            rejected[upload["reason"]] = rejected.get(upload["reason"], 0) + 1
-    return {**data, "format_version": 2, "upload_counts": {"accepted": accepted, "rejected": rejected}}
-
-
-def _check_mapping(what: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a dict, received {type(value).__name__}")
-    return value
-
-
-def _check_list(what: str, value: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} must be a list, received {type(value).__name__}")
-    return value
-
-
-def _check_keys(what: str, value: Any, expected: set[str]) -> None:
-    if not isinstance(value, dict) or set(value) != expected:
-        received = sorted(value) if isinstance(value, dict) else type(value).__name__
-        raise ValueError(f"{what} must have exactly the keys {sorted(expected)}, received {received}")

@@ -35,19 +35,18 @@ import pyarrow.fs as pafs
 
 from orchestrator.core.artifacts import (
     ArtifactPayload,
+    ModuleT,
     check_payload_integrity,
     compute_sha256,
     declared_safetensors_size,
+    load_module,
     unpack_payload,
 )
 from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.names import MAX_MODEL_BYTES, SHA256_FILE, SPEC_FILE, WEIGHTS_FILE, version_name
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
-WEIGHTS_FILE = "weights.safetensors"
-SPEC_FILE = "spec.json"
-SHA256_FILE = "sha256"
 # A name segment: starts with a letter or digit (no hidden files, no '.' or '..'), then a safe set.
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _MAX_NAME_LENGTH = 256
@@ -97,7 +96,7 @@ def _version_sort_key(version: str) -> tuple[tuple[int, int | str], ...]:
 class Registry:
     """Artifacts and small JSON documents under one pyarrow.fs root (a local path or a URI)."""
 
-    def __init__(self, uri: str, max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+    def __init__(self, uri: str, max_artifact_bytes: int = MAX_MODEL_BYTES) -> None:
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"uri: expected a non-empty path or URI, received {uri!r}")
         if max_artifact_bytes <= 0:
@@ -207,6 +206,13 @@ class Registry:
             )
         return ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
 
+    def load_module(self, owner: str, version: str, module_type: type[ModuleT]) -> ModuleT:
+        """The committed artifact rebuilt as a `module_type` (verified: see `artifacts.load_module`)."""
+        payload = self.get(owner, version)
+        return load_module(
+            payload, module_type, artifact_id=f"{owner}@{version}", max_bytes=self.max_artifact_bytes
+        )
+
     def ref(self, owner: str, version: str) -> ArtifactRef:
         """The ArtifactRef of a committed version (no content check; `get` verifies)."""
         validate_name(owner, "owner", allow_slash=True)
@@ -247,7 +253,7 @@ class Registry:
         Not a reservation: two writers asking at once get the same answer (one coordinator assigns versions).
         """
         numbers = [int(m.group(1)) for v in self.versions(owner) if (m := _VERSION_NUMBER.fullmatch(v))]
-        return f"v{max(numbers, default=0) + 1:06d}"
+        return version_name(max(numbers, default=0) + 1)
 
     def owners(self, prefix: str = "") -> list[str]:
         """Every owner with at least one committed version whose name starts with `prefix`, sorted."""

@@ -405,7 +405,7 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 
-    from orchestrator.cloud.train import SPEC_FILE, WEIGHTS_FILE
+    from orchestrator.core.names import SPEC_FILE, WEIGHTS_FILE
 
     with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())

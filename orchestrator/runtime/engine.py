@@ -46,9 +46,9 @@ from actors.coordinator import (
     RegistryHeldByAnotherRun,
     RoundFailed,
     held_run_id,
-    local_training_round,
-    ray_train_round,
 )
+from orchestrator.cloud.local import local_training_round
+from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import (
@@ -108,8 +108,8 @@ class EngineOptions:
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
-    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.cloud.train) or "local" (a plain
-    # loop in a thread of the coordinator; faster to start, for small runs and tests).
+    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.cloud.ray_train) or "local"
+    # (the same loop in a thread of the coordinator; faster to start, for small runs and tests).
     cloud_trainer: Literal["ray_train", "local"] = "ray_train"
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)

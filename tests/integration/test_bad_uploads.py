@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from actors.coordinator import CloudCoordinator
+from orchestrator.cloud.local import local_training_round
 from tests.unit.test_bad_uploads import (
     BAD_UPLOADS,
     PICKLE_CASES,
@@ -44,7 +45,7 @@ THROUGH_RAY = PICKLE_CASES | {
 def start_coordinator(tmp_path: Path) -> Any:
     scenario = tiny_scenario(tmp_path)
     actor_class = ray.remote(CloudCoordinator).options(num_cpus=0.25, max_concurrency=100)
-    coordinator = actor_class.remote(scenario, str(tmp_path / "registry"))
+    coordinator = actor_class.remote(scenario, str(tmp_path / "registry"), round_runner=local_training_round)
     return scenario, coordinator
 
 

@@ -21,7 +21,7 @@ from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.training import train_epoch, vae_batch_loss
-from orchestrator.cloud.train import TrainRoundConfig, run_strategies
+from orchestrator.cloud.ray_train import TrainRoundConfig, run_strategies
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import DataConfig

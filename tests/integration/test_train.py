@@ -1,7 +1,8 @@
 """Cloud BAIM training on Ray Train: 2 workers, 2 epochs, a tiny BAIM on procedural faces (16x16).
 
-One clean run is shared by the module's tests; a second run of the same round has rank 1 die during epoch 2
-and must resume from the epoch-1 checkpoint and end bit-identical to the clean run.
+One clean run is shared by the module's tests (its BAIM and task models then go through the one publish
+path, `actors.publishing`); a second run of the same round has rank 1 die during epoch 2 and must resume from
+the epoch-1 checkpoint and end bit-identical to the clean run.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import torch
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
-from orchestrator.cloud.train import (
+from baim.training import make_optimizer
+from orchestrator.cloud.ray_train import (
     TrainRoundConfig,
     TrainRoundResult,
     WorkerCrash,
-    check_cluster_resources,
     load_optimizer_tensors,
-    make_optimizer,
+    load_trained_baim,
     optimizer_tensors,
+    publish_result,
     run_training_round,
     state_sha256,
 )
+from orchestrator.cloud.resources import check_cluster_resources
 from orchestrator.core.artifacts import pack_module, unpack_payload
+from orchestrator.core.receipts import PublishedTaskModel
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import DataConfig, ProceduralConfig
 from orchestrator.data.sources import resolve_source
@@ -93,6 +97,15 @@ def clean_run(round_setup: tuple[TrainRoundConfig, int]) -> TrainRoundResult:
     return run_training_round(cfg, num_workers=2, cpus_per_worker=1.0, max_failures=0)
 
 
+@pytest.fixture(scope="module")
+def published(
+    round_setup: tuple[TrainRoundConfig, int], clean_run: TrainRoundResult
+) -> tuple[str, dict[str, PublishedTaskModel]]:
+    """The clean run's trained BAIM and task models, through the one publish path."""
+    cfg, _ = round_setup
+    return publish_result(cfg, clean_run)
+
+
 def test_loss_falls(clean_run: TrainRoundResult) -> None:
     assert clean_run.initial_test_loss is not None
     assert [e.epoch for e in clean_run.epochs] == [1, 2]
@@ -111,7 +124,9 @@ def test_both_ranks_end_with_identical_weights(clean_run: TrainRoundResult) -> N
 
 
 def test_pruning_schedule_removed_the_expected_connections(
-    round_setup: tuple[TrainRoundConfig, int], clean_run: TrainRoundResult
+    round_setup: tuple[TrainRoundConfig, int],
+    clean_run: TrainRoundResult,
+    published: tuple[str, dict[str, PublishedTaskModel]],
 ) -> None:
     cfg, initial = round_setup
     # prune_interval 1: floor(ratio * surviving) connections go after every epoch.
@@ -125,8 +140,7 @@ def test_pruning_schedule_removed_the_expected_connections(
     assert clean_run.connections_final == expected < initial
     # The published BAIM carries the pruned connection set.
     registry = Registry(cfg.registry_uri)
-    owner, version = (clean_run.baim_artifact or "").split("@")
-    spec, _ = unpack_payload(registry.get(owner, version), artifact_id="trained", max_bytes=1 << 30)
+    spec, _ = unpack_payload(registry.get("baim", published[0]), artifact_id="trained", max_bytes=1 << 30)
     assert len(spec["connections"]) == expected
 
 
@@ -138,18 +152,27 @@ def test_training_costs_are_counted(clean_run: TrainRoundResult) -> None:
 
 
 def test_publishes_baim_and_exact_smaller_task_models(
-    round_setup: tuple[TrainRoundConfig, int], clean_run: TrainRoundResult
+    round_setup: tuple[TrainRoundConfig, int],
+    clean_run: TrainRoundResult,
+    published: tuple[str, dict[str, PublishedTaskModel]],
 ) -> None:
     cfg, _ = round_setup
     registry = Registry(cfg.registry_uri)
-    assert clean_run.baim_artifact == "baim@v000002"
-    assert {m.task for m in clean_run.task_models} == {"male", "female"}
-    for model in clean_run.task_models:
-        owner, version = model.artifact.split("@")
-        assert owner == f"task/{model.task}"
-        assert registry.ref(owner, version).sha256 == model.sha256
+    version, tasks = published
+    assert version == "v000002"  # after the fused input, v000001
+    assert registry.ref("baim", version).sha256 == pack_module(*_trained(clean_run)).sha256
+    assert set(tasks) == {"male", "female"}
+    for task, model in tasks.items():
+        assert model.artifact == f"task/{task}@{version}"  # task models carry their BAIM's version
+        assert registry.ref(f"task/{task}", version).sha256 == model.sha256
+        assert model.test_images == 16 and model.test_loss is not None and model.test_loss > 0
         assert model.decomposition_max_abs_diff <= 1e-5
-        assert model.params < clean_run.epochs[-1].params
+        assert model.params < model.baim_params == clean_run.epochs[-1].params
+
+
+def _trained(result: TrainRoundResult) -> tuple[BAIM, dict]:
+    baim = load_trained_baim(result)
+    return baim, baim.spec()
 
 
 @pytest.mark.slow  # a second full Ray Train run plus a restart: about 60 s on an idle 2-core machine
@@ -164,7 +187,6 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes_identically(
         cpus_per_worker=1.0,
         storage_path=str(tmp_path / "ray_train"),
         max_failures=1,
-        publish=False,
     )
     assert result.resumed_at_epochs == [2]
     assert [e.epoch for e in result.epochs] == [1, 2]

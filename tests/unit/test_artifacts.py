@@ -1,4 +1,5 @@
-"""Artifacts: packing, the sha256 contract, and every rejection reason of unpack_payload / check_shapes."""
+"""Artifacts: packing, the sha256 contract, every rejection reason of unpack_payload / check_shapes, and
+load_module (the verified loader)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
+from torch import nn
 
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
+from baim.model import BAIM
 from orchestrator.core.artifacts import (
     ArtifactPayload,
     canonical_json,
     check_shapes,
     compute_sha256,
     declared_safetensors_size,
+    load_module,
     pack_module,
     pack_state,
     unpack_payload,
@@ -338,3 +345,72 @@ def test_rejection_code_survives_pickling_and_unknown_codes_are_refused():
     assert ArtifactRejected("a", "r").code == "invalid"
     with pytest.raises(ValueError, match="code: expected one of"):
         ArtifactRejected("a", "r", code="sha_mismatch")
+
+
+# ---- load_module: the one way from a payload to a module ----------------------------------------------
+
+
+def _learner_payload(dtype: torch.dtype = torch.float32) -> tuple[VAELearner, ArtifactPayload]:
+    torch.manual_seed(0)
+    learner = VAELearner(LearnerSpec((4,), 3, 16))
+    upload_spec = {"kind": "learner", "edge_id": "e1", "task": "male", "learner": learner.spec.to_dict()}
+    state = {name: tensor.to(dtype) for name, tensor in learner.state_dict().items()}
+    return learner, pack_state(state, upload_spec)
+
+
+def test_load_module_rebuilds_an_edge_upload_exactly():
+    learner, payload = _learner_payload()
+
+    loaded = load_module(payload, VAELearner, artifact_id="edge/e1@v000001")
+
+    assert loaded.spec == learner.spec
+    for name, tensor in learner.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_load_module_casts_other_allowed_float_dtypes_to_the_modules():
+    learner, payload = _learner_payload(torch.float16)
+
+    loaded = load_module(payload, nn.Module, artifact_id="a")
+
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values())
+    expected = {name: t.half().float() for name, t in learner.state_dict().items()}
+    assert all(torch.equal(loaded.state_dict()[name], t) for name, t in expected.items())
+
+
+def test_load_module_refuses_kinds_of_another_type_and_specs_that_do_not_build():
+    _, payload = _learner_payload()
+    broken_spec = {"kind": "learner", "edge_id": "e1", "task": "male", "learner": {"widths": [4]}}
+    broken = pack_state(safetensors_load_state(payload), broken_spec)
+
+    with pytest.raises(ArtifactRejected, match=r"spec kind: expected one of \['baim'\], received 'learner'"):
+        load_module(payload, BAIM, artifact_id="a")
+    with pytest.raises(
+        ArtifactRejected, match="spec does not build a model: LearnerSpec: missing keys"
+    ) as info:
+        load_module(broken, nn.Module, artifact_id="a")
+    assert info.value.code == "bad_spec"
+
+
+def test_load_module_names_wrong_shapes_and_runs_check_spec_before_building():
+    _, payload = _learner_payload()
+    state = safetensors_load_state(payload)
+    state["extra.weight"] = torch.zeros(2)
+    seen: list[dict] = []
+
+    with pytest.raises(ArtifactRejected, match=r"unexpected tensors \['extra.weight'\]") as info:
+        load_module(pack_state(state, json.loads(payload.spec_json)), nn.Module, artifact_id="a")
+    with pytest.raises(RuntimeError, match="refused"):
+        load_module(payload, nn.Module, artifact_id="a", check_spec=lambda spec: _refuse(seen, spec))
+
+    assert info.value.code == "wrong_shapes"
+    assert seen == [json.loads(payload.spec_json)]
+
+
+def safetensors_load_state(payload: ArtifactPayload) -> dict[str, torch.Tensor]:
+    return dict(safetensors_load(payload.weights))
+
+
+def _refuse(seen: list[dict], spec: dict) -> None:
+    seen.append(spec)
+    raise RuntimeError("refused")

@@ -13,22 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from actors.coordinator import (
-    STATE_KEY,
-    CloudCoordinator,
-    RegistryHeldByAnotherRun,
-    RoundFailed,
-    RoundRequest,
-    RoundResult,
-    fresh_learner_rms,
-    largest_rms_ratio,
-    local_training_round,
-    validation_slots,
-    version_name,
-)
+from actors.coordinator import STATE_KEY, CloudCoordinator, RegistryHeldByAnotherRun
 from actors.edge import poison_state, upload_spec
+from actors.rounds import RoundFailed, RoundRequest, RoundResult
+from actors.uploads import fresh_learner_rms, largest_rms_ratio, validation_slots
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, UploadLimits, load_scenario
@@ -101,6 +92,7 @@ def loop() -> Iterator[LoopThread]:
 
 def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
     source = resolve_source(scenario.data)
+    options.setdefault("round_runner", local_training_round)
     return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario), **options)
 
 
@@ -116,7 +108,7 @@ def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop
     # Assert
     assert receipt["accepted"] is True and receipt["reason"] == ""
     assert receipt["artifact"] == "edge/edge-0@v000001"
-    assert Registry(str(tmp_path / "registry")).get("edge/edge-0", version_name(1)) == payload
+    assert Registry(str(tmp_path / "registry")).get("edge/edge-0", "v000001") == payload
     status = loop.run(coordinator.status())
     assert status["learners"] == ["edge-0"] and status["pending"] == ["edge-0"]
     state = Registry(str(tmp_path / "registry")).get_json(STATE_KEY)
@@ -210,7 +202,7 @@ def test_oversized_unknown_edge_and_version_conflict_are_rejected(tmp_path: Path
 
 
 class OverlapGauge:
-    """Stands in for `CloudCoordinator._validate`: counts the validations running at once (they run in
+    """Stands in for `UploadValidator.validate`: counts the validations running at once (they run in
     threads) and holds each one until `bound` have overlapped once, plus a moment, so that a coordinator
     without a bound would let more start meanwhile; then runs the real validation."""
 
@@ -244,8 +236,8 @@ def test_concurrent_uploads_all_get_receipts_and_validations_are_bounded(
     never = {"min_new_models": 10, "max_wait_seconds": 1000}
     scenario = tiny_scenario(tmp_path, fusion=never, uploads={"max_concurrent_validations": 2})
     coordinator = make_coordinator(scenario, tmp_path / "registry")
-    gauge = OverlapGauge(coordinator._validate, bound=2)
-    monkeypatch.setattr(coordinator, "_validate", gauge)
+    gauge = OverlapGauge(coordinator.validator.validate, bound=2)
+    monkeypatch.setattr(coordinator.validator, "validate", gauge)
     edges = ["edge-0", "edge-1", "edge-2", "edge-3"]
     good = {edge_id: learner_payload(scenario, edge_id) for edge_id in edges}
     uploads = [upload_kwargs(edge_id, good[edge_id], version=1) for edge_id in edges] + [
@@ -295,7 +287,7 @@ def test_restart_resumes_every_accepted_upload_from_the_registry(tmp_path: Path,
     first = make_coordinator(scenario, registry_dir)
     receipts = [loop.run(first.upload(**upload_kwargs(edge_id, payloads[edge_id]))) for edge_id in payloads]
     poisoned = loop.run(first.upload(**upload_kwargs("edge-1", nan_payload)))
-    Registry(str(registry_dir)).put("edge/edge-3", version_name(1), orphan)
+    Registry(str(registry_dir)).put("edge/edge-3", "v000001", orphan)
 
     # Execute
     second = make_coordinator(scenario, registry_dir)
@@ -355,7 +347,7 @@ def test_loss_above_the_ratio_of_the_holdout_pixel_variance_is_rejected(
     )
     default = make_coordinator(tiny_scenario(tmp_path, fusion=never), tmp_path / "b")
     payload = learner_payload(strict.scenario, "edge-0")
-    holdout = strict._holdout_images("male")
+    holdout = strict.validator.holdout_images("male")
     pixel_variance = float(((holdout - holdout.mean(dim=0, keepdim=True)) ** 2).mean())
 
     # Execute
@@ -380,9 +372,9 @@ def test_inflated_weights_hidden_by_group_norm_are_rejected(tmp_path: Path, loop
     spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
     torch.manual_seed(0)
     state = VAELearner(spec).state_dict()
-    clean_loss = coordinator._plausibility_loss(_loaded(spec, state), "male")
+    clean_loss = coordinator.validator.plausibility_loss(_loaded(spec, state), "male")
     state["encoder_stages.1.0.weight"] = state["encoder_stages.1.0.weight"] * 1000.0
-    inflated_loss = coordinator._plausibility_loss(_loaded(spec, state), "male")
+    inflated_loss = coordinator.validator.plausibility_loss(_loaded(spec, state), "male")
 
     # Execute
     receipt = loop.run(
@@ -471,7 +463,7 @@ def test_failed_round_is_recorded_backs_off_and_fails_finish(tmp_path: Path, loo
 
     # Execute: one upload; its round fails; then several policy ticks (0.25 s each) pass.
     loop.run(coordinator.upload(**upload_kwargs("edge-0", payloads["edge-0"])))
-    wait_until(lambda: coordinator.round_errors, "the first round's failure")
+    wait_until(lambda: coordinator.log.errors, "the first round's failure")
     time.sleep(1.5)
 
     # Assert: tried once (the old coordinator retried on every tick), the error is in the checkpoint.
@@ -482,7 +474,7 @@ def test_failed_round_is_recorded_backs_off_and_fails_finish(tmp_path: Path, loo
 
     # Execute: a new upload changes the pending set: the round is tried again at once (and fails again).
     loop.run(coordinator.upload(**upload_kwargs("edge-2", payloads["edge-2"])))
-    wait_until(lambda: coordinator.round_errors[0]["attempts"] == 2, "the second attempt's failure")
+    wait_until(lambda: coordinator.log.errors[0].attempts == 2, "the second attempt's failure")
 
     # Assert: finish() does not retry the set that just failed, publishes nothing and names round and cause.
     with pytest.raises(RoundFailed, match=r"cloud round 1 failed \(tried 2 times; learners edge-0, edge-2\)"):
@@ -507,7 +499,7 @@ def test_round_failure_is_retried_after_max_wait_and_a_later_success_keeps_the_e
 
     # Execute
     loop.run(coordinator.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
-    wait_until(lambda: coordinator.rounds, "the retried round to finish")
+    wait_until(lambda: coordinator.log.rounds, "the retried round to finish")
     summary = loop.run(coordinator.finish(), timeout=300)
 
     # Assert
@@ -529,7 +521,7 @@ def test_after_a_failed_finish_neither_the_policy_timer_nor_summary_starts_round
     runner = FailingRunner()
     coordinator = make_coordinator(scenario, tmp_path / "registry", round_runner=runner)
     loop.run(coordinator.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
-    wait_until(lambda: coordinator.round_errors, "the first round's failure")
+    wait_until(lambda: coordinator.log.errors, "the first round's failure")
     with pytest.raises(RoundFailed):
         loop.run(coordinator.finish())
     calls = runner.calls
@@ -583,4 +575,38 @@ def test_coordinator_refuses_the_state_of_another_run(tmp_path: Path, loop: Loop
         make_coordinator(scenario, registry_dir)
     assert Registry(str(registry_dir)).get_json(STATE_KEY) == before
     again = make_coordinator(scenario, registry_dir, run_id="run-a")
-    assert again.restarts == 1 and [r["edge_id"] for r in again.accepted] == ["edge-0"]
+    assert again.restarts == 1 and [r.edge_id for r in again.accepted] == ["edge-0"]
+
+
+class KilledWhileResuming(BaseException):
+    """Stands in for the actor's process dying in the middle of its __init__ (not an Exception: nothing
+    may catch it)."""
+
+
+def test_two_kills_in_quick_succession_count_two_restarts(
+    tmp_path: Path, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: one accepted upload; the coordinator is then killed.
+    never = {"min_new_models": 10, "max_wait_seconds": 1000}
+    scenario = tiny_scenario(tmp_path, fusion=never)
+    registry_dir = tmp_path / "registry"
+    first = make_coordinator(scenario, registry_dir)
+    loop.run(first.upload(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+
+    # Execute: the restarted coordinator is killed again while it re-fuses the upload (before its resume
+    # finished), then restarted once more.
+    with monkeypatch.context() as patch:
+
+        def die(*_: Any) -> None:
+            raise KilledWhileResuming
+
+        patch.setattr(CloudCoordinator, "_fuse", die)
+        with pytest.raises(KilledWhileResuming):
+            make_coordinator(scenario, registry_dir)
+    third = make_coordinator(scenario, registry_dir)
+
+    # Assert: both restarts are counted, in the coordinator, its checkpoint and the summary.
+    assert third.restarts == 2
+    assert Registry(str(registry_dir)).get_json(STATE_KEY)["restarts"] == 2
+    assert loop.run(third.summary())["restarts"] == 2
+    assert loop.run(third.status())["learners"] == ["edge-0"]

@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
-from actors.coordinator import CloudCoordinator, RoundRequest, RoundResult, local_training_round
+from actors.coordinator import CloudCoordinator
 from actors.edge import upload_spec
+from actors.rounds import RoundRequest, RoundResult
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
 from orchestrator.core.scenario import Scenario, load_scenario
 
@@ -121,7 +123,7 @@ async def reproduce(workdir: Path, order: list[str], rng_seed: int) -> dict[str,
         "fused_sha256": request.baim.sha256,
         "trained_sha256": result.trained.sha256,
         "final_state_sha256": state_sha256(coordinator.baim),
-        "train_loss": result.strategies["finetune"]["train_loss"],
+        "train_loss": result.strategies["finetune"].train_loss,
         "test_loss": {task: out["test_loss"] for task, out in summary["tasks"].items()},
         "task_sha256": {task: out["sha256"] for task, out in summary["tasks"].items()},
     }
@@ -251,8 +253,8 @@ def test_local_round_does_not_depend_on_the_global_rng(tmp_path: Path) -> None:
 
     # Assert
     assert again.trained.sha256 == result.trained.sha256
-    assert again.strategies["finetune"]["test_loss"] == result.strategies["finetune"]["test_loss"]
-    assert again.strategies["finetune"]["train_loss"] == result.strategies["finetune"]["train_loss"]
+    assert again.strategies["finetune"].test_loss == result.strategies["finetune"].test_loss
+    assert again.strategies["finetune"].train_loss == result.strategies["finetune"].train_loss
 
 
 def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
@@ -272,7 +274,7 @@ def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
         remaining -= remaining // 2
         expected.append(remaining)
     assert initial >= 4, "the tiny scenario must offer connections to prune"
-    assert result.strategies["finetune"]["connections"] == expected
+    assert result.strategies["finetune"].connections == expected
     assert len(json.loads(result.trained.spec_json)["connections"]) == expected[-1]
     assert local_training_round(pruning).trained.sha256 == result.trained.sha256  # still deterministic
 

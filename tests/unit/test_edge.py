@@ -12,6 +12,7 @@ import torch
 
 from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode, edge_device, link_delay_seconds
+from orchestrator.cloud.local import local_training_round
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
@@ -41,7 +42,10 @@ def make_edge(scenario: Scenario, edge_id: str, time_scale: float = 0.0) -> Edge
 
 def make_cloud(scenario: Scenario, registry: Path, loop: LoopThread) -> SyncCoordinator:
     source = resolve_source(scenario.data)
-    coordinator = CloudCoordinator(scenario, str(registry), source, make_partitions(source, scenario))
+    partitions = make_partitions(source, scenario)
+    coordinator = CloudCoordinator(
+        scenario, str(registry), source, partitions, round_runner=local_training_round
+    )
     return SyncCoordinator(coordinator, loop)
 
 

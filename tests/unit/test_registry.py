@@ -14,14 +14,19 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
+from baim.model import BAIM
 from orchestrator.core.artifacts import (
     ArtifactPayload,
     canonical_json,
     compute_sha256,
+    pack_module,
     pack_state,
     unpack_payload,
 )
 from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.names import MAX_MODEL_BYTES
 from orchestrator.core.registry import ArtifactNotFound, ArtifactRef, Registry
 
 SPEC = {"kind": "learner", "latent_dim": 4}
@@ -530,3 +535,26 @@ def test_put_makes_the_data_durable_before_the_commit_marker(tmp_path: Path, reg
     names = [path.removeprefix(folder).lstrip("/") or "<folder>" for path in synced]
     assert names[:3] == ["weights.safetensors", "spec.json", "<folder>"]
     assert names[3].startswith("sha256.tmp-") and names[4:] == ["<folder>"]
+
+
+def test_load_module_rebuilds_a_committed_model_and_refuses_another_kind(registry: Registry):
+    # Prepare
+    torch.manual_seed(0)
+    learner = VAELearner(LearnerSpec((4,), 3, 16))
+    registry.put("edge/e1", "v000001", pack_module(learner, {"kind": "learner", **learner.spec.to_dict()}))
+
+    # Execute
+    loaded = registry.load_module("edge/e1", "v000001", VAELearner)
+
+    # Assert
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in learner.state_dict().items())
+    with pytest.raises(
+        ArtifactRejected, match=r"edge/e1@v000001 rejected: spec kind: expected one of \['baim'\]"
+    ):
+        registry.load_module("edge/e1", "v000001", BAIM)
+    with pytest.raises(ArtifactNotFound):
+        registry.load_module("edge/e1", "v000002", VAELearner)
+
+
+def test_the_default_size_limit_is_the_projects_model_limit(registry: Registry):
+    assert registry.max_artifact_bytes == MAX_MODEL_BYTES == 1 << 30

@@ -13,7 +13,7 @@ from baim.config import LearnerSpec
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
-from baim.serialization import build_from_spec, from_bytes, module_spec, state_and_spec, to_bytes
+from baim.serialization import build_from_spec, from_bytes, from_files, module_spec, state_and_spec, to_bytes
 from tests.unit.baim_random import BAIMRecipe, baim_recipes, images
 
 PROPERTY = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,3 +92,28 @@ def test_bad_specs_and_weights_are_rejected_with_the_reason():
     spec["connections"][0] = {"src": "e1", "src_stage": 1, "dst": "e0", "dst_stage": 0}  # backwards: a cycle
     with pytest.raises(ValueError, match="connection_height"):
         build_from_spec(spec)
+
+
+def test_an_edge_uploads_spec_builds_the_learner_it_declares():
+    spec = LearnerSpec((4, 6), 3, 16)
+    upload = {"kind": "learner", "edge_id": "edge-0", "task": "male", "learner": spec.to_dict()}
+
+    built = build_from_spec(upload)
+
+    assert isinstance(built, VAELearner) and built.spec == spec
+    with pytest.raises(ValueError, match=r"upload spec: unknown keys \['owner'\]"):
+        build_from_spec({**upload, "owner": "x"})
+    with pytest.raises(ValueError, match=r"LearnerSpec: missing keys \['resolution'\]"):
+        build_from_spec({**upload, "learner": {"widths": [4], "latent_dim": 3}})
+
+
+def test_from_files_rebuilds_what_to_bytes_wrote(tmp_path):
+    torch.manual_seed(0)
+    learner = VAELearner(LearnerSpec((4,), 3, 16))
+    weights, spec_json = to_bytes(learner)
+    (tmp_path / "w.safetensors").write_bytes(weights)
+    (tmp_path / "spec.json").write_text(spec_json)
+
+    rebuilt = from_files(tmp_path / "w.safetensors", tmp_path / "spec.json")
+
+    assert_identical(rebuilt, learner)

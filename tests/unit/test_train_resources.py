@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.cloud.train import (
+from orchestrator.cloud.resources import (
     WORKER_GROUP_START_RETRIES,
     autoscaler_request,
     check_resources_fit,

@@ -1,0 +1,68 @@
+"""The one publish path: a trained BAIM as `baim@vN`, then its task models as `task/<task>@vN`.
+
+Task models carry the version of the BAIM they were decomposed from. Each is checked against the BAIM on its
+task's test images (same noise) and its test loss measured before it is published.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from baim.costs import count_params
+from baim.decompose import decompose
+from baim.model import BAIM
+from orchestrator.core.artifacts import ArtifactPayload, pack_module
+from orchestrator.core.names import BAIM_OWNER, task_owner
+from orchestrator.core.receipts import PublishedTaskModel
+from orchestrator.core.registry import Registry
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.sources import DataSource
+
+
+def publish_baim(registry: Registry, trained: ArtifactPayload) -> str:
+    """Store a trained BAIM as the next `baim` version; returns the version."""
+    version = registry.next_version(BAIM_OWNER)
+    registry.put(BAIM_OWNER, version, trained)
+    return version
+
+
+@torch.no_grad()
+def publish_task_models(
+    registry: Registry,
+    baim: BAIM,
+    baim_version: str,
+    *,
+    source: DataSource,
+    test_indices: dict[str, list[int]],
+    resolution: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, PublishedTaskModel]:
+    """Decompose each task of `baim` (the registry's `baim@baim_version`), check each task model against the
+    BAIM on the task's test images, measure its test loss, publish it as `task/<task>@baim_version`."""
+    baim.eval()
+    published: dict[str, PublishedTaskModel] = {}
+    for task_id, task in enumerate(baim.config.tasks):
+        model = decompose(baim, task)
+        test = FaceDataset(source, test_indices[task], resolution)
+        max_diff, total, count = 0.0, 0.0, 0
+        for batch_index, images in enumerate(DataLoader(test, batch_size=batch_size)):
+            noise = seed + batch_index  # the same noise for the BAIM and the task model
+            full = baim(images, task_id, seed=noise)
+            alone = model(images, seed=noise)
+            max_diff = max(max_diff, float((full.recon - alone.recon).abs().max()))
+            total += float(alone.loss) * images.shape[0]
+            count += images.shape[0]
+        ref = registry.put(task_owner(task), baim_version, pack_module(model, model.spec()))
+        published[task] = PublishedTaskModel(
+            params=count_params(model),
+            baim_params=count_params(baim),
+            learners=list(model.config.learner_names),
+            test_loss=total / count if count else None,
+            test_images=count,
+            decomposition_max_abs_diff=max_diff,
+            artifact=f"{ref.owner}@{ref.version}",
+            sha256=ref.sha256,
+        )
+    return published

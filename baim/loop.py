@@ -1,0 +1,136 @@
+"""The one cloud training loop: per epoch, train, prune on the schedule, evaluate, hand the epoch to hooks.
+
+Every runner (in-process, Ray Train worker) calls `train_strategy` with its own `TrainingHooks`: where the
+batches come from, the loss (its noise), what follows a pruning (e.g. a new DDP wrapper), how the test loss
+is measured, and what an epoch's end does (report, checkpoint). docs/design/training.md says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from baim.continual import admit
+from baim.model import BAIM
+from baim.model_config import ConnectionSpec
+from baim.pruning import prune_connections
+from baim.training import FlopCounting, Strategy, apply_strategy, make_optimizer, train_steps
+
+
+@dataclass(frozen=True)
+class LoopSchedule:
+    """How long to train and when to prune."""
+
+    epochs: int  # the last epoch (1-based) to train
+    lr: float  # Adam learning rate; the optimiser rebuilt after a pruning keeps it
+    prune_interval: int  # prune after the training of every prune_interval-th epoch ...
+    prune_ratio: float  # ... removing floor(prune_ratio * surviving) connections (0: never)
+    flop_counting: FlopCounting = "every_batch"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The test loss after an epoch."""
+
+    loss: float  # mean over every test image
+    per_task: dict[str, float] = field(default_factory=dict)  # when the runner measures it per task
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    """One epoch, as this process saw it (a Ray Train rank sums and maxes these across ranks)."""
+
+    epoch: int
+    loss_sum: float  # sum over trained samples of the step losses
+    samples: int
+    flops: int
+    train_seconds: float  # the training steps
+    seconds: float  # training, pruning and evaluation
+    pruned: list[ConnectionSpec]  # connections removed at the end of this epoch
+    evaluation: Evaluation | None  # None: the hooks did not evaluate this epoch
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / self.samples
+
+
+class TrainingHooks(Protocol):
+    """What a runner plugs into `train_strategy`. Implement every method; share no implementation."""
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        """The epoch's training batches (seed the epoch's randomness here)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar training loss of `model` (the BAIM or its wrapper) on `batch`."""
+        ...
+
+    def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
+        """Called after each pruning; returns the module to train from now on (the BAIM or a new wrapper)."""
+        ...
+
+    def evaluate(self, epoch: int) -> Evaluation | None:
+        """The test loss after the epoch (and its pruning), or None to skip this epoch."""
+        ...
+
+    def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
+        """The epoch's end: report it, checkpoint (the optimiser is the one the next epoch continues)."""
+        ...
+
+
+def start_strategy(baim: BAIM, strategy: Strategy, seed: int) -> None:
+    """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy."""
+    admit(baim)
+    apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
+
+
+def prune_on_schedule(baim: BAIM, epoch: int, schedule: LoopSchedule) -> list[ConnectionSpec] | None:
+    """Prune after `epoch`'s training when the schedule says so: floor(ratio * surviving) connections every
+    prune_interval epochs. Returns the removed connections (maybe none), or None when no pruning was due."""
+    if schedule.prune_ratio > 0 and epoch % schedule.prune_interval == 0:
+        return prune_connections(baim, schedule.prune_ratio)
+    return None
+
+
+def train_strategy(
+    baim: BAIM,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    hooks: TrainingHooks,
+    schedule: LoopSchedule,
+    *,
+    first_epoch: int = 1,
+) -> torch.optim.Optimizer:
+    """Train epochs first_epoch..schedule.epochs of `baim` through `model` (the BAIM, or a wrapper of it).
+
+    Pruning deletes parameters, so after one the optimiser is rebuilt over the surviving trainable ones,
+    each survivor keeping its Adam state, and `hooks.pruned` gives the module to train next. Evaluation
+    follows pruning, so a test loss is that of the model the epoch ends with. Returns the last optimiser.
+    """
+    for epoch in range(first_epoch, schedule.epochs + 1):
+        started = time.perf_counter()
+        totals = train_steps(model, hooks.batches(epoch), optimizer, hooks.loss, schedule.flop_counting)
+        train_seconds = time.perf_counter() - started
+        removed = prune_on_schedule(baim, epoch, schedule)
+        if removed is not None:
+            optimizer = make_optimizer(baim, schedule.lr, previous=optimizer)
+            del model  # a DDP wrapper's gradient hooks go with it, before the next one registers its own
+            model = hooks.pruned(epoch, removed)
+        evaluation = hooks.evaluate(epoch)
+        outcome = EpochOutcome(
+            epoch=epoch,
+            loss_sum=totals.loss_sum,
+            samples=totals.samples,
+            flops=totals.flops,
+            train_seconds=train_seconds,
+            seconds=time.perf_counter() - started,
+            pruned=removed or [],
+            evaluation=evaluation,
+        )
+        hooks.epoch_done(outcome, optimizer)
+    return optimizer

@@ -1,0 +1,140 @@
+"""What the cloud coordinator hands out: upload receipts, round records and errors, status and summary.
+
+Typed contracts (pydantic, `extra="forbid"`); over Ray and into report.json they travel as their
+`model_dump()`, whose keys are the ones listed here, in this order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from orchestrator.core.metrics import LedgerSnapshot
+from orchestrator.core.scenario import StrictModel
+
+# What an upload named, echoed in its receipt: an actor call can carry any value, so a receipt keeps a JSON
+# scalar as sent and anything else as its (cut) repr.
+Echo = str | int | float | bool | None
+ECHO_REPR_CHARS = 100
+
+
+def echo(value: object) -> Echo:
+    """`value` itself when it is a JSON scalar, else its repr cut to ECHO_REPR_CHARS."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)[:ECHO_REPR_CHARS]
+
+
+class UploadReceipt(StrictModel):
+    """The coordinator's answer to one upload: a pure function of the upload and its outcome."""
+
+    key: str = Field(description="edge_id@version#sha256 of the upload (each part cut): its identity.")
+    edge_id: Echo = Field(description="The edge id the upload named.")
+    version: Echo = Field(description="The version the upload named (an int >= 1 when accepted).")
+    sha256: Echo = Field(description="The sha256 the upload declared.")
+    accepted: bool = Field(description="True once the upload is durably in the registry and the state.")
+    reason: str = Field(description="Short rejection code (empty when accepted).")
+    detail: str = Field(description="What was wrong, in words (empty when accepted).")
+    learner: str | None = Field(description="The BAIM learner name of an accepted upload.")
+    artifact: str | None = Field(description="owner@version of an accepted upload in the registry.")
+
+
+class LocalStrategyRun(StrictModel):
+    """One strategy of a round trained in the coordinator's process (`orchestrator.cloud.local`)."""
+
+    train_loss: list[float] = Field(description="Sample-weighted mean training loss per epoch.")
+    test_loss: list[float] = Field(description="Mean test loss over every task's test images, per epoch.")
+    flops: int = Field(ge=0, description="Training FLOPs (forward + backward), every step counted.")
+    seconds: float = Field(ge=0, description="Wall-clock seconds of the strategy's training.")
+    epochs: int = Field(ge=1, description="Epochs trained.")
+    connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
+    runner: Literal["local"] = Field(description="Which runner trained it.")
+
+
+class RayTrainStrategyRun(StrictModel):
+    """One strategy of a round trained as a Ray Train job (`orchestrator.cloud.ray_train`)."""
+
+    runner: Literal["ray_train"] = Field(description="Which runner trained it.")
+    epochs: int = Field(ge=1, description="Epochs trained.")
+    train_loss: list[float] = Field(description="Sample-weighted mean training loss per epoch, all ranks.")
+    test_loss: list[float] = Field(description="Mean test loss over every task's test images, per epoch.")
+    test_loss_per_task: list[dict[str, float]] = Field(description="Mean test loss per task, per epoch.")
+    initial_test_loss: float | None = Field(description="Test loss before training (None when resumed).")
+    final_test_loss: float = Field(description="Test loss after the last epoch.")
+    flops: int = Field(ge=0, description="Training FLOPs of the run, all ranks and epochs.")
+    seconds: float = Field(ge=0, description="Sum of the epochs' wall-clock seconds (slowest rank).")
+    wall_seconds: float = Field(ge=0, description="Wall-clock seconds of the whole job (start-up included).")
+    num_workers: int = Field(ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(description="Whether each worker used a GPU.")
+    resumed_at_epochs: list[int] = Field(description="Epochs at which a restarted attempt resumed.")
+    connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
+    checkpoint_uri: str = Field(description="The run's final Ray Train checkpoint (a path or scheme://path).")
+
+
+StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]
+
+
+class RoundRecord(StrictModel):
+    """One trained round."""
+
+    round: int = Field(ge=1, description="Round index (1-based).")
+    learners: list[str] = Field(description="The learners the round trained (canonical order).")
+    baim_version: str = Field(description="Registry version of the trained BAIM (owner baim).")
+    seconds: float = Field(ge=0, description="Wall-clock seconds of the round, as the coordinator waited.")
+    strategies: dict[str, StrategyRun] = Field(description="Per strategy: curves, FLOPs, seconds.")
+
+
+class RoundError(StrictModel):
+    """A round index whose runner raised; one entry per index, updated by each retry."""
+
+    round: int = Field(ge=1, description="Round index (1-based).")
+    attempts: int = Field(ge=1, description="How many times this round was tried.")
+    learners: list[str] = Field(description="The learners the last attempt was to train.")
+    error: str = Field(description="The last attempt's error: `Type: message`, cut.")
+
+
+class PublishedTaskModel(StrictModel):
+    """A decomposed task model as published to the registry (owner task/<task>)."""
+
+    params: int = Field(ge=0, description="Parameters of the task model.")
+    baim_params: int = Field(ge=0, description="Parameters of the BAIM it was decomposed from.")
+    learners: list[str] = Field(description="The learners the task model kept.")
+    test_loss: float | None = Field(description="Mean test loss of the task model (None: no test images).")
+    test_images: int = Field(ge=0, description="Test images the loss and the difference were measured on.")
+    decomposition_max_abs_diff: float = Field(
+        description="Largest |BAIM - task model| over the reconstructions of the test images, same noise."
+    )
+    artifact: str = Field(description="Registry artifact, owner@version (the BAIM's version).")
+    sha256: str = Field(description="Artifact sha256.")
+
+
+class CoordinatorStatus(StrictModel):
+    """A snapshot for progress displays and tests."""
+
+    accepted: list[Echo] = Field(description="Edge ids of the accepted uploads, in arrival order.")
+    rejected: dict[str, str] = Field(description="Edge id (as text) -> reason of its kept rejected receipts.")
+    learners: list[str] = Field(description="Learners of the live BAIM, in fusion order.")
+    pending: list[str] = Field(description="Learners not yet in a trained BAIM.")
+    rounds: int = Field(ge=0, description="Rounds trained so far.")
+    round_running: bool = Field(description="Whether a round is training now.")
+    baim_version: str | None = Field(description="Registry version of the last trained BAIM.")
+    restarts: int = Field(ge=0, description="How often this coordinator was restarted from its state.")
+    round_errors: list[RoundError] = Field(description="Failed round indices, with their last error.")
+
+
+class CoordinatorSummary(StrictModel):
+    """What `finish()` returns (and `summary()`, with no tasks): the cloud's part of report.json."""
+
+    run_id: str | None = Field(description="The run this coordinator belongs to.")
+    accepted: list[UploadReceipt] = Field(description="Receipts of the accepted uploads, in arrival order.")
+    rejected: list[UploadReceipt] = Field(description="The kept rejected receipts (the newest per edge).")
+    learners: list[str] = Field(description="Learners of the live BAIM, in fusion order.")
+    untrained_learners: list[str] = Field(description="Learners not in the last trained BAIM.")
+    baim_version: str | None = Field(description="Registry version of the last trained BAIM.")
+    baim_params: int = Field(ge=0, description="Parameters of the live BAIM (0: none yet).")
+    rounds: list[RoundRecord] = Field(description="The trained rounds.")
+    round_errors: list[RoundError] = Field(description="Failed round indices, with their last error.")
+    restarts: int = Field(ge=0, description="How often this coordinator was restarted from its state.")
+    ledger: LedgerSnapshot = Field(description="The coordinator's cost ledger.")
+    tasks: dict[str, PublishedTaskModel] = Field(description="Published task models per task (finish only).")
