@@ -426,8 +426,8 @@ class BAIM(nn.Module):
     ) -> torch.Tensor:
         """n images (n, C, R, R) in [0, 1] for `task`, from the prior (gate code and every learner's z).
 
-        Three steps, each a method, so that split generation (baim.split) runs exactly this code in two halves:
-        `generation_gate`, `generation_stages`, `generation_images`.
+        Three steps, each a method, so that split generation (baim.split) runs exactly this code in two
+        halves: `generation_gate`, `generation_stages`, `generation_images`.
         """
         gate = self.generation_gate(task, n, seed=seed, eps=eps)
         outputs = self.generation_stages(gate, seed=seed, eps=eps)
