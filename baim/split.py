@@ -124,13 +124,18 @@ def generate_head(
 
 @torch.no_grad()
 def generate_tail(
-    model: TaskModel, state: SplitState, cut: int, eps: dict[str, torch.Tensor] | None = None
+    model: TaskModel,
+    state: SplitState,
+    cut: int,
+    eps: dict[str, torch.Tensor] | None = None,
+    max_batch: int | None = None,
 ) -> torch.Tensor:
-    """Finish generation from a head's state: images (B, C, R, R) in [0, 1]. The state is checked first.
+    """Finish generation from a head's state: images (B, C, R, R) in [0, 1]. The state is checked first
+    (`check_split_state`, with `max_batch`).
 
     Pass the head's `eps` when it was given one instead of a seed.
     """
-    check_split_state(model, state, cut)
+    check_split_state(model, state, cut, max_batch)
     baim = model.baim
     device, _ = baim._device_dtype()
     state = {key: tensor.to(device) for key, tensor in state.items()}
@@ -166,8 +171,9 @@ def expected_shapes(model: TaskModel, selected: torch.Tensor, cut: int) -> dict[
     return shapes
 
 
-def check_split_state(model: TaskModel, state: object, cut: object) -> None:
-    """ValueError listing every way `state` is not what a head of `model` sends for `cut`."""
+def check_split_state(model: TaskModel, state: object, cut: object, max_batch: int | None = None) -> None:
+    """ValueError listing every way `state` is not what a head of `model` sends for `cut` (with at most
+    `max_batch` images, when given)."""
     cut = check_cut(model, cut)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -176,6 +182,11 @@ def check_split_state(model: TaskModel, state: object, cut: object) -> None:
     baim = model.baim
     _, dtype = baim._device_dtype()
     selected = _check_selection(baim, state.get(GATE_SELECTED_KEY))
+    if max_batch is not None and selected.shape[0] > max_batch:
+        raise ValueError(
+            f"split state: {GATE_SELECTED_KEY!r}: expected at most {max_batch} images, received "
+            f"{selected.shape[0]}"
+        )
     expected = expected_shapes(model, selected, cut)
     problems = []
     unknown = sorted(set(state) - set(expected) - {SEED_KEY})
@@ -244,8 +255,10 @@ def split_state_to_bytes(state: SplitState) -> bytes:
     return safetensors.torch.save({key: t.detach().cpu().contiguous() for key, t in state.items()})
 
 
-def split_state_from_bytes(model: TaskModel, data: bytes, cut: int) -> SplitState:
+def split_state_from_bytes(
+    model: TaskModel, data: bytes, cut: int, max_batch: int | None = None
+) -> SplitState:
     """Parse (nothing is unpickled) and check a received state; ValueError naming the problem."""
     state = parse_safetensors(data, "split state")
-    check_split_state(model, state, cut)
+    check_split_state(model, state, cut, max_batch)
     return state

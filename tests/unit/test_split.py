@@ -196,3 +196,5 @@ def test_unknown_cuts_and_bad_bytes_are_rejected():
         split_state_from_bytes(model, b"\x00" * 16, 1)
     with pytest.raises(ValueError, match="seed: expected an int in"):
         generate_head(model, 2, 1, seed=-1)
+    with pytest.raises(ValueError, match="expected at most 1 images, received 2"):
+        split_state_from_bytes(model, split_state_to_bytes(state), 1, max_batch=1)
