@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -156,12 +157,18 @@ def personalise(
     torch.manual_seed(SEED)
     started = time.perf_counter()
     curve = []
-    for epoch in range(EPOCHS):
-        train_epoch(model, batches(train, BATCH, SEED + epoch), optimizer, task_model_loss)
-        if epoch + 1 in CURVE_EPOCHS:
-            curve.append(evaluate(model, held_batches, task_model_loss))
+    try:
+        for epoch in range(EPOCHS):
+            train_epoch(model, batches(train, BATCH, SEED + epoch), optimizer, task_model_loss)
+            if epoch + 1 in CURVE_EPOCHS:
+                curve.append(evaluate(model, held_batches, task_model_loss))
+        after = (
+            evaluate(model, held_batches, task_model_loss),
+            evaluate(model, test_batches, task_model_loss),
+        )
+    except FloatingPointError:  # this lr diverged: it loses the sweep
+        after = (math.inf, math.inf)
     seconds = time.perf_counter() - started
-    after = (evaluate(model, held_batches, task_model_loss), evaluate(model, test_batches, task_model_loss))
     return {
         "lr": lr,
         "trainable": count_trainable_params(model),
@@ -199,7 +206,7 @@ def personalisation_table(
             f"{best['edge_flops'] / 1e9:11.2f} {best['held_out']:15.5f} {best['held_out_after']:9.5f} "
             f"{best['test']:11.5f} {best['test_after']:9.5f} {best['seconds']:8.1f}"
         )
-        swept = ", ".join(f"{run['lr']:.0e}: {run['held_out_after']:.5f}" for run in runs)
+        swept = ", ".join(f"{run['lr']:.0e}: {run['held_out_after']:.5f}" for run in runs)  # inf: diverged
         print(f"  {'':<10} held-out loss after, per lr: {swept}")
         curve = ", ".join(f"{e}: {loss:.5f}" for e, loss in zip(CURVE_EPOCHS, best["curve"], strict=True))
         print(f"  {'':<10} held-out loss at the best lr after epoch {curve}")
