@@ -9,6 +9,8 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from baim.adapters import (
@@ -37,7 +39,7 @@ from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.training import evaluate, make_optimizer, train_epoch
-from tests.unit.baim_random import RESOLUTION, images, randomise_connections
+from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
 
 MERGE_TOLERANCE = 1e-5
 
@@ -203,6 +205,21 @@ def test_merge_then_strip_gives_a_plain_task_model_with_the_adapted_outputs():
     assert (model.generate(4, seed=6) - adapted_images).abs().max() <= MERGE_TOLERANCE
     plain = TaskModel.from_spec(model.spec())
     plain.load_state_dict(model.state_dict(), strict=True)  # loads as an ordinary task model artifact
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recipe=baim_recipes(), rank=st.integers(1, 3))
+def test_merging_is_exact_on_random_pruned_task_models(recipe: BAIMRecipe, rank: int):
+    model = decompose(recipe.build(), "t0")
+    apply_lora(model, LoRAConfig(rank=rank, alpha=2.0, seed=recipe.seed))
+    randomise_adapters(model, seed=recipe.seed, scale=0.1)
+    x = images(3, recipe.seed)
+    adapted_recon, adapted_images = model(x, seed=1).recon, model.generate(3, seed=2)
+
+    merge_lora(model)
+
+    assert (model(x, seed=1).recon - adapted_recon).abs().max() <= MERGE_TOLERANCE
+    assert (model.generate(3, seed=2) - adapted_images).abs().max() <= MERGE_TOLERANCE
 
 
 def test_strip_without_merge_restores_the_base_bit_for_bit():
