@@ -8,7 +8,7 @@ exact and deterministic: the same model and batch shape give the same number on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -34,13 +34,22 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def serialized_bytes(module: nn.Module) -> int:
-    """Exact size of the module's state_dict saved with safetensors (no metadata).
+def count_trainable_params(module: nn.Module) -> int:
+    """Number of parameters that require grad (what an optimiser updates)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def tensors_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Exact size of `tensors` saved with safetensors (no metadata).
 
     Tensors are copied to contiguous CPU storage first: safetensors refuses views and shared storage.
     """
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in module.state_dict().items()}
-    return len(safetensors_save(tensors))
+    return len(safetensors_save({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}))
+
+
+def serialized_bytes(module: nn.Module) -> int:
+    """Exact size of the module's state_dict saved with safetensors (no metadata)."""
+    return tensors_bytes(module.state_dict())
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:

@@ -60,6 +60,8 @@ from baim.model_config import (
 logger = logging.getLogger(__name__)
 
 Noise = dict[str, torch.Tensor]
+# outputs[(learner name, stage)] = (position of each batch row in `out`, -1 where it did not run; out)
+StageOutputs = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class BAIMOutput(NamedTuple):
@@ -422,7 +424,19 @@ class BAIM(nn.Module):
     def generate(
         self, task: str | int, n: int, seed: int | None = None, eps: Noise | None = None
     ) -> torch.Tensor:
-        """n images (n, C, R, R) in [0, 1] for `task`, from the prior (gate code and every learner's z)."""
+        """n images (n, C, R, R) in [0, 1] for `task`, from the prior (gate code and every learner's z).
+
+        Three steps, each a method, so that split generation (baim.split) runs exactly this code in two
+        halves: `generation_gate`, `generation_stages`, `generation_images`.
+        """
+        gate = self.generation_gate(task, n, seed=seed, eps=eps)
+        outputs = self.generation_stages(gate, seed=seed, eps=eps)
+        return self.generation_images(outputs, gate)
+
+    def generation_gate(
+        self, task: str | int, n: int, seed: int | None = None, eps: Noise | None = None
+    ) -> GateOutput:
+        """Generation, step 1: the gate code drawn from the prior, routed to `task`'s squad."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, received {n!r}")
         if isinstance(task, str):
@@ -436,10 +450,28 @@ class BAIM(nn.Module):
             )
         like = next(self.parameters())
         code = self._noise(GATE_NOISE_KEY, n, self.config.gate_code_dim, eps, seed, like)
-        gate = self._route_code(code, task)
+        return self._route_code(code, task)
+
+    def generation_stages(
+        self,
+        gate: GateOutput,
+        seed: int | None = None,
+        eps: Noise | None = None,
+        *,
+        stages: range | None = None,
+        outputs: StageOutputs | None = None,
+    ) -> StageOutputs:
+        """Generation, step 2: run the decoder nodes `gate`'s selection needs whose stage is in `stages` (all
+        when None), on top of `outputs` (what earlier stages computed, when generation is split)."""
         need = self._needed_stages(gate.selected, generation=True)
-        outputs, latents = self._run(None, n, need, eps, seed, generation=True)
-        images, _ = self._mix(outputs, latents, gate, None, generation=True)
+        ran, _ = self._run(
+            None, gate.selected.shape[0], need, eps, seed, generation=True, stages=stages, outputs=outputs
+        )
+        return ran
+
+    def generation_images(self, outputs: StageOutputs, gate: GateOutput) -> torch.Tensor:
+        """Generation, step 3: the gate-weighted mixture of the selected learners' images, in [0, 1]."""
+        images, _ = self._mix(outputs, {}, gate, None, generation=True)
         return images.clamp(0.0, 1.0)
 
     def _node_order(self) -> list[tuple[int, int]]:
@@ -470,16 +502,22 @@ class BAIM(nn.Module):
         eps: Noise | None,
         seed: int | None,
         generation: bool,
-    ) -> tuple[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[torch.Tensor, ...]]]:
+        *,
+        stages: range | None = None,
+        outputs: StageOutputs | None = None,
+    ) -> tuple[StageOutputs, dict[str, tuple[torch.Tensor, ...]]]:
         """Run every needed (learner, stage) on its rows. Returns outputs[(name, k)] = (position of each batch
-        row in out or -1, out) and latents[name] = (position, mu, logvar)."""
+        row in out or -1, out) and latents[name] = (position, mu, logvar).
+
+        `stages` limits the run to those stages (all when None); `outputs` holds what earlier stages already
+        computed (split generation); it is copied, not changed."""
         like = next(self.parameters())
-        outputs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        outputs = {} if outputs is None else dict(outputs)
         latents: dict[str, tuple[torch.Tensor, ...]] = {}
         for k, n in self._node_order():
             entry = self.config.learners[n]
             S = len(entry.spec.widths)
-            if generation and k < S:
+            if (generation and k < S) or (stages is not None and k not in stages):
                 continue
             rows = torch.nonzero(need[entry.name] >= k).flatten()
             if rows.numel() == 0:
@@ -510,7 +548,7 @@ class BAIM(nn.Module):
 
     def _mix(
         self,
-        outputs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]],
+        outputs: StageOutputs,
         latents: dict[str, tuple[torch.Tensor, ...]],
         gate: GateOutput,
         x: torch.Tensor | None,

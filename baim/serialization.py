@@ -108,14 +108,20 @@ def from_bytes(weights: bytes, spec_json: str) -> nn.Module:
     except (TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"spec_json: expected a JSON object, could not parse it: {error}") from error
     module = build_from_spec(spec)
-    try:
-        state = safetensors.torch.load(weights)
-    except Exception as error:  # safetensors raises its own error types for malformed bytes
-        raise ValueError(f"weights: expected safetensors bytes, could not parse them: {error}") from error
-    load_state(module, state)
+    load_state(module, parse_safetensors(weights, "weights"))
     return module
 
 
 def from_files(weights_path: str | Path, spec_path: str | Path) -> nn.Module:
     """Rebuild a module from a safetensors file and a JSON spec file (e.g. a training checkpoint)."""
     return from_bytes(Path(weights_path).read_bytes(), Path(spec_path).read_text())
+
+
+def parse_safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """The tensors in safetensors bytes (nothing is unpickled); ValueError naming `what` when malformed."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"{what}: expected safetensors bytes, received {type(data).__name__}")
+    try:
+        return safetensors.torch.load(bytes(data))
+    except Exception as error:  # safetensors raises its own error types for malformed bytes
+        raise ValueError(f"{what}: expected safetensors bytes, could not parse them: {error}") from error
