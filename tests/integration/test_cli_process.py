@@ -23,9 +23,18 @@ BAIM = [sys.executable, "-m", "orchestrator"]
 STALE_LIMIT_S = 60  # the run must give up on a dead address well within this (goal: about 30 s)
 
 
-def with_sigint_ignored(command: list[str]) -> list[str]:
-    """`command` started as a shell starts a background job (`cmd &`): with SIGINT ignored, inherited."""
-    return ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+def start_with_sigint_ignored(arguments: list[str]) -> subprocess.Popen[str]:
+    """`baim ARGUMENTS` started as a shell starts a background job (`cmd &`): SIGINT inherited as ignored."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("BAIM_API_TOKEN", None)
+    return subprocess.Popen(
+        ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh", *BAIM, *arguments],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_until_serving(process: subprocess.Popen[str], url: str, limit_s: float) -> None:
@@ -60,18 +69,10 @@ def test_run_serve_started_with_sigint_ignored_stops_on_sigint(tmp_path: Path) -
     scenario["serving"] = {**scenario["serving"], "enabled": True, "port": port}
     path = tmp_path / "tiny-serving.yaml"
     path.write_text(yaml.safe_dump(scenario))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("BAIM_API_TOKEN", None)
 
     # Execute
-    command = [*BAIM, "run", str(path), "--out", str(tmp_path / "out"), "--address", "local", "--no-evaluate"]
-    process = subprocess.Popen(
-        with_sigint_ignored(command),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_with_sigint_ignored(
+        ["run", str(path), "--out", str(tmp_path / "out"), "--address", "local", "--no-evaluate"]
     )
     wait_until_serving(process, f"http://127.0.0.1:{port}/tasks", limit_s=600)
     output = stop_with(process, signal.SIGINT)
@@ -85,27 +86,10 @@ def test_serve_started_with_sigint_ignored_stops_on_sigint(tmp_path: Path) -> No
     # Prepare: an empty registry folder is enough to serve (an empty /tasks)
     (tmp_path / "registry").mkdir()
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("BAIM_API_TOKEN", None)
 
     # Execute
-    command = [
-        *BAIM,
-        "serve",
-        "--registry",
-        str(tmp_path / "registry"),
-        "--address",
-        "local",
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(
-        with_sigint_ignored(command),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_with_sigint_ignored(
+        ["serve", "--registry", str(tmp_path / "registry"), "--address", "local", "--port", str(port)]
     )
     wait_until_serving(process, f"http://127.0.0.1:{port}/healthz", limit_s=240)
     output = stop_with(process, signal.SIGINT)
