@@ -141,3 +141,22 @@ def test_a_stale_ray_address_file_fails_fast_naming_the_fix(tmp_path: Path, comm
     assert "--address local" in finished.stderr
     assert str(address_file) in finished.stderr
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_the_address_check_passes_a_live_cluster_and_an_explicit_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.cli.main import stale_ray_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert stale_ray_address(None) is None  # no address file: ray.init starts a new instance
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{live.getsockname()[1]}")
+        assert stale_ray_address(None) is None
+        assert stale_ray_address("auto") is None
+    monkeypatch.setenv("RAY_ADDRESS", dead_address())
+    assert "unset RAY_ADDRESS" in (stale_ray_address(None) or "")
+    assert stale_ray_address("local") is None and stale_ray_address("ray://head:10001") is None
