@@ -452,11 +452,12 @@ def add_serve_parser(subparsers: Any) -> None:
         "serve",
         help="serve a registry's task models over HTTP with Ray Serve, following new versions",
         description=(
-            "Deploy every task model of a registry with Ray Serve (one autoscaling deployment per task "
-            "behind one HTTP ingress, docs/http-api.md) and follow the registry: new versions roll out and "
-            "new tasks appear without failing requests. Blocks until Ctrl-C. Replica settings come from the "
-            "scenario's `serving` section when --scenario is given, else from its defaults. Set "
-            "BAIM_API_TOKEN to require a bearer token."
+            "Deploy every task model of a registry with Ray Serve (one autoscaling application per task, "
+            "reached by the proxy in one hop, plus an index at /; docs/http-api.md) and follow the registry: "
+            "new versions roll out and new tasks appear without failing requests. Blocks until Ctrl-C or "
+            "SIGTERM. Replica settings come from the scenario's `serving` section when --scenario is given, "
+            "else from its defaults. Set BAIM_API_TOKEN to require a bearer token. --write-config FILE "
+            "writes the same applications as a Serve config file instead (for `serve deploy FILE`)."
         ),
     )
     add_registry_argument(parser, default_help="required")
