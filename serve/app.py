@@ -1,85 +1,83 @@
-"""The Ray Serve application: one autoscaling deployment per task model behind one FastAPI ingress.
+"""The Ray Serve applications that serve a registry's task models: one application per task, one hop.
 
-    Ingress (FastAPI, @serve.ingress)   --handle-->   TaskModelDeployment "TaskModel_<task>", one per task
-      GET  /healthz                                      generate(n, seed): @serve.batch, one forward
-      GET  /tasks                                        info(): version, parameters, sha256
-      POST /tasks/{task}/generate                        artifact(): the download body
-      GET  /tasks/{task}/model
-      GET  /metrics
+    proxy --/tasks/<task>/...--> "<app>-task-<task>": TaskModelDeployment "TaskModel_<task>" (FastAPI
+                                 ingress: validates, batches with @serve.batch, runs the model; autoscales)
+          --anything else-----> "<app>" at "/": IndexDeployment "Index" (/healthz, /tasks, /metrics,
+                                 /openapi.json, 404 for unknown tasks)
+    every replica --snapshot every second--> "<app>-metrics": MetricsHub (sums them for GET /metrics)
 
-The HTTP contract is documented in docs/http-api.md. Each task deployment loads `task/<task>` from the
-registry (verified: safetensors + JSON spec + sha256, never a pickle).
+Why per-task applications rather than task models multiplexed in one deployment, and what each costs:
+docs/http-api.md ("Applications"). Each task replica follows the registry to its task's newest version
+(serve.models.TaskModelFollower), so new versions roll out without a redeploy. The same applications come
+from Python (`RegistryWatcher`, `serve_registry`, behind `baim serve`) and from a Serve config file
+(`serve_config`, behind `baim serve --write-config`; `serve deploy` / `serve run` apply it): the config's
+import paths are the typed builders `task_application`, `index_application`, `metrics_application`.
 
-Rollout. Every task replica polls the registry (`poll_seconds`) and, when a newer version of its task is
-committed, loads it beside the current one and swaps a single reference: requests in flight finish on the
-model they started with, later ones get the new one, no replica restarts, so no request fails. A version
-that fails verification is logged and skipped; the replica keeps serving what it has. (Redeploying with
-`serve.run` would not do: Serve gives every imperative deploy a new code version, so it restarts every
-replica of every deployment, and with one replica a request can hit the gap.) `RegistryWatcher` redeploys
-only when the set of tasks changes (the ingress needs a handle for a new task), with `max_surge_percent=100`
-so the new replicas start before the old ones stop. `serve_registry` (behind `baim serve`) runs it.
+This module has no `from __future__ import annotations`: Serve reads the builders' pydantic annotations at
+run time to validate a config's `args`.
 """
 
-from __future__ import annotations
-
 import asyncio
-import hashlib
 import ipaddress
 import logging
 import os
-import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException, Path, Response, Security
-from fastapi.security import HTTPBearer
+import ray
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.core.errors import ArtifactRejected, UnknownTask
-from orchestrator.core.metrics import GENERATION_SECONDS, METRICS_CONTENT_TYPE, render_latest
+from orchestrator.core.names import TASK_OWNER_PREFIX
 from orchestrator.core.registry import Registry
-from orchestrator.core.scenario import ServingConfig
-from serve.guard import RequestGuard
+from orchestrator.core.scenario import NAME_PATTERN, ServingConfig
+from serve.api import (
+    API_TOKEN_ENV,
+    MAX_BODY_BYTES,
+    TaskBackend,
+    TaskUnavailable,
+    create_index_api,
+    create_task_api,
+    token_sha256,
+)
+from serve.metrics import FamilySnapshot, MetricsAggregate, snapshot
 from serve.models import (
+    DEFAULT_POLL_SECONDS,
     GenerationRequest,
-    LoadedModel,
-    artifact_body,
-    generate_batch,
-    load_model,
-    png_base64,
+    TaskModelFollower,
+    generate_and_encode,
+    model_artifact,
 )
 
 logger = logging.getLogger(__name__)
 
-TASK_OWNER_PREFIX = "task/"
-API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)  # nosec B105
-MAX_IMAGES_PER_REQUEST = 64
-# The largest integer a double holds exactly: OpenAPI documents store bounds as JSON numbers (FastAPI writes
-# them as floats, so 2**63 - 1 was published as 2**63), and JavaScript clients read seeds as doubles.
-MAX_SEED = 2**53 - 1
-MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
-DEFAULT_POLL_SECONDS = 5.0  # how often each task replica looks for a newer version in the registry
+DEFAULT_APP_NAME = "baim"
 # How long @serve.batch waits for more requests after the first. 0: a lone request never waits, and under
 # load a batch is whatever queued up while the previous batch ran (max_concurrent_batches is 1).
 DEFAULT_BATCH_WAIT_S = 0.0
-INGRESS_NUM_CPUS = 0.1  # the ingress only awaits handles; images are encoded on the task replicas
-INGRESS_MAX_ONGOING = 256  # it only awaits handles; Serve's default of 5 would cap every task's concurrency
 # Serve's defaults (30 s up, 600 s down) suit big clusters; task models start in about a second.
 DEFAULT_AUTOSCALING = {"upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "look_back_period_s": 15.0}
-# Declares the token in the OpenAPI document only; RequestGuard enforces it (see create_api).
-BEARER_SCHEME = HTTPBearer(
-    auto_error=False, scheme_name="bearerAuth", description="BAIM_API_TOKEN (when the server sets one)"
-)
-
-
-def task_owner(task: str) -> str:
-    """Registry owner of a task's models: `task/<task>`."""
-    return TASK_OWNER_PREFIX + task
+INDEX_DEPLOYMENT = "Index"
+METRICS_DEPLOYMENT = "MetricsHub"
+# The index serves no model (task requests reach their own applications); the hub only adds numbers.
+INDEX_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.1},
+    "max_ongoing_requests": 64,
+    "max_surge_percent": 100,  # a redeploy (a new task) starts the new replica before stopping the old
+}
+METRICS_OPTIONS: dict[str, Any] = {
+    "num_replicas": 1,  # one place that holds every replica's snapshot
+    "ray_actor_options": {"num_cpus": 0.05},
+    "max_ongoing_requests": 256,
+}
+METRICS_PUSH_SECONDS = 1.0  # how often a replica sends its metrics when they changed
+METRICS_REFRESH_SECONDS = 10.0  # ... and unchanged ones, so that a restarted hub gets them back
 
 
 def deployment_name(task: str) -> str:
@@ -99,85 +97,159 @@ def latest_task_versions(registry: Registry) -> dict[str, str]:
     return versions
 
 
-# ---- HTTP bodies --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AppNames:
+    """Names and route prefixes of the applications that serve one registry (`index` at `route_prefix`)."""
+
+    index: str = DEFAULT_APP_NAME
+    route_prefix: str = "/"
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            raise ValueError("index: expected a non-empty application name")
+        if not self.route_prefix.startswith("/") or (
+            self.route_prefix != "/" and self.route_prefix.endswith("/")
+        ):
+            raise ValueError(
+                f"route_prefix: expected '/' or '/path' (no trailing '/'), received {self.route_prefix!r}"
+            )
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.index}-metrics"
+
+    def task_app(self, task: str) -> str:
+        return f"{self.index}-task-{task}"
+
+    def task_route(self, task: str) -> str:
+        return f"{self.route_prefix.rstrip('/')}/tasks/{task}"
 
 
-class GenerateRequest(BaseModel):
-    """Body of POST /tasks/{task}/generate. Strict ints: "3", 3.0 and true are rejected, not coerced."""
+def task_deployment_options(
+    serving_cfg: ServingConfig,
+    *,
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+    autoscaling_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Serve deployment options of every task deployment, from the scenario's `serving` section.
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"n": 4, "seed": 7}, {"n": 1}]})
-
-    n: int = Field(strict=True, ge=1, le=MAX_IMAGES_PER_REQUEST, description="How many images, 1..64.")
-    seed: int | None = Field(
-        default=None,
-        strict=True,
-        ge=0,
-        le=MAX_SEED,
-        description="Seed of the noise, 0..2^53-1; the same seed, n and model version give the same images. "
-        "Drawn at random (and returned) when absent.",
-    )
-
-
-class GenerateResponse(BaseModel):
-    task: str = Field(description="The task the images were generated for.")
-    model_version: str = Field(description="The registry version of the task model that generated them.")
-    seed: int = Field(description="The seed used (the request's, or the one drawn for it).")
-    images: list[str] = Field(description="n base64-encoded PNG images.")
-
-
-class TaskInfo(BaseModel):
-    task: str = Field(description="Task name.")
-    model_version: str = Field(description="Registry version being served.")
-    kind: str = Field(description='Artifact kind: "task_model" (decomposed BAIM) or "learner".')
-    parameter_count: int = Field(description="Parameters of the served model.")
-    sha256: str = Field(description="sha256 of the artifact (spec + weights), as in the registry.")
-
-
-class TasksResponse(BaseModel):
-    tasks: list[TaskInfo] = Field(description="Every served task, sorted by name.")
-
-
-class ErrorResponse(BaseModel):
-    """Body of every error but 422 (whose `detail` is pydantic's list of problems)."""
-
-    detail: str = Field(description="What was wrong with the request, in words.")
+    Used as `.options(**...)` from Python and as the config file's `deployments` entry, so both agree.
+    `autoscaling_overrides` adds Serve autoscaling_config keys (e.g. downscale_delay_s).
+    """
+    if not isinstance(serving_cfg, ServingConfig):
+        raise TypeError(f"serving_cfg: expected a ServingConfig, received {type(serving_cfg).__name__}")
+    if batch_wait_timeout_s < 0:
+        raise ValueError(f"batch_wait_timeout_s: expected >= 0, received {batch_wait_timeout_s}")
+    return {
+        "autoscaling_config": {
+            "min_replicas": serving_cfg.min_replicas,
+            "max_replicas": serving_cfg.max_replicas,
+            "target_ongoing_requests": serving_cfg.target_ongoing_requests,
+            **DEFAULT_AUTOSCALING,
+            **(autoscaling_overrides or {}),
+        },
+        "ray_actor_options": {"num_cpus": serving_cfg.num_cpus},
+        # Room for a full batch plus the next one filling while it runs.
+        "max_ongoing_requests": max(5, 2 * serving_cfg.max_batch_size),
+        # A redeploy restarts replicas: start the new ones before stopping the old.
+        "max_surge_percent": 100,
+        "user_config": {
+            "max_batch_size": serving_cfg.max_batch_size,
+            "batch_wait_timeout_s": batch_wait_timeout_s,
+        },
+    }
 
 
-def error_response(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
+def resolve_api_token(api_token: str | None) -> str | None:
+    """`api_token`, or BAIM_API_TOKEN from the environment when None; empty means no token."""
+    if api_token is None:
+        api_token = os.environ.get(API_TOKEN_ENV)
+    return api_token or None
 
 
-# Documented in the OpenAPI document, so that clients (and schemathesis) know every status a route can give.
-GUARD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: error_response("Content-Length is not an integer, or the body is not UTF-8 text"),
-    413: error_response(f"Request body over {MAX_BODY_BYTES} bytes (declared or sent)"),
-}
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: error_response("Missing or wrong bearer token (header WWW-Authenticate: Bearer)"),
-}
-TASK_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: error_response("Unknown task; the detail names the known ones"),
-    503: error_response("No replica of the task answered; retry later"),
-}
-MODEL_HEADERS = {
-    "ETag": {
-        "description": "The artifact's sha256 in quotes: send it back in If-None-Match.",
-        "schema": {"type": "string"},
-    },
-    "X-Task": {"description": "The task.", "schema": {"type": "string"}},
-    "X-Model-Version": {"description": "The registry version.", "schema": {"type": "string"}},
-    "X-Model-Sha256": {"description": "sha256 of the body.", "schema": {"type": "string"}},
-}
+# ---- metrics from every replica ---------------------------------------------------------------------------
 
 
-# ---- the task model deployment ------------------------------------------------------------------------
+class MetricsPusher:
+    """Sends this replica's metrics snapshot to the MetricsHub of `metrics_app`, from a daemon thread."""
+
+    def __init__(self, metrics_app: str, source: str) -> None:
+        self._metrics_app = metrics_app
+        self._source = source
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="push-metrics", daemon=True).start()
+
+    @classmethod
+    def for_this_replica(cls, metrics_app: str | None) -> "MetricsPusher | None":
+        if metrics_app is None:
+            return None
+        return cls(metrics_app, serve.get_replica_context().replica_id.to_full_id_str())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        hub: DeploymentHandle | None = None
+        sent: list[FamilySnapshot] | None = None
+        sent_at = 0.0
+        failures = 0
+        while not self._stop.wait(METRICS_PUSH_SECONDS):
+            families = snapshot()
+            if families == sent and time.monotonic() - sent_at < METRICS_REFRESH_SECONDS:
+                continue
+            try:
+                if hub is None:
+                    hub = serve.get_deployment_handle(METRICS_DEPLOYMENT, app_name=self._metrics_app)
+                hub.push.remote(self._source, families).result(timeout_s=10)
+            except Exception as err:  # the hub may not be up yet, or restarting; the next tick retries
+                failures += 1
+                log = logger.warning if failures == 3 else logger.debug
+                log(
+                    "metrics: cannot reach %s in %s (%d tries): %s",
+                    METRICS_DEPLOYMENT,
+                    self._metrics_app,
+                    failures,
+                    err,
+                )
+                hub = None
+                continue
+            sent, sent_at, failures = families, time.monotonic(), 0
+
+
+@serve.deployment(name=METRICS_DEPLOYMENT, **METRICS_OPTIONS)
+class MetricsHub:
+    """The latest metrics snapshot of every replica, and their sum (serve.metrics.MetricsAggregate)."""
+
+    def __init__(self) -> None:
+        self._aggregate = MetricsAggregate()
+
+    def push(self, source: str, families: list[FamilySnapshot]) -> None:
+        self._aggregate.push(source, families)
+
+    def sources(self) -> list[str]:
+        """The replicas (full Serve replica ids) that have sent metrics."""
+        return self._aggregate.sources()
+
+    def render(self, source: str | None = None) -> bytes:
+        """Prometheus text of every replica's metrics summed, or of one replica's."""
+        return self._aggregate.render(source)
+
+
+# ---- the task application ---------------------------------------------------------------------------------
+
+
+def replica_cpu_threads() -> int:
+    """Intra-op threads for this replica: the whole CPUs it reserved, at least 1 (more only oversubscribe)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
 
 
 @serve.deployment
+@serve.ingress()
 class TaskModelDeployment:
-    """Serves one task's model and follows the registry to its newest version (see the module docstring).
+    """One task's HTTP routes and model in one replica; follows the registry to the task's newest version.
 
-    `user_config` (optional, lightweight): {"max_batch_size", "batch_wait_timeout_s"} for @serve.batch.
+    `user_config` (lightweight): {"max_batch_size", "batch_wait_timeout_s"} for @serve.batch.
     """
 
     def __init__(
@@ -185,26 +257,25 @@ class TaskModelDeployment:
         registry_uri: str,
         task: str,
         *,
-        num_threads: int = 1,
+        api_token_sha256: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         pinned_version: str | None = None,
+        metrics_app: str | None = None,
     ) -> None:
         import torch
 
-        # A replica reserves a fraction of a core or a few cores; more intra-op threads only oversubscribe.
-        torch.set_num_threads(max(1, num_threads))
-        self._registry = Registry(registry_uri)
+        torch.set_num_threads(replica_cpu_threads())
         self._task = task
-        self._rejected: set[str] = set()
-        # (model, download body), replaced as one reference, so a batch always sees a matching pair.
-        self._current: tuple[LoadedModel, bytes] = (
-            self._load(pinned_version) if pinned_version else self._load_newest_good()
+        self._api_token_sha256 = api_token_sha256
+        self._max_body_bytes = max_body_bytes
+        self._model = TaskModelFollower(
+            registry_uri, task, poll_seconds=poll_seconds, pinned_version=pinned_version
         )
-        self._stop = threading.Event()
-        if pinned_version is None and poll_seconds > 0:
-            threading.Thread(
-                target=self._follow_registry, args=(poll_seconds,), name=f"follow-{task}", daemon=True
-            ).start()
+        self._pusher = MetricsPusher.for_this_replica(metrics_app)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_task_api(self._task, self, self._api_token_sha256, self._max_body_bytes)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batching parameters; Serve calls this at start and on a user_config change."""
@@ -213,323 +284,293 @@ class TaskModelDeployment:
         batcher.set_max_batch_size(int(config.get("max_batch_size", 8)))
         batcher.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S)))
 
-    def _load(self, version: str) -> tuple[LoadedModel, bytes]:
-        payload = self._registry.get(task_owner(self._task), version)
-        return load_model(payload, task=self._task, model_version=version), artifact_body(payload)
-
-    def _load_newest_good(self) -> tuple[LoadedModel, bytes]:
-        """The newest version that passes verification (a corrupt newest one must not stop a replica)."""
-        versions = self._registry.versions(task_owner(self._task))
-        for version in reversed(versions):
-            try:
-                return self._load(version)
-            except (ArtifactRejected, ValueError, LookupError) as err:
-                self._rejected.add(version)
-                logger.error(
-                    "task %s: version %s rejected, trying an older one: %s", self._task, version, err
-                )
-        if not versions:
-            raise UnknownTask(self._task)
-        raise ArtifactRejected(f"{task_owner(self._task)}", f"none of the versions {versions} loads")
-
-    def _follow_registry(self, poll_seconds: float) -> None:
-        # The rollout: load the newest version beside the current one, then swap the reference. Requests
-        # in flight finish on the model they started with; nothing restarts, so nothing fails.
-        while not self._stop.wait(poll_seconds):
-            try:
-                latest = self._registry.latest(task_owner(self._task))
-                current = self._current[0].model_version
-                if latest is None or latest == current or latest in self._rejected:
-                    continue
-                try:
-                    self._current = self._load(latest)
-                except (ArtifactRejected, ValueError, LookupError) as err:
-                    self._rejected.add(latest)
-                    logger.error(
-                        "task %s: version %s rejected, still serving %s: %s", self._task, latest, current, err
-                    )
-                    continue
-                logger.info("task %s: rolled from %s to %s", self._task, current, latest)
-            except Exception:  # a registry hiccup must not end the follower; the next poll retries
-                logger.exception("task %s: registry poll failed", self._task)
-
-    def __del__(self) -> None:
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-
-    def _loaded(self) -> tuple[LoadedModel, bytes]:
-        return self._current
-
     async def generate(self, n: int, seed: int) -> dict[str, Any]:
         return await self._generate_batched(GenerationRequest(n=n, seed=seed))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _generate_batched(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
-        model, _ = self._loaded()
-        # Run the forward and the PNG encoding off the event loop so the next batch keeps filling meanwhile.
-        return await asyncio.to_thread(self._generate_and_encode, model, requests)
+        model, _ = self._model.current
+        # The forward and the PNG encoding run off the event loop, so the next batch keeps filling meanwhile.
+        return await asyncio.to_thread(generate_and_encode, model, requests)
 
-    @staticmethod
-    def _generate_and_encode(model: LoadedModel, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
-        started = time.perf_counter()
-        images = generate_batch(model, requests)
-        seconds = time.perf_counter() - started
-        return [
-            {"model_version": model.model_version, "images": png_base64(batch), "generation_seconds": seconds}
-            for batch in images
-        ]
+    async def info(self) -> dict[str, Any]:
+        return self._model.current[0].info()
 
-    def info(self) -> dict[str, Any]:
-        return self._loaded()[0].info()
+    async def artifact(self) -> dict[str, Any]:
+        return model_artifact(self._model.current)
 
-    def artifact(self) -> dict[str, Any]:
-        model, body = self._loaded()
-        return {"model_version": model.model_version, "sha256": model.sha256, "body": body}
+    def __del__(self) -> None:
+        for part in (getattr(self, "_model", None), getattr(self, "_pusher", None)):
+            if part is not None:
+                part.stop()
 
 
-# ---- the ingress --------------------------------------------------------------------------------------
+# ---- the index application --------------------------------------------------------------------------------
 
 
-@serve.deployment(ray_actor_options={"num_cpus": INGRESS_NUM_CPUS}, max_ongoing_requests=INGRESS_MAX_ONGOING)
+class HandleBackend:
+    """A task's routes through a handle to its application (the index's path while the proxy has no route to
+    that application yet). A call that hit a dying replica is repeated once on another: every call is a pure
+    function of (model version, arguments); a second failure is the service's, a 503, never a 500."""
+
+    def __init__(self, task: str, app_name: str) -> None:
+        self._task = task
+        self._app_name = app_name
+        self._handle: DeploymentHandle | None = None
+
+    async def _deployment(self) -> DeploymentHandle:
+        if self._handle is None:
+            try:
+                self._handle = await asyncio.to_thread(
+                    serve.get_deployment_handle, deployment_name(self._task), self._app_name
+                )
+            except Exception as err:  # the application is not deployed (yet)
+                logger.warning("task %s: no application %s: %s", self._task, self._app_name, err)
+                raise TaskUnavailable(f"task {self._task!r}: not deployed yet; retry later") from None
+        return self._handle
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        handle = await self._deployment()
+        for attempt in (1, 2):
+            try:
+                return await getattr(handle, method).remote(*args)
+            except RayActorError as err:
+                logger.warning(
+                    "task %s: replica died during a call (attempt %d): %s", self._task, attempt, err
+                )
+        raise TaskUnavailable(f"task {self._task!r}: no replica answered; retry later")
+
+    async def generate(self, n: int, seed: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("generate", n, seed)
+        return result
+
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("info")
+        return result
+
+    async def artifact(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("artifact")
+        return result
+
+
+@serve.deployment(name=INDEX_DEPLOYMENT, **INDEX_OPTIONS)
 @serve.ingress()
-class Ingress:
-    """HTTP front: validates requests and forwards them to the task deployments by handle."""
+class IndexDeployment:
+    """`/`: the OpenAPI document, /healthz, /tasks, /metrics, 404 for unknown tasks (serve.api)."""
 
     def __init__(
         self,
-        task_handles: dict[str, DeploymentHandle],
+        task_apps: dict[str, str],
         api_token_sha256: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        metrics_app: str | None = None,
     ) -> None:
-        self._handles = dict(task_handles)
+        self._backends: dict[str, TaskBackend] = {
+            task: HandleBackend(task, app) for task, app in task_apps.items()
+        }
         self._api_token_sha256 = api_token_sha256
         self._max_body_bytes = max_body_bytes
+        self._metrics_app = metrics_app
+        self._hub: DeploymentHandle | None = None
+        self._pusher = MetricsPusher.for_this_replica(metrics_app)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._handles, self._api_token_sha256, self._max_body_bytes)
-
-
-def create_api(
-    handles: Mapping[str, DeploymentHandle], api_token_sha256: str | None, max_body_bytes: int
-) -> FastAPI:
-    """The FastAPI app of one ingress replica (built in the replica, after its constructor)."""
-    api = FastAPI(
-        title="BAIM task models",
-        description="Generate images with decomposed BAIM task models; download them for an edge toolbox.",
-        version="1",
-        responses=GUARD_RESPONSES,
-    )
-    api.add_middleware(
-        RequestGuard,
-        api_token_sha256=api_token_sha256,
-        max_body_bytes=max_body_bytes,
-        open_paths=("/healthz",),
-    )
-
-    # RequestGuard enforces the token; this dependency only declares the bearer scheme in the OpenAPI
-    # document (auto_error=False: it never rejects anything itself).
-    auth_dependencies = [Security(BEARER_SCHEME)] if api_token_sha256 is not None else []
-    auth_responses = AUTH_RESPONSES if api_token_sha256 is not None else {}
-
-    # The served tasks as the path parameter's examples: documentation, and what schemathesis tries first.
-    task_examples = sorted(handles) or None
-    task_description = "A served task (GET /tasks lists them)."
-
-    def handle_for(task: str) -> DeploymentHandle:
-        if task not in handles:
-            raise HTTPException(status_code=404, detail=str(UnknownTask(task, sorted(handles))))
-        return handles[task]
-
-    async def call_replica(task: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        # Every replica call is a pure function of (model version, arguments), so a call that hit a replica
-        # dying under it is safe to repeat once on another; a second failure is the service's, not the
-        # client's: 503, never 500.
-        for attempt in (1, 2):
-            try:
-                return await call()
-            except RayActorError as err:
-                logger.warning("task %s: replica died during a call (attempt %d): %s", task, attempt, err)
-        raise HTTPException(status_code=503, detail=f"task {task!r}: no replica answered; retry later")
-
-    @api.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get(
-        "/tasks",
-        response_model=TasksResponse,
-        dependencies=auth_dependencies,
-        responses={**auth_responses, 503: TASK_RESPONSES[503]},
-    )
-    async def list_tasks() -> TasksResponse:
-        tasks = sorted(handles)
-        infos = await asyncio.gather(*(call_replica(task, handles[task].info.remote) for task in tasks))
-        return TasksResponse(tasks=[TaskInfo(**info) for info in infos])
-
-    @api.post(
-        "/tasks/{task}/generate",
-        response_model=GenerateResponse,
-        dependencies=auth_dependencies,
-        responses={**auth_responses, **TASK_RESPONSES},
-    )
-    async def generate(
-        body: GenerateRequest,
-        task: str = Path(description=task_description, examples=task_examples),
-    ) -> GenerateResponse:
-        handle = handle_for(task)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-        result = await call_replica(task, lambda: handle.generate.remote(body.n, seed))
-        GENERATION_SECONDS.labels(task=task).observe(result["generation_seconds"])
-        return GenerateResponse(
-            task=task, model_version=result["model_version"], seed=seed, images=result["images"]
+        render = self._render_metrics if self._metrics_app is not None else None
+        return create_index_api(
+            self._backends, self._api_token_sha256, self._max_body_bytes, render_metrics=render
         )
 
-    @api.get(
-        "/tasks/{task}/model",
-        response_class=Response,
-        dependencies=auth_dependencies,
-        responses={
-            200: {
-                "content": {"application/octet-stream": {}},
-                "description": "spec_json + b'\\n' + weights",
-                "headers": MODEL_HEADERS,
-            },
-            304: {
-                "description": "If-None-Match named the current sha256: the cached copy is current",
-                "headers": MODEL_HEADERS,
-            },
-            **auth_responses,
-            **TASK_RESPONSES,
-        },
-    )
-    async def download_model(
-        task: str = Path(description=task_description, examples=task_examples),
-        if_none_match: str | None = Header(
-            default=None, description='"<sha256>" of a cached copy: 304 (empty body) if it is still current'
-        ),
-    ) -> Response:
-        handle = handle_for(task)
-        cached = (if_none_match or "").strip('"')
-        if cached:
-            info = await call_replica(task, handle.info.remote)
-            # The sha256 is public (GET /tasks lists it): a plain comparison. hmac.compare_digest raised
-            # TypeError on a non-ASCII header value, a 500 (found by tests/integration/test_openapi_fuzz.py).
-            if cached == info["sha256"]:
-                return Response(status_code=304, headers=_model_headers(task, info["model_version"], cached))
-        artifact = await call_replica(task, handle.artifact.remote)
-        return Response(
-            content=artifact["body"],
-            media_type="application/octet-stream",
-            headers=_model_headers(task, artifact["model_version"], artifact["sha256"]),
-        )
+    async def _render_metrics(self) -> bytes:
+        try:
+            if self._hub is None:
+                self._hub = await asyncio.to_thread(
+                    serve.get_deployment_handle, METRICS_DEPLOYMENT, self._metrics_app
+                )
+            body: bytes = await self._hub.render.remote()
+            return body
+        except Exception as err:  # the hub is not deployed yet, or restarting
+            logger.warning("metrics: %s in %s did not answer: %s", METRICS_DEPLOYMENT, self._metrics_app, err)
+            self._hub = None
+            raise TaskUnavailable(f"metrics: {METRICS_DEPLOYMENT} did not answer; retry later") from None
 
-    @api.get(
-        "/metrics",
-        response_class=Response,
-        dependencies=auth_dependencies,
-        responses={
-            **auth_responses,
-            200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text"},
-        },
-    )
-    async def metrics() -> Response:
-        return Response(content=render_latest(), media_type=METRICS_CONTENT_TYPE)
-
-    return api
+    def __del__(self) -> None:
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.stop()
 
 
-def _model_headers(task: str, model_version: str, sha256: str) -> dict[str, str]:
-    return {"ETag": f'"{sha256}"', "X-Task": task, "X-Model-Version": model_version, "X-Model-Sha256": sha256}
+# ---- builders: from Python, and the import paths of a Serve config file -----------------------------------
 
 
-# ---- building and deploying ---------------------------------------------------------------------------
-
-
-def token_sha256(api_token: str | None) -> str | None:
-    """What the ingress keeps of the bearer token: its sha256 (the token never enters Serve's config)."""
-    return hashlib.sha256(api_token.encode()).hexdigest() if api_token else None
-
-
-def build_app(
-    registry_uri: str,
-    serving_cfg: ServingConfig,
-    *,
-    tasks: Iterable[str] | None = None,
-    pinned_versions: Mapping[str, str] | None = None,
-    poll_seconds: float = DEFAULT_POLL_SECONDS,
-    api_token: str | None = None,
-    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-    autoscaling_overrides: Mapping[str, Any] | None = None,
-) -> serve.Application:
-    """The Serve application for a registry: one TaskModelDeployment per task, behind the Ingress.
-
-    `tasks` defaults to every `task/<name>` owner in the registry. Each deployment serves its task's newest
-    version and follows new ones every `poll_seconds` (0: never), unless `pinned_versions` names a version.
-    `api_token` defaults to the BAIM_API_TOKEN environment variable (unset or empty: no auth).
-    `autoscaling_overrides` adds Serve autoscaling_config keys (e.g. downscale_delay_s) to the scenario's.
-    """
-    if not isinstance(serving_cfg, ServingConfig):
-        raise TypeError(f"serving_cfg: expected a ServingConfig, received {type(serving_cfg).__name__}")
-    if poll_seconds < 0:
-        raise ValueError(f"poll_seconds: expected >= 0, received {poll_seconds}")
-    pinned_versions = dict(pinned_versions or {})
-    if tasks is None:
-        tasks = latest_task_versions(Registry(registry_uri))
-    tasks = sorted(set(tasks) | set(pinned_versions))
-    if not tasks:
-        logger.warning("registry %s holds no task models yet: serving an empty /tasks", registry_uri)
-    if api_token is None:
-        api_token = os.environ.get(API_TOKEN_ENV) or None
-    autoscaling_config = {
-        "min_replicas": serving_cfg.min_replicas,
-        "max_replicas": serving_cfg.max_replicas,
-        "target_ongoing_requests": serving_cfg.target_ongoing_requests,
-        **DEFAULT_AUTOSCALING,
-        **(autoscaling_overrides or {}),
-    }
-    handles = {}
-    for task in tasks:
-        handles[task] = TaskModelDeployment.options(  # type: ignore[attr-defined]
-            name=deployment_name(task),
-            autoscaling_config=autoscaling_config,
-            ray_actor_options={"num_cpus": serving_cfg.num_cpus},
-            # Room for a full batch plus the next one filling while it runs.
-            max_ongoing_requests=max(5, 2 * serving_cfg.max_batch_size),
-            # A redeploy (a new task appears) restarts replicas: start the new ones before stopping the old.
-            max_surge_percent=100,
-            user_config={
-                "max_batch_size": serving_cfg.max_batch_size,
-                "batch_wait_timeout_s": batch_wait_timeout_s,
-            },
-        ).bind(
-            registry_uri,
-            task,
-            num_threads=max(1, int(serving_cfg.num_cpus)),
-            poll_seconds=poll_seconds,
-            pinned_version=pinned_versions.get(task),
-        )
-    ingress = Ingress.options(max_surge_percent=100)  # type: ignore[attr-defined]
-    return ingress.bind(handles, token_sha256(api_token))
-
-
-class BuildArgs(BaseModel):
-    """Arguments of `app_builder` (`serve run serve.app:app_builder registry_uri=DIR`, or a config file)."""
+class TaskAppArgs(BaseModel):
+    """`args` of `import_path: serve.app:task_application` (one task's application)."""
 
     model_config = ConfigDict(extra="forbid")
 
     registry_uri: str = Field(min_length=1, description="Registry root: a local path or a pyarrow.fs URI.")
-    serving: ServingConfig = Field(default_factory=ServingConfig, description="Replicas, CPUs and batching.")
+    task: str = Field(pattern=NAME_PATTERN, description="The task whose `task/<task>` models it serves.")
+    metrics_app: str | None = Field(
+        default=None, description="Application of the MetricsHub its replicas report to (None: none)."
+    )
+    poll_seconds: float = Field(
+        default=DEFAULT_POLL_SECONDS,
+        ge=0,
+        description="How often replicas look for a newer version (0: never).",
+    )
+    pinned_version: str | None = Field(default=None, description="Serve this version and never follow.")
 
 
-def app_builder(args: BuildArgs | dict[str, Any]) -> serve.Application:
-    """Serve's application builder (see docs/http-api.md, "Serve config file").
+class IndexAppArgs(BaseModel):
+    """`args` of `import_path: serve.app:index_application`."""
 
-    Serve passes the config's `args` as a dict here (this module's postponed annotations hide the pydantic
-    type from it), so they are validated here; a bad key or value raises pydantic's ValidationError.
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: dict[str, str] = Field(description="Every served task: the name of the application serving it.")
+    metrics_app: str | None = Field(
+        default=None,
+        description="Application of the MetricsHub that GET /metrics reads (None: this process).",
+    )
+
+
+class MetricsAppArgs(BaseModel):
+    """`args` of `import_path: serve.app:metrics_application` (none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def build_task_app(
+    args: TaskAppArgs, options: Mapping[str, Any] | None = None, api_token: str | None = None
+) -> serve.Application:
+    """A task's application; `options` are its deployment's Serve options (default: task_deployment_options
+    of the default ServingConfig), `api_token` defaults to BAIM_API_TOKEN (see resolve_api_token)."""
+    options = dict(options) if options is not None else task_deployment_options(ServingConfig())
+    deployment = TaskModelDeployment.options(name=deployment_name(args.task), **options)  # type: ignore[attr-defined]
+    return deployment.bind(
+        args.registry_uri,
+        args.task,
+        api_token_sha256=token_sha256(resolve_api_token(api_token)),
+        poll_seconds=args.poll_seconds,
+        pinned_version=args.pinned_version,
+        metrics_app=args.metrics_app,
+    )
+
+
+def build_index_app(args: IndexAppArgs, api_token: str | None = None) -> serve.Application:
+    return IndexDeployment.bind(  # type: ignore[attr-defined]
+        dict(args.tasks), token_sha256(resolve_api_token(api_token)), metrics_app=args.metrics_app
+    )
+
+
+def task_application(args: TaskAppArgs) -> serve.Application:
+    """Config builder (`serve.app:task_application`): deployment options come from the config's
+    `deployments` section, the token from BAIM_API_TOKEN where the application is built (the cluster)."""
+    return build_task_app(args)
+
+
+def index_application(args: IndexAppArgs) -> serve.Application:
+    """Config builder (`serve.app:index_application`); the token as for task_application."""
+    return build_index_app(args)
+
+
+def metrics_application(args: MetricsAppArgs) -> serve.Application:
+    """Config builder (`serve.app:metrics_application`)."""
+    return MetricsHub.bind()  # type: ignore[attr-defined,no-any-return]
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One application to deploy: what a config file's `applications` entry says, typed."""
+
+    name: str
+    route_prefix: str | None
+    args: TaskAppArgs | IndexAppArgs | MetricsAppArgs
+    deployment: str
+    options: dict[str, Any]
+
+    @property
+    def import_path(self) -> str:
+        builder = {
+            TaskAppArgs: task_application,
+            IndexAppArgs: index_application,
+            MetricsAppArgs: metrics_application,
+        }
+        function = builder[type(self.args)]
+        return f"{function.__module__}:{function.__name__}"
+
+    def application(self, api_token: str | None = None) -> serve.Application:
+        if isinstance(self.args, TaskAppArgs):
+            return build_task_app(self.args, self.options, api_token)
+        if isinstance(self.args, IndexAppArgs):
+            return build_index_app(self.args, api_token)
+        return metrics_application(self.args)
+
+    def run_target(self, api_token: str | None = None) -> serve.RunTarget:
+        return serve.RunTarget(
+            target=self.application(api_token), name=self.name, route_prefix=self.route_prefix
+        )
+
+    def config_entry(self) -> dict[str, Any]:
+        """This application as an entry of a Serve config file's `applications`."""
+        return {
+            "name": self.name,
+            "route_prefix": self.route_prefix,
+            "import_path": self.import_path,
+            "args": self.args.model_dump(mode="json", exclude_defaults=True),
+            "deployments": [{"name": self.deployment, **self.options}],
+        }
+
+
+def application_specs(
+    registry_uri: str,
+    serving_cfg: ServingConfig,
+    tasks: Iterable[str],
+    *,
+    names: AppNames = AppNames(),
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
+    pinned_versions: Mapping[str, str] | None = None,
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+    autoscaling_overrides: Mapping[str, Any] | None = None,
+) -> list[AppSpec]:
+    """The metrics hub, one application per task, and the index, in the order they should start."""
+    pinned_versions = dict(pinned_versions or {})
+    tasks = sorted(set(tasks) | set(pinned_versions))
+    options = task_deployment_options(
+        serving_cfg, batch_wait_timeout_s=batch_wait_timeout_s, autoscaling_overrides=autoscaling_overrides
+    )
+    specs = [AppSpec(names.metrics, None, MetricsAppArgs(), METRICS_DEPLOYMENT, dict(METRICS_OPTIONS))]
+    for task in tasks:
+        args = TaskAppArgs(
+            registry_uri=registry_uri,
+            task=task,
+            metrics_app=names.metrics,
+            poll_seconds=poll_seconds,
+            pinned_version=pinned_versions.get(task),
+        )
+        specs.append(
+            AppSpec(names.task_app(task), names.task_route(task), args, deployment_name(task), options)
+        )
+    index_args = IndexAppArgs(tasks={task: names.task_app(task) for task in tasks}, metrics_app=names.metrics)
+    specs.append(AppSpec(names.index, names.route_prefix, index_args, INDEX_DEPLOYMENT, dict(INDEX_OPTIONS)))
+    return specs
+
+
+def serve_config(specs: Iterable[AppSpec], serving_cfg: ServingConfig) -> dict[str, Any]:
+    """A Serve config file (what `serve build` writes) for `specs`: `serve deploy` / `serve run` apply it.
+
+    Validated with Serve's own schema before it is returned.
     """
-    parsed = args if isinstance(args, BuildArgs) else BuildArgs.model_validate(args)
-    return build_app(parsed.registry_uri, parsed.serving)
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": serving_cfg.host, "port": serving_cfg.port},
+        "applications": [spec.config_entry() for spec in specs],
+    }
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+# ---- deploying and following a registry -------------------------------------------------------------------
 
 
 def start_http(serving_cfg: ServingConfig) -> None:
@@ -556,10 +597,12 @@ def is_loopback(host: str) -> bool:
 
 
 class RegistryWatcher:
-    """Keeps a Serve application serving every task model in a registry.
+    """Keeps Serve serving every task model in a registry.
 
-    New versions of a served task need nothing from here (its replicas follow the registry); a new task
-    needs a handle in the ingress, so `poll` redeploys the application when the set of tasks changes.
+    New versions of a served task need nothing from here (its replicas follow the registry). A new task gets
+    its own application (the others are not touched), then the index is redeployed to list it.
+    `build_options` go to `application_specs` (poll_seconds, pinned_versions, batch_wait_timeout_s,
+    autoscaling_overrides).
     """
 
     def __init__(
@@ -567,30 +610,41 @@ class RegistryWatcher:
         registry_uri: str,
         serving_cfg: ServingConfig,
         *,
-        app_name: str = "baim",
+        app_name: str = DEFAULT_APP_NAME,
         route_prefix: str = "/",
         api_token: str | None = None,
         **build_options: Any,
     ) -> None:
         self.registry_uri = registry_uri
         self.serving_cfg = serving_cfg
-        self.app_name = app_name
-        self.route_prefix = route_prefix
+        self.names = AppNames(app_name, route_prefix)
         self.api_token = api_token
         self.build_options = build_options
         self.deployed_tasks: list[str] | None = None
         self._registry = Registry(registry_uri)
+
+    def specs(self, tasks: Iterable[str]) -> list[AppSpec]:
+        return application_specs(
+            self.registry_uri, self.serving_cfg, tasks, names=self.names, **self.build_options
+        )
 
     def poll(self) -> bool:
         """Deploy when the registry's tasks differ from the deployed ones (or on the first call)."""
         tasks = sorted(latest_task_versions(self._registry))
         if tasks == self.deployed_tasks:
             return False
-        app = build_app(
-            self.registry_uri, self.serving_cfg, tasks=tasks, api_token=self.api_token, **self.build_options
+        specs = self.specs(tasks)
+        if self.deployed_tasks is None:
+            serve.run_many([spec.run_target(self.api_token) for spec in specs])
+        else:
+            new_apps = {self.names.task_app(task) for task in set(tasks) - set(self.deployed_tasks)}
+            # The new tasks' applications first (running before the index lists them), then the index.
+            serve.run_many([spec.run_target(self.api_token) for spec in specs if spec.name in new_apps])
+            index = specs[-1]
+            serve.run(index.application(self.api_token), name=index.name, route_prefix=index.route_prefix)
+        logger.info(
+            "applications of %s serve tasks %s (was %s)", self.names.index, tasks, self.deployed_tasks
         )
-        serve.run(app, name=self.app_name, route_prefix=self.route_prefix)
-        logger.info("application %s serves tasks %s (was %s)", self.app_name, tasks, self.deployed_tasks)
         self.deployed_tasks = tasks
         return True
 
@@ -598,17 +652,17 @@ class RegistryWatcher:
 def serve_registry(
     registry_uri: str,
     serving_cfg: ServingConfig,
-    poll_seconds: float = 5.0,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
     *,
     stop: threading.Event | None = None,
-    app_name: str = "baim",
+    app_name: str = DEFAULT_APP_NAME,
     route_prefix: str = "/",
 ) -> None:
     """Serve every task model of a registry over HTTP, following new versions and new tasks (both polled
     every `poll_seconds`) until `stop` is set.
 
     The body of `baim serve --registry DIR`. Needs a Ray connection (`ray.init()` first, or Serve starts a
-    local one). Blocks; returns when `stop` is set (never, by default), leaving the application running.
+    local one). Blocks; returns when `stop` is set (never, by default), leaving the applications running.
     """
     if poll_seconds <= 0:
         raise ValueError(f"poll_seconds: expected > 0, received {poll_seconds}")

@@ -4,9 +4,12 @@ It does three things before and around the FastAPI app, in this order:
 1. Bearer token: when the ingress has a token, every path but `open_paths` needs `Authorization: Bearer <t>`
    (401 otherwise). Only the token's sha256 is held; the comparison is constant-time.
 2. Body limit: a request whose Content-Length, or whose streamed body, exceeds `max_body_bytes` gets 413
-   before any JSON parsing; the body is read here (bounded) and replayed to the app.
+   before any JSON parsing; the body is read here (bounded) and replayed to the app. A request without a
+   body (no Content-Length, or 0, and no Transfer-Encoding) goes straight to the app.
 3. Metrics: every response is counted by route template, method and status, and timed
    (`baim_http_requests_total`, `baim_http_request_seconds`, on orchestrator.core.metrics' registry).
+   A task application's routes are labelled with their full template (`route_label_prefix`
+   "/tasks/{task}" + "/generate"), the same label the index gives them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from prometheus_client import Counter, Histogram
 from orchestrator.core.metrics import METRICS_REGISTRY
 
 logger = logging.getLogger(__name__)
+
+UNMATCHED_ROUTE = "unmatched"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -56,6 +61,7 @@ class RequestGuard:
         api_token_sha256: str | None,
         max_body_bytes: int,
         open_paths: tuple[str, ...] = ("/healthz",),
+        route_label_prefix: str = "",
     ) -> None:
         if max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes: expected > 0, received {max_body_bytes}")
@@ -63,6 +69,7 @@ class RequestGuard:
         self.api_token_sha256 = api_token_sha256
         self.max_body_bytes = max_body_bytes
         self.open_paths = open_paths
+        self.route_label_prefix = route_label_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,15 +82,23 @@ class RequestGuard:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
-                HTTP_REQUEST_SECONDS.labels(route=route_label(scope)).observe(time.perf_counter() - started)
+                HTTP_REQUEST_SECONDS.labels(route=self._route_label(scope)).observe(
+                    time.perf_counter() - started
+                )
             await send(message)
 
         try:
             await self._guarded(scope, receive, send_and_record)
         finally:
             HTTP_REQUESTS_TOTAL.labels(
-                route=route_label(scope), method=scope.get("method", ""), status=str(status_holder["status"])
+                route=self._route_label(scope),
+                method=scope.get("method", ""),
+                status=str(status_holder["status"]),
             ).inc()
+
+    def _route_label(self, scope: Scope) -> str:
+        label = route_label(scope)
+        return label if label == UNMATCHED_ROUTE else self.route_label_prefix + label
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         needs_token = self.api_token_sha256 is not None and relative_path(scope) not in self.open_paths
@@ -102,6 +117,12 @@ class RequestGuard:
             if int(declared) > self.max_body_bytes:
                 await send_json(send, 413, {"detail": self._too_large(f"{declared} bytes declared")})
                 return
+
+        if (declared is None or int(declared) == 0) and header(scope, b"transfer-encoding") is None:
+            # No body (RFC 9112, 6.3): nothing to read or bound. Not calling receive() matters under Serve,
+            # where each receive() is a call from the replica back to the proxy.
+            await self.app(scope, receive, send)
+            return
 
         # Read the whole body here, bounded, then replay it: FastAPI would turn an exception raised while it
         # reads the body into a vague 400, and nothing downstream should ever hold an unbounded body.
@@ -162,7 +183,7 @@ def relative_path(scope: Scope) -> str:
 def route_label(scope: Scope) -> str:
     """The matched route template (e.g. /tasks/{task}/generate), so task names never become label values."""
     route = scope.get("route")
-    return str(getattr(route, "path", "unmatched"))
+    return str(getattr(route, "path", UNMATCHED_ROUTE))
 
 
 async def send_json(

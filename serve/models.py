@@ -1,5 +1,6 @@
-"""Task models as Serve and the edge toolbox use them: safe loading, seeded batched generation, PNG encoding,
-and the byte format of a model download.
+"""Task models as Serve and the edge toolbox use them: safe loading, following the registry, seeded batched
+generation, PNG encoding, and the byte format of a model download. No Ray: Serve replicas, the edge toolbox
+and a bare HTTP server (benchmarks/bench_serve.py) use the same code.
 
 Two artifact kinds generate images and can be served: `"task_model"` (a decomposed BAIM task model) and
 `"learner"` (a lone edge VAE, served as is, e.g. before the first decomposition).
@@ -12,6 +13,12 @@ learner on the rows routed to it) round the last bits differently for different 
 request batched with different neighbours can differ by 1/255 on a rare pixel (about 1 in 10^4); served
 alone (or in the same batch) it is bit-identical. Computing in float64 would hide this and costs 3-5x.
 
+Rollout. `TaskModelFollower` polls the registry (`poll_seconds`) and, when a newer version of its task is
+committed, loads it beside the current one and swaps a single reference: requests in flight finish on the
+model they started with, later ones get the new one, nothing restarts, so no request fails. A version that
+fails verification is logged and skipped; the follower keeps what it has (and at start it loads the newest
+version that verifies).
+
 Download format (`GET /tasks/{task}/model`): the body is `spec_json + b"\\n" + weights`, i.e. exactly the
 bytes the artifact's sha256 covers, so `sha256(body)` must equal the `X-Model-Sha256` header.
 `canonical_json` never emits a raw newline, so the first b"\\n" splits spec from weights.
@@ -23,6 +30,8 @@ import base64
 import hashlib
 import io
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +46,14 @@ from baim.decompose import TaskModel
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for
 from orchestrator.core.artifacts import ArtifactPayload, check_shapes, unpack_payload
-from orchestrator.core.errors import ArtifactRejected
+from orchestrator.core.errors import ArtifactRejected, UnknownTask
+from orchestrator.core.names import MAX_MODEL_BYTES, task_owner
+from orchestrator.core.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 SERVABLE_KINDS = ("task_model", "learner")
-MAX_ARTIFACT_BYTES = 1 << 30  # 1 GiB: far above any task model; refuses absurd blobs before hashing
+DEFAULT_POLL_SECONDS = 5.0  # how often a follower looks for a newer version in the registry
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,9 @@ def build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor], *, arti
 
 def load_model(payload: ArtifactPayload, *, task: str, model_version: str) -> LoadedModel:
     """Verify (sha256, safetensors, dtypes, finiteness, shapes) and rebuild. Raises ArtifactRejected."""
-    artifact_id = f"task/{task}@{model_version}"
+    artifact_id = f"{task_owner(task)}@{model_version}"
     spec, tensors = unpack_payload(
-        payload, artifact_id=artifact_id, max_bytes=MAX_ARTIFACT_BYTES, allowed_kinds=SERVABLE_KINDS
+        payload, artifact_id=artifact_id, max_bytes=MAX_MODEL_BYTES, allowed_kinds=SERVABLE_KINDS
     )
     module = build_module(spec, tensors, artifact_id=artifact_id)
     return LoadedModel(
@@ -116,6 +127,83 @@ def load_model(payload: ArtifactPayload, *, task: str, model_version: str) -> Lo
         module=module,
         parameter_count=sum(p.numel() for p in module.parameters()),
     )
+
+
+# ---- following the registry ---------------------------------------------------------------------------
+
+
+class TaskModelFollower:
+    """The newest good version of one task's model, followed in the registry (see the module docstring).
+
+    `current` is (model, download body), replaced as one reference so that a caller always sees a matching
+    pair. `poll_seconds=0` or a `pinned_version` never follows. `stop()` ends the polling thread.
+    """
+
+    def __init__(
+        self,
+        registry_uri: str,
+        task: str,
+        *,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+        pinned_version: str | None = None,
+    ) -> None:
+        if poll_seconds < 0:
+            raise ValueError(f"poll_seconds: expected >= 0, received {poll_seconds}")
+        self._registry = Registry(registry_uri)
+        self.task = task
+        self._rejected: set[str] = set()
+        self.current: tuple[LoadedModel, bytes] = (
+            self._load(pinned_version) if pinned_version else self._load_newest_good()
+        )
+        self._stop = threading.Event()
+        if pinned_version is None and poll_seconds > 0:
+            threading.Thread(
+                target=self._follow, args=(poll_seconds,), name=f"follow-{task}", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _load(self, version: str) -> tuple[LoadedModel, bytes]:
+        payload = self._registry.get(task_owner(self.task), version)
+        return load_model(payload, task=self.task, model_version=version), artifact_body(payload)
+
+    def _load_newest_good(self) -> tuple[LoadedModel, bytes]:
+        """The newest version that passes verification (a corrupt newest one must not stop a replica)."""
+        versions = self._registry.versions(task_owner(self.task))
+        for version in reversed(versions):
+            try:
+                return self._load(version)
+            except (ArtifactRejected, ValueError, LookupError) as err:
+                self._rejected.add(version)
+                logger.error("task %s: version %s rejected, trying an older one: %s", self.task, version, err)
+        if not versions:
+            raise UnknownTask(self.task)
+        raise ArtifactRejected(task_owner(self.task), f"none of the versions {versions} loads")
+
+    def _follow(self, poll_seconds: float) -> None:
+        while not self._stop.wait(poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a registry hiccup must not end the follower; the next poll retries
+                logger.exception("task %s: registry poll failed", self.task)
+
+    def poll(self) -> bool:
+        """Load the newest version if it is new and verifies; whether the model changed."""
+        latest = self._registry.latest(task_owner(self.task))
+        current = self.current[0].model_version
+        if latest is None or latest == current or latest in self._rejected:
+            return False
+        try:
+            self.current = self._load(latest)
+        except (ArtifactRejected, ValueError, LookupError) as err:
+            self._rejected.add(latest)
+            logger.error(
+                "task %s: version %s rejected, still serving %s: %s", self.task, latest, current, err
+            )
+            return False
+        logger.info("task %s: rolled from %s to %s", self.task, current, latest)
+        return True
 
 
 # ---- generation ---------------------------------------------------------------------------------------
@@ -157,6 +245,24 @@ def generate_batch(model: LoadedModel, requests: Sequence[GenerationRequest]) ->
         assert isinstance(module, TaskModel)
         images = module.generate(sum(counts), eps=eps)
     return list(images.split(counts))
+
+
+def generate_and_encode(model: LoadedModel, requests: Sequence[GenerationRequest]) -> list[dict[str, Any]]:
+    """One batched forward, then PNGs: per request {"model_version", "images", "generation_seconds"}, where
+    generation_seconds is the forward pass of the whole batch (what baim_generation_seconds observes)."""
+    started = time.perf_counter()
+    images = generate_batch(model, requests)
+    seconds = time.perf_counter() - started
+    return [
+        {"model_version": model.model_version, "images": png_base64(batch), "generation_seconds": seconds}
+        for batch in images
+    ]
+
+
+def model_artifact(current: tuple[LoadedModel, bytes]) -> dict[str, Any]:
+    """The download of `current`: {"model_version", "sha256", "body"}."""
+    model, body = current
+    return {"model_version": model.model_version, "sha256": model.sha256, "body": body}
 
 
 # ---- encoding -----------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ stderr and exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -314,6 +314,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--fid-samples/--personalise-epochs: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    address_problem = stale_ray_address(args.address)
+    if address_problem is not None:
+        print(address_problem, file=sys.stderr)
+        return EXIT_BAD_INPUT
     options = EngineOptions(
         address=args.address,
         registry_uri=absolute_registry(args.registry),
@@ -338,8 +342,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(summary_table(report))
     print(f"report: {args.out / 'report.md'} (rebuild with: baim report {args.out})")
     if serve_after:
-        from serve.app import serve_registry
-
         where = f"http://{scenario.serving.host}:{scenario.serving.port}"
         task = scenario.tasks[0].name
         print(f"serving the task models at {where} (Ctrl-C stops); try:", flush=True)
@@ -349,9 +351,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             '-d \'{"n": 4, "seed": 0}\'',
             flush=True,
         )
-        with contextlib.suppress(KeyboardInterrupt):
-            serve_registry(report["registry"], scenario.serving)
+        serve_until_stopped(report["registry"], scenario.serving)
     return EXIT_OK
+
+
+def serve_until_stopped(registry_uri: str, serving: ServingConfig, poll_seconds: float = 5.0) -> None:
+    """Serve a registry until SIGINT (Ctrl-C) or SIGTERM, then shut Ray down (`baim serve`, `run --serve`).
+
+    Needs Ray initialised. The handlers are set explicitly, after ray.init (whose driver installs a SIGTERM
+    handler that exits at once), because a process started in the background by a shell inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt.
+    """
+    import ray
+
+    from serve.app import serve_registry
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve_registry(registry_uri, serving, poll_seconds=poll_seconds, stop=stop)
+    finally:
+        ray.shutdown()
+    print("stopped serving", flush=True)
 
 
 def absolute_registry(uri: str | None) -> str | None:
@@ -370,6 +392,44 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
         help="auto or ray://host:port joins an existing Ray cluster; local starts a new embedded one "
         "(default: Ray's own choice: a running local cluster if there is one, else a new one)",
     )
+
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+GCS_PROBE_SECONDS = 5.0  # a live GCS accepts a connection at once; a dead one refuses it at once too
+
+
+def stale_ray_address(address: str | None) -> str | None:
+    """Why joining Ray at `address` would hang, or None when it would not.
+
+    With no --address (or `auto`), ray.init joins the cluster named by $RAY_ADDRESS or by the address file
+    that `ray start --head` writes (`<tmp>/ray/ray_current_cluster`). When that cluster was killed the file
+    stays, and ray.init retries the dead GCS for minutes; one TCP connection tells at once.
+    """
+    if address not in (None, "auto"):
+        return None
+    from ray._common.utils import get_ray_address_file  # Ray's own rule for where the file is
+
+    found = os.environ.get(RAY_ADDRESS_ENV) or None
+    source, remedy = f"${RAY_ADDRESS_ENV}", f"unset {RAY_ADDRESS_ENV}"
+    if found is None:
+        address_file = get_ray_address_file(None)
+        source, remedy = f"the Ray address file {address_file}", f"delete {address_file}"
+        try:
+            found = Path(address_file).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None  # no file: ray.init starts a new local instance (or, for auto, says none runs)
+    if found is None or found in ("auto", "local") or found.startswith("ray://"):
+        return None
+    host, _, port = found.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_SECONDS).close()
+    except (OSError, ValueError) as exc:
+        return (
+            f"{source} names the Ray cluster {found}, which does not answer ({exc}); a `ray start --head` "
+            f"that was killed leaves this behind. Pass --address local to start a new embedded Ray instance, "
+            f"or {remedy}"
+        )
+    return None
 
 
 def add_registry_argument(parser: argparse.ArgumentParser, *, default_help: str) -> None:
@@ -392,11 +452,12 @@ def add_serve_parser(subparsers: Any) -> None:
         "serve",
         help="serve a registry's task models over HTTP with Ray Serve, following new versions",
         description=(
-            "Deploy every task model of a registry with Ray Serve (one autoscaling deployment per task "
-            "behind one HTTP ingress, docs/http-api.md) and follow the registry: new versions roll out and "
-            "new tasks appear without failing requests. Blocks until Ctrl-C. Replica settings come from the "
-            "scenario's `serving` section when --scenario is given, else from its defaults. Set "
-            "BAIM_API_TOKEN to require a bearer token."
+            "Deploy every task model of a registry with Ray Serve (one autoscaling application per task, "
+            "reached by the proxy in one hop, plus an index at /; docs/http-api.md) and follow the registry: "
+            "new versions roll out and new tasks appear without failing requests. Blocks until Ctrl-C or "
+            "SIGTERM. Replica settings come from the scenario's `serving` section when --scenario is given, "
+            "else from its defaults. Set BAIM_API_TOKEN to require a bearer token. --write-config FILE "
+            "writes the same applications as a Serve config file instead (for `serve deploy FILE`)."
         ),
     )
     add_registry_argument(parser, default_help="required")
@@ -411,6 +472,14 @@ def add_serve_parser(subparsers: Any) -> None:
         type=float,
         default=5.0,
         help="how often the registry is checked for new versions and tasks (default 5)",
+    )
+    parser.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write a Serve config file for the registry's task models instead of serving, then exit; apply "
+        "it with `serve deploy FILE` (a running cluster) or `serve run FILE` (docs/http-api.md)",
     )
     parser.set_defaults(func=cmd_serve)
 
@@ -430,7 +499,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
 
     from orchestrator.core.registry import Registry
-    from serve.app import serve_registry
 
     registry_uri = absolute_registry(args.registry)
     assert registry_uri is not None
@@ -443,20 +511,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"--registry {registry_uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.write_config is not None:
+        return write_serve_config(args.write_config, registry_uri, serving, args.poll_seconds)
+    address_problem = stale_ray_address(args.address)
+    if address_problem is not None:
+        print(address_problem, file=sys.stderr)
+        return EXIT_BAD_INPUT
     ray.init(address=args.address, include_dashboard=False, configure_logging=False)
-    # Ctrl-C and SIGTERM (what service managers send) both end serving cleanly. Set explicitly, after
-    # ray.init (whose driver installs a SIGTERM handler that exits at once): a process started in the
-    # background by a shell also inherits SIGINT ignored.
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     where = f"http://{serving.host}:{serving.port}"
     print(f"serving the task models of {registry_uri} at {where} (Ctrl-C stops); try: curl {where}/tasks")
-    try:
-        serve_registry(registry_uri, serving, poll_seconds=args.poll_seconds, stop=stop)
-    finally:
-        ray.shutdown()
-    print("stopped serving", flush=True)
+    serve_until_stopped(registry_uri, serving, poll_seconds=args.poll_seconds)
+    return EXIT_OK
+
+
+def write_serve_config(path: Path, registry_uri: str, serving: ServingConfig, poll_seconds: float) -> int:
+    """`baim serve --write-config FILE`: a Serve config for every task model in the registry (no Ray)."""
+    import yaml
+
+    from orchestrator.core.registry import Registry
+    from serve.app import application_specs, latest_task_versions, serve_config
+
+    tasks = sorted(latest_task_versions(Registry(registry_uri)))
+    if not tasks:
+        print(f"--registry {registry_uri}: holds no task models (task/<name>) to serve", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config = serve_config(application_specs(registry_uri, serving, tasks, poll_seconds=poll_seconds), serving)
+    header = (
+        f"# Ray Serve config for the task models of {registry_uri} ({', '.join(tasks)}), written by\n"
+        f"# `baim serve --write-config`. Apply it with `serve deploy {path}` (a running cluster) or\n"
+        f"# `serve run {path}`. BAIM_API_TOKEN is read where the applications are built (the cluster).\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    print(f"wrote {path} ({len(tasks)} task applications, an index, a metrics hub); serve deploy {path}")
     return EXIT_OK
 
 

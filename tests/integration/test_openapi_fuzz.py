@@ -29,15 +29,8 @@ from baim.decompose import decompose
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import ServingConfig
-from serve.app import (
-    MAX_BODY_BYTES,
-    MAX_IMAGES_PER_REQUEST,
-    MAX_SEED,
-    RegistryWatcher,
-    create_api,
-    start_http,
-    token_sha256,
-)
+from serve.api import MAX_BODY_BYTES, MAX_IMAGES_PER_REQUEST, MAX_SEED, create_index_api, token_sha256
+from serve.app import RegistryWatcher, start_http
 from tests.integration.test_serve import free_port
 from tests.unit.test_toolbox import tiny_baim
 
@@ -50,10 +43,12 @@ MAX_EXAMPLES = 50
 # BAIM_FUZZ_RANDOM=1 draws new cases each run (Hypothesis prints the seed of a failure to replay it).
 DERANDOMIZE = os.environ.get("BAIM_FUZZ_RANDOM") != "1"
 
-# The document that create_api builds is what every ingress replica serves (checked by
-# test_the_served_document_is_this_one). It is built here, without Ray, because schemathesis' fixture loader
-# (schemathesis.pytest.from_fixture) fails on pytest 9.2: it sets Function._nodeid, which 9.2 no longer has.
-DOCUMENT = create_api(dict.fromkeys(TASKS), token_sha256(TOKEN), MAX_BODY_BYTES).openapi()  # type: ignore[arg-type]
+# The document that create_index_api builds is what the index serves (checked by
+# test_the_served_document_is_this_one); the task routes it describes are answered by each task's own
+# application (serve.api.create_task_api), which registers the same routes. It is built here, without Ray,
+# because schemathesis' fixture loader (schemathesis.pytest.from_fixture) fails on pytest 9.2: it sets
+# Function._nodeid, which 9.2 no longer has.
+DOCUMENT = create_index_api(dict.fromkeys(TASKS), token_sha256(TOKEN), MAX_BODY_BYTES).openapi()  # type: ignore[arg-type]
 schema = schemathesis.openapi.from_dict(
     DOCUMENT, config=schemathesis.Config.from_dict({"generation": {"codec": "latin-1"}})
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from ray import serve
 
@@ -28,10 +29,16 @@ from baim.decompose import TaskModel, decompose
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import ServingConfig
-from serve.app import RegistryWatcher, app_builder, start_http
+from serve.app import (
+    METRICS_DEPLOYMENT,
+    RegistryWatcher,
+    index_application,
+    start_http,
+    task_application,
+)
+from serve.client import Toolbox
 from serve.guard import Message, Receive, RequestGuard, Scope, Send
 from serve.models import decode_png_base64, to_uint8
-from serve.toolbox import Toolbox
 from tests.unit.test_toolbox import tiny_baim
 
 RESOLUTION = 16
@@ -234,14 +241,60 @@ def test_model_download_and_toolbox_over_http(service: Service, tmp_path: Path) 
     assert (not_modified.status, not_modified.body) == (304, b"")
 
 
+def wait_for_metrics(service: Service, *needles: str) -> str:
+    """GET /metrics until it shows every needle: replicas send their counts about once a second."""
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = service.call("GET", "/metrics").body.decode()
+        if all(needle in text for needle in needles):
+            break
+        time.sleep(0.5)
+    return text
+
+
 def test_metrics_count_requests(service: Service) -> None:
     service.generate("smiling", 1, seed=1)
     service.call("POST", "/tasks/smiling/generate", b'{"n": 0}')
-    text = service.call("GET", "/metrics").body.decode()
-    assert 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="200"}' in text
-    assert 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="422"}' in text
-    assert 'baim_http_request_seconds_count{route="/tasks/{task}/generate"}' in text
-    assert 'baim_generation_seconds_count{task="smiling"}' in text
+    service.call("GET", "/tasks/hats/model")
+    expected = [
+        'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="200"}',
+        'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="422"}',
+        'baim_http_requests_total{method="GET",route="/tasks/{task}/model",status="404"}',
+        'baim_http_request_seconds_count{route="/tasks/{task}/generate"}',
+        'baim_generation_seconds_count{task="smiling"}',
+    ]
+    text = wait_for_metrics(service, *expected)
+    for line in expected:
+        assert line in text
+
+
+def test_a_generate_request_takes_one_hop(service: Service) -> None:
+    # Each replica's own metrics, as the MetricsHub holds them: a generate request is served (counted) by
+    # the task application's replica; the index never sees it. An unknown task is the index's 404.
+    hub = serve.get_deployment_handle(METRICS_DEPLOYMENT, app_name=f"{APP_NAME}-metrics")
+    generated = 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="200"}'
+    not_found = 'baim_http_requests_total{method="POST",route="/tasks/{task}/generate",status="404"}'
+    for seed in range(3):
+        assert service.generate("smiling", 1, seed=seed).status == 200
+    assert service.generate("hats", 1, seed=0).status == 404
+    wait_for_metrics(service, not_found)
+
+    by_source = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        by_source = {
+            source: hub.render.remote(source).result().decode() for source in hub.sources.remote().result()
+        }
+        task_sources = [text for source, text in by_source.items() if f"::{APP_NAME}-task-smiling#" in source]
+        if task_sources and generated in task_sources[0]:
+            break
+        time.sleep(0.5)
+    index = [text for source, text in by_source.items() if f"::{APP_NAME}#Index#" in source]
+    smiling = [text for source, text in by_source.items() if f"::{APP_NAME}-task-smiling#" in source]
+    assert len(index) == 1 and len(smiling) == 1, sorted(by_source)
+    assert generated in smiling[0] and generated not in index[0]
+    assert not_found in index[0] and not_found not in smiling[0]
 
 
 def test_rollout_during_a_stream_of_requests_fails_none(service: Service) -> None:
@@ -319,7 +372,16 @@ def test_a_corrupt_new_version_is_not_rolled_out(service: Service) -> None:
     assert (reply.status, reply.json()["model_version"]) == (200, current)
 
 
-@pytest.mark.slow  # a redeploy starts a replica per deployment: 30-90 s on two shared cores
+def replica_ids(app_name: str) -> set[str]:
+    """Full ids of the live Serve replicas of one application (Serve names each replica actor by it)."""
+    return {
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#")
+    }
+
+
+@pytest.mark.slow  # a new task's replica and a new index replica start: 20-60 s on two shared cores
 def test_a_new_task_is_added_while_serving_without_failures(service: Service) -> None:
     # Prepare: a stream of requests to an existing task
     stop = threading.Event()
@@ -331,11 +393,12 @@ def test_a_new_task_is_added_while_serving_without_failures(service: Service) ->
             statuses.append(service.generate("male", 1, seed=seed).status)
             seed += 1
 
+    male_replicas = replica_ids(f"{APP_NAME}-task-male")
     thread = threading.Thread(target=client)
     thread.start()
     time.sleep(1.0)
 
-    # Execute: a new task appears; the watcher redeploys (new replicas start before old ones stop)
+    # Execute: a new task appears; the watcher deploys its application, then the index that lists it
     hats = decompose(tiny_baim(seed=2), "male")  # any task model will do for a new task name
     service.registry.put("task/hats", "v000001", pack_module(hats, hats.spec()))
     try:
@@ -345,10 +408,12 @@ def test_a_new_task_is_added_while_serving_without_failures(service: Service) ->
         stop.set()
         thread.join()
 
-    # Assert
+    # Assert: no failed request, the new task served and listed, the other tasks' replicas untouched
     assert service.watcher.deployed_tasks == ["hats", "male", "smiling"]
     assert statuses and set(statuses) == {200}
     assert service.generate("hats", 1, seed=0).status == 200
+    assert "hats" in {t["task"] for t in service.call("GET", "/tasks").json()["tasks"]}
+    assert male_replicas and replica_ids(f"{APP_NAME}-task-male") == male_replicas
 
 
 def test_bearer_token(service: Service, tmp_path: Path) -> None:
@@ -367,14 +432,22 @@ def test_bearer_token(service: Service, tmp_path: Path) -> None:
         Toolbox(tmp_path / "cache", endpoint=service.base).fetch("smiling")
 
 
-def test_app_builder_for_serve_config_files(service: Service) -> None:
-    # What `serve run` / `serve deploy` call with a config file's `args`
-    app = app_builder({"registry_uri": service.registry.uri, "serving": {"max_replicas": 3}})
-    assert isinstance(app, serve.Application)
-    with pytest.raises(ValueError, match="max_replicas"):
-        app_builder({"registry_uri": service.registry.uri, "serving": {"max_replicas": 0}})
+def test_config_builders_validate_their_args(service: Service) -> None:
+    # What `serve run` / `serve deploy` do with a config file's `args`: Serve reads the builder's pydantic
+    # annotation and validates the dict into it (serve.app has no postponed annotations for this reason).
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as build
+
+    task_args = {"registry_uri": service.registry.uri, "task": "smiling", "metrics_app": "baim-metrics"}
+    assert isinstance(build(task_application, task_args), serve.Application)
+    assert isinstance(
+        build(index_application, {"tasks": {"smiling": "baim-task-smiling"}}), serve.Application
+    )
+    with pytest.raises(ValueError, match="poll_seconds"):
+        build(task_application, {**task_args, "poll_seconds": -1})
+    with pytest.raises(ValueError, match="task"):
+        build(task_application, {**task_args, "task": "a/b"})
     with pytest.raises(ValueError, match="Extra inputs"):
-        app_builder({"registry_uri": service.registry.uri, "replicas": 2})
+        build(index_application, {"tasks": {}, "replicas": 2})
 
 
 @pytest.mark.parametrize("etag", ['"caf\xe9"', "\xff", '"*"', '"a", "b"', ""], ids=repr)

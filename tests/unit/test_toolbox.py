@@ -20,6 +20,7 @@ from baim.model import BAIM
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
 from orchestrator.core.registry import Registry
+from serve.client import Toolbox, personalise
 from serve.models import (
     GenerationRequest,
     artifact_body,
@@ -30,7 +31,6 @@ from serve.models import (
     png_base64,
     to_uint8,
 )
-from serve.toolbox import Toolbox, personalise
 
 RESOLUTION = 16
 
