@@ -34,14 +34,14 @@ from orchestrator.report.markdown import fedavg_edge_rows, headline  # noqa: E40
 
 def run(scenario_path: Path, out_dir: Path, fid_samples: int) -> dict[str, Any]:
     from orchestrator.core.scenario import load_scenario
-    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.evaluation.evaluate import EvaluationOptions, evaluation_stage
     from orchestrator.runtime.engine import EngineOptions, run_scenario
 
     scenario = load_scenario(scenario_path)
     started = time.perf_counter()
     options = EngineOptions(
         progress=lambda line: print(f"  [{time.perf_counter() - started:7.1f}s] {line}", flush=True),
-        evaluation=EvaluationOptions(fid_samples=fid_samples),
+        after_run=evaluation_stage(EvaluationOptions(fid_samples=fid_samples)),
     )
     return run_scenario(scenario, out_dir, options)
 

@@ -35,7 +35,6 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,25 +48,20 @@ from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
-    CrashEvent,
     EdgeConfig,
+    Event,
     JoinEvent,
-    LeaveEvent,
-    LinkEvent,
-    PoisonEvent,
     Scenario,
-    SlowEvent,
 )
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions
 from orchestrator.data.sources import DataSource
-from orchestrator.runtime.edges import spawn_edge_node
+from orchestrator.runtime.fleet import POLL_SECONDS, EdgeFleet, EdgeLost, EdgeStarted, Timeline
 
 logger = logging.getLogger(__name__)
 
 BASELINE_NAME = "fedavg"  # the ledger's cloud "strategy" name and the report's key
 MAX_UPDATE_BYTES = 1 << 30  # an update larger than this is rejected unread
-POLL_SECONDS = 0.2
 
 
 def fedavg_seed(scenario_seed: int, what: str) -> int:
@@ -290,8 +284,6 @@ class Client:
     """What the driver knows about one FedAvg client (an EdgeNode actor)."""
 
     config: EdgeConfig
-    handle: Any = None
-    probe_ref: Any = None  # the first progress() call; its answer means "up"
     status: str = "not_joined"  # not_joined, starting, ready, crashed, left, died, unschedulable
     rounds: list[int] = field(default_factory=list)  # rounds whose update was aggregated
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -336,11 +328,11 @@ class FedAvgRun:
             spec=self.spec, seed=scenario.seed, fraction_fit=self.config.client_fraction
         )
         self.clients = {edge.id: Client(edge) for edge in scenario.all_edges()}
-        self.timeline = sorted(enumerate(scenario.timeline), key=lambda item: (item[1].at_seconds, item[0]))
+        self.fleet = EdgeFleet(scenario, source, partitions)
+        self.timeline = Timeline(scenario.timeline)
         self.ledger = Ledger(export_metrics=False)
         self.events: list[dict[str, Any]] = []
         self.started = time.monotonic()
-        self._source_ref: Any = None
 
     # ---- driver ----------------------------------------------------------------------------------------
 
@@ -348,10 +340,7 @@ class FedAvgRun:
         try:
             return self._run()
         finally:
-            for client in self.clients.values():
-                if client.handle is not None:
-                    ray.kill(client.handle, no_restart=True)
-                    client.handle = None
+            self.fleet.release_all()
 
     def _run(self) -> FedAvgOutcome:
         tasks = [task.name for task in self.scenario.tasks]
@@ -363,7 +352,6 @@ class FedAvgRun:
             f"({params:,} params), {self.config.rounds} rounds x {self.config.local_epochs} local epochs, "
             f"client fraction {self.config.client_fraction}"
         )
-        self._source_ref = ray.put(self.source)
         for client in self.clients.values():
             if client.config.start:
                 self._spawn(client, reason="start")
@@ -376,10 +364,9 @@ class FedAvgRun:
         initial_losses = test_losses(
             model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
         )
-        pending = list(self.timeline)
         rounds: list[dict[str, Any]] = []
         for server_round in range(1, self.config.rounds + 1):
-            pending = self._fire_due(pending)
+            self._fire_due()
             self._check_starts()
             round_started = time.perf_counter()
             available = [cid for cid, c in self.clients.items() if c.status == "ready"]
@@ -388,13 +375,13 @@ class FedAvgRun:
             weights_ref = ray.put(payload.weights)  # one copy in the object store for every client
             inflight: dict[Any, str] = {}
             for cid in selected:
-                client = self.clients[cid]
-                ref = client.handle.fedavg_round.remote(
-                    weights_ref, payload.spec_json, payload.sha256, server_round, self.config.local_epochs
-                )
+                ref = self.fleet.call(
+                    cid, "fedavg_round", weights_ref, payload.spec_json, payload.sha256, server_round,
+                    self.config.local_epochs,
+                )  # fmt: skip
                 inflight[ref] = cid
                 self.ledger.record_bytes(cid, "received", payload.nbytes)
-            results, failures, pending = self._collect(server_round, inflight, pending)
+            results, failures = self._collect(server_round, inflight)
             with FlopCounterMode(display=False) as counter:  # the real aggregation call, counted
                 aggregate = self.strategy.aggregate_fit(server_round, results, failures, state)
             self.ledger.record_cloud_flops(BASELINE_NAME, int(counter.get_total_flops()))
@@ -432,7 +419,7 @@ class FedAvgRun:
                 f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1]['test_loss'])} "
                 f"({seconds:.1f}s)"
             )
-        for index, event in pending:  # events after the last round never happened to the baseline
+        for index, event in self.timeline.rest():  # events after the last round never happened to it
             self._record(event.kind, where=f"timeline.{index}", applied=False, note="after the last round")
         report = self._report(rounds, initial_losses, params)
         return FedAvgOutcome(report=report, global_model=model.eval(), ledger=self.ledger)
@@ -443,14 +430,14 @@ class FedAvgRun:
         return model
 
     def _collect(
-        self, server_round: int, inflight: dict[Any, str], pending: list[tuple[int, Any]]
-    ) -> tuple[list[FitResult], list[FitFailure], list[tuple[int, Any]]]:
+        self, server_round: int, inflight: dict[Any, str]
+    ) -> tuple[list[FitResult], list[FitFailure]]:
         """Wait for the round's updates, firing timeline events meanwhile; never wait past the timeout."""
         results: list[FitResult] = []
         failures: list[FitFailure] = []
         deadline = time.monotonic() + self.round_timeout_s
         while inflight:
-            pending = self._fire_due(pending)
+            self._fire_due()
             ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_SECONDS)
             for ref in ready:
                 cid = inflight.pop(ref)
@@ -461,26 +448,19 @@ class FedAvgRun:
                     results.append(outcome)
             if inflight and time.monotonic() > deadline:
                 for cid in inflight.values():
-                    client = self.clients[cid]
-                    if client.handle is not None:
-                        ray.kill(client.handle, no_restart=True)
-                        client.handle = None
-                    client.status = "died"
+                    self.fleet.release(cid)
+                    self.clients[cid].status = "died"
                     failures.append(FitFailure(cid, "timed_out", f"no update after {self.round_timeout_s}s"))
                 inflight = {}
-        return results, failures, pending
+        return results, failures
 
     def _result(self, server_round: int, cid: str, ref: Any) -> FitResult | FitFailure:
         client = self.clients[cid]
-        try:
-            answer = ray.get(ref)
-        except RayActorError as err:
-            status = "crashed" if client.status == "crashed" else "died"
-            client.status = status
-            client.handle = None
-            return FitFailure(cid, status, str(err).splitlines()[0])
-        except RayTaskError as err:
-            return FitFailure(cid, "failed", str(err).splitlines()[-1])
+        answer = self.fleet.answer(cid, ref)
+        if isinstance(answer, EdgeLost):
+            if answer.status != "failed":
+                client.status = answer.status
+            return FitFailure(cid, answer.status, answer.error)
         if not (
             isinstance(answer, tuple)
             and len(answer) == 4
@@ -512,49 +492,37 @@ class FedAvgRun:
     # ---- clients and the timeline ----------------------------------------------------------------------
 
     def _spawn(self, client: Client, reason: str) -> None:
-        edge = client.config
-        client.handle = spawn_edge_node(self.scenario, edge, self._source_ref, self.partitions.edges[edge.id])
-        client.probe_ref = client.handle.progress.remote()
+        self.fleet.spawn(client.config.id)
         client.status = "starting"
-        self._record("client_spawned", edge=edge.id, reason=reason)
+        self._record("client_spawned", edge=client.config.id, reason=reason)
 
     def _wait_until_up(self) -> None:
         """Wait (bounded) for the initial clients; one still starting later joins the first round after."""
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            self._check_starts()
-            if not any(c.status == "starting" for c in self.clients.values()):
-                return
-            time.sleep(POLL_SECONDS)
+        starting = [cid for cid, client in self.clients.items() if client.status == "starting"]
+        self._settle_starts(self.fleet.wait_until_up(starting, self.startup_timeout_s))
         waiting = [cid for cid, c in self.clients.items() if c.status == "starting"]
-        self._say(f"fedavg: starting while clients {waiting} still wait for resources")
-        self._record("clients_still_starting", edges=",".join(waiting))
+        if waiting:
+            self._say(f"fedavg: starting while clients {waiting} still wait for resources")
+            self._record("clients_still_starting", edges=",".join(waiting))
 
     def _check_starts(self) -> None:
-        for cid, client in self.clients.items():
-            if client.status != "starting":
-                continue
-            ready, _ = ray.wait([client.probe_ref], timeout=0)
-            if not ready:
-                continue
-            try:
-                ray.get(ready[0], timeout=1.0)
+        self._settle_starts(self.fleet.poll_starts())
+
+    def _settle_starts(self, settled: list[EdgeStarted | EdgeLost]) -> None:
+        for outcome in settled:
+            client = self.clients[outcome.edge_id]
+            if isinstance(outcome, EdgeLost):
+                client.status = "unschedulable" if outcome.status == "unschedulable" else "died"
+                client.failures.append({"round": 0, "reason": client.status, "detail": outcome.error})
+            else:
                 client.status = "ready"
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
-                client.status = "died"
-                client.handle = None
-                client.failures.append({"round": 0, "reason": "died", "detail": str(err).splitlines()[0]})
-            client.probe_ref = None
-            self._record("client_up", edge=cid, status=client.status)
+            self._record("client_up", edge=outcome.edge_id, status=client.status)
 
-    def _fire_due(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-        elapsed = time.monotonic() - self.started
-        while pending and pending[0][1].at_seconds <= elapsed:
-            index, event = pending.pop(0)
+    def _fire_due(self) -> None:
+        for index, event in self.timeline.due(time.monotonic() - self.started):
             self._fire(index, event)
-        return pending
 
-    def _fire(self, index: int, event: Any) -> None:
+    def _fire(self, index: int, event: Event) -> None:
         where = f"timeline.{index}"
         if isinstance(event, CoordinatorCrashEvent):
             self._record(event.kind, where=where, applied=False, note="FedAvg's server is the driver")
@@ -565,24 +533,14 @@ class FedAvgRun:
             self._record("join", edge=client.config.id, where=where, applied=True)
             return
         client = self.clients[event.edge]
-        if client.handle is None or client.gone:
+        if not self.fleet.has_actor(event.edge) or client.gone:
             self._record(
                 event.kind, edge=event.edge, where=where, applied=False, note=f"client {client.status}"
             )
             return
-        if isinstance(event, CrashEvent):
-            client.status = "crashed"
-            ray.kill(client.handle, no_restart=True)
-            client.handle = None
-        elif isinstance(event, LeaveEvent):
-            client.handle.leave.remote()
-            client.status = "left"  # no later rounds; an in-flight round returns "left"
-        elif isinstance(event, SlowEvent):
-            client.handle.slow_down.remote(event.factor)
-        elif isinstance(event, LinkEvent):
-            client.handle.change_link.remote(event.bandwidth_mbps, event.latency_ms)
-        elif isinstance(event, PoisonEvent):
-            client.handle.poison.remote(event.mode, event.scale)
+        self.fleet.apply(event.edge, event)
+        if event.kind in ("crash", "leave"):
+            client.status = "crashed" if event.kind == "crash" else "left"  # no later rounds
         self._record(event.kind, edge=event.edge, where=where, applied=True)
         self._say(f"fedavg {where}: {event.kind} {event.edge}")
 

@@ -299,7 +299,7 @@ def add_run_parser(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from actors.coordinator import RegistryHeldByAnotherRun
-    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.evaluation.evaluate import EvaluationOptions, evaluation_stage
     from orchestrator.report.build import summary_table
     from orchestrator.runtime.engine import EngineOptions, RunFailed, run_scenario
 
@@ -320,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         progress=lambda line: print(line, flush=True),
         keep_ray=serve_after,
-        evaluation=evaluation,
+        after_run=None if evaluation is None else evaluation_stage(evaluation),
     )
     try:
         report = run_scenario(scenario, args.out, options)

@@ -44,6 +44,7 @@ from baim.learners import VAELearner
 from baim.model import BAIM
 from orchestrator.baselines.fedavg import run_fedavg
 from orchestrator.core.artifacts import unpack_payload
+from orchestrator.core.names import SPEC_FILE, WEIGHTS_FILE
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
@@ -56,6 +57,7 @@ from orchestrator.evaluation.quality import (
     frechet_distance_from_features,
     kid,
 )
+from orchestrator.runtime.engine import FinishedRun
 from serve.toolbox import Toolbox, model_loss_fn, personalise
 
 logger = logging.getLogger(__name__)
@@ -405,8 +407,6 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 
-    from orchestrator.cloud.train import SPEC_FILE, WEIGHTS_FILE
-
     with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())
         weights = load_file(str(Path(directory) / WEIGHTS_FILE))
@@ -429,3 +429,14 @@ def evaluate_run(
     return RunEvaluation(
         report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress
     ).run()
+
+
+def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], dict[str, Any]]:
+    """The engine's `after_run` stage: `evaluate_run` of the finished run with `options`."""
+
+    def measure(run: FinishedRun) -> dict[str, Any]:
+        return evaluate_run(
+            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress
+        )
+
+    return measure

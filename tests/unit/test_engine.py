@@ -5,7 +5,6 @@ Ray's functions are replaced with fakes where the engine would call them, so no 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import STATE_KEY, RegistryHeldByAnotherRun
 from orchestrator.core.registry import Registry
-from orchestrator.runtime.engine import EdgeTrack, Engine, EngineOptions
+from orchestrator.runtime.engine import Engine, EngineOptions
+from tests.support.fake_ray import FakeRay, FakeRef
 from tests.unit.test_coordinator import tiny_scenario
 
 
@@ -28,31 +28,20 @@ def engine(tmp_path: Path) -> Engine:
     return Engine(tiny_scenario(tmp_path), tmp_path / "out", EngineOptions())
 
 
-def pending_probe(track: EdgeTrack) -> None:
-    """The state `_spawn` leaves an edge in: process requested, first progress() call outstanding."""
-    track.status = "pending"
-    track.spawned_at = time.monotonic()
-    track.probe_ref = object()
-
-
-def answer_probes_with(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
-    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (list(refs), []))
-
-    def failing_get(ref: Any, timeout: Any = None) -> Any:
+def probes_answer_with(monkeypatch: pytest.MonkeyPatch, error: Exception) -> FakeRay:
+    def answer(ref: FakeRef) -> Any:
         raise error
 
-    monkeypatch.setattr(ray, "get", failing_get)
-    monkeypatch.setattr(ray, "kill", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray, "nodes", no_ray)
+    return FakeRay(answer).install(monkeypatch)
 
 
 def test_edge_whose_start_probe_dies_is_final_at_once(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: edge-0's process died while starting (its first progress() call answers with the death).
+    fake = probes_answer_with(monkeypatch, RayActorError())
     track = engine.edges["edge-0"]
-    pending_probe(track)
-    answer_probes_with(monkeypatch, RayActorError())
+    engine._spawn(track, reason="start")
 
     # Execute
     engine._check_starts()
@@ -60,24 +49,25 @@ def test_edge_whose_start_probe_dies_is_final_at_once(
     # Assert: final now, not "pending" until the 300 s startup timeout.
     assert track.status == "died"
     assert track.error is not None and track.error.startswith("RayActorError: The actor")
-    assert [e["kind"] for e in engine.event_log] == ["edge_final"]
-    assert track.final and track.probe_ref is None
+    assert [e["kind"] for e in engine.event_log] == ["edge_spawned", "edge_final"]
+    assert track.final and not engine.fleet.starting("edge-0")
+    assert fake.killed == []  # a dead process is not killed again
 
 
 def test_edge_whose_start_probe_raises_is_failed_at_once(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    track = engine.edges["edge-1"]
-    pending_probe(track)
-    track.handle = object()
     traceback = 'Traceback (most recent call last):\n  File "edge.py", line 1\nValueError: shard unreadable'
-    answer_probes_with(monkeypatch, RayTaskError("progress", traceback, ValueError("shard unreadable")))
+    error = RayTaskError("progress", traceback, ValueError("shard unreadable"))
+    fake = probes_answer_with(monkeypatch, error)
+    track = engine.edges["edge-1"]
+    engine._spawn(track, reason="start")
 
     engine._check_starts()
 
     assert track.status == "failed"
     assert track.error == "ValueError: shard unreadable"
-    assert track.handle is None
+    assert fake.killed == ["edge-1"] and not engine.fleet.has_actor("edge-1")
 
 
 def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine) -> None:
