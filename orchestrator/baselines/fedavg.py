@@ -25,7 +25,6 @@ models are measured on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import ray
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -46,12 +46,25 @@ from orchestrator.baselines.fedavg_math import weighted_average
 from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.names import MAX_MODEL_BYTES
+from orchestrator.core.reports import (
+    ClientFailure,
+    FedAvgClientReport,
+    FedAvgEdgeRow,
+    FedAvgFailure,
+    FedAvgReport,
+    FedAvgRound,
+    FedAvgTotals,
+    LearnerModel,
+    RunEvent,
+)
 from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
     EdgeConfig,
     Event,
     JoinEvent,
     Scenario,
+    format_validation_error,
 )
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions
@@ -61,7 +74,6 @@ from orchestrator.runtime.fleet import POLL_SECONDS, EdgeFleet, EdgeLost, EdgeSt
 logger = logging.getLogger(__name__)
 
 BASELINE_NAME = "fedavg"  # the ledger's cloud "strategy" name and the report's key
-MAX_UPDATE_BYTES = 1 << 30  # an update larger than this is rejected unread
 
 
 def fedavg_seed(scenario_seed: int, what: str) -> int:
@@ -142,7 +154,7 @@ class FedAvgBaseline:
         fraction_fit: float = 1.0,
         min_fit_clients: int = 1,
         accept_failures: bool = True,
-        max_update_bytes: int = MAX_UPDATE_BYTES,
+        max_update_bytes: int = MAX_MODEL_BYTES,
     ) -> None:
         if not 0 < fraction_fit <= 1:
             raise ValueError(f"fraction_fit: expected a value in (0, 1], received {fraction_fit}")
@@ -286,7 +298,7 @@ class Client:
     config: EdgeConfig
     status: str = "not_joined"  # not_joined, starting, ready, crashed, left, died, unschedulable
     rounds: list[int] = field(default_factory=list)  # rounds whose update was aggregated
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
     train_seconds: float = 0.0
 
     @property
@@ -296,9 +308,9 @@ class Client:
 
 @dataclass
 class FedAvgOutcome:
-    """The report section (JSON-able) and the final global model (for image quality)."""
+    """The report section and the final global model (for image quality)."""
 
-    report: dict[str, Any]
+    report: FedAvgReport
     global_model: VAELearner
     ledger: Ledger
 
@@ -331,7 +343,7 @@ class FedAvgRun:
         self.fleet = EdgeFleet(scenario, source, partitions)
         self.timeline = Timeline(scenario.timeline)
         self.ledger = Ledger(export_metrics=False)
-        self.events: list[dict[str, Any]] = []
+        self.events: list[RunEvent] = []
         self.started = time.monotonic()
 
     # ---- driver ----------------------------------------------------------------------------------------
@@ -364,7 +376,7 @@ class FedAvgRun:
         initial_losses = test_losses(
             model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
         )
-        rounds: list[dict[str, Any]] = []
+        rounds: list[FedAvgRound] = []
         for server_round in range(1, self.config.rounds + 1):
             self._fire_due()
             self._check_starts()
@@ -389,7 +401,7 @@ class FedAvgRun:
             for cid in aggregate.aggregated:
                 self.clients[cid].rounds.append(server_round)
             for failure in aggregate.failures:
-                entry = {"round": server_round, "reason": failure.reason, "detail": failure.detail}
+                entry = ClientFailure(round=server_round, reason=failure.reason, detail=failure.detail)
                 self.clients[failure.client_id].failures.append(entry)
             model = self._model(state)
             losses = test_losses(
@@ -398,25 +410,25 @@ class FedAvgRun:
             seconds = time.perf_counter() - round_started
             self.ledger.record_seconds("fedavg_round", seconds)
             rounds.append(
-                {
-                    "round": server_round,
-                    "available": available,
-                    "selected": selected,
-                    "aggregated": aggregate.aggregated,
-                    "failures": [
-                        {"edge": f.client_id, "reason": f.reason, "detail": f.detail}
+                FedAvgRound(
+                    round=server_round,
+                    available=available,
+                    selected=selected,
+                    aggregated=aggregate.aggregated,
+                    failures=[
+                        FedAvgFailure(edge=f.client_id, reason=f.reason, detail=f.detail)
                         for f in aggregate.failures
                     ],
-                    "global_updated": aggregate.updated,
-                    "global_model_bytes": payload.nbytes,
-                    "test_loss_per_task": losses,
-                    "test_loss": mean_test_loss(losses, self.partitions),
-                    "seconds": seconds,
-                }
+                    global_updated=aggregate.updated,
+                    global_model_bytes=payload.nbytes,
+                    test_loss_per_task=losses,
+                    test_loss=mean_test_loss(losses, self.partitions),
+                    seconds=seconds,
+                )
             )
             self._say(
                 f"fedavg round {server_round}/{self.config.rounds}: {len(aggregate.aggregated)}/"
-                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1]['test_loss'])} "
+                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1].test_loss)} "
                 f"({seconds:.1f}s)"
             )
         for index, event in self.timeline.rest():  # events after the last round never happened to it
@@ -470,19 +482,13 @@ class FedAvgRun:
             return FitFailure(cid, "rejected", "expected (weights: bytes, spec_json, sha256, report_json)")
         weights, spec_json, sha256, report_json = answer
         try:
-            report = json.loads(report_json)
-        except ValueError:
-            return FitFailure(cid, "rejected", "report_json: not valid JSON")
-        if not isinstance(report, dict):
-            return FitFailure(cid, "rejected", "report_json: expected a JSON object")
-        flops = report.get("flops", 0)
-        if isinstance(flops, int) and not isinstance(flops, bool) and flops >= 0:
-            self.ledger.record_edge_flops(cid, flops)
-        train_seconds = report.get("train_seconds", 0.0)
-        if isinstance(train_seconds, int | float) and math.isfinite(train_seconds) and train_seconds >= 0:
-            client.train_seconds += float(train_seconds)
-            self.ledger.record_seconds("fedavg_edge_train", float(train_seconds), edge=cid)
-        if report.get("status") == "left":
+            report = FedAvgClientReport.model_validate_json(report_json)
+        except ValidationError as err:
+            return FitFailure(cid, "rejected", f"report_json: {format_validation_error(err)[0]}")
+        self.ledger.record_edge_flops(cid, report.flops)
+        client.train_seconds += report.train_seconds
+        self.ledger.record_seconds("fedavg_edge_train", report.train_seconds, edge=cid)
+        if report.status == "left":
             client.status = "left"
             return FitFailure(cid, "left", "the edge left during the round")
         payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
@@ -513,7 +519,7 @@ class FedAvgRun:
             client = self.clients[outcome.edge_id]
             if isinstance(outcome, EdgeLost):
                 client.status = "unschedulable" if outcome.status == "unschedulable" else "died"
-                client.failures.append({"round": 0, "reason": client.status, "detail": outcome.error})
+                client.failures.append(ClientFailure(round=0, reason=client.status, detail=outcome.error))
             else:
                 client.status = "ready"
             self._record("client_up", edge=outcome.edge_id, status=client.status)
@@ -547,54 +553,54 @@ class FedAvgRun:
     # ---- report ----------------------------------------------------------------------------------------
 
     def _report(
-        self, rounds: list[dict[str, Any]], initial_losses: dict[str, float], params: int
-    ) -> dict[str, Any]:
+        self, rounds: list[FedAvgRound], initial_losses: dict[str, float], params: int
+    ) -> FedAvgReport:
         ledger = self.ledger.to_dict()
-        edges: dict[str, Any] = {}
+        edges: dict[str, FedAvgEdgeRow] = {}
         for cid, client in self.clients.items():
             costs = ledger["edges"].get(cid, {})
-            edges[cid] = {
-                "task": client.config.task,
-                "status": client.status,
-                "shard_size": len(self.partitions.edges[cid]),
-                "rounds_aggregated": client.rounds,
-                "failures": client.failures,
-                "bytes_sent": costs.get("bytes_sent", 0),
-                "bytes_received": costs.get("bytes_received", 0),
-                "flops": costs.get("flops", 0),
-                "train_seconds": client.train_seconds,
-            }
+            edges[cid] = FedAvgEdgeRow(
+                task=client.config.task,
+                status=client.status,
+                shard_size=len(self.partitions.edges[cid]),
+                rounds_aggregated=client.rounds,
+                failures=client.failures,
+                bytes_sent=costs.get("bytes_sent", 0),
+                bytes_received=costs.get("bytes_received", 0),
+                flops=costs.get("flops", 0),
+                train_seconds=client.train_seconds,
+            )
+        initial_loss = mean_test_loss(initial_losses, self.partitions)
         final = rounds[-1] if rounds else None
-        return {
-            "enabled": True,
-            "model": {"kind": "learner", **self.spec.to_dict()},
-            "params": params,
-            "rounds_planned": self.config.rounds,
-            "local_epochs": self.config.local_epochs,
-            "client_fraction": self.config.client_fraction,
-            "weighting": "shard size",
-            "initial_test_loss_per_task": initial_losses,
-            "initial_test_loss": mean_test_loss(initial_losses, self.partitions),
-            "rounds": rounds,
-            "final_test_loss_per_task": final["test_loss_per_task"] if final else initial_losses,
-            "final_test_loss": final["test_loss"]
-            if final
-            else mean_test_loss(initial_losses, self.partitions),
-            "edges": edges,
-            "cloud_flops": sum(ledger["cloud_flops"].values()),
-            "cloud_flops_note": "aggregation is element-wise; FlopCounterMode counts matmuls and convs",
-            "totals": {
-                "edge_bytes_sent": sum(e["bytes_sent"] for e in edges.values()),
-                "edge_bytes_received": sum(e["bytes_received"] for e in edges.values()),
-                "edge_flops": sum(e["flops"] for e in edges.values()),
-                "seconds": sum(r["seconds"] for r in rounds),
-            },
-            "events": self.events,
-            "ledger": ledger,
-        }
+        return FedAvgReport(
+            enabled=True,
+            model=LearnerModel(kind="learner", **self.spec.to_dict()),
+            params=params,
+            rounds_planned=self.config.rounds,
+            local_epochs=self.config.local_epochs,
+            client_fraction=self.config.client_fraction,
+            weighting="shard size",
+            initial_test_loss_per_task=initial_losses,
+            initial_test_loss=initial_loss,
+            rounds=rounds,
+            final_test_loss_per_task=final.test_loss_per_task if final else initial_losses,
+            final_test_loss=final.test_loss if final else initial_loss,
+            edges=edges,
+            cloud_flops=sum(ledger["cloud_flops"].values()),
+            cloud_flops_note="aggregation is element-wise; FlopCounterMode counts matmuls and convs",
+            totals=FedAvgTotals(
+                edge_bytes_sent=sum(e.bytes_sent for e in edges.values()),
+                edge_bytes_received=sum(e.bytes_received for e in edges.values()),
+                edge_flops=sum(e.flops for e in edges.values()),
+                seconds=sum(r.seconds for r in rounds),
+            ),
+            events=self.events,
+            ledger=ledger,
+        )
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self.events.append({"t": round(time.monotonic() - self.started, 3), "kind": kind, **fields})
+        event = {"t": round(time.monotonic() - self.started, 3), "kind": kind, **fields}
+        self.events.append(RunEvent.model_validate(event))
 
     def _say(self, line: str) -> None:
         logger.info("%s", line)

@@ -350,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             flush=True,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            serve_registry(report["registry"], scenario.serving)
+            serve_registry(report.registry, scenario.serving)
     return EXIT_OK
 
 

@@ -5,16 +5,16 @@ The steps, the timeline's clock and how edges are watched are in docs/ARCHITECTU
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
+from pydantic import ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import (
@@ -28,6 +28,16 @@ from actors.coordinator import (
 )
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.registry import Registry
+from orchestrator.core.reports import (
+    CoordinatorOutcome,
+    EdgeReport,
+    EdgeRow,
+    EdgeUpload,
+    RoundError,
+    RunEvent,
+    RunReport,
+    UploadRecord,
+)
 from orchestrator.core.scenario import CoordinatorCrashEvent, EdgeConfig, Event, JoinEvent, Scenario
 from orchestrator.data.partitions import Partitions, make_partitions
 from orchestrator.data.sources import DataSource, resolve_source
@@ -80,14 +90,14 @@ class EngineOptions:
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
     # A stage after a successful run, with Ray still up and the run's actors released (the CLI passes
     # orchestrator.evaluation's: FedAvg baseline, personalisation, FID/KID, sample grids). None: none.
-    after_run: Callable[[FinishedRun], dict[str, Any]] | None = None
+    after_run: Callable[[FinishedRun], RunReport] | None = None
 
 
 @dataclass(frozen=True)
 class FinishedRun:
     """A finished BAIM run, as a stage after it sees it: its report and inputs (report.md not written yet)."""
 
-    report: dict[str, Any]
+    report: RunReport
     scenario: Scenario
     source: DataSource
     partitions: Partitions
@@ -105,7 +115,7 @@ class EdgeTrack:
     spawned_at: float | None = None
     started_at: float | None = None
     status: str = "not_joined"
-    report: dict[str, Any] | None = None  # the last report (final, or the last progress for dead edges)
+    report: EdgeReport | None = None  # the last report (final, or the last progress for dead edges)
     error: str | None = None
 
     @property
@@ -128,7 +138,7 @@ class Engine:
         self.fleet = EdgeFleet(
             scenario, self.source, self.partitions, unschedulable_after_s=options.unschedulable_after_s
         )
-        self.event_log: list[dict[str, Any]] = []
+        self.event_log: list[RunEvent] = []
         self.started = 0.0
         self.coordinator: Any = None
         self._status_ref: Any = None  # an outstanding coordinator status() call
@@ -161,7 +171,7 @@ class Engine:
 
     # ---- driver --------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunReport:
         self.check_registry_is_free()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started_ray = False
@@ -181,7 +191,7 @@ class Engine:
             if started_ray and not self.options.keep_ray:
                 ray.shutdown()
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self) -> RunReport:
         wall_start = time.time()
         self._say(
             f"run {self.scenario.name!r}: {len(self.edges)} edges, {len(self.scenario.tasks)} tasks, "
@@ -231,14 +241,15 @@ class Engine:
         except RoundFailed as err:  # Ray raises an error that is also an instance of the actor's error
             failure = err
             summary = ray.get(self.coordinator.summary.remote(), timeout=self.options.finish_timeout_s)
-        self._say_round_errors(summary.get("round_errors", []))  # those the polls missed
+        outcome = parse_coordinator_summary(summary)
+        self._say_round_errors(outcome.round_errors)  # those the polls missed
         failure_text = None if failure is None else _round_failure_text(failure)
-        accepted_by_edge = {receipt["edge_id"]: receipt for receipt in summary["accepted"]}
+        accepted_by_edge = {str(receipt.edge_id): receipt for receipt in outcome.accepted}
         ledger = Ledger(export_metrics=False)
-        ledger.merge(Ledger.from_dict(summary["ledger"], export_metrics=False))
+        ledger.merge(Ledger.from_dict(outcome.ledger, export_metrics=False))
         for track in self.edges.values():
             if track.report is not None:
-                ledger.merge(Ledger.from_dict(track.report["ledger"], export_metrics=False))
+                ledger.merge(Ledger.from_dict(track.report.ledger, export_metrics=False))
         report = build_report(
             scenario=self.scenario,
             source=self.source,
@@ -247,7 +258,7 @@ class Engine:
                 edge_id: self._edge_row(track, accepted_by_edge.get(edge_id))
                 for edge_id, track in self.edges.items()
             },
-            coordinator=summary,
+            coordinator=outcome,
             ledger=ledger,
             events=self.event_log,
             registry_uri=self.registry_uri,
@@ -309,13 +320,16 @@ class Engine:
             track.status = "running"
             self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
 
-    def _parse_report(self, track: EdgeTrack, answer: Any) -> dict[str, Any] | None:
-        """The edge's JSON report; or None after finalising the edge when it was lost."""
+    def _parse_report(self, track: EdgeTrack, answer: Any) -> EdgeReport | None:
+        """The edge's report; or None after finalising the edge (lost, or its report is malformed)."""
         if isinstance(answer, EdgeLost):
             self._finalise(track, answer.status, error=answer.error)
             return None
-        report: dict[str, Any] = json.loads(answer)
-        return report
+        try:
+            return EdgeReport.model_validate_json(answer)
+        except ValidationError as err:
+            self._finalise(track, "failed", error=f"malformed edge report: {_first_problem(err)}")
+            return None
 
     def _collect_results(self) -> None:
         running = {t.run_ref: t for t in self.edges.values() if t.run_ref is not None and not t.final}
@@ -329,7 +343,7 @@ class Engine:
             if report is None:
                 continue
             track.report = report
-            self._finalise(track, report["status"], error=report.get("error"))
+            self._finalise(track, report.status, error=report.error)
         for track in running.values():
             since = track.started_at if track.started_at is not None else track.spawned_at
             if track.final or since is None:
@@ -347,15 +361,17 @@ class Engine:
                 track = outstanding[ref]
                 track.progress_ref = None
                 answer = self.fleet.answer(track.config.id, ref)
-                if isinstance(answer, EdgeLost):
-                    continue  # a dead edge: _collect_results settles it
-                report = json.loads(answer)
-                if track.final:
-                    continue  # the final report is already in
-                if track.report is None or report["epoch"] != track.report.get("epoch"):
-                    epochs = f"{report['epoch']}/{report['epochs']}"
-                    loss = report["train_loss"]
-                    self._say(f"edge {track.config.id}: {report['status']} epoch {epochs} loss {loss}")
+                if isinstance(answer, EdgeLost) or track.final:
+                    continue  # a dead edge (_collect_results settles it), or the final report is in
+                try:
+                    report = EdgeReport.model_validate_json(answer)
+                except ValidationError:
+                    continue  # progress only; a malformed final report fails the edge
+                if track.report is None or report.epoch != track.report.epoch:
+                    epochs = f"{report.epoch}/{report.epochs}"
+                    self._say(
+                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
+                    )
                 track.report = report
         if ask:
             for track in self.edges.values():
@@ -378,20 +394,21 @@ class Engine:
                 except (RayActorError, RayTaskError):
                     status = None  # restarting after a crash: ask again next time
                 if status is not None:
-                    self._say_round_errors(status.get("round_errors", []))
+                    self._say_round_errors([RoundError.model_validate(e) for e in status["round_errors"]])
         if ask and self._status_ref is None and self.coordinator is not None:
             self._status_ref = self.coordinator.status.remote()
 
-    def _say_round_errors(self, round_errors: list[dict[str, Any]]) -> None:
+    def _say_round_errors(self, round_errors: list[RoundError]) -> None:
         for entry in round_errors:
-            key = (int(entry["round"]), int(entry["attempts"]))
+            key = (entry.round, entry.attempts)
             if key in self._round_errors_said:
                 continue
             self._round_errors_said.add(key)
-            self._record("round_failed", round=key[0], attempt=key[1], error=entry["error"])
+            self._record("round_failed", round=entry.round, attempt=entry.attempts, error=entry.error)
             self._say(
-                f"cloud round {key[0]} failed (attempt {key[1]}; learners {', '.join(entry['learners'])}): "
-                f"{entry['error']}; its learners stay pending (retried after a new upload or "
+                f"cloud round {entry.round} failed (attempt {entry.attempts}; learners "
+                f"{', '.join(entry.learners)}): {entry.error}; its learners stay pending (retried after a "
+                "new upload or "
                 f"{self.scenario.cloud.fusion.max_wait_seconds:g}s)"
             )
 
@@ -428,39 +445,43 @@ class Engine:
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _edge_row(self, track: EdgeTrack, accepted: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _edge_row(self, track: EdgeTrack, accepted: UploadRecord | None = None) -> EdgeRow:
         """The report row of one edge. `accepted`: the coordinator's accepted receipt for this edge, used when
         the edge has none of its own (it died after the coordinator stored its upload, before the ack)."""
-        report = track.report or {}
-        costs = (report.get("ledger") or {}).get("edges", {}).get(track.config.id, {})
-        receipt = report.get("receipt") or {}
-        receipt_from = "edge" if receipt else "none"
-        if not receipt and accepted is not None:
+        report = track.report
+        edge_id = track.config.id
+        costs: dict[str, Any] = {}
+        if report is not None:
+            edge_ledger = Ledger.from_dict(report.ledger, export_metrics=False)
+            costs = edge_ledger.edge_costs(edge_id) if edge_id in edge_ledger.edges else {}
+        receipt = upload_record(report.receipt) if report is not None and report.receipt else None
+        receipt_from: Literal["edge", "coordinator", "none"] = "edge" if receipt is not None else "none"
+        if receipt is None and accepted is not None:
             receipt, receipt_from = accepted, "coordinator"
-        outcome = ("accepted" if receipt.get("accepted") else "rejected") if receipt else "none"
-        return {
-            "task": track.config.task,
-            "status": track.status,
-            "error": track.error,
-            "resources": resource_demand(track.config),
-            "shard_size": len(self.partitions.edges[track.config.id]),
-            "epochs_done": report.get("epoch", 0),
-            "local_epochs": track.config.local_epochs,
-            "bytes_sent": costs.get("bytes_sent", 0),
-            "bytes_received": costs.get("bytes_received", 0),
-            "flops": costs.get("flops", 0),
-            "train_seconds": (costs.get("seconds") or {}).get("edge_train", 0.0),
-            "upload_seconds": (costs.get("seconds") or {}).get("edge_upload", 0.0),
-            "upload": {
-                "outcome": outcome,
-                "reason": receipt.get("reason", ""),
-                "detail": receipt.get("detail", ""),
-                "sha256": receipt.get("sha256"),
-                "artifact": receipt.get("artifact"),
-                "receipt_from": receipt_from,  # "coordinator": the edge never got its receipt
-            },
-            "costs_are_final": track.status not in ("crashed", "died", "timed_out"),
-        }
+        seconds = costs.get("seconds") or {}
+        return EdgeRow(
+            task=track.config.task,
+            status=track.status,
+            error=track.error,
+            resources=resource_demand(track.config),
+            shard_size=len(self.partitions.edges[edge_id]),
+            epochs_done=report.epoch if report is not None else 0,
+            local_epochs=track.config.local_epochs,
+            bytes_sent=costs.get("bytes_sent", 0),
+            bytes_received=costs.get("bytes_received", 0),
+            flops=costs.get("flops", 0),
+            train_seconds=seconds.get("edge_train", 0.0),
+            upload_seconds=seconds.get("edge_upload", 0.0),
+            upload=EdgeUpload(
+                outcome="none" if receipt is None else "accepted" if receipt.accepted else "rejected",
+                reason=receipt.reason if receipt is not None else "",
+                detail=receipt.detail if receipt is not None else "",
+                sha256=receipt.sha256 if receipt is not None else None,
+                artifact=receipt.artifact if receipt is not None else None,
+                receipt_from=receipt_from,
+            ),
+            costs_are_final=track.status not in ("crashed", "died", "timed_out"),
+        )
 
     def _release_actors(self) -> None:
         self.fleet.release_all()
@@ -472,12 +493,41 @@ class Engine:
         return time.monotonic() - self.started
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self.event_log.append({"t": round(self._elapsed(), 3), "kind": kind, **fields})
+        self.event_log.append(
+            RunEvent.model_validate({"t": round(self._elapsed(), 3), "kind": kind, **fields})
+        )
 
     def _say(self, line: str) -> None:
         logger.info("%s", line)
         if self.options.progress is not None:
             self.options.progress(line)
+
+
+def upload_record(receipt: Mapping[str, Any]) -> UploadRecord:
+    """The report's fields of a coordinator receipt."""
+    return UploadRecord.model_validate({key: receipt[key] for key in UploadRecord.model_fields})
+
+
+def parse_coordinator_summary(summary: Mapping[str, Any]) -> CoordinatorOutcome:
+    """The report's view of the coordinator's `finish()` / `summary()` result (a dict from the actor)."""
+    return CoordinatorOutcome(
+        accepted=[upload_record(receipt) for receipt in summary["accepted"]],
+        rejected=[upload_record(receipt) for receipt in summary["rejected"]],
+        learners=summary["learners"],
+        untrained_learners=summary["untrained_learners"],
+        baim_version=summary["baim_version"],
+        baim_params=summary["baim_params"],
+        rounds=summary["rounds"],
+        round_errors=summary["round_errors"],
+        restarts=summary["restarts"],
+        tasks=summary["tasks"],
+        ledger=summary["ledger"],
+    )
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    return f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
 
 
 def _round_failure_text(err: RoundFailed) -> str:
@@ -486,8 +536,6 @@ def _round_failure_text(err: RoundFailed) -> str:
     return str(cause if isinstance(cause, RoundFailed) else err)
 
 
-def run_scenario(
-    scenario: Scenario, out_dir: str | Path, options: EngineOptions | None = None
-) -> dict[str, Any]:
+def run_scenario(scenario: Scenario, out_dir: str | Path, options: EngineOptions | None = None) -> RunReport:
     """Run `scenario` end to end and return the report (also written to out_dir/report.json)."""
     return Engine(scenario, Path(out_dir), options or EngineOptions()).run()

@@ -40,7 +40,7 @@ def test_fedavg_two_rounds_on_edge_actors_with_a_crashed_client(ray_session: Non
     outcome = run_fedavg(scenario, source, partitions)
 
     # Assert: the crashed client dropped out, the round proceeded with the rest
-    report = outcome.report
+    report = outcome.report.model_dump(mode="json")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for round_report in report["rounds"]:
         assert round_report["aggregated"] == ["edge-0", "edge-1", "edge-2"]

@@ -135,7 +135,9 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
 
         # 2. The engine joins the running cluster like `baim run --address auto` under `ray job submit`.
         os.environ["RAY_ADDRESS"] = cluster.address
-        report = run_scenario(scenario, tmp_path / "out", EngineOptions(address="auto"))
+        report = run_scenario(scenario, tmp_path / "out", EngineOptions(address="auto")).model_dump(
+            mode="json"
+        )
         result["engine_edges"] = {edge_id: row["status"] for edge_id, row in report["edges"].items()}
         result["seconds"]["engine"] = time.monotonic() - started
         result["cluster_alive_after"] = len([n for n in cluster.list_all_nodes() if n.any_processes_alive()])

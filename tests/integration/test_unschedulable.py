@@ -57,7 +57,7 @@ def test_edge_with_resources_no_node_offers_is_reported_unschedulable(tmp_path: 
 
     report = run_scenario(
         scenario, tmp_path / "out", EngineOptions(unschedulable_after_s=3.0, cloud_trainer="local")
-    )
+    ).model_dump(mode="json")
 
     edges = report["edges"]
     assert edges["fits"]["status"] == "accepted"
