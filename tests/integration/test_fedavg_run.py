@@ -14,7 +14,7 @@ from orchestrator.core.artifacts import canonical_json
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 
 def fedavg_scenario(tmp_path: Path) -> Scenario:

@@ -38,8 +38,8 @@ from serve.app import (
     start_http,
     token_sha256,
 )
-from tests.integration.test_serve import free_port
-from tests.unit.test_toolbox import tiny_baim
+from tests.support.models import tiny_baim
+from tests.support.network import free_port
 
 TASKS = ["smiling"]
 TOKEN = "fuzz-token-93c1"

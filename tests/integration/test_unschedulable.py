@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.scenario import Scenario
-from orchestrator.runtime.engine import EngineOptions, run_scenario, unmet_demand
+from orchestrator.runtime.engine import EngineOptions, run_scenario
+from orchestrator.runtime.fleet import unmet_demand
 
 EDGE = {"shard_size": 32, "batch_size": 16, "model": {"widths": [8], "latent_dim": 4}}
 

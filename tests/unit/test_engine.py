@@ -18,7 +18,7 @@ from orchestrator.core.registry import Registry
 from orchestrator.core.reports import EdgeReport
 from orchestrator.runtime.engine import Engine, EngineOptions, upload_record
 from tests.support.fake_ray import FakeRay, FakeRef
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 
 def edge_report(edge_id: str, status: Any, *, epoch: int, receipt: Any = None) -> EdgeReport:

@@ -13,7 +13,7 @@ from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from orchestrator.runtime.fleet import EdgeFleet, EdgeLost, EdgeStarted, Timeline
 from tests.support.fake_ray import FakeRay, FakeRef
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 
 def make_fleet(scenario: Scenario, **options: Any) -> EdgeFleet:

@@ -17,7 +17,7 @@ from orchestrator.evaluation.evaluate import save_samples
 from orchestrator.report.build import build_report, summary_table, write_report
 from orchestrator.report.markdown import NOT_MEASURED, ReportInvalid, headline, write_report_markdown
 from tests.support.reports import bare_report, failed_run_report, hand_report, write_report_json
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 
 def test_headline_ratios_match_a_hand_computation() -> None:
