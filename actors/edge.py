@@ -1,23 +1,7 @@
 """EdgeNode: one edge of the system. It trains a small VAE on its private shard and uploads it once.
 
-A plain class (unit-testable without Ray); the engine wraps it with
-`ray.remote(EdgeNode).options(num_cpus=..., num_gpus=..., memory=..., resources=..., max_concurrency=4)`
-using the resources the scenario declares, so Ray's scheduler decides where (and whether) it can run.
-`max_concurrency` > 1 makes it a threaded actor: `run()` occupies one thread while the driver's timeline
-events (`slow_down`, `change_link`, `poison`, `leave`) and `progress()` polls arrive on the others. They only
-set plain attributes that the training loop reads between steps.
-
-What crosses the process boundary is primitive: the upload is `weights: bytes, spec_json: str, sha256: str`
-(an ArtifactPayload), and what the edge reports back to the driver is a JSON string (`run`, `progress`),
-which the driver parses and validates: nothing an edge sends is ever unpickled by the driver's own code.
-
-Device: an edge that declares `num_gpus` trains on `cuda` when this process sees a GPU (Ray sets
-CUDA_VISIBLE_DEVICES to the GPUs it reserved for the actor), else on the CPU; see `edge_device`. Initial
-weights are drawn on the CPU before the move, and uploads are CPU tensors, so the bytes an edge sends do not
-depend on where it trained beyond floating-point differences of the device's kernels.
-
-Simulated network: an upload of `nbytes` takes `time_scale * (latency + nbytes * 8 / bandwidth)` seconds
-of sleeping before the call; the bytes counted are the payload's real length, once per attempt sent.
+A plain class; the edge fleet (orchestrator.runtime.fleet) wraps it with `ray.remote(...).options(...)` and
+the resources the scenario declares. Threads, devices and the simulated link: docs/ARCHITECTURE.md ("Edges").
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """The FedAvg baseline: the same edges and shards as the BAIM run, trained as federated learning.
 
-Shape (Flower's `FedAvg` strategy): `FedAvgBaseline` has one method per phase of a server round:
-`initialize_parameters` (the seeded global model), `configure_fit` (seeded client sampling) and
-`aggregate_fit` (verify each update, then the pure
-`orchestrator.baselines.fedavg_math.weighted_average`, weighted by shard size). Failed clients are data:
-`aggregate_fit` receives them and the round proceeds with the rest.
-
-`run_fedavg(...)` drives it on Ray: one `EdgeNode` actor per edge of the scenario (the same class, the same
-declared resources, the same private shard as in the BAIM run), R rounds of `EdgeNode.fedavg_round`, the
-scenario's timeline replayed against the clients on the baseline's own clock (t = 0 when the clients are up):
-`crash` kills a client (its in-flight round fails, it drops out of later rounds), `leave` stops it, `join`
-adds one, `slow` / `link` / `poison` act as in the BAIM run; `coordinator_crash` has no FedAvg counterpart
-(the server is the driver) and is recorded as not applied.
-
-Costs, measured like the BAIM path's: the bytes each edge receives (the global model) and sends (its update)
-are `ArtifactPayload.nbytes` of the payloads that actually crossed; edge FLOPs are counted by the edge with
-`baim.costs.forward_backward_flops` on its real model and batch shapes; the cloud's aggregation is
-element-wise, which FlopCounterMode (matmuls and convolutions) counts as 0, and is recorded as counted.
-Everything goes into one `Ledger`. After each round the global model's test loss (the VAE loss with the
-cloud's `kld_weight`, seeded noise) is measured on every task's test split, the same images the BAIM's task
-models are measured on.
+`FedAvgBaseline` is the strategy (no Ray; one method per phase of a server round, like Flower's FedAvg);
+`run_fedavg` drives it on the edge fleet. How the timeline and the costs are handled: docs/ARCHITECTURE.md
+("The FedAvg baseline").
 """
 
 from __future__ import annotations

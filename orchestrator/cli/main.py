@@ -1,12 +1,8 @@
 """The `baim` command line (also `python -m orchestrator`).
 
-Each subcommand is two small functions: `add_<name>_parser(subparsers)` declares its arguments and sets
-`func=cmd_<name>`, and `cmd_<name>(args) -> int` does the work and returns the exit status. To add one
-(`run`, `serve`, `report`), write both and append the first to `SUBCOMMANDS`.
-
-This is the only module that prints for the user or decides an exit status: library code raises
-(`ScenarioError`, pydantic's `ValidationError`, ...) and `main` turns those into one line per problem on
-stderr and exit status 2, without a traceback.
+Each subcommand is `add_<name>_parser(subparsers)` (its arguments, `func=cmd_<name>`) and `cmd_<name>(args)
+-> int` (the work, the exit status), listed in `SUBCOMMANDS`. Only this module prints for the user or picks
+an exit status: library errors become one line per problem on stderr and exit status 2.
 """
 
 from __future__ import annotations

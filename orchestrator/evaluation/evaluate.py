@@ -1,24 +1,7 @@
-"""End-of-run measurements: the FedAvg baseline, personalisation, image quality and the sample grids.
+"""End-of-run measurements (`evaluate_run`, the engine's `after_run` stage): the FedAvg baseline,
+personalisation, download sizes, FID/KID of every phase, and the sample grids under DIR/samples/.
 
-`evaluate_run(report, scenario, source, partitions, out_dir, options)` runs after the BAIM run has written
-report.json (Ray still up) and returns the report with four more sections:
-
-- `baselines.fedavg`: the FedAvg baseline on the same edges and shards (orchestrator.baselines.fedavg).
-- `personalisation`: every edge whose upload was accepted downloads its task's published model into its
-  toolbox (serve.toolbox, from the registry; `bytes_received` is the artifact's serialized size) and
-  fine-tunes it on its own shard for `personalise_epochs`; test loss on the task's test split before and
-  after, FLOPs counted like the edges' training. This runs in the driver process, on the edge's own shard
-  (a simulation shortcut: the data and the compute are the edge's, the process is not).
-- `downloads`: the serialized size of each published task model and of the whole trained BAIM, for the
-  headline "bytes per edge" with task-model download vs whole-BAIM download.
-- `image_quality`: FID and KID of generated images against the task's real test images, for every phase:
-  the edges' initial (uploaded) models, each strategy's decomposed task models (when the round kept that
-  strategy's model), the personalised edge models and FedAvg's global model. Every number carries the
-  extractor's name and both sample counts. Generation is seeded, so a rerun gives the same images.
-
-Sample grids: the first `grid_samples` generated images of every set (and real test images per task) are
-saved as uint8 safetensors under `out_dir/samples/`; `orchestrator.report.markdown` draws the PNG grids
-from them.
+What each section holds and why: docs/ARCHITECTURE.md ("Evaluation").
 """
 
 from __future__ import annotations
