@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from orchestrator.core.scenario import CELEBA_ATTRIBUTES
-
-logger = logging.getLogger(__name__)
 
 
 # Frequencies in the shared 10,000-image CelebA subset, so procedural tasks have realistic sizes.
