@@ -7,7 +7,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from orchestrator.core.scenario import CELEBA_ATTRIBUTES
 
-
 # Frequencies in the shared 10,000-image CelebA subset, so procedural tasks have realistic sizes.
 _FREQUENCY = dict(zip(CELEBA_ATTRIBUTES, (
     0.110, 0.266, 0.511, 0.206, 0.025, 0.148, 0.239, 0.240, 0.243, 0.145, 0.051, 0.203, 0.145, 0.059, 0.047,
