@@ -38,12 +38,26 @@ from orchestrator.core.reports import (
     RunReport,
     UploadRecord,
 )
-from orchestrator.core.scenario import CoordinatorCrashEvent, EdgeConfig, Event, JoinEvent, Scenario
+from orchestrator.core.scenario import (
+    CoordinatorCrashEvent,
+    EdgeConfig,
+    Event,
+    JoinEvent,
+    Scenario,
+    format_validation_error,
+)
 from orchestrator.data.partitions import Partitions, make_partitions
 from orchestrator.data.sources import DataSource, resolve_source
 from orchestrator.report.build import build_report, write_report
 from orchestrator.report.markdown import write_report_markdown
-from orchestrator.runtime.fleet import POLL_SECONDS, EdgeFleet, EdgeLost, Timeline, resource_demand
+from orchestrator.runtime.fleet import (
+    POLL_SECONDS,
+    EdgeFleet,
+    EdgeLost,
+    EdgeStarted,
+    Timeline,
+    resource_demand,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +322,7 @@ class Engine:
     def _check_starts(self) -> None:
         self._settle_starts(self.fleet.poll_starts())
 
-    def _settle_starts(self, settled: list[Any]) -> None:
+    def _settle_starts(self, settled: list[EdgeStarted | EdgeLost]) -> None:
         """Edges whose start probe answered are running; those lost starting (or unschedulable) are final."""
         for outcome in settled:
             track = self.edges[outcome.edge_id]
@@ -328,7 +342,7 @@ class Engine:
         try:
             return EdgeReport.model_validate_json(answer)
         except ValidationError as err:
-            self._finalise(track, "failed", error=f"malformed edge report: {_first_problem(err)}")
+            self._finalise(track, "failed", error=f"malformed edge report: {format_validation_error(err)[0]}")
             return None
 
     def _collect_results(self) -> None:
@@ -523,11 +537,6 @@ def parse_coordinator_summary(summary: Mapping[str, Any]) -> CoordinatorOutcome:
         tasks=summary["tasks"],
         ledger=summary["ledger"],
     )
-
-
-def _first_problem(err: ValidationError) -> str:
-    problem = err.errors()[0]
-    return f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
 
 
 def _round_failure_text(err: RoundFailed) -> str:
