@@ -23,7 +23,7 @@ from orchestrator.core.errors import ScenarioError, UnknownTask
 logger = logging.getLogger(__name__)
 
 # The repository root when running from a checkout; the shared data copy lies beside it.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # orchestrator/core/scenario.py -> the checkout
 DEFAULT_DATA_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "celeba"
 DATA_ROOT_ENV = "BAIM_DATA_ROOT"
 
