@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -209,3 +211,42 @@ def test_build_report_carries_run_id_failure_and_round_errors(tmp_path: Path) ->
     document = report.model_dump(mode="json")
     assert (document["run_id"], document["failure"]) == ("run-7", "cloud round 1 failed")
     assert document["cloud"]["round_errors"] == [error]
+
+
+def load_compare_reports() -> Any:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_reports.py"
+    spec = importlib.util.spec_from_file_location("compare_reports", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_reports_ignores_timings_ids_paths_and_arrival_order_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: B is A run again elsewhere (other times, id, output folder, upload order), then one real change
+    compare = load_compare_reports()
+    a = hand_report()
+    a["uploads"] = [{"edge_id": e, "version": 1, "accepted": True, "reason": "", "detail": "",
+                     "sha256": "ab" * 32, "artifact": f"edge/{e}@v000001"} for e in ("e0", "e1")]  # fmt: skip
+    a["registry"] = "/runs/a/registry"
+    a["cloud"]["rounds"][0]["strategies"]["finetune"]["checkpoint_uri"] = "/runs/a/registry/ray_train/x"
+    b = json.loads(json.dumps(a))
+    b.update(run_id="another", registry="/runs/b/registry", uploads=a["uploads"][::-1])
+    b["cloud"]["rounds"][0]["strategies"]["finetune"]["checkpoint_uri"] = "/runs/b/registry/ray_train/x"
+    b["totals"]["wall_seconds"] = 99.0
+    b["edges"]["e0"]["train_seconds"] = 9.0
+    paths = [
+        write_report_json(tmp_path / name, report) / "report.json" for name, report in (("a", a), ("b", b))
+    ]
+
+    # Execute / Assert: nothing differs
+    assert compare.main([str(p) for p in paths]) == 0
+    assert capsys.readouterr().out.startswith("0 differing paths")
+
+    # Execute / Assert: a value differs
+    b["tasks"]["smile"]["params"] = 51
+    write_report_json(tmp_path / "b", b)
+    assert compare.main([str(p) for p in paths]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "tasks.smile.params: 50 in A, 51 in B"
