@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from actors.edge import edge_seed
 from baim.config import LearnerSpec
 from baim.costs import count_params, forward_backward_flops
 from baim.decompose import decompose
@@ -286,16 +287,20 @@ class RunEvaluation:
             order = torch.Generator().manual_seed(GENERATION_SEED)
             loader = DataLoader(shard, batch_size=edge.batch_size, shuffle=True, generator=order)
             test = DataLoader(FaceDataset(self.source, self.partitions.test[edge.task], self.resolution), 64)
-            flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
             started = time.perf_counter()
-            before, after = personalise(
-                model,
-                loader,
-                self.options.personalise_epochs,
-                edge.lr,
-                eval_loader=test,
-                kld_weight=self.scenario.cloud.kld_weight,
-            )
+            # Training noise (and so the FLOPs of top-K dispatch) from a seed: the driver's global RNG
+            # starts in a different state in every process, and the numbers must not.
+            with torch.random.fork_rng():
+                torch.manual_seed(edge_seed(self.scenario.seed, f"{edge_id} personalisation"))
+                flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
+                before, after = personalise(
+                    model,
+                    loader,
+                    self.options.personalise_epochs,
+                    edge.lr,
+                    eval_loader=test,
+                    kld_weight=self.scenario.cloud.kld_weight,
+                )
             edges[edge_id] = PersonalisedEdge(
                 task=edge.task,
                 model_version=fetched.model_version,
