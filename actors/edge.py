@@ -1,28 +1,11 @@
 """EdgeNode: one edge of the system. It trains a small VAE on its private shard and uploads it once.
 
-A plain class (unit-testable without Ray); the engine wraps it with
-`ray.remote(EdgeNode).options(num_cpus=..., num_gpus=..., memory=..., resources=..., max_concurrency=4)`
-using the resources the scenario declares, so Ray's scheduler decides where (and whether) it can run.
-`max_concurrency` > 1 makes it a threaded actor: `run()` occupies one thread while the driver's timeline
-events (`slow_down`, `change_link`, `poison`, `leave`) and `progress()` polls arrive on the others. They only
-set plain attributes that the training loop reads between steps.
-
-What crosses the process boundary is primitive: the upload is `weights: bytes, spec_json: str, sha256: str`
-(an ArtifactPayload), and what the edge reports back to the driver is a JSON string (`run`, `progress`),
-which the driver parses and validates: nothing an edge sends is ever unpickled by the driver's own code.
-
-Device: an edge that declares `num_gpus` trains on `cuda` when this process sees a GPU (Ray sets
-CUDA_VISIBLE_DEVICES to the GPUs it reserved for the actor), else on the CPU; see `edge_device`. Initial
-weights are drawn on the CPU before the move, and uploads are CPU tensors, so the bytes an edge sends do not
-depend on where it trained beyond floating-point differences of the device's kernels.
-
-Simulated network: an upload of `nbytes` takes `time_scale * (latency + nbytes * 8 / bandwidth)` seconds
-of sleeping before the call; the bytes counted are the payload's real length, once per attempt sent.
+A plain class; the edge fleet (orchestrator.runtime.fleet) wraps it with `ray.remote(...).options(...)` and
+the resources the scenario declares. Threads, devices and the simulated link: docs/ARCHITECTURE.md ("Edges").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -39,6 +22,8 @@ from baim.seeding import derive_seed
 from baim.training import evaluate, train_epoch, vae_batch_loss
 from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.names import MAX_MODEL_BYTES
+from orchestrator.core.reports import EdgeNodeStatus, EdgeReport, FedAvgClientReport
 from orchestrator.core.scenario import EdgeConfig
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.sources import DataSource
@@ -46,20 +31,10 @@ from orchestrator.data.sources import DataSource
 logger = logging.getLogger(__name__)
 
 PoisonMode = Literal["nan", "wrong_shapes", "scale", "sign_flip", "noise"]
-EDGE_STATUSES = (
-    "created",  # constructed, run() not called yet
-    "training",
-    "uploading",  # trained; waiting out the simulated link or the coordinator's receipt
-    "accepted",  # the coordinator accepted the upload (final)
-    "rejected",  # the coordinator rejected the upload with a reason (final)
-    "left",  # left gracefully before uploading (final)
-    "upload_failed",  # the coordinator stayed unreachable for every attempt (final)
-)
 UPLOAD_VERSION = 1  # each edge uploads its model once (DESIGN.md); a second model would be version 2
 UPLOAD_ATTEMPTS = 5  # re-sends after the coordinator was unreachable (the upload is idempotent)
 UPLOAD_TIMEOUT_SECONDS = 120.0  # one attempt's wait for a receipt, restarts of the coordinator included
 SLEEP_SLICE_SECONDS = 0.05  # simulated delays sleep in slices so that `leave` interrupts them
-FEDAVG_MAX_MODEL_BYTES = 1 << 30  # a FedAvg global model larger than this is refused unread
 
 
 class EdgeLeft(Exception):  # noqa: N818 (control flow, not an error)
@@ -185,7 +160,7 @@ class EdgeNode:
         self.poison_mode: PoisonMode | None = None
         self.poison_scale = 1.0
         self._leave = threading.Event()
-        self.status = "created"
+        self.status: EdgeNodeStatus = "created"
         self.epoch = 0
         self.steps = 0
         self.train_loss: float | None = None
@@ -228,8 +203,8 @@ class EdgeNode:
         self._leave.set()
 
     def progress(self) -> str:
-        """JSON: status, epoch, steps, last train loss, the ledger so far (bytes, FLOPs, seconds)."""
-        return json.dumps(self._report())
+        """An EdgeReport as JSON: status, epoch, steps, last train loss, the ledger so far."""
+        return self._report().model_dump_json()
 
     # ---- the edge's life -------------------------------------------------------------------------------
 
@@ -247,7 +222,7 @@ class EdgeNode:
             self.status = "left"
             self.ledger.record_event("edge_left", edge=self.edge_id, epoch=self.epoch)
             logger.info("edge %s left at epoch %d", self.edge_id, self.epoch)
-        return json.dumps(self._report())
+        return self._report().model_dump_json()
 
     def _train(self) -> None:
         self.status = "training"
@@ -355,9 +330,9 @@ class EdgeNode:
         spec, tensors = unpack_payload(
             download,
             artifact_id=f"fedavg global model, round {server_round}",
-            max_bytes=FEDAVG_MAX_MODEL_BYTES,
+            max_bytes=MAX_MODEL_BYTES,
         )
-        report: dict[str, Any] = {"edge_id": self.edge_id, "round": server_round, "status": "trained"}
+        report = FedAvgClientReport(edge_id=self.edge_id, round=server_round, status="trained")
         try:
             self._sleep(
                 link_delay_seconds(download.nbytes, self.bandwidth_mbps, self.latency_ms, self.time_scale)
@@ -376,13 +351,13 @@ class EdgeNode:
             started = time.perf_counter()
             for _ in range(local_epochs):
                 self._check_leave()
-                report["train_loss"] = train_epoch(model, self._paced(loader), optimizer, loss_fn)
-            report["train_seconds"] = time.perf_counter() - started
-            report["flops"] = flops_per_epoch * local_epochs
+                report.train_loss = train_epoch(model, self._paced(loader), optimizer, loss_fn)
+            report.train_seconds = time.perf_counter() - started
+            report.flops = flops_per_epoch * local_epochs
             state = _cpu_state(model)
             if self.poison_mode is not None:
                 state = poison_state(state, self.poison_mode, self.poison_scale, round_seed)
-                report["poisoned"] = self.poison_mode
+                report.poisoned = self.poison_mode
             update_spec = {**spec, "edge_id": self.edge_id}
             update = pack_state(state, update_spec)
             self._sleep(
@@ -390,8 +365,9 @@ class EdgeNode:
             )
             self._check_leave()
         except EdgeLeft:
-            return b"", "", "", json.dumps({**report, "status": "left"})
-        return update.weights, update.spec_json, update.sha256, json.dumps(report)
+            report.status = "left"
+            return b"", "", "", report.model_dump_json()
+        return update.weights, update.spec_json, update.sha256, report.model_dump_json()
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -406,20 +382,20 @@ class EdgeNode:
                 return
             time.sleep(min(left, SLEEP_SLICE_SECONDS))
 
-    def _report(self) -> dict[str, Any]:
-        return {
-            "edge_id": self.edge_id,
-            "task": self.edge.task,
-            "status": self.status,
-            "epoch": self.epoch,
-            "epochs": self.edge.local_epochs,
-            "steps": self.steps,
-            "train_loss": self.train_loss,
-            "shard_size": len(self.dataset),
-            "receipt": self.receipt,
-            "error": self.error,
-            "ledger": self.ledger.to_dict(),
-        }
+    def _report(self) -> EdgeReport:
+        return EdgeReport(
+            edge_id=self.edge_id,
+            task=self.edge.task,
+            status=self.status,
+            epoch=self.epoch,
+            epochs=self.edge.local_epochs,
+            steps=self.steps,
+            train_loss=self.train_loss,
+            shard_size=len(self.dataset),
+            receipt=self.receipt,
+            error=self.error,
+            ledger=self.ledger.to_dict(),
+        )
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

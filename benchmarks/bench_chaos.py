@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 def edge_churn_run(scenario: Scenario, out_dir: Path) -> dict[str, Any]:
     """Run the scenario with the engine on the current Ray instance; count what was acknowledged but lost."""
     started = time.perf_counter()
-    report = run_scenario(scenario, out_dir, EngineOptions(edge_timeout_s=900))
+    report = run_scenario(scenario, out_dir, EngineOptions(edge_timeout_s=900)).model_dump(mode="json")
     registry = Registry(report["registry"])
     final_learners = set(report["cloud"]["learners"])
     acknowledged = [edge_id for edge_id, row in report["edges"].items() if row["status"] == "accepted"]

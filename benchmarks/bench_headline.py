@@ -24,41 +24,40 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.report.markdown import fedavg_edge_rows, headline  # noqa: E402
+from orchestrator.core.reports import ImageQuality, RunReport  # noqa: E402
+from orchestrator.report.markdown import fedavg_edge_rows, fedavg_of, headline, read_report  # noqa: E402
 
 
-def run(scenario_path: Path, out_dir: Path, fid_samples: int) -> dict[str, Any]:
+def run(scenario_path: Path, out_dir: Path, fid_samples: int) -> RunReport:
     from orchestrator.core.scenario import load_scenario
-    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.evaluation.evaluate import EvaluationOptions, evaluation_stage
     from orchestrator.runtime.engine import EngineOptions, run_scenario
 
     scenario = load_scenario(scenario_path)
     started = time.perf_counter()
     options = EngineOptions(
         progress=lambda line: print(f"  [{time.perf_counter() - started:7.1f}s] {line}", flush=True),
-        evaluation=EvaluationOptions(fid_samples=fid_samples),
+        after_run=evaluation_stage(EvaluationOptions(fid_samples=fid_samples)),
     )
     return run_scenario(scenario, out_dir, options)
 
 
-def show(report: dict[str, Any], source: str) -> None:
+def show(report: RunReport, source: str) -> None:
     numbers = headline(report)
     b, f, c = numbers["bytes_per_edge"], numbers["edge_flops_per_edge"], numbers["cloud_flops"]
     t, q = numbers["test_loss"], numbers["fid"]
-    quality = report.get("image_quality") or {}
-    data = report.get("data") or {}
+    data = report.data
 
     def num(value: float | None, fmt: str = "{:,.0f}") -> str:
         return "n/a" if value is None else fmt.format(value)
 
     print(f"\nheadline from {source}")
-    print(f"scenario {report['scenario']['name']}, seed {report['seed']}, data {data.get('kind')} "
-          f"({data.get('root')}), {data.get('resolution')} px")  # fmt: skip
+    print(f"scenario {report.scenario.name}, seed {report.seed}, data {data.kind} ({data.root}), "
+          f"{data.resolution} px")  # fmt: skip
     print(f"edges: {numbers['edges_baim']} BAIM (accepted uploads), {numbers['edges_fedavg']} FedAvg "
           f"clients; task models from strategy {numbers['kept_strategy']}")  # fmt: skip
     rows = [
@@ -88,22 +87,25 @@ def show(report: dict[str, Any], source: str) -> None:
     width = max(len(label) for label, _, _ in rows)
     for label, value, note in rows:
         print(f"  {label.ljust(width)}  {value:>16}  {note}")
-    if quality.get("enabled"):
-        print(f"FID/KID: {quality['extractor']}, {quality['num_generated']} generated vs "
-              f"{quality['num_real']} real images per set")  # fmt: skip
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
-    rounds = len(fedavg.get("rounds") or [])
+    quality = report.image_quality
+    if isinstance(quality, ImageQuality):
+        print(f"FID/KID: {quality.extractor}, {quality.num_generated} generated vs "
+              f"{quality.num_real} real images per set")  # fmt: skip
+    fedavg = fedavg_of(report)
+    rounds = len(fedavg.rounds) if fedavg is not None else 0
     clients = fedavg_edge_rows(report)
     if rounds and clients and b["baim_with_task_model"]:
-        per_round = sum(row["bytes_total"] for row in clients.values()) / len(clients) / rounds
+        bytes_total = sum(row.bytes_sent + row.bytes_received for row in clients.values())
+        per_round = bytes_total / len(clients) / rounds
         print(f"FedAvg bytes per edge per round (measured): {per_round:,.0f} over {rounds} rounds")
         for goal, baim_bytes, what in ((100, b["baim_with_task_model"], "task-model download"),
                                        (47, b["baim_with_whole_baim"], "whole-BAIM download")):  # fmt: skip
             if baim_bytes:
                 needed = math.ceil(goal * baim_bytes / per_round)
                 print(f"  arithmetic: FedAvg reaches {goal}x BAIM ({what}) after {needed} rounds")
-    phases = {k: round(v) for k, v in ((report.get("evaluation") or {}).get("seconds") or {}).items()}
-    wall = (report.get("totals") or {}).get("wall_seconds", 0)
+    seconds = report.evaluation.seconds if report.evaluation is not None else {}
+    phases = {k: round(v) for k, v in seconds.items()}
+    wall = report.totals.wall_seconds
     print(f"wall seconds: BAIM run {wall:.0f}, evaluation {json.dumps(phases)}")
 
 
@@ -117,8 +119,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
     args = parser.parse_args()
     if args.from_dir is not None:
-        report = json.loads((args.from_dir / "report.json").read_text())
-        show(report, str(args.from_dir / "report.json"))
+        show(read_report(args.from_dir / "report.json"), str(args.from_dir / "report.json"))
         return
     with tempfile.TemporaryDirectory(prefix="bench-headline-") as temporary:
         out = args.out or Path(temporary)

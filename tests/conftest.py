@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support.loop import LoopThread
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CELEBA = Path(os.environ.get("BAIM_DATA_ROOT", REPO_ROOT.parent / "shared" / "data" / "celeba"))
@@ -22,3 +25,11 @@ def shared_celeba() -> Path:
     if not (SHARED_CELEBA / "img_align_celeba").is_dir():
         pytest.skip(f"shared CelebA subset not found at {SHARED_CELEBA}")
     return SHARED_CELEBA
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    """An event loop in a background thread for an async actor's coroutines; stopped after the test."""
+    running = LoopThread()
+    yield running
+    running.stop()

@@ -1,30 +1,12 @@
 """The FedAvg baseline: the same edges and shards as the BAIM run, trained as federated learning.
 
-Shape (Flower's `FedAvg` strategy): `FedAvgBaseline` has one method per phase of a server round:
-`initialize_parameters` (the seeded global model), `configure_fit` (seeded client sampling) and
-`aggregate_fit` (verify each update, then the pure
-`orchestrator.baselines.fedavg_math.weighted_average`, weighted by shard size). Failed clients are data:
-`aggregate_fit` receives them and the round proceeds with the rest.
-
-`run_fedavg(...)` drives it on Ray: one `EdgeNode` actor per edge of the scenario (the same class, the same
-declared resources, the same private shard as in the BAIM run), R rounds of `EdgeNode.fedavg_round`, the
-scenario's timeline replayed against the clients on the baseline's own clock (t = 0 when the clients are up):
-`crash` kills a client (its in-flight round fails, it drops out of later rounds), `leave` stops it, `join`
-adds one, `slow` / `link` / `poison` act as in the BAIM run; `coordinator_crash` has no FedAvg counterpart
-(the server is the driver) and is recorded as not applied.
-
-Costs, measured like the BAIM path's: the bytes each edge receives (the global model) and sends (its update)
-are `ArtifactPayload.nbytes` of the payloads that actually crossed; edge FLOPs are counted by the edge with
-`baim.costs.forward_backward_flops` on its real model and batch shapes; the cloud's aggregation is
-element-wise, which FlopCounterMode (matmuls and convolutions) counts as 0, and is recorded as counted.
-Everything goes into one `Ledger`. After each round the global model's test loss (the VAE loss with the
-cloud's `kld_weight`, seeded noise) is measured on every task's test split, the same images the BAIM's task
-models are measured on.
+`FedAvgBaseline` is the strategy (no Ray; one method per phase of a server round, like Flower's FedAvg);
+`run_fedavg` drives it on the edge fleet. How the timeline and the costs are handled: docs/ARCHITECTURE.md
+("The FedAvg baseline").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,7 +16,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,27 +29,34 @@ from orchestrator.baselines.fedavg_math import weighted_average
 from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.names import MAX_MODEL_BYTES
+from orchestrator.core.reports import (
+    ClientFailure,
+    FedAvgClientReport,
+    FedAvgEdgeRow,
+    FedAvgFailure,
+    FedAvgReport,
+    FedAvgRound,
+    FedAvgTotals,
+    LearnerModel,
+    RunEvent,
+)
 from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
-    CrashEvent,
     EdgeConfig,
+    Event,
     JoinEvent,
-    LeaveEvent,
-    LinkEvent,
-    PoisonEvent,
     Scenario,
-    SlowEvent,
+    format_validation_error,
 )
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions
 from orchestrator.data.sources import DataSource
-from orchestrator.runtime.edges import spawn_edge_node
+from orchestrator.runtime.fleet import POLL_SECONDS, EdgeFleet, EdgeLost, EdgeStarted, Timeline
 
 logger = logging.getLogger(__name__)
 
 BASELINE_NAME = "fedavg"  # the ledger's cloud "strategy" name and the report's key
-MAX_UPDATE_BYTES = 1 << 30  # an update larger than this is rejected unread
-POLL_SECONDS = 0.2
 
 
 def fedavg_seed(scenario_seed: int, what: str) -> int:
@@ -147,7 +136,7 @@ class FedAvgBaseline:
         fraction_fit: float = 1.0,
         min_fit_clients: int = 1,
         accept_failures: bool = True,
-        max_update_bytes: int = MAX_UPDATE_BYTES,
+        max_update_bytes: int = MAX_MODEL_BYTES,
     ) -> None:
         if not 0 < fraction_fit <= 1:
             raise ValueError(f"fraction_fit: expected a value in (0, 1], received {fraction_fit}")
@@ -289,11 +278,9 @@ class Client:
     """What the driver knows about one FedAvg client (an EdgeNode actor)."""
 
     config: EdgeConfig
-    handle: Any = None
-    probe_ref: Any = None  # the first progress() call; its answer means "up"
     status: str = "not_joined"  # not_joined, starting, ready, crashed, left, died, unschedulable
     rounds: list[int] = field(default_factory=list)  # rounds whose update was aggregated
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[ClientFailure] = field(default_factory=list)
     train_seconds: float = 0.0
 
     @property
@@ -303,9 +290,9 @@ class Client:
 
 @dataclass
 class FedAvgOutcome:
-    """The report section (JSON-able) and the final global model (for image quality)."""
+    """The report section and the final global model (for image quality)."""
 
-    report: dict[str, Any]
+    report: FedAvgReport
     global_model: VAELearner
     ledger: Ledger
 
@@ -335,11 +322,11 @@ class FedAvgRun:
             spec=self.spec, seed=scenario.seed, fraction_fit=self.config.client_fraction
         )
         self.clients = {edge.id: Client(edge) for edge in scenario.all_edges()}
-        self.timeline = sorted(enumerate(scenario.timeline), key=lambda item: (item[1].at_seconds, item[0]))
+        self.fleet = EdgeFleet(scenario, source, partitions)
+        self.timeline = Timeline(scenario.timeline)
         self.ledger = Ledger(export_metrics=False)
-        self.events: list[dict[str, Any]] = []
+        self.events: list[RunEvent] = []
         self.started = time.monotonic()
-        self._source_ref: Any = None
 
     # ---- driver ----------------------------------------------------------------------------------------
 
@@ -347,10 +334,7 @@ class FedAvgRun:
         try:
             return self._run()
         finally:
-            for client in self.clients.values():
-                if client.handle is not None:
-                    ray.kill(client.handle, no_restart=True)
-                    client.handle = None
+            self.fleet.release_all()
 
     def _run(self) -> FedAvgOutcome:
         tasks = [task.name for task in self.scenario.tasks]
@@ -362,7 +346,6 @@ class FedAvgRun:
             f"({params:,} params), {self.config.rounds} rounds x {self.config.local_epochs} local epochs, "
             f"client fraction {self.config.client_fraction}"
         )
-        self._source_ref = ray.put(self.source)
         for client in self.clients.values():
             if client.config.start:
                 self._spawn(client, reason="start")
@@ -375,10 +358,9 @@ class FedAvgRun:
         initial_losses = test_losses(
             model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
         )
-        pending = list(self.timeline)
-        rounds: list[dict[str, Any]] = []
+        rounds: list[FedAvgRound] = []
         for server_round in range(1, self.config.rounds + 1):
-            pending = self._fire_due(pending)
+            self._fire_due()
             self._check_starts()
             round_started = time.perf_counter()
             available = [cid for cid, c in self.clients.items() if c.status == "ready"]
@@ -387,13 +369,13 @@ class FedAvgRun:
             weights_ref = ray.put(payload.weights)  # one copy in the object store for every client
             inflight: dict[Any, str] = {}
             for cid in selected:
-                client = self.clients[cid]
-                ref = client.handle.fedavg_round.remote(
-                    weights_ref, payload.spec_json, payload.sha256, server_round, self.config.local_epochs
-                )
+                ref = self.fleet.call(
+                    cid, "fedavg_round", weights_ref, payload.spec_json, payload.sha256, server_round,
+                    self.config.local_epochs,
+                )  # fmt: skip
                 inflight[ref] = cid
                 self.ledger.record_bytes(cid, "received", payload.nbytes)
-            results, failures, pending = self._collect(server_round, inflight, pending)
+            results, failures = self._collect(server_round, inflight)
             with FlopCounterMode(display=False) as counter:  # the real aggregation call, counted
                 aggregate = self.strategy.aggregate_fit(server_round, results, failures, state)
             self.ledger.record_cloud_flops(BASELINE_NAME, int(counter.get_total_flops()))
@@ -401,7 +383,7 @@ class FedAvgRun:
             for cid in aggregate.aggregated:
                 self.clients[cid].rounds.append(server_round)
             for failure in aggregate.failures:
-                entry = {"round": server_round, "reason": failure.reason, "detail": failure.detail}
+                entry = ClientFailure(round=server_round, reason=failure.reason, detail=failure.detail)
                 self.clients[failure.client_id].failures.append(entry)
             model = self._model(state)
             losses = test_losses(
@@ -410,28 +392,28 @@ class FedAvgRun:
             seconds = time.perf_counter() - round_started
             self.ledger.record_seconds("fedavg_round", seconds)
             rounds.append(
-                {
-                    "round": server_round,
-                    "available": available,
-                    "selected": selected,
-                    "aggregated": aggregate.aggregated,
-                    "failures": [
-                        {"edge": f.client_id, "reason": f.reason, "detail": f.detail}
+                FedAvgRound(
+                    round=server_round,
+                    available=available,
+                    selected=selected,
+                    aggregated=aggregate.aggregated,
+                    failures=[
+                        FedAvgFailure(edge=f.client_id, reason=f.reason, detail=f.detail)
                         for f in aggregate.failures
                     ],
-                    "global_updated": aggregate.updated,
-                    "global_model_bytes": payload.nbytes,
-                    "test_loss_per_task": losses,
-                    "test_loss": mean_test_loss(losses, self.partitions),
-                    "seconds": seconds,
-                }
+                    global_updated=aggregate.updated,
+                    global_model_bytes=payload.nbytes,
+                    test_loss_per_task=losses,
+                    test_loss=mean_test_loss(losses, self.partitions),
+                    seconds=seconds,
+                )
             )
             self._say(
                 f"fedavg round {server_round}/{self.config.rounds}: {len(aggregate.aggregated)}/"
-                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1]['test_loss'])} "
+                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1].test_loss)} "
                 f"({seconds:.1f}s)"
             )
-        for index, event in pending:  # events after the last round never happened to the baseline
+        for index, event in self.timeline.rest():  # events after the last round never happened to it
             self._record(event.kind, where=f"timeline.{index}", applied=False, note="after the last round")
         report = self._report(rounds, initial_losses, params)
         return FedAvgOutcome(report=report, global_model=model.eval(), ledger=self.ledger)
@@ -442,14 +424,14 @@ class FedAvgRun:
         return model
 
     def _collect(
-        self, server_round: int, inflight: dict[Any, str], pending: list[tuple[int, Any]]
-    ) -> tuple[list[FitResult], list[FitFailure], list[tuple[int, Any]]]:
+        self, server_round: int, inflight: dict[Any, str]
+    ) -> tuple[list[FitResult], list[FitFailure]]:
         """Wait for the round's updates, firing timeline events meanwhile; never wait past the timeout."""
         results: list[FitResult] = []
         failures: list[FitFailure] = []
         deadline = time.monotonic() + self.round_timeout_s
         while inflight:
-            pending = self._fire_due(pending)
+            self._fire_due()
             ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_SECONDS)
             for ref in ready:
                 cid = inflight.pop(ref)
@@ -460,26 +442,19 @@ class FedAvgRun:
                     results.append(outcome)
             if inflight and time.monotonic() > deadline:
                 for cid in inflight.values():
-                    client = self.clients[cid]
-                    if client.handle is not None:
-                        ray.kill(client.handle, no_restart=True)
-                        client.handle = None
-                    client.status = "died"
+                    self.fleet.release(cid)
+                    self.clients[cid].status = "died"
                     failures.append(FitFailure(cid, "timed_out", f"no update after {self.round_timeout_s}s"))
                 inflight = {}
-        return results, failures, pending
+        return results, failures
 
     def _result(self, server_round: int, cid: str, ref: Any) -> FitResult | FitFailure:
         client = self.clients[cid]
-        try:
-            answer = ray.get(ref)
-        except RayActorError as err:
-            status = "crashed" if client.status == "crashed" else "died"
-            client.status = status
-            client.handle = None
-            return FitFailure(cid, status, str(err).splitlines()[0])
-        except RayTaskError as err:
-            return FitFailure(cid, "failed", str(err).splitlines()[-1])
+        answer = self.fleet.answer(cid, ref)
+        if isinstance(answer, EdgeLost):
+            if answer.status != "failed":
+                client.status = answer.status
+            return FitFailure(cid, answer.status, answer.error)
         if not (
             isinstance(answer, tuple)
             and len(answer) == 4
@@ -489,19 +464,13 @@ class FedAvgRun:
             return FitFailure(cid, "rejected", "expected (weights: bytes, spec_json, sha256, report_json)")
         weights, spec_json, sha256, report_json = answer
         try:
-            report = json.loads(report_json)
-        except ValueError:
-            return FitFailure(cid, "rejected", "report_json: not valid JSON")
-        if not isinstance(report, dict):
-            return FitFailure(cid, "rejected", "report_json: expected a JSON object")
-        flops = report.get("flops", 0)
-        if isinstance(flops, int) and not isinstance(flops, bool) and flops >= 0:
-            self.ledger.record_edge_flops(cid, flops)
-        train_seconds = report.get("train_seconds", 0.0)
-        if isinstance(train_seconds, int | float) and math.isfinite(train_seconds) and train_seconds >= 0:
-            client.train_seconds += float(train_seconds)
-            self.ledger.record_seconds("fedavg_edge_train", float(train_seconds), edge=cid)
-        if report.get("status") == "left":
+            report = FedAvgClientReport.model_validate_json(report_json)
+        except ValidationError as err:
+            return FitFailure(cid, "rejected", f"report_json: {format_validation_error(err)[0]}")
+        self.ledger.record_edge_flops(cid, report.flops)
+        client.train_seconds += report.train_seconds
+        self.ledger.record_seconds("fedavg_edge_train", report.train_seconds, edge=cid)
+        if report.status == "left":
             client.status = "left"
             return FitFailure(cid, "left", "the edge left during the round")
         payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
@@ -511,49 +480,37 @@ class FedAvgRun:
     # ---- clients and the timeline ----------------------------------------------------------------------
 
     def _spawn(self, client: Client, reason: str) -> None:
-        edge = client.config
-        client.handle = spawn_edge_node(self.scenario, edge, self._source_ref, self.partitions.edges[edge.id])
-        client.probe_ref = client.handle.progress.remote()
+        self.fleet.spawn(client.config.id)
         client.status = "starting"
-        self._record("client_spawned", edge=edge.id, reason=reason)
+        self._record("client_spawned", edge=client.config.id, reason=reason)
 
     def _wait_until_up(self) -> None:
         """Wait (bounded) for the initial clients; one still starting later joins the first round after."""
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            self._check_starts()
-            if not any(c.status == "starting" for c in self.clients.values()):
-                return
-            time.sleep(POLL_SECONDS)
+        starting = [cid for cid, client in self.clients.items() if client.status == "starting"]
+        self._settle_starts(self.fleet.wait_until_up(starting, self.startup_timeout_s))
         waiting = [cid for cid, c in self.clients.items() if c.status == "starting"]
-        self._say(f"fedavg: starting while clients {waiting} still wait for resources")
-        self._record("clients_still_starting", edges=",".join(waiting))
+        if waiting:
+            self._say(f"fedavg: starting while clients {waiting} still wait for resources")
+            self._record("clients_still_starting", edges=",".join(waiting))
 
     def _check_starts(self) -> None:
-        for cid, client in self.clients.items():
-            if client.status != "starting":
-                continue
-            ready, _ = ray.wait([client.probe_ref], timeout=0)
-            if not ready:
-                continue
-            try:
-                ray.get(ready[0], timeout=1.0)
+        self._settle_starts(self.fleet.poll_starts())
+
+    def _settle_starts(self, settled: list[EdgeStarted | EdgeLost]) -> None:
+        for outcome in settled:
+            client = self.clients[outcome.edge_id]
+            if isinstance(outcome, EdgeLost):
+                client.status = "unschedulable" if outcome.status == "unschedulable" else "died"
+                client.failures.append(ClientFailure(round=0, reason=client.status, detail=outcome.error))
+            else:
                 client.status = "ready"
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
-                client.status = "died"
-                client.handle = None
-                client.failures.append({"round": 0, "reason": "died", "detail": str(err).splitlines()[0]})
-            client.probe_ref = None
-            self._record("client_up", edge=cid, status=client.status)
+            self._record("client_up", edge=outcome.edge_id, status=client.status)
 
-    def _fire_due(self, pending: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-        elapsed = time.monotonic() - self.started
-        while pending and pending[0][1].at_seconds <= elapsed:
-            index, event = pending.pop(0)
+    def _fire_due(self) -> None:
+        for index, event in self.timeline.due(time.monotonic() - self.started):
             self._fire(index, event)
-        return pending
 
-    def _fire(self, index: int, event: Any) -> None:
+    def _fire(self, index: int, event: Event) -> None:
         where = f"timeline.{index}"
         if isinstance(event, CoordinatorCrashEvent):
             self._record(event.kind, where=where, applied=False, note="FedAvg's server is the driver")
@@ -564,78 +521,68 @@ class FedAvgRun:
             self._record("join", edge=client.config.id, where=where, applied=True)
             return
         client = self.clients[event.edge]
-        if client.handle is None or client.gone:
+        if not self.fleet.has_actor(event.edge) or client.gone:
             self._record(
                 event.kind, edge=event.edge, where=where, applied=False, note=f"client {client.status}"
             )
             return
-        if isinstance(event, CrashEvent):
-            client.status = "crashed"
-            ray.kill(client.handle, no_restart=True)
-            client.handle = None
-        elif isinstance(event, LeaveEvent):
-            client.handle.leave.remote()
-            client.status = "left"  # no later rounds; an in-flight round returns "left"
-        elif isinstance(event, SlowEvent):
-            client.handle.slow_down.remote(event.factor)
-        elif isinstance(event, LinkEvent):
-            client.handle.change_link.remote(event.bandwidth_mbps, event.latency_ms)
-        elif isinstance(event, PoisonEvent):
-            client.handle.poison.remote(event.mode, event.scale)
+        self.fleet.apply(event.edge, event)
+        if event.kind in ("crash", "leave"):
+            client.status = "crashed" if event.kind == "crash" else "left"  # no later rounds
         self._record(event.kind, edge=event.edge, where=where, applied=True)
         self._say(f"fedavg {where}: {event.kind} {event.edge}")
 
     # ---- report ----------------------------------------------------------------------------------------
 
     def _report(
-        self, rounds: list[dict[str, Any]], initial_losses: dict[str, float], params: int
-    ) -> dict[str, Any]:
+        self, rounds: list[FedAvgRound], initial_losses: dict[str, float], params: int
+    ) -> FedAvgReport:
         ledger = self.ledger.to_dict()
-        edges: dict[str, Any] = {}
+        edges: dict[str, FedAvgEdgeRow] = {}
         for cid, client in self.clients.items():
             costs = ledger["edges"].get(cid, {})
-            edges[cid] = {
-                "task": client.config.task,
-                "status": client.status,
-                "shard_size": len(self.partitions.edges[cid]),
-                "rounds_aggregated": client.rounds,
-                "failures": client.failures,
-                "bytes_sent": costs.get("bytes_sent", 0),
-                "bytes_received": costs.get("bytes_received", 0),
-                "flops": costs.get("flops", 0),
-                "train_seconds": client.train_seconds,
-            }
+            edges[cid] = FedAvgEdgeRow(
+                task=client.config.task,
+                status=client.status,
+                shard_size=len(self.partitions.edges[cid]),
+                rounds_aggregated=client.rounds,
+                failures=client.failures,
+                bytes_sent=costs.get("bytes_sent", 0),
+                bytes_received=costs.get("bytes_received", 0),
+                flops=costs.get("flops", 0),
+                train_seconds=client.train_seconds,
+            )
+        initial_loss = mean_test_loss(initial_losses, self.partitions)
         final = rounds[-1] if rounds else None
-        return {
-            "enabled": True,
-            "model": {"kind": "learner", **self.spec.to_dict()},
-            "params": params,
-            "rounds_planned": self.config.rounds,
-            "local_epochs": self.config.local_epochs,
-            "client_fraction": self.config.client_fraction,
-            "weighting": "shard size",
-            "initial_test_loss_per_task": initial_losses,
-            "initial_test_loss": mean_test_loss(initial_losses, self.partitions),
-            "rounds": rounds,
-            "final_test_loss_per_task": final["test_loss_per_task"] if final else initial_losses,
-            "final_test_loss": final["test_loss"]
-            if final
-            else mean_test_loss(initial_losses, self.partitions),
-            "edges": edges,
-            "cloud_flops": sum(ledger["cloud_flops"].values()),
-            "cloud_flops_note": "aggregation is element-wise; FlopCounterMode counts matmuls and convs",
-            "totals": {
-                "edge_bytes_sent": sum(e["bytes_sent"] for e in edges.values()),
-                "edge_bytes_received": sum(e["bytes_received"] for e in edges.values()),
-                "edge_flops": sum(e["flops"] for e in edges.values()),
-                "seconds": sum(r["seconds"] for r in rounds),
-            },
-            "events": self.events,
-            "ledger": ledger,
-        }
+        return FedAvgReport(
+            enabled=True,
+            model=LearnerModel(kind="learner", **self.spec.to_dict()),
+            params=params,
+            rounds_planned=self.config.rounds,
+            local_epochs=self.config.local_epochs,
+            client_fraction=self.config.client_fraction,
+            weighting="shard size",
+            initial_test_loss_per_task=initial_losses,
+            initial_test_loss=initial_loss,
+            rounds=rounds,
+            final_test_loss_per_task=final.test_loss_per_task if final else initial_losses,
+            final_test_loss=final.test_loss if final else initial_loss,
+            edges=edges,
+            cloud_flops=sum(ledger["cloud_flops"].values()),
+            cloud_flops_note="aggregation is element-wise; FlopCounterMode counts matmuls and convs",
+            totals=FedAvgTotals(
+                edge_bytes_sent=sum(e.bytes_sent for e in edges.values()),
+                edge_bytes_received=sum(e.bytes_received for e in edges.values()),
+                edge_flops=sum(e.flops for e in edges.values()),
+                seconds=sum(r.seconds for r in rounds),
+            ),
+            events=self.events,
+            ledger=ledger,
+        )
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self.events.append({"t": round(time.monotonic() - self.started, 3), "kind": kind, **fields})
+        event = {"t": round(time.monotonic() - self.started, 3), "kind": kind, **fields}
+        self.events.append(RunEvent.model_validate(event))
 
     def _say(self, line: str) -> None:
         logger.info("%s", line)

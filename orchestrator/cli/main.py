@@ -1,12 +1,8 @@
 """The `baim` command line (also `python -m orchestrator`).
 
-Each subcommand is two small functions: `add_<name>_parser(subparsers)` declares its arguments and sets
-`func=cmd_<name>`, and `cmd_<name>(args) -> int` does the work and returns the exit status. To add one
-(`run`, `serve`, `report`), write both and append the first to `SUBCOMMANDS`.
-
-This is the only module that prints for the user or decides an exit status: library code raises
-(`ScenarioError`, pydantic's `ValidationError`, ...) and `main` turns those into one line per problem on
-stderr and exit status 2, without a traceback.
+Each subcommand is `add_<name>_parser(subparsers)` (its arguments, `func=cmd_<name>`) and `cmd_<name>(args)
+-> int` (the work, the exit status), listed in `SUBCOMMANDS`. Only this module prints for the user or picks
+an exit status: library errors become one line per problem on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -299,7 +295,7 @@ def add_run_parser(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from actors.coordinator import RegistryHeldByAnotherRun
-    from orchestrator.evaluation.evaluate import EvaluationOptions
+    from orchestrator.evaluation.evaluate import EvaluationOptions, evaluation_stage
     from orchestrator.report.build import summary_table
     from orchestrator.runtime.engine import EngineOptions, RunFailed, run_scenario
 
@@ -324,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         progress=lambda line: print(line, flush=True),
         keep_ray=serve_after,
-        evaluation=evaluation,
+        after_run=None if evaluation is None else evaluation_stage(evaluation),
     )
     try:
         report = run_scenario(scenario, args.out, options)
@@ -351,7 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             '-d \'{"n": 4, "seed": 0}\'',
             flush=True,
         )
-        serve_until_stopped(report["registry"], scenario.serving)
+        serve_until_stopped(report.registry, scenario.serving)
     return EXIT_OK
 
 

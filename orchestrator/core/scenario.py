@@ -23,7 +23,7 @@ from orchestrator.core.errors import ScenarioError, UnknownTask
 logger = logging.getLogger(__name__)
 
 # The repository root when running from a checkout; the shared data copy lies beside it.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # orchestrator/core/scenario.py -> the checkout
 DEFAULT_DATA_ROOT = PROJECT_ROOT.parent / "shared" / "data" / "celeba"
 DATA_ROOT_ENV = "BAIM_DATA_ROOT"
 
@@ -165,9 +165,10 @@ def expression_attributes(expression: TaskExpr) -> set[str]:
 
 
 class StrictModel(BaseModel):
-    """Every scenario model rejects unknown keys, so a typo is an error rather than a silent default."""
+    """Every contract model rejects unknown keys, so a typo is an error rather than a silent default; NaN and
+    infinities serialise as numbers (as json.dumps writes them), not as null."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class ProceduralConfig(StrictModel):

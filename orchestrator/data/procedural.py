@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from orchestrator.core.scenario import (
-    CELEBA_ATTRIBUTES,
-)
-
-if TYPE_CHECKING:
-    pass
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Procedural faces: attribute-labelled, deterministic per (seed, index), drawn in memory on demand.
-
-# Attributes the drawing shows; the other CelebA names are drawn at CelebA's frequencies but not rendered.
-RENDERED_ATTRIBUTES = (
-    "Male", "Smiling", "Mouth_Slightly_Open", "Eyeglasses", "Wearing_Hat", "Black_Hair", "Blond_Hair",
-    "Brown_Hair", "Gray_Hair", "Bald", "Bangs", "Young", "Pale_Skin", "Wearing_Lipstick", "Heavy_Makeup",
-    "No_Beard", "Mustache", "Goatee", "5_o_Clock_Shadow", "Wearing_Earrings", "Wearing_Necktie",
-    "Wearing_Necklace", "Rosy_Cheeks", "Narrow_Eyes", "Big_Nose", "Chubby", "Blurry", "Bushy_Eyebrows",
-    "Arched_Eyebrows", "Bags_Under_Eyes",
-)  # fmt: skip
+from orchestrator.core.scenario import CELEBA_ATTRIBUTES
 
 # Frequencies in the shared 10,000-image CelebA subset, so procedural tasks have realistic sizes.
 _FREQUENCY = dict(zip(CELEBA_ATTRIBUTES, (

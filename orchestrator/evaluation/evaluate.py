@@ -1,24 +1,7 @@
-"""End-of-run measurements: the FedAvg baseline, personalisation, image quality and the sample grids.
+"""End-of-run measurements (`evaluate_run`, the engine's `after_run` stage): the FedAvg baseline,
+personalisation, download sizes, FID/KID of every phase, and the sample grids under DIR/samples/.
 
-`evaluate_run(report, scenario, source, partitions, out_dir, options)` runs after the BAIM run has written
-report.json (Ray still up) and returns the report with four more sections:
-
-- `baselines.fedavg`: the FedAvg baseline on the same edges and shards (orchestrator.baselines.fedavg).
-- `personalisation`: every edge whose upload was accepted downloads its task's published model into its
-  toolbox (serve.toolbox, from the registry; `bytes_received` is the artifact's serialized size) and
-  fine-tunes it on its own shard for `personalise_epochs`; test loss on the task's test split before and
-  after, FLOPs counted like the edges' training. This runs in the driver process, on the edge's own shard
-  (a simulation shortcut: the data and the compute are the edge's, the process is not).
-- `downloads`: the serialized size of each published task model and of the whole trained BAIM, for the
-  headline "bytes per edge" with task-model download vs whole-BAIM download.
-- `image_quality`: FID and KID of generated images against the task's real test images, for every phase:
-  the edges' initial (uploaded) models, each strategy's decomposed task models (when the round kept that
-  strategy's model), the personalised edge models and FedAvg's global model. Every number carries the
-  extractor's name and both sample counts. Generation is seeded, so a rerun gives the same images.
-
-Sample grids: the first `grid_samples` generated images of every set (and real test images per task) are
-saved as uint8 safetensors under `out_dir/samples/`; `orchestrator.report.markdown` draws the PNG grids
-from them.
+What each section holds and why: docs/ARCHITECTURE.md ("Evaluation").
 """
 
 from __future__ import annotations
@@ -37,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from actors.edge import edge_seed
 from baim.config import LearnerSpec
 from baim.costs import count_params, forward_backward_flops
 from baim.decompose import decompose
@@ -44,7 +28,24 @@ from baim.learners import VAELearner
 from baim.model import BAIM
 from orchestrator.baselines.fedavg import run_fedavg
 from orchestrator.core.artifacts import unpack_payload
+from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES, SPEC_FILE, WEIGHTS_FILE
+from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.registry import Registry
+from orchestrator.core.reports import (
+    Baselines,
+    Disabled,
+    DisabledWithReason,
+    Download,
+    Downloads,
+    EvaluationInfo,
+    FedAvgReport,
+    ImageQuality,
+    Personalisation,
+    PersonalisedEdge,
+    QualitySet,
+    RealReference,
+    RunReport,
+)
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions
@@ -56,13 +57,13 @@ from orchestrator.evaluation.quality import (
     frechet_distance_from_features,
     kid,
 )
-from serve.toolbox import Toolbox, model_loss_fn, personalise
+from orchestrator.report.markdown import SAMPLES_DIR
+from orchestrator.runtime.engine import FinishedRun
+from serve.client import Toolbox, model_loss_fn, personalise
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_DIR = "samples"
 GENERATION_SEED = 1234  # the same images for the same model on every run
-MAX_ARTIFACT_BYTES = 1 << 34  # what the run itself wrote to its registry
 
 
 @dataclass
@@ -143,7 +144,7 @@ class RunEvaluation:
 
     def __init__(
         self,
-        report: dict[str, Any],
+        report: RunReport,
         scenario: Scenario,
         source: DataSource,
         partitions: Partitions,
@@ -158,38 +159,45 @@ class RunEvaluation:
         self.out_dir = Path(out_dir)
         self.options = options
         self.progress = progress
-        self.registry = Registry(report["registry"], max_artifact_bytes=MAX_ARTIFACT_BYTES)
+        self.registry = Registry(report.registry, max_artifact_bytes=MAX_MODEL_BYTES)
         self.resolution = scenario.data.resolution
         self.tasks = [task.name for task in scenario.tasks]
         self.sets: list[GeneratedSet] = []
 
-    def run(self) -> dict[str, Any]:
-        report = dict(self.report)
+    def run(self) -> RunReport:
         seconds: dict[str, float] = {}
         with self._timed(seconds, "fedavg"):
-            report["baselines"] = {"fedavg": self._fedavg()}
+            baselines = Baselines(fedavg=self._fedavg())
         with self._timed(seconds, "models"):
             self._edge_initial_sets()
-            report["downloads"] = self._strategy_sets()
+            downloads = self._strategy_sets()
         with self._timed(seconds, "personalisation"):
-            report["personalisation"] = self._personalise()
+            personalisation = self._personalise()
         with self._timed(seconds, "image_quality"):
-            report["image_quality"] = self._image_quality()
-        report["evaluation"] = {
-            "seconds": seconds,
-            "fid_samples": self.options.fid_samples,
-            "grid_samples": self.options.grid_samples,
-            "personalise_epochs": self.options.personalise_epochs,
-            "generation_seed": GENERATION_SEED,
-            "samples_dir": SAMPLES_DIR,
-        }
-        return report
+            image_quality = self._image_quality()
+        evaluation = EvaluationInfo(
+            seconds=seconds,
+            fid_samples=self.options.fid_samples,
+            grid_samples=self.options.grid_samples,
+            personalise_epochs=self.options.personalise_epochs,
+            generation_seed=GENERATION_SEED,
+            samples_dir=SAMPLES_DIR,
+        )
+        return self.report.model_copy(
+            update={
+                "baselines": baselines,
+                "downloads": downloads,
+                "personalisation": personalisation,
+                "image_quality": image_quality,
+                "evaluation": evaluation,
+            }
+        )
 
     # ---- FedAvg ----------------------------------------------------------------------------------------
 
-    def _fedavg(self) -> dict[str, Any]:
+    def _fedavg(self) -> FedAvgReport | Disabled:
         if not (self.options.run_fedavg and self.scenario.baselines.fedavg.enabled):
-            return {"enabled": False}
+            return Disabled(enabled=False)
         outcome = run_fedavg(self.scenario, self.source, self.partitions, progress=self.progress)
         model = outcome.global_model
         for task in self.tasks:  # one homogeneous model for every task: compared with each task's images
@@ -199,21 +207,21 @@ class RunEvaluation:
     # ---- the BAIM path's models --------------------------------------------------------------------------
 
     def _edge_initial_sets(self) -> None:
-        for edge_id, row in self.report["edges"].items():
-            artifact = (row.get("upload") or {}).get("artifact")
-            if row.get("upload", {}).get("outcome") != "accepted" or not artifact:
+        for edge_id, row in self.report.edges.items():
+            artifact = row.upload.artifact
+            if row.upload.outcome != "accepted" or not artifact:
                 continue
             owner, version = _parse_artifact(artifact)
             spec, tensors = unpack_payload(
-                self.registry.get(owner, version), artifact_id=artifact, max_bytes=MAX_ARTIFACT_BYTES
+                self.registry.get(owner, version), artifact_id=artifact, max_bytes=MAX_MODEL_BYTES
             )
             learner = VAELearner(LearnerSpec.from_dict(spec["learner"]))
             learner.load_state_dict(tensors, strict=True)
-            self.sets.append(GeneratedSet("edge_initial", edge_id, row["task"], learner_sampler(learner)))
+            self.sets.append(GeneratedSet("edge_initial", edge_id, row.task, learner_sampler(learner)))
 
     def _load_baim(self, owner: str, version: str) -> BAIM:
         spec, tensors = unpack_payload(
-            self.registry.get(owner, version), artifact_id=f"{owner}@{version}", max_bytes=MAX_ARTIFACT_BYTES
+            self.registry.get(owner, version), artifact_id=f"{owner}@{version}", max_bytes=MAX_MODEL_BYTES
         )
         baim = BAIM.from_spec(spec)
         baim.load_state_dict(tensors, strict=True)
@@ -223,58 +231,52 @@ class RunEvaluation:
         """Each strategy's trained BAIM of the last round, where the run kept it: the coordinator keeps the
         first strategy's (registry `baim@<round version>`); a Ray Train round also leaves every strategy's
         final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
-        rounds = self.report.get("cloud", {}).get("rounds") or []
+        rounds = self.report.cloud.rounds
         if not rounds:
             return {}
         last = rounds[-1]
         found: dict[str, tuple[BAIM, str]] = {}
-        strategies = list(last.get("strategies", {}))
-        for index, strategy in enumerate(strategies):
-            summary = last["strategies"][strategy]
-            if index == 0 and last.get("baim_version"):
-                found[strategy] = (
-                    self._load_baim("baim", last["baim_version"]),
-                    f"baim@{last['baim_version']}",
-                )
-            elif summary.get("checkpoint_uri"):
-                found[strategy] = (
-                    _baim_from_checkpoint(summary["checkpoint_uri"]),
-                    summary["checkpoint_uri"],
-                )
+        for index, (strategy, summary) in enumerate(last.strategies.items()):
+            if index == 0 and last.baim_version:
+                baim = self._load_baim(BAIM_OWNER, last.baim_version)
+                found[strategy] = (baim, f"{BAIM_OWNER}@{last.baim_version}")
+            elif isinstance(summary, RayTrainStrategyRun) and summary.checkpoint_uri:
+                found[strategy] = (_baim_from_checkpoint(summary.checkpoint_uri), summary.checkpoint_uri)
         return found
 
-    def _strategy_sets(self) -> dict[str, Any]:
+    def _strategy_sets(self) -> Downloads:
         """Task models of every kept strategy (FID sets, grids of the BAIM and its task models) and the
         serialized sizes an edge would download."""
         samples = self.out_dir / SAMPLES_DIR
-        downloads: dict[str, Any] = {"task_models": {}, "baim": None}
-        cloud = self.report.get("cloud", {})
-        if cloud.get("baim_version"):
-            ref = self.registry.ref("baim", cloud["baim_version"])
-            downloads["baim"] = {"artifact": f"baim@{ref.version}", "nbytes": ref.nbytes}
-        for task, info in self.report.get("tasks", {}).items():
-            owner, version = _parse_artifact(info["artifact"])
-            ref = self.registry.ref(owner, version)
-            downloads["task_models"][task] = {"artifact": info["artifact"], "nbytes": ref.nbytes}
+        whole: Download | None = None
+        if self.report.cloud.baim_version:
+            ref = self.registry.ref(BAIM_OWNER, self.report.cloud.baim_version)
+            whole = Download(artifact=f"{BAIM_OWNER}@{ref.version}", nbytes=ref.nbytes)
+        task_models: dict[str, Download] = {}
+        for task, info in self.report.tasks.items():
+            owner, version = _parse_artifact(info.artifact)
+            task_models[task] = Download(
+                artifact=info.artifact, nbytes=self.registry.ref(owner, version).nbytes
+            )
         baims = self._strategy_baims()
         for strategy, (baim, where) in baims.items():
             for task in baim.config.tasks:
                 model = decompose(baim, task)
                 self.sets.append(GeneratedSet("strategy", strategy, task, task_model_sampler(model)))
-                if where.startswith("baim@"):  # the BAIM the run kept and published task models from
+                if where.startswith(f"{BAIM_OWNER}@"):  # the BAIM the run kept and published from
                     grid = baim.generate(task, self.options.grid_samples, seed=GENERATION_SEED)
                     save_samples(samples / "baim" / f"{task}.safetensors", grid, phase="baim", source=where)
-        downloads["strategy_models"] = {strategy: where for strategy, (_, where) in baims.items()}
-        return downloads
+        strategy_models = {strategy: where for strategy, (_, where) in baims.items()}
+        return Downloads(task_models=task_models, baim=whole, strategy_models=strategy_models)
 
     # ---- personalisation -----------------------------------------------------------------------------
 
-    def _personalise(self) -> dict[str, Any]:
-        if self.options.personalise_epochs == 0 or not self.report.get("tasks"):
-            return {"enabled": False}
-        edges: dict[str, Any] = {}
-        for edge_id, row in self.report["edges"].items():
-            if row.get("upload", {}).get("outcome") != "accepted":
+    def _personalise(self) -> Personalisation | Disabled:
+        if self.options.personalise_epochs == 0 or not self.report.tasks:
+            return Disabled(enabled=False)
+        edges: dict[str, PersonalisedEdge] = {}
+        for edge_id, row in self.report.edges.items():
+            if row.upload.outcome != "accepted":
                 continue
             edge = self.scenario.edge(edge_id)
             toolbox = Toolbox(self.out_dir / "toolbox" / edge_id, registry=self.registry)
@@ -285,35 +287,39 @@ class RunEvaluation:
             order = torch.Generator().manual_seed(GENERATION_SEED)
             loader = DataLoader(shard, batch_size=edge.batch_size, shuffle=True, generator=order)
             test = DataLoader(FaceDataset(self.source, self.partitions.test[edge.task], self.resolution), 64)
-            flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
             started = time.perf_counter()
-            before, after = personalise(
-                model,
-                loader,
-                self.options.personalise_epochs,
-                edge.lr,
-                eval_loader=test,
-                kld_weight=self.scenario.cloud.kld_weight,
+            # Training noise (and so the FLOPs of top-K dispatch) from a seed: the driver's global RNG
+            # starts in a different state in every process, and the numbers must not.
+            with torch.random.fork_rng():
+                torch.manual_seed(edge_seed(self.scenario.seed, f"{edge_id} personalisation"))
+                flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
+                before, after = personalise(
+                    model,
+                    loader,
+                    self.options.personalise_epochs,
+                    edge.lr,
+                    eval_loader=test,
+                    kld_weight=self.scenario.cloud.kld_weight,
+                )
+            edges[edge_id] = PersonalisedEdge(
+                task=edge.task,
+                model_version=fetched.model_version,
+                kind=fetched.kind,
+                params=count_params(model),
+                bytes_received=fetched.bytes_received,
+                epochs=self.options.personalise_epochs,
+                test_loss_before=before,
+                test_loss_after=after,
+                flops=flops,
+                seconds=time.perf_counter() - started,
             )
-            edges[edge_id] = {
-                "task": edge.task,
-                "model_version": fetched.model_version,
-                "kind": fetched.kind,
-                "params": count_params(model),
-                "bytes_received": fetched.bytes_received,
-                "epochs": self.options.personalise_epochs,
-                "test_loss_before": before,
-                "test_loss_after": after,
-                "flops": flops,
-                "seconds": time.perf_counter() - started,
-            }
             self._say(f"personalised {edge_id} ({edge.task}): test loss {before:.5f} -> {after:.5f}")
             self.sets.append(GeneratedSet("personalised", edge_id, edge.task, task_model_sampler(model)))
-        return {"enabled": True, "where": "driver process, on each edge's own shard", "edges": edges}
+        return Personalisation(enabled=True, where="driver process, on each edge's own shard", edges=edges)
 
     # ---- image quality ---------------------------------------------------------------------------------
 
-    def _image_quality(self) -> dict[str, Any]:
+    def _image_quality(self) -> ImageQuality | DisabledWithReason:
         samples = self.out_dir / SAMPLES_DIR
         n = self.options.fid_samples
         real: dict[str, torch.Tensor] = {}
@@ -333,12 +339,12 @@ class RunEvaluation:
             name = f"{item.name}__{item.task}" if item.phase == "strategy" else item.name
             save_samples(samples / item.phase / f"{name}.safetensors", grid, task=item.task)
         if not self.options.image_quality:
-            return {"enabled": False, "reason": "image quality disabled for this run"}
+            return DisabledWithReason(enabled=False, reason="image quality disabled for this run")
         try:
             extractor = self.options.extractor or InceptionExtractor()
         except FileNotFoundError as err:
             logger.warning("image quality not measured: %s", err)
-            return {"enabled": False, "reason": str(err)}
+            return DisabledWithReason(enabled=False, reason=str(err))
         self._say(f"image quality: {extractor.name}, {n} images per set, {len(self.sets)} sets")
         real_features = {task: extract_features(images, extractor) for task, images in real.items()}
         features = {key: extract_features(images, extractor) for key, images in generated.items()}
@@ -353,37 +359,37 @@ class RunEvaluation:
                 fake, true, subsets=self.options.kid_subsets, subset_size=subset_size, seed=0
             )
             rows.append(
-                {
-                    "phase": item.phase,
-                    "name": item.name,
-                    "task": item.task,
-                    "fid": frechet_distance_from_features(fake, true),
-                    "kid_mean": kid_mean,
-                    "kid_std": kid_std,
-                    "num_generated": int(fake.shape[0]),
-                    "num_real": int(true.shape[0]),
-                    "kid_subset_size": subset_size,
-                }
+                QualitySet(
+                    phase=item.phase,
+                    name=item.name,
+                    task=item.task,
+                    fid=frechet_distance_from_features(fake, true),
+                    kid_mean=kid_mean,
+                    kid_std=kid_std,
+                    num_generated=int(fake.shape[0]),
+                    num_real=int(true.shape[0]),
+                    kid_subset_size=subset_size,
+                )
             )
-        reference = {}
+        reference: dict[str, RealReference] = {}
         for task, feats in real_features.items():  # the floor at this sample count: real vs real
             half = feats.shape[0] // 2
             if half >= 2:
-                reference[task] = {
-                    "fid_real_half_vs_half": frechet_distance_from_features(feats[:half], feats[half:]),
-                    "num_per_half": int(half),
-                }
-        return {
-            "enabled": True,
-            "extractor": extractor.name,
-            "feature_dim": extractor.feature_dim,
-            "num_generated": n,
-            "num_real": {task: int(images.shape[0]) for task, images in real.items()},
-            "kid_subsets": self.options.kid_subsets,
-            "real_reference": reference,
-            "sets": rows,
-            "generation_seed": GENERATION_SEED,
-        }
+                reference[task] = RealReference(
+                    fid_real_half_vs_half=frechet_distance_from_features(feats[:half], feats[half:]),
+                    num_per_half=int(half),
+                )
+        return ImageQuality(
+            enabled=True,
+            extractor=extractor.name,
+            feature_dim=extractor.feature_dim,
+            num_generated=n,
+            num_real={task: int(images.shape[0]) for task, images in real.items()},
+            kid_subsets=self.options.kid_subsets,
+            real_reference=reference,
+            sets=rows,
+            generation_seed=GENERATION_SEED,
+        )
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -405,8 +411,6 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 
-    from orchestrator.core.names import SPEC_FILE, WEIGHTS_FILE
-
     with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
         spec = json.loads((Path(directory) / SPEC_FILE).read_text())
         weights = load_file(str(Path(directory) / WEIGHTS_FILE))
@@ -416,16 +420,27 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
 
 
 def evaluate_run(
-    report: dict[str, Any],
+    report: RunReport,
     scenario: Scenario,
     source: DataSource,
     partitions: Partitions,
     out_dir: str | Path,
     options: EvaluationOptions | None = None,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """The report with `baselines`, `downloads`, `personalisation`, `image_quality` and `evaluation` added
     (see the module docstring). Ray must be running when the FedAvg baseline is on."""
     return RunEvaluation(
         report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress
     ).run()
+
+
+def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], RunReport]:
+    """The engine's `after_run` stage: `evaluate_run` of the finished run with `options`."""
+
+    def measure(run: FinishedRun) -> RunReport:
+        return evaluate_run(
+            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress
+        )
+
+    return measure

@@ -1,30 +1,32 @@
 """report.md and plots/*.png from a run's report.json (`baim report DIR`; `baim run` calls it at the end).
 
-Modelled on the BAIM paper's Fig. 5: sample grids per phase (real test images, the edges' initial models,
-the BAIM, each strategy's decomposed task models, the personalised edge models, FedAvg's global model);
-the test-loss curves of the cloud training strategies and of FedAvg's rounds; bytes sent and received and
-FLOPs per edge, BAIM vs FedAvg, and the cloud's FLOPs; FID/KID of every phase; a table of headline ratios.
-Every section renders from whatever report.json holds: a section whose data is missing says "not measured"
-(and why, when the report says why) instead of failing.
-
-Plots use matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), so building a report never
-touches pyplot's global state or needs a display. Sample grids come from the uint8 safetensors that
-`orchestrator.evaluation.evaluate` saved under DIR/samples/.
+What the page shows and why: docs/ARCHITECTURE.md ("report.md"). Plots use matplotlib's object API (no pyplot
+state, no display); sample grids come from the uint8 safetensors the evaluation saved under DIR/samples/.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import ValidationError
 from safetensors.numpy import load_file
+
+from orchestrator.core.receipts import RayTrainStrategyRun
+from orchestrator.core.reports import (
+    FedAvgEdgeRow,
+    FedAvgReport,
+    ImageQuality,
+    PersonalisedEdge,
+    RunReport,
+)
+from orchestrator.core.scenario import format_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +34,10 @@ PLOTS_DIR = "plots"
 SAMPLES_DIR = "samples"
 NOT_MEASURED = "_not measured_"
 GRID_COLUMNS = 8  # images per row of a sample grid
-PHASE_TITLES = {
-    "real": "real test images",
-    "edge_initial": "edge model (initial upload)",
-    "baim": "BAIM",
-    "strategy": "task model",
-    "personalised": "personalised edge",
-    "fedavg": "FedAvg global model",
-}
+
+
+class ReportInvalid(ValueError):  # noqa: N818 (reads as what is wrong)
+    """A report.json that is not a JSON object fitting RunReport; the message names every problem."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -56,93 +54,103 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def kept_strategy(report: dict[str, Any]) -> str | None:
+def fedavg_of(report: RunReport) -> FedAvgReport | None:
+    """The FedAvg section, when the baseline ran."""
+    fedavg = report.baselines.fedavg if report.baselines is not None else None
+    return fedavg if isinstance(fedavg, FedAvgReport) else None
+
+
+def personalised_of(report: RunReport) -> dict[str, PersonalisedEdge]:
+    """Per personalised edge, when personalisation ran."""
+    section = report.personalisation
+    return section.edges if section is not None and section.enabled else {}
+
+
+def quality_of(report: RunReport) -> ImageQuality | None:
+    """The FID/KID section, when image quality was measured."""
+    return report.image_quality if isinstance(report.image_quality, ImageQuality) else None
+
+
+def kept_strategy(report: RunReport) -> str | None:
     """The strategy whose BAIM the run kept and published its task models from (the first of the round)."""
-    rounds = (report.get("cloud") or {}).get("rounds") or []
-    strategies = list(rounds[-1].get("strategies", {})) if rounds else []
+    rounds = report.cloud.rounds
+    strategies = list(rounds[-1].strategies) if rounds else []
     return strategies[0] if strategies else None
 
 
-def baim_edge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
     """Per edge whose upload the cloud accepted: bytes (upload, plus a task-model or whole-BAIM download)
     and FLOPs (local training, plus personalisation)."""
-    downloads = report.get("downloads") or {}
-    task_models = downloads.get("task_models") or {}
-    whole = (downloads.get("baim") or {}).get("nbytes")
-    personalised = ((report.get("personalisation") or {}).get("edges")) or {}
+    downloads = report.downloads
+    task_models = downloads.task_models if downloads is not None else {}
+    whole = downloads.baim.nbytes if downloads is not None and downloads.baim is not None else None
+    personalised = personalised_of(report)
     rows: dict[str, dict[str, Any]] = {}
-    for edge_id, row in (report.get("edges") or {}).items():
-        if (row.get("upload") or {}).get("outcome") != "accepted":
+    for edge_id, row in report.edges.items():
+        if row.upload.outcome != "accepted":
             continue
-        task_bytes = (task_models.get(row["task"]) or {}).get("nbytes")
-        base = row.get("bytes_sent", 0) + row.get("bytes_received", 0)
+        task_bytes = task_models[row.task].nbytes if row.task in task_models else None
+        base = row.bytes_sent + row.bytes_received
         rows[edge_id] = {
-            "task": row["task"],
-            "bytes_sent": row.get("bytes_sent", 0),
-            "bytes_received_run": row.get("bytes_received", 0),
+            "task": row.task,
+            "bytes_sent": row.bytes_sent,
+            "bytes_received_run": row.bytes_received,
             "task_model_bytes": task_bytes,
             "baim_bytes": whole,
             "bytes_with_task_model": None if task_bytes is None else base + task_bytes,
             "bytes_with_baim": None if whole is None else base + whole,
-            "train_flops": row.get("flops", 0),
-            "personalise_flops": (personalised.get(edge_id) or {}).get("flops"),
+            "train_flops": row.flops,
+            "personalise_flops": personalised[edge_id].flops if edge_id in personalised else None,
         }
     return rows
 
 
-def fedavg_edge_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def fedavg_edge_rows(report: RunReport) -> dict[str, FedAvgEdgeRow]:
     """Per edge that took part in at least one FedAvg round (sent or received anything)."""
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
-    rows = {}
-    for edge_id, row in (fedavg.get("edges") or {}).items():
-        if row.get("bytes_sent", 0) + row.get("bytes_received", 0) == 0:
-            continue
-        rows[edge_id] = {**row, "bytes_total": row["bytes_sent"] + row["bytes_received"]}
-    return rows
+    fedavg = fedavg_of(report)
+    if fedavg is None:
+        return {}
+    return {edge_id: row for edge_id, row in fedavg.edges.items() if row.bytes_sent + row.bytes_received > 0}
 
 
-def fid_by(report: dict[str, Any], phase: str, name: str | None = None) -> dict[str, float]:
+def fid_by(report: RunReport, phase: str, name: str | None = None) -> dict[str, float]:
     """FID per task of the sets of one phase (and name); several sets of a task are averaged."""
-    quality = report.get("image_quality") or {}
+    quality = quality_of(report)
     per_task: dict[str, list[float]] = {}
-    for row in quality.get("sets") or []:
-        if row["phase"] == phase and (name is None or row["name"] == name):
-            per_task.setdefault(row["task"], []).append(row["fid"])
+    for row in quality.sets if quality is not None else []:
+        if row.phase == phase and (name is None or row.name == name):
+            per_task.setdefault(row.task, []).append(row.fid)
     return {task: sum(values) / len(values) for task, values in per_task.items()}
 
 
-def headline(report: dict[str, Any]) -> dict[str, Any]:
+def headline(report: RunReport) -> dict[str, Any]:
     """The comparison that justifies the system, from report.json: means per participating edge, BAIM vs
     FedAvg, and the ratios (FedAvg / BAIM for costs; BAIM vs FedAvg side by side for quality). None where
     not measured."""
     baim_rows = baim_edge_rows(report)
     fedavg_rows = fedavg_edge_rows(report)
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
+    fedavg = fedavg_of(report)
 
     def mean_of(rows: dict[str, dict[str, Any]], key: str) -> float | None:
-        values = [row[key] for row in rows.values() if row.get(key) is not None]
+        values = [row[key] for row in rows.values() if row[key] is not None]
         return _mean(values) if len(values) == len(rows) else None
 
     baim_upload = mean_of(baim_rows, "bytes_sent")
     baim_task = mean_of(baim_rows, "bytes_with_task_model")
     baim_whole = mean_of(baim_rows, "bytes_with_baim")
-    fedavg_bytes = mean_of(fedavg_rows, "bytes_total")
+    fedavg_bytes = _mean([row.bytes_sent + row.bytes_received for row in fedavg_rows.values()])
     baim_flops = mean_of(baim_rows, "train_flops")
     personalise_flops = mean_of(baim_rows, "personalise_flops")
-    fedavg_flops = mean_of(fedavg_rows, "flops")
+    fedavg_flops = _mean([row.flops for row in fedavg_rows.values()])
 
-    tasks = report.get("tasks") or {}
-    weighted = [
-        (info["test_loss"], info.get("test_images", 1)) for info in tasks.values() if info.get("test_loss")
-    ]
+    weighted = [(info.test_loss, info.test_images) for info in report.tasks.values() if info.test_loss]
     baim_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted) if weighted else None
-    personalised = ((report.get("personalisation") or {}).get("edges")) or {}
-    personalised_loss = _mean([row["test_loss_after"] for row in personalised.values()])
+    personalised_loss = _mean([row.test_loss_after for row in personalised_of(report).values()])
 
     kept = kept_strategy(report)
     baim_fid = _mean(list(fid_by(report, "strategy", kept).values())) if kept else None
     fedavg_fid = _mean(list(fid_by(report, "fedavg").values()))
-    cloud_flops = (report.get("cloud") or {}).get("flops") or {}
+    cloud_flops = report.cloud.flops
     return {
         "edges_baim": len(baim_rows),
         "edges_fedavg": len(fedavg_rows),
@@ -165,12 +173,12 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "cloud_flops": {
             "baim_all_strategies": sum(cloud_flops.values()) if cloud_flops else None,
             "baim_kept_strategy": cloud_flops.get(kept) if kept else None,
-            "fedavg": fedavg.get("cloud_flops"),
+            "fedavg": fedavg.cloud_flops if fedavg is not None else None,
         },
         "test_loss": {
             "baim_task_models": baim_loss,
             "personalised": personalised_loss,
-            "fedavg": fedavg.get("final_test_loss"),
+            "fedavg": fedavg.final_test_loss if fedavg is not None else None,
         },
         "fid": {
             "baim_task_models": baim_fid,
@@ -250,27 +258,23 @@ def image_row(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
     return row
 
 
-def sample_rows(out_dir: Path, task: str, report: dict[str, Any]) -> list[tuple[str, Path]]:
+def sample_rows(out_dir: Path, task: str, report: RunReport) -> list[tuple[str, Path]]:
     """(label, samples file) for every phase of one task, in the order of the paper's figure."""
     samples = out_dir / SAMPLES_DIR
     rows: list[tuple[str, Path]] = []
     candidates = [("real test images", samples / "real" / f"{task}.safetensors")]
-    edges = report.get("edges") or {}
-    for edge_id, row in edges.items():
-        if row.get("task") == task:
-            candidates.append(
-                (f"edge {edge_id} (initial)", samples / "edge_initial" / f"{edge_id}.safetensors")
-            )
+    edges = [edge_id for edge_id, row in report.edges.items() if row.task == task]
+    for edge_id in edges:
+        candidates.append((f"edge {edge_id} (initial)", samples / "edge_initial" / f"{edge_id}.safetensors"))
     kept = kept_strategy(report)
     candidates.append((f"BAIM ({kept})" if kept else "BAIM", samples / "baim" / f"{task}.safetensors"))
     for path in sorted((samples / "strategy").glob(f"*__{task}.safetensors")):
         strategy = path.stem.split("__")[0]
         candidates.append((f"task model ({strategy})", path))
-    for edge_id, row in edges.items():
-        if row.get("task") == task:
-            candidates.append(
-                (f"edge {edge_id} personalised", samples / "personalised" / f"{edge_id}.safetensors")
-            )
+    for edge_id in edges:
+        candidates.append(
+            (f"edge {edge_id} personalised", samples / "personalised" / f"{edge_id}.safetensors")
+        )
     candidates.append(("FedAvg global model", samples / "fedavg" / "global.safetensors"))
     for label, path in candidates:
         if path.is_file():
@@ -278,7 +282,7 @@ def sample_rows(out_dir: Path, task: str, report: dict[str, Any]) -> list[tuple[
     return rows
 
 
-def plot_samples(out_dir: Path, report: dict[str, Any], task: str) -> str | None:
+def plot_samples(out_dir: Path, report: RunReport, task: str) -> str | None:
     rows = sample_rows(out_dir, task, report)
     if len(rows) <= 1:  # real images alone are no comparison
         return None
@@ -295,28 +299,32 @@ def plot_samples(out_dir: Path, report: dict[str, Any], task: str) -> str | None
     return _save(figure, out_dir / PLOTS_DIR / f"samples_{task}.png")
 
 
-def strategy_curves(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+def strategy_curves(report: RunReport) -> dict[str, list[tuple[int, float]]]:
     """(cloud epoch, test loss) per strategy, rounds concatenated; epoch 0 is the fused BAIM before
     training, present when the round measured it."""
     curves: dict[str, list[tuple[int, float]]] = {}
     epochs_done: dict[str, int] = {}
-    for round_report in (report.get("cloud") or {}).get("rounds") or []:
-        for strategy, summary in (round_report.get("strategies") or {}).items():
+    for cloud_round in report.cloud.rounds:
+        for strategy, summary in cloud_round.strategies.items():
             curve = curves.setdefault(strategy, [])
             done = epochs_done.get(strategy, 0)
-            if done == 0 and summary.get("initial_test_loss") is not None:
-                curve.append((0, summary["initial_test_loss"]))
-            losses = summary.get("test_loss") or []
+            initial = summary.initial_test_loss if isinstance(summary, RayTrainStrategyRun) else None
+            if done == 0 and initial is not None:
+                curve.append((0, initial))
+            losses = summary.test_loss
             curve.extend((done + i + 1, loss) for i, loss in enumerate(losses))
             epochs_done[strategy] = done + len(losses)
     return {strategy: curve for strategy, curve in curves.items() if curve}
 
 
-def plot_losses(out_dir: Path, report: dict[str, Any]) -> str | None:
+def plot_losses(out_dir: Path, report: RunReport) -> str | None:
     curves = strategy_curves(report)
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
-    fedavg_curve = [(0, fedavg["initial_test_loss"])] if fedavg.get("initial_test_loss") is not None else []
-    fedavg_curve += [(r["round"], r["test_loss"]) for r in fedavg.get("rounds") or [] if r.get("test_loss")]
+    fedavg = fedavg_of(report)
+    fedavg_curve: list[tuple[int, float]] = []
+    if fedavg is not None:
+        if fedavg.initial_test_loss is not None:
+            fedavg_curve.append((0, fedavg.initial_test_loss))
+        fedavg_curve += [(r.round, r.test_loss) for r in fedavg.rounds if r.test_loss]
     if not curves and not fedavg_curve:
         return None
     figure = Figure(figsize=(10, 3.6))
@@ -339,7 +347,13 @@ def plot_losses(out_dir: Path, report: dict[str, Any]) -> str | None:
     return _save(figure, out_dir / PLOTS_DIR / "test_loss.png")
 
 
-def plot_costs(out_dir: Path, report: dict[str, Any]) -> str | None:
+def _number(rows: dict[str, dict[str, Any]], edge_id: str, key: str) -> float:
+    """rows[edge_id][key] for a bar, 0 when the edge has no row or the value was not measured."""
+    value = rows[edge_id][key] if edge_id in rows else None
+    return 0 if value is None else value
+
+
+def plot_costs(out_dir: Path, report: RunReport) -> str | None:
     baim_rows = baim_edge_rows(report)
     fedavg_rows = fedavg_edge_rows(report)
     edges = sorted(set(baim_rows) | set(fedavg_rows))
@@ -348,21 +362,21 @@ def plot_costs(out_dir: Path, report: dict[str, Any]) -> str | None:
     figure = Figure(figsize=(12, 3.8))
     bytes_ax, flops_ax, cloud_ax = figure.subplots(1, 3, gridspec_kw={"width_ratios": [3, 3, 2]})
     x = np.arange(len(edges))
-    series = [
-        ("BAIM sent", [baim_rows.get(e, {}).get("bytes_sent", 0) for e in edges]),
-        ("BAIM received (task model)", [baim_rows.get(e, {}).get("task_model_bytes") or 0 for e in edges]),
-        ("FedAvg sent", [fedavg_rows.get(e, {}).get("bytes_sent", 0) for e in edges]),
-        ("FedAvg received", [fedavg_rows.get(e, {}).get("bytes_received", 0) for e in edges]),
+    series: list[tuple[str, list[float]]] = [
+        ("BAIM sent", [_number(baim_rows, e, "bytes_sent") for e in edges]),
+        ("BAIM received (task model)", [_number(baim_rows, e, "task_model_bytes") for e in edges]),
+        ("FedAvg sent", [fedavg_rows[e].bytes_sent if e in fedavg_rows else 0 for e in edges]),
+        ("FedAvg received", [fedavg_rows[e].bytes_received if e in fedavg_rows else 0 for e in edges]),
     ]
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series):
         bytes_ax.bar(x + (i - 1.5) * width, [max(v, 1) for v in values], width, label=label)
     bytes_ax.set_yscale("log")
     bytes_ax.set_title("bytes per edge")
-    flop_series = [
-        ("BAIM training", [baim_rows.get(e, {}).get("train_flops", 0) for e in edges]),
-        ("BAIM personalisation", [baim_rows.get(e, {}).get("personalise_flops") or 0 for e in edges]),
-        ("FedAvg", [fedavg_rows.get(e, {}).get("flops", 0) for e in edges]),
+    flop_series: list[tuple[str, list[float]]] = [
+        ("BAIM training", [_number(baim_rows, e, "train_flops") for e in edges]),
+        ("BAIM personalisation", [_number(baim_rows, e, "personalise_flops") for e in edges]),
+        ("FedAvg", [fedavg_rows[e].flops if e in fedavg_rows else 0 for e in edges]),
     ]
     width = 0.8 / len(flop_series)
     for i, (label, values) in enumerate(flop_series):
@@ -373,10 +387,10 @@ def plot_costs(out_dir: Path, report: dict[str, Any]) -> str | None:
         ax.set_xticks(x)
         ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
         ax.legend(fontsize=7)
-    cloud = dict((report.get("cloud") or {}).get("flops") or {})
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
-    if fedavg.get("cloud_flops") is not None:
-        cloud["fedavg"] = fedavg["cloud_flops"]
+    cloud = dict(report.cloud.flops)
+    fedavg = fedavg_of(report)
+    if fedavg is not None:
+        cloud["fedavg"] = fedavg.cloud_flops
     names = list(cloud)
     cloud_ax.bar(names, [max(cloud[n], 1) for n in names], color="tab:gray")
     cloud_ax.set_yscale("log")
@@ -384,20 +398,20 @@ def plot_costs(out_dir: Path, report: dict[str, Any]) -> str | None:
     return _save(figure, out_dir / PLOTS_DIR / "costs.png")
 
 
-def plot_fid(out_dir: Path, report: dict[str, Any]) -> str | None:
-    quality = report.get("image_quality") or {}
-    rows = quality.get("sets") or []
+def plot_fid(out_dir: Path, report: RunReport) -> str | None:
+    quality = quality_of(report)
+    rows = quality.sets if quality is not None else []
     if not rows:
         return None
-    tasks = sorted({row["task"] for row in rows})
+    tasks = sorted({row.task for row in rows})
     figure = Figure(figsize=(5 * len(tasks), 3.8))
     axes = figure.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
-        task_rows = [row for row in rows if row["task"] == task]
-        labels = [f"{row['phase']}\n{row['name']}" for row in task_rows]
+        task_rows = [row for row in rows if row.task == task]
+        labels = [f"{row.phase}\n{row.name}" for row in task_rows]
         colours = {"edge_initial": "tab:blue", "strategy": "tab:green", "personalised": "tab:orange"}
-        ax.bar(labels, [row["fid"] for row in task_rows],
-               color=[colours.get(row["phase"], "tab:red") for row in task_rows])  # fmt: skip
+        ax.bar(labels, [row.fid for row in task_rows],
+               color=[colours.get(row.phase, "tab:red") for row in task_rows])  # fmt: skip
         ax.set_title(f"FID, task {task!r} (lower is better)", fontsize=9)
         ax.tick_params(axis="x", labelsize=6, rotation=60)
     return _save(figure, out_dir / PLOTS_DIR / "fid.png")
@@ -407,17 +421,16 @@ def plot_fid(out_dir: Path, report: dict[str, Any]) -> str | None:
 # Sections
 
 
-def _failure_section(report: dict[str, Any]) -> list[str]:
+def _failure_section(report: RunReport) -> list[str]:
     """Why the run failed and which cloud rounds failed; empty for a clean run (the section is then left out).
 
     At the top of the page: a failed round means the task models are missing or leave learners untrained,
     so every number below must be read with that in mind.
     """
-    failure = report.get("failure")
-    errors = (report.get("cloud") or {}).get("round_errors") or []
-    if not failure and not errors:
+    errors = report.cloud.round_errors
+    if not report.failure and not errors:
         return []
-    lines = [f"**The run failed:** {' '.join(str(failure).split())}", ""] if failure else []
+    lines = [f"**The run failed:** {' '.join(report.failure.split())}", ""] if report.failure else []
     if errors:
         lines.append(
             "Cloud rounds that failed (a failed round keeps its learners pending; they are retried after a "
@@ -425,24 +438,19 @@ def _failure_section(report: dict[str, Any]) -> list[str]:
         )
         lines.append("")
         rows = [
-            [e.get("round", "?"), e.get("attempts", "?"), ", ".join(e.get("learners") or []),
-             str(e.get("error", "")).replace("|", "\\|").replace("\n", " ")]
+            [e.round, e.attempts, ", ".join(e.learners), e.error.replace("|", "\\|").replace("\n", " ")]
             for e in errors
-        ]  # fmt: skip
+        ]
         lines += _table(["round", "attempts", "learners", "last error"], rows)
     return lines
 
 
-def _data_section(report: dict[str, Any]) -> list[str]:
-    data = report.get("data") or {}
-    if not data:
-        return [NOT_MEASURED]
-    kind = data.get("kind", "?")
-    what = "real CelebA faces" if kind == "celeba" else "procedural faces (no CelebA found)"
-    lines = [f"- Data: **{what}** from `{data.get('root', '?')}`, {data.get('resolution', '?')} px square."]
-    shards = data.get("shards") or {}
-    if shards:
-        sizes = ", ".join(f"{group} {sum(v.values())}" for group, v in shards.items())
+def _data_section(report: RunReport) -> list[str]:
+    data = report.data
+    what = "real CelebA faces" if data.kind == "celeba" else "procedural faces (no CelebA found)"
+    lines = [f"- Data: **{what}** from `{data.root}`, {data.resolution} px square."]
+    if data.shards:
+        sizes = ", ".join(f"{group} {sum(v.values())}" for group, v in data.shards.items())
         lines.append(f"- Images per split: {sizes} (all disjoint).")
     return lines
 
@@ -479,47 +487,45 @@ def _headline_section(numbers: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _edges_section(report: dict[str, Any]) -> list[str]:
+def _edges_section(report: RunReport) -> list[str]:
     baim_rows = baim_edge_rows(report)
     fedavg_rows = fedavg_edge_rows(report)
-    edges = report.get("edges") or {}
-    if not edges:
+    if not report.edges:
         return [NOT_MEASURED]
     rows = []
-    for edge_id, row in edges.items():
-        b = baim_rows.get(edge_id, {})
-        f = fedavg_rows.get(edge_id, {})
+    for edge_id, row in report.edges.items():
+        task_model_bytes = baim_rows[edge_id]["task_model_bytes"] if edge_id in baim_rows else None
+        fedavg = fedavg_rows.get(edge_id)
         rows.append([
-            edge_id, row.get("task", "?"), row.get("status", "?"),
-            _fmt_bytes(row.get("bytes_sent")), _fmt_bytes(b.get("task_model_bytes")),
-            _fmt_flops(row.get("flops")),
-            _fmt_bytes(f.get("bytes_sent")), _fmt_bytes(f.get("bytes_received")), _fmt_flops(f.get("flops")),
+            edge_id, row.task, row.status, _fmt_bytes(row.bytes_sent), _fmt_bytes(task_model_bytes),
+            _fmt_flops(row.flops),
+            _fmt_bytes(fedavg.bytes_sent if fedavg else None),
+            _fmt_bytes(fedavg.bytes_received if fedavg else None),
+            _fmt_flops(fedavg.flops if fedavg else None),
         ])  # fmt: skip
     header = ["edge", "task", "BAIM status", "BAIM sent", "BAIM task-model download", "BAIM FLOPs",
               "FedAvg sent", "FedAvg received", "FedAvg FLOPs"]  # fmt: skip
     return _table(header, rows)
 
 
-def _tasks_section(report: dict[str, Any]) -> list[str]:
-    tasks = report.get("tasks") or {}
-    if not tasks:
+def _tasks_section(report: RunReport) -> list[str]:
+    if not report.tasks:
         return [NOT_MEASURED + " (no task models were published)"]
     rows = [
-        [task, f"{info['params']:,}", f"{info['baim_params']:,}", _fmt(info.get("test_loss")),
-         f"{info['decomposition_max_abs_diff']:.2e}", ", ".join(info.get("learners", []))]
-        for task, info in tasks.items()
+        [task, f"{info.params:,}", f"{info.baim_params:,}", _fmt(info.test_loss),
+         f"{info.decomposition_max_abs_diff:.2e}", ", ".join(info.learners)]
+        for task, info in report.tasks.items()
     ]  # fmt: skip
     return _table(
         ["task", "params", "BAIM params", "test loss", "decomposition max abs diff", "learners"], rows
     )
 
 
-def _strategies_section(report: dict[str, Any]) -> list[str]:
+def _strategies_section(report: RunReport) -> list[str]:
     curves = strategy_curves(report)
     if not curves:
         return [NOT_MEASURED + " (no cloud training round)"]
-    flops = (report.get("cloud") or {}).get("flops") or {}
-    seconds = (report.get("cloud") or {}).get("seconds") or {}
+    flops, seconds = report.cloud.flops, report.cloud.seconds
     rows = [
         [s, curve[0][0], _fmt(curve[0][1]), curve[-1][0], _fmt(curve[-1][1]), _fmt_flops(flops.get(s)),
          _fmt(seconds.get(s), 1)]
@@ -529,82 +535,79 @@ def _strategies_section(report: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
-def _fedavg_section(report: dict[str, Any]) -> list[str]:
-    fedavg = (report.get("baselines") or {}).get("fedavg") or {}
-    if not fedavg.get("rounds"):
-        reason = " (disabled in the scenario)" if fedavg.get("enabled") is False else ""
-        return [NOT_MEASURED + reason]
-    model = fedavg["model"]
+def _fedavg_section(report: RunReport) -> list[str]:
+    fedavg = fedavg_of(report)
+    if fedavg is None or not fedavg.rounds:
+        disabled = report.baselines is not None and fedavg is None
+        return [NOT_MEASURED + (" (disabled in the scenario)" if disabled else "")]
+    model = fedavg.model
     lines = [
-        f"One homogeneous VAE (widths {model['widths']}, latent {model['latent_dim']}, "
-        f"{fedavg['params']:,} parameters), {fedavg['rounds_planned']} rounds x "
-        f"{fedavg['local_epochs']} local epochs, client fraction {fedavg['client_fraction']}, "
-        f"averaging weighted by {fedavg['weighting']}.",
+        f"One homogeneous VAE (widths {model.widths}, latent {model.latent_dim}, "
+        f"{fedavg.params:,} parameters), {fedavg.rounds_planned} rounds x "
+        f"{fedavg.local_epochs} local epochs, client fraction {fedavg.client_fraction}, "
+        f"averaging weighted by {fedavg.weighting}.",
         "",
     ]
     rows = []
-    for r in fedavg["rounds"]:
-        failures = ", ".join(f"{f['edge']} ({f['reason']})" for f in r["failures"]) or "none"
-        rows.append([r["round"], len(r["selected"]), len(r["aggregated"]), failures, _fmt(r["test_loss"]),
-                     _fmt_bytes(r["global_model_bytes"]), _fmt(r["seconds"], 1)])  # fmt: skip
+    for r in fedavg.rounds:
+        failures = ", ".join(f"{f.edge} ({f.reason})" for f in r.failures) or "none"
+        rows.append([r.round, len(r.selected), len(r.aggregated), failures, _fmt(r.test_loss),
+                     _fmt_bytes(r.global_model_bytes), _fmt(r.seconds, 1)])  # fmt: skip
     header = ["round", "selected", "averaged", "failed (reason)", "test loss", "global model", "seconds"]
     return lines + _table(header, rows)
 
 
-def _personalisation_section(report: dict[str, Any]) -> list[str]:
-    section = report.get("personalisation") or {}
-    edges = section.get("edges") or {}
-    if not edges:
+def _personalisation_section(report: RunReport) -> list[str]:
+    section = report.personalisation
+    if section is None or not section.enabled or not section.edges:
         return [NOT_MEASURED]
     rows = [
-        [e, row["task"], row["model_version"], _fmt_bytes(row["bytes_received"]), row["epochs"],
-         _fmt(row["test_loss_before"]), _fmt(row["test_loss_after"]), _fmt_flops(row["flops"])]
-        for e, row in edges.items()
+        [e, row.task, row.model_version, _fmt_bytes(row.bytes_received), row.epochs,
+         _fmt(row.test_loss_before), _fmt(row.test_loss_after), _fmt_flops(row.flops)]
+        for e, row in section.edges.items()
     ]  # fmt: skip
     header = ["edge", "task", "model", "downloaded", "epochs", "test loss before", "after", "FLOPs"]
-    return [f"Measured in the {section.get('where', 'driver')}.", "", *_table(header, rows)]
+    return [f"Measured in the {section.where}.", "", *_table(header, rows)]
 
 
-def _quality_section(report: dict[str, Any]) -> list[str]:
-    quality = report.get("image_quality") or {}
-    if not quality.get("enabled"):
-        return [NOT_MEASURED + (f" ({quality['reason']})" if quality.get("reason") else "")]
-    real = quality.get("num_real") or {}
+def _quality_section(report: RunReport) -> list[str]:
+    quality = report.image_quality
+    if quality is None or not quality.enabled:
+        return [NOT_MEASURED + (f" ({quality.reason})" if quality is not None and quality.reason else "")]
     lines = [
-        f"Extractor `{quality['extractor']}` ({quality['feature_dim']}-d features); "
-        f"{quality['num_generated']} generated images per set against the task's real test images "
-        f"({', '.join(f'{t}: {n}' for t, n in real.items())}); "
-        f"KID over {quality['kid_subsets']} random subsets of half of each set. "
+        f"Extractor `{quality.extractor}` ({quality.feature_dim}-d features); "
+        f"{quality.num_generated} generated images per set against the task's real test images "
+        f"({', '.join(f'{t}: {n}' for t, n in quality.num_real.items())}); "
+        f"KID over {quality.kid_subsets} random subsets of half of each set. "
         "FID is biased upward at these sample counts: compare numbers within this table, and read KID beside "
         "it. The real-vs-real line is the floor at this sample count (two disjoint halves of the real set).",
         "",
     ]
     rows = [
-        [row["task"], row["phase"], row["name"], _fmt(row["fid"], 1),
-         f"{row['kid_mean']:.4f} ± {row['kid_std']:.4f}", row["num_generated"], row["num_real"]]
-        for row in quality.get("sets") or []
+        [row.task, row.phase, row.name, _fmt(row.fid, 1), f"{row.kid_mean:.4f} ± {row.kid_std:.4f}",
+         row.num_generated, row.num_real]
+        for row in quality.sets
     ]  # fmt: skip
-    for task, ref in (quality.get("real_reference") or {}).items():
-        rows.append([task, "real vs real", "halves", _fmt(ref["fid_real_half_vs_half"], 1), "",
-                     ref["num_per_half"], ref["num_per_half"]])  # fmt: skip
+    for task, ref in quality.real_reference.items():
+        rows.append([task, "real vs real", "halves", _fmt(ref.fid_real_half_vs_half, 1), "",
+                     ref.num_per_half, ref.num_per_half])  # fmt: skip
     return lines + _table(["task", "phase", "model", "FID", "KID", "generated", "real"], rows)
 
 
-def build_markdown(out_dir: Path, report: dict[str, Any]) -> str:
+def build_markdown(out_dir: Path, report: RunReport) -> str:
     """report.md's text; writes the plots it links under out_dir/plots/."""
-    scenario = report.get("scenario") or {}
+    scenario = report.scenario
     numbers = headline(report)
+    measured = (
+        f", {_fmt(sum(report.evaluation.seconds.values()), 0)} s for the baseline and measurements."
+        if report.evaluation is not None
+        else "."
+    )
     lines = [
-        f"# Run report: {scenario.get('name', '?')}",
+        f"# Run report: {scenario.name}",
         "",
-        f"Scenario `{scenario.get('name', '?')}`, seed {report.get('seed', '?')}, "
-        f"wall time {_fmt((report.get('totals') or {}).get('wall_seconds'), 0)} s for the BAIM run"
-        + (
-            f", {_fmt(sum((report['evaluation'].get('seconds') or {}).values()), 0)} s for the baseline and "
-            "measurements."
-            if report.get("evaluation")
-            else "."
-        ),
+        f"Scenario `{scenario.name}`, seed {report.seed}, "
+        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run" + measured,
         *_data_section(report),
         "",
     ]
@@ -618,8 +621,7 @@ def build_markdown(out_dir: Path, report: dict[str, Any]) -> str:
         "",
     ]
     plots: list[tuple[str, str | None]] = []
-    tasks = [t["name"] for t in scenario.get("tasks") or []] or list((report.get("tasks") or {}).keys())
-    for task in tasks:
+    for task in scenario.task_names():
         plots.append((f"Samples, task {task}", _try_plot(plot_samples, out_dir, report, task)))
     plots.append(("Test loss", _try_plot(plot_losses, out_dir, report)))
     plots.append(("Bytes and FLOPs", _try_plot(plot_costs, out_dir, report)))
@@ -644,32 +646,32 @@ def build_markdown(out_dir: Path, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _try_plot(plot: Any, *args: Any) -> str | None:
-    """A figure whose inputs are malformed is left out (logged), not allowed to sink the whole report."""
+def _try_plot(plot: Callable[..., str | None], *args: Any) -> str | None:
+    """A figure whose sample files are malformed is left out (logged), not allowed to sink the report."""
     try:
-        result: str | None = plot(*args)
-        return result
+        return plot(*args)
     except (KeyError, TypeError, ValueError, OSError) as err:
         logger.warning("report: %s not drawn: %s: %s", plot.__name__, type(err).__name__, err)
         return None
 
 
-def write_report_markdown(out_dir: str | Path) -> Path:
-    """Read out_dir/report.json, write out_dir/report.md and out_dir/plots/*.png; return report.md's path.
-
-    Raises FileNotFoundError when report.json is missing and ValueError when it is not a JSON object.
-    """
-    out = Path(out_dir)
-    path = out / "report.json"
+def read_report(path: Path) -> RunReport:
+    """report.json, validated. Raises FileNotFoundError when it is missing and ReportInvalid (a ValueError
+    naming every problem by field path) when it is not a report."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no report.json in {out} (run `baim run` first)")
+        raise FileNotFoundError(f"{path}: no report.json in {path.parent} (run `baim run` first)")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(report, dict):
-        raise ValueError(f"{path}: expected a JSON object, received {type(report).__name__}")
-    markdown = build_markdown(out, report)
+        return RunReport.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        problems = format_validation_error(err)
+        raise ReportInvalid("\n".join([f"{path}: not a report.json of this version:", *problems])) from None
+
+
+def write_report_markdown(out_dir: str | Path) -> Path:
+    """Read out_dir/report.json, write out_dir/report.md and out_dir/plots/*.png; return report.md's path
+    (errors: see `read_report`)."""
+    out = Path(out_dir)
+    markdown = build_markdown(out, read_report(out / "report.json"))
     target = out / "report.md"
     target.write_text(markdown, encoding="utf-8")
     logger.info("wrote %s", target)

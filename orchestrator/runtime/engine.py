@@ -1,43 +1,20 @@
-"""The scenario engine: runs a scenario on Ray and writes report.json.
+"""The scenario engine: runs one scenario's BAIM path on Ray and writes report.json (`run_scenario`).
 
-`run_scenario(scenario, out_dir, ...)`:
-1. partitions the data (bad sizes fail here, before any actor starts), gives the run a fresh id, and refuses
-   a registry (by default out_dir/registry) that already holds another run's coordinator state
-   (`RegistryHeldByAnotherRun`, before Ray starts and before anything is written): resuming it would mix two
-   runs;
-2. joins Ray (`ray.init()` local embedded by default, or `address="auto"` / `"ray://..."`);
-3. starts the CloudCoordinator (async actor, `max_restarts=-1`, `max_task_retries=-1`) and one EdgeNode per
-   initial edge, each with the resources its scenario entry declares (`num_cpus`, `num_gpus`, `memory`,
-   custom resources), so Ray's scheduler decides where and whether each can run;
-4. plays the timeline deterministically: events sorted by (at_seconds, position in the file), fired when the
-   wall clock since t = 0 passes `at_seconds`. t = 0 is when the coordinator and the initial edges' processes
-   are up; the initial edges all begin training then, so event times mean time into the experiment, not time
-   spent booting workers (`time_scale` scales link delays and slow-downs, not event times);
-5. watches every edge without ever waiting forever: an edge's `run()` result, a Ray error when its process
-   died (a `crash` event or an unexpected death), a per-edge timeout, and for edges that never start, a
-   check against the cluster's nodes: a demand no alive node can meet is reported `unschedulable`;
-6. asks the coordinator to `finish()` (train what is untrained, decompose, publish task models), merges every
-   ledger, and writes `out_dir/report.json` (see `orchestrator.report.build`). Failed cloud rounds are printed
-   as they happen; when `finish()` raises `RoundFailed` (learners left untrained, nothing published), the
-   report is still written (with the round errors, no task models, no evaluation) and then `RunFailed` is
-   raised with the round and the cause, so `baim run` exits 1.
-
-Ray is imported here and in the actors only. Library code: progress goes to the `progress` callback (the CLI
-prints it) and to the log, never to stdout.
+The steps, the timeline's clock and how edges are watched are in docs/ARCHITECTURE.md ("Runtime").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import ray
+from pydantic import ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import (
@@ -50,28 +27,40 @@ from actors.coordinator import (
 from orchestrator.cloud.local import local_training_round
 from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.registry import Registry
+from orchestrator.core.reports import (
+    EdgeReport,
+    EdgeRow,
+    EdgeUpload,
+    RoundError,
+    RunEvent,
+    RunReport,
+    UploadRecord,
+)
 from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
-    CrashEvent,
     EdgeConfig,
+    Event,
     JoinEvent,
-    LeaveEvent,
-    LinkEvent,
-    PoisonEvent,
     Scenario,
-    SlowEvent,
+    format_validation_error,
 )
-from orchestrator.data.partitions import make_partitions
-from orchestrator.data.sources import resolve_source
-from orchestrator.evaluation.evaluate import EvaluationOptions, evaluate_run
+from orchestrator.data.partitions import Partitions, make_partitions
+from orchestrator.data.sources import DataSource, resolve_source
 from orchestrator.report.build import build_report, write_report
 from orchestrator.report.markdown import write_report_markdown
-from orchestrator.runtime.edges import spawn_edge_node
+from orchestrator.runtime.fleet import (
+    POLL_SECONDS,
+    EdgeFleet,
+    EdgeLost,
+    EdgeStarted,
+    Timeline,
+    resource_demand,
+)
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.2  # the engine's tick: how long one ray.wait blocks at most
 PROGRESS_EVERY_SECONDS = 2.0  # how often running edges are asked for progress
 FINAL_EDGE_STATUSES = (
     "accepted",
@@ -113,8 +102,21 @@ class EngineOptions:
     cloud_trainer: Literal["ray_train", "local"] = "ray_train"
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
-    # After the run: FedAvg baseline, personalisation, FID/KID, sample grids (orchestrator.evaluation).
-    evaluation: EvaluationOptions | None = None  # None: skip them (report.md is written either way)
+    # A stage after a successful run, with Ray still up and the run's actors released (the CLI passes
+    # orchestrator.evaluation's: FedAvg baseline, personalisation, FID/KID, sample grids). None: none.
+    after_run: Callable[[FinishedRun], RunReport] | None = None
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished BAIM run, as a stage after it sees it: its report and inputs (report.md not written yet)."""
+
+    report: RunReport
+    scenario: Scenario
+    source: DataSource
+    partitions: Partitions
+    out_dir: Path
+    progress: Callable[[str], None]
 
 
 @dataclass
@@ -122,46 +124,17 @@ class EdgeTrack:
     """What the engine knows about one edge."""
 
     config: EdgeConfig
-    handle: Any = None
     run_ref: Any = None
-    probe_ref: Any = None  # the first progress() call; its answer means "started"
     progress_ref: Any = None  # an outstanding progress() call of a running edge
     spawned_at: float | None = None
     started_at: float | None = None
     status: str = "not_joined"
-    report: dict[str, Any] | None = None  # the last report (final, or the last progress for dead edges)
+    report: EdgeReport | None = None  # the last report (final, or the last progress for dead edges)
     error: str | None = None
-    crash_requested: bool = False
-    events: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
         return self.status in FINAL_EDGE_STATUSES
-
-
-def resource_demand(edge: EdgeConfig) -> dict[str, float]:
-    """The Ray resources an edge actor asks for, in Ray's names."""
-    demand: dict[str, float] = {"CPU": edge.num_cpus}
-    if edge.num_gpus > 0:
-        demand["GPU"] = edge.num_gpus
-    if edge.memory_mb is not None:
-        demand["memory"] = float(edge.memory_mb * 1024 * 1024)
-    demand.update(edge.custom_resources)
-    return demand
-
-
-def unmet_demand(demand: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
-    """Why no alive node can ever host `demand` (by total capacity), or None when one can."""
-    alive = [node for node in nodes if node.get("Alive")]
-    if not alive:
-        return "no alive Ray node"
-    for node in alive:
-        offered = node.get("Resources", {})
-        if all(offered.get(name, 0.0) >= amount for name, amount in demand.items()):
-            return None
-    largest = {name: max(node.get("Resources", {}).get(name, 0.0) for node in alive) for name in demand}
-    missing = {name: amount for name, amount in demand.items() if largest[name] < amount}
-    return f"no node offers {missing} (largest offer per node: {largest})"
 
 
 class Engine:
@@ -176,11 +149,12 @@ class Engine:
         self.source = resolve_source(scenario.data)
         self.partitions = make_partitions(self.source, scenario)  # ScenarioError before any actor starts
         self.edges = {edge.id: EdgeTrack(edge) for edge in scenario.all_edges()}
-        self.timeline = sorted(enumerate(scenario.timeline), key=lambda item: (item[1].at_seconds, item[0]))
-        self.event_log: list[dict[str, Any]] = []
+        self.fleet = EdgeFleet(
+            scenario, self.source, self.partitions, unschedulable_after_s=options.unschedulable_after_s
+        )
+        self.event_log: list[RunEvent] = []
         self.started = 0.0
         self.coordinator: Any = None
-        self._source_ref: Any = None
         self._status_ref: Any = None  # an outstanding coordinator status() call
         self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
 
@@ -211,7 +185,7 @@ class Engine:
 
     # ---- driver --------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunReport:
         self.check_registry_is_free()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started_ray = False
@@ -231,14 +205,13 @@ class Engine:
             if started_ray and not self.options.keep_ray:
                 ray.shutdown()
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self) -> RunReport:
         wall_start = time.time()
         self._say(
             f"run {self.scenario.name!r}: {len(self.edges)} edges, {len(self.scenario.tasks)} tasks, "
             f"data {self.source.kind} ({self.source.root}), registry {self.registry_uri}, "
             f"run id {self.run_id}"
         )
-        self._source_ref = ray.put(self.source)
         coordinator_cls = ray.remote(CloudCoordinator).options(
             num_cpus=self.options.coordinator_num_cpus,
             max_restarts=-1,  # restarted by Ray after a crash; __init__ resumes from the checkpoint
@@ -261,12 +234,11 @@ class Engine:
             if not track.final:
                 self._begin(track)
 
-        pending_events = list(self.timeline)
+        timeline = Timeline(self.scenario.timeline)
         last_progress = 0.0
-        while pending_events or not all(t.final or t.status == "not_joined" for t in self.edges.values()):
+        while timeline or not all(t.final or t.status == "not_joined" for t in self.edges.values()):
             now = self._elapsed()
-            while pending_events and pending_events[0][1].at_seconds <= now:
-                index, event = pending_events.pop(0)
+            for index, event in timeline.due(now):
                 self._fire(index, event)
             self._collect_results()
             self._check_starts()
@@ -283,14 +255,15 @@ class Engine:
         except RoundFailed as err:  # Ray raises an error that is also an instance of the actor's error
             failure = err
             summary = ray.get(self.coordinator.summary.remote(), timeout=self.options.finish_timeout_s)
-        self._say_round_errors(summary.get("round_errors", []))  # those the polls missed
+        outcome = CoordinatorSummary.model_validate(summary)
+        self._say_round_errors(outcome.round_errors)  # those the polls missed
         failure_text = None if failure is None else _round_failure_text(failure)
-        accepted_by_edge = {receipt["edge_id"]: receipt for receipt in summary["accepted"]}
+        accepted_by_edge = {str(r.edge_id): UploadRecord.from_receipt(r) for r in outcome.accepted}
         ledger = Ledger(export_metrics=False)
-        ledger.merge(Ledger.from_dict(summary["ledger"], export_metrics=False))
+        ledger.merge(Ledger.from_snapshot(outcome.ledger, export_metrics=False))
         for track in self.edges.values():
             if track.report is not None:
-                ledger.merge(Ledger.from_dict(track.report["ledger"], export_metrics=False))
+                ledger.merge(Ledger.from_dict(track.report.ledger, export_metrics=False))
         report = build_report(
             scenario=self.scenario,
             source=self.source,
@@ -299,7 +272,7 @@ class Engine:
                 edge_id: self._edge_row(track, accepted_by_edge.get(edge_id))
                 for edge_id, track in self.edges.items()
             },
-            coordinator=summary,
+            coordinator=outcome,
             ledger=ledger,
             events=self.event_log,
             registry_uri=self.registry_uri,
@@ -312,10 +285,10 @@ class Engine:
         if failure_text is not None:  # no task models: nothing to evaluate or serve
             self._say(f"wrote {write_report_markdown(self.out_dir)}")
             raise RunFailed(f"{failure_text} (report: {self.out_dir / 'report.md'})")
-        if self.options.evaluation is not None:
+        if self.options.after_run is not None:
             self._release_actors()  # the coordinator is done: its CPU goes to the baseline's clients
-            report = evaluate_run(report, self.scenario, self.source, self.partitions, self.out_dir,
-                                  self.options.evaluation, progress=self._say)  # fmt: skip
+            run = FinishedRun(report, self.scenario, self.source, self.partitions, self.out_dir, self._say)
+            report = self.options.after_run(run)
             write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {write_report_markdown(self.out_dir)} and {self.out_dir / 'plots'}")
         return report
@@ -323,12 +296,10 @@ class Engine:
     # ---- edges ---------------------------------------------------------------------------------------
 
     def _spawn(self, track: EdgeTrack, reason: str) -> None:
-        edge = track.config
-        track.handle = spawn_edge_node(self.scenario, edge, self._source_ref, self.partitions.edges[edge.id])
-        track.probe_ref = track.handle.progress.remote()
+        self.fleet.spawn(track.config.id)
         track.spawned_at = time.monotonic()
         track.status = "pending"
-        self._record("edge_spawned", edge=edge.id, reason=reason)
+        self._record("edge_spawned", edge=track.config.id, reason=reason)
 
     def _wait_until_up(self, initial: list[EdgeTrack]) -> None:
         """Wait for the coordinator and the initial edges' processes (or their verdict: unschedulable).
@@ -338,55 +309,41 @@ class Engine:
         """
         deadline = time.monotonic() + self.options.startup_timeout_s
         ray.get(self.coordinator.status.remote(), timeout=self.options.startup_timeout_s)
-        while any(track.status == "pending" for track in initial) and time.monotonic() < deadline:
-            self._check_starts()
-            time.sleep(POLL_SECONDS)
+        edge_ids = [track.config.id for track in initial]
+        settled = self.fleet.wait_until_up(edge_ids, max(0.0, deadline - time.monotonic()))
+        self._settle_starts(settled)
         waiting = [track.config.id for track in initial if track.status == "pending"]
         if waiting:
             self._say(f"starting the timeline while edges {waiting} still wait for resources")
 
     def _begin(self, track: EdgeTrack) -> None:
-        track.run_ref = track.handle.run.remote(self.coordinator)
+        track.run_ref = self.fleet.call(track.config.id, "run", self.coordinator)
 
     def _check_starts(self) -> None:
-        """Mark edges started when their first progress answer arrives; find the unschedulable ones."""
-        nodes: list[dict[str, Any]] | None = None
-        for track in self.edges.values():
-            if track.status != "pending" or track.spawned_at is None:
-                continue
-            ready, _ = ray.wait([track.probe_ref], timeout=0)
-            if ready:
-                track.probe_ref = None
-                # An edge that died starting (e.g. its constructor raised) is final now, not pending.
-                probe = self._report_or_finalise(track, ready[0])
-                if probe is None:
-                    continue
-                track.report = probe
-                track.started_at = time.monotonic()
-                track.status = "running"
-                self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
-                continue
-            if time.monotonic() - track.spawned_at < self.options.unschedulable_after_s:
-                continue
-            nodes = nodes if nodes is not None else ray.nodes()
-            why = unmet_demand(resource_demand(track.config), nodes)
-            if why is not None:
-                ray.kill(track.handle, no_restart=True)
-                self._finalise(track, "unschedulable", error=why)
+        self._settle_starts(self.fleet.poll_starts())
 
-    def _report_or_finalise(self, track: EdgeTrack, ref: ray.ObjectRef) -> dict[str, Any] | None:
-        """The edge's JSON report behind `ref`; or None after finalising the edge when the call failed: its
-        actor died ("crashed" when the timeline killed it, else "died"), or the method raised ("failed")."""
+    def _settle_starts(self, settled: list[EdgeStarted | EdgeLost]) -> None:
+        """Edges whose start probe answered are running; those lost starting (or unschedulable) are final."""
+        for outcome in settled:
+            track = self.edges[outcome.edge_id]
+            report = self._parse_report(track, outcome if isinstance(outcome, EdgeLost) else outcome.answer)
+            if report is None:
+                continue
+            track.report = report
+            track.started_at = time.monotonic()
+            track.status = "running"
+            self._say(f"edge {track.config.id} started ({self._elapsed():.1f}s)")
+
+    def _parse_report(self, track: EdgeTrack, answer: Any) -> EdgeReport | None:
+        """The edge's report; or None after finalising the edge (lost, or its report is malformed)."""
+        if isinstance(answer, EdgeLost):
+            self._finalise(track, answer.status, error=answer.error)
+            return None
         try:
-            report: dict[str, Any] = json.loads(ray.get(ref))
-        except RayActorError as err:
-            status = "crashed" if track.crash_requested else "died"
-            self._finalise(track, status, error=f"{type(err).__name__}: {_first_line(err)}")
+            return EdgeReport.model_validate_json(answer)
+        except ValidationError as err:
+            self._finalise(track, "failed", error=f"malformed edge report: {format_validation_error(err)[0]}")
             return None
-        except RayTaskError as err:
-            self._finalise(track, "failed", error=str(err).splitlines()[-1])
-            return None
-        return report
 
     def _collect_results(self) -> None:
         running = {t.run_ref: t for t in self.edges.values() if t.run_ref is not None and not t.final}
@@ -396,17 +353,17 @@ class Engine:
         ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
         for ref in ready:
             track = running[ref]
-            report = self._report_or_finalise(track, ref)
+            report = self._parse_report(track, self.fleet.answer(track.config.id, ref))
             if report is None:
                 continue
             track.report = report
-            self._finalise(track, report["status"], error=report.get("error"))
+            self._finalise(track, report.status, error=report.error)
         for track in running.values():
             since = track.started_at if track.started_at is not None else track.spawned_at
             if track.final or since is None:
                 continue
             if time.monotonic() - since > self.options.edge_timeout_s:
-                ray.kill(track.handle, no_restart=True)
+                self.fleet.release(track.config.id)
                 self._finalise(track, "timed_out", error=f"not finished after {self.options.edge_timeout_s}s")
 
     def _poll_progress(self, ask: bool) -> None:
@@ -417,21 +374,24 @@ class Engine:
             for ref in ready:
                 track = outstanding[ref]
                 track.progress_ref = None
+                answer = self.fleet.answer(track.config.id, ref)
+                if isinstance(answer, EdgeLost) or track.final:
+                    continue  # a dead edge (_collect_results settles it), or the final report is in
                 try:
-                    report = json.loads(ray.get(ref))
-                except (RayActorError, RayTaskError):
-                    continue  # a dead edge: _collect_results settles it
-                if track.final:
-                    continue  # the final report is already in
-                if track.report is None or report["epoch"] != track.report.get("epoch"):
-                    epochs = f"{report['epoch']}/{report['epochs']}"
-                    loss = report["train_loss"]
-                    self._say(f"edge {track.config.id}: {report['status']} epoch {epochs} loss {loss}")
+                    report = EdgeReport.model_validate_json(answer)
+                except ValidationError:
+                    continue  # progress only; a malformed final report fails the edge
+                if track.report is None or report.epoch != track.report.epoch:
+                    epochs = f"{report.epoch}/{report.epochs}"
+                    self._say(
+                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
+                    )
                 track.report = report
         if ask:
             for track in self.edges.values():
-                if track.status == "running" and track.progress_ref is None and track.handle is not None:
-                    track.progress_ref = track.handle.progress.remote()
+                edge_id = track.config.id
+                if track.status == "running" and track.progress_ref is None and self.fleet.has_actor(edge_id):
+                    track.progress_ref = self.fleet.call(edge_id, "progress")
 
     def _poll_coordinator(self, ask: bool) -> None:
         """Print failed cloud rounds as they happen (never blocks); with `ask`, ask the coordinator again.
@@ -448,20 +408,21 @@ class Engine:
                 except (RayActorError, RayTaskError):
                     status = None  # restarting after a crash: ask again next time
                 if status is not None:
-                    self._say_round_errors(status.get("round_errors", []))
+                    self._say_round_errors([RoundError.model_validate(e) for e in status["round_errors"]])
         if ask and self._status_ref is None and self.coordinator is not None:
             self._status_ref = self.coordinator.status.remote()
 
-    def _say_round_errors(self, round_errors: list[dict[str, Any]]) -> None:
+    def _say_round_errors(self, round_errors: list[RoundError]) -> None:
         for entry in round_errors:
-            key = (int(entry["round"]), int(entry["attempts"]))
+            key = (entry.round, entry.attempts)
             if key in self._round_errors_said:
                 continue
             self._round_errors_said.add(key)
-            self._record("round_failed", round=key[0], attempt=key[1], error=entry["error"])
+            self._record("round_failed", round=entry.round, attempt=entry.attempts, error=entry.error)
             self._say(
-                f"cloud round {key[0]} failed (attempt {key[1]}; learners {', '.join(entry['learners'])}): "
-                f"{entry['error']}; its learners stay pending (retried after a new upload or "
+                f"cloud round {entry.round} failed (attempt {entry.attempts}; learners "
+                f"{', '.join(entry.learners)}): {entry.error}; its learners stay pending (retried after a "
+                "new upload or "
                 f"{self.scenario.cloud.fusion.max_wait_seconds:g}s)"
             )
 
@@ -470,13 +431,11 @@ class Engine:
         track.error = error
         self._record("edge_final", edge=track.config.id, status=status, error=error)
         self._say(f"edge {track.config.id}: {status}" + (f" ({error})" if error else ""))
-        if track.handle is not None and status not in ("crashed", "died", "unschedulable", "timed_out"):
-            ray.kill(track.handle, no_restart=True)  # done: give its CPUs back to the cloud's training
-        track.handle = None
+        self.fleet.release(track.config.id)  # done: give its CPUs back to the cloud's training
 
     # ---- timeline ------------------------------------------------------------------------------------
 
-    def _fire(self, index: int, event: Any) -> None:
+    def _fire(self, index: int, event: Event) -> None:
         where = f"timeline.{index}"
         if isinstance(event, CoordinatorCrashEvent):
             ray.kill(self.coordinator, no_restart=False)  # Ray restarts it; __init__ resumes
@@ -490,65 +449,56 @@ class Engine:
             self._record("join", edge=track.config.id, at=event.at_seconds, where=where)
             return
         track = self.edges[event.edge]
-        if track.handle is None or track.final:
+        if not self.fleet.has_actor(event.edge) or track.final:
             self._record(event.kind, edge=event.edge, at=event.at_seconds, where=where,
                          applied=False, note=f"edge is {track.status}")  # fmt: skip
             return
-        if isinstance(event, CrashEvent):
-            track.crash_requested = True
-            ray.kill(track.handle, no_restart=True)
-        elif isinstance(event, LeaveEvent):
-            track.handle.leave.remote()
-        elif isinstance(event, SlowEvent):
-            track.handle.slow_down.remote(event.factor)
-        elif isinstance(event, LinkEvent):
-            track.handle.change_link.remote(event.bandwidth_mbps, event.latency_ms)
-        elif isinstance(event, PoisonEvent):
-            track.handle.poison.remote(event.mode, event.scale)
+        self.fleet.apply(event.edge, event)
         self._record(event.kind, edge=event.edge, at=event.at_seconds, where=where, applied=True)
         self._say(f"{where}: {event.kind} {event.edge}")
 
     # ---- helpers -------------------------------------------------------------------------------------
 
-    def _edge_row(self, track: EdgeTrack, accepted: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _edge_row(self, track: EdgeTrack, accepted: UploadRecord | None = None) -> EdgeRow:
         """The report row of one edge. `accepted`: the coordinator's accepted receipt for this edge, used when
         the edge has none of its own (it died after the coordinator stored its upload, before the ack)."""
-        report = track.report or {}
-        costs = (report.get("ledger") or {}).get("edges", {}).get(track.config.id, {})
-        receipt = report.get("receipt") or {}
-        receipt_from = "edge" if receipt else "none"
-        if not receipt and accepted is not None:
+        report = track.report
+        edge_id = track.config.id
+        costs: dict[str, Any] = {}
+        if report is not None:
+            edge_ledger = Ledger.from_dict(report.ledger, export_metrics=False)
+            costs = edge_ledger.edge_costs(edge_id) if edge_id in edge_ledger.edges else {}
+        receipt = upload_record(report.receipt) if report is not None and report.receipt else None
+        receipt_from: Literal["edge", "coordinator", "none"] = "edge" if receipt is not None else "none"
+        if receipt is None and accepted is not None:
             receipt, receipt_from = accepted, "coordinator"
-        outcome = ("accepted" if receipt.get("accepted") else "rejected") if receipt else "none"
-        return {
-            "task": track.config.task,
-            "status": track.status,
-            "error": track.error,
-            "resources": resource_demand(track.config),
-            "shard_size": len(self.partitions.edges[track.config.id]),
-            "epochs_done": report.get("epoch", 0),
-            "local_epochs": track.config.local_epochs,
-            "bytes_sent": costs.get("bytes_sent", 0),
-            "bytes_received": costs.get("bytes_received", 0),
-            "flops": costs.get("flops", 0),
-            "train_seconds": (costs.get("seconds") or {}).get("edge_train", 0.0),
-            "upload_seconds": (costs.get("seconds") or {}).get("edge_upload", 0.0),
-            "upload": {
-                "outcome": outcome,
-                "reason": receipt.get("reason", ""),
-                "detail": receipt.get("detail", ""),
-                "sha256": receipt.get("sha256"),
-                "artifact": receipt.get("artifact"),
-                "receipt_from": receipt_from,  # "coordinator": the edge never got its receipt
-            },
-            "costs_are_final": track.status not in ("crashed", "died", "timed_out"),
-        }
+        seconds = costs.get("seconds") or {}
+        return EdgeRow(
+            task=track.config.task,
+            status=track.status,
+            error=track.error,
+            resources=resource_demand(track.config),
+            shard_size=len(self.partitions.edges[edge_id]),
+            epochs_done=report.epoch if report is not None else 0,
+            local_epochs=track.config.local_epochs,
+            bytes_sent=costs.get("bytes_sent", 0),
+            bytes_received=costs.get("bytes_received", 0),
+            flops=costs.get("flops", 0),
+            train_seconds=seconds.get("edge_train", 0.0),
+            upload_seconds=seconds.get("edge_upload", 0.0),
+            upload=EdgeUpload(
+                outcome="none" if receipt is None else "accepted" if receipt.accepted else "rejected",
+                reason=receipt.reason if receipt is not None else "",
+                detail=receipt.detail if receipt is not None else "",
+                sha256=receipt.sha256 if receipt is not None else None,
+                artifact=receipt.artifact if receipt is not None else None,
+                receipt_from=receipt_from,
+            ),
+            costs_are_final=track.status not in ("crashed", "died", "timed_out"),
+        )
 
     def _release_actors(self) -> None:
-        for track in self.edges.values():
-            if track.handle is not None:
-                ray.kill(track.handle, no_restart=True)
-                track.handle = None
+        self.fleet.release_all()
         if self.coordinator is not None:
             ray.kill(self.coordinator, no_restart=True)
             self.coordinator = None
@@ -557,7 +507,9 @@ class Engine:
         return time.monotonic() - self.started
 
     def _record(self, kind: str, **fields: Any) -> None:
-        self.event_log.append({"t": round(self._elapsed(), 3), "kind": kind, **fields})
+        self.event_log.append(
+            RunEvent.model_validate({"t": round(self._elapsed(), 3), "kind": kind, **fields})
+        )
 
     def _say(self, line: str) -> None:
         logger.info("%s", line)
@@ -565,9 +517,9 @@ class Engine:
             self.options.progress(line)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).splitlines()
-    return lines[0] if lines else ""
+def upload_record(receipt: Mapping[str, Any]) -> UploadRecord:
+    """The report's fields of a coordinator receipt."""
+    return UploadRecord.model_validate({key: receipt[key] for key in UploadRecord.model_fields})
 
 
 def _round_failure_text(err: RoundFailed) -> str:
@@ -576,8 +528,6 @@ def _round_failure_text(err: RoundFailed) -> str:
     return str(cause if isinstance(cause, RoundFailed) else err)
 
 
-def run_scenario(
-    scenario: Scenario, out_dir: str | Path, options: EngineOptions | None = None
-) -> dict[str, Any]:
+def run_scenario(scenario: Scenario, out_dir: str | Path, options: EngineOptions | None = None) -> RunReport:
     """Run `scenario` end to end and return the report (also written to out_dir/report.json)."""
     return Engine(scenario, Path(out_dir), options or EngineOptions()).run()

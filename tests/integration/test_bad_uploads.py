@@ -15,13 +15,9 @@ import ray
 
 from actors.coordinator import CloudCoordinator
 from orchestrator.cloud.local import local_training_round
-from tests.unit.test_bad_uploads import (
-    BAD_UPLOADS,
-    PICKLE_CASES,
-    tiny_scenario,
-    upload_kwargs,
-    valid_payload,
-)
+from tests.support.coordinator import upload_kwargs
+from tests.support.scenarios import never_training_scenario
+from tests.support.uploads import BAD_UPLOADS, PICKLE_CASES, valid_payload
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -43,7 +39,7 @@ THROUGH_RAY = PICKLE_CASES | {
 
 
 def start_coordinator(tmp_path: Path) -> Any:
-    scenario = tiny_scenario(tmp_path)
+    scenario = never_training_scenario(tmp_path)
     actor_class = ray.remote(CloudCoordinator).options(num_cpus=0.25, max_concurrency=100)
     coordinator = actor_class.remote(scenario, str(tmp_path / "registry"), round_runner=local_training_round)
     return scenario, coordinator

@@ -4,7 +4,6 @@ coordinator killed mid-run. Nothing accepted may be lost and every edge must be 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -68,9 +67,9 @@ def test_churn_run_accounts_for_every_edge_and_loses_no_accepted_upload(tmp_path
     lines: list[str] = []
 
     # Execute
-    report: dict[str, Any] = run_scenario(
+    report = run_scenario(
         scenario, tmp_path / "out", EngineOptions(cloud_trainer="local", progress=lines.append)
-    )
+    ).model_dump(mode="json")
 
     # Assert: every edge is accounted for, with the status its story implies.
     edges = report["edges"]

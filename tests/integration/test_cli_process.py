@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.test_serve import free_port
+from tests.support.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BAIM = [sys.executable, "-m", "orchestrator"]

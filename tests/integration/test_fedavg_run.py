@@ -14,7 +14,7 @@ from orchestrator.core.artifacts import canonical_json
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 
 def fedavg_scenario(tmp_path: Path) -> Scenario:
@@ -40,7 +40,7 @@ def test_fedavg_two_rounds_on_edge_actors_with_a_crashed_client(ray_session: Non
     outcome = run_fedavg(scenario, source, partitions)
 
     # Assert: the crashed client dropped out, the round proceeded with the rest
-    report = outcome.report
+    report = outcome.report.model_dump(mode="json")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for round_report in report["rounds"]:
         assert round_report["aggregated"] == ["edge-0", "edge-1", "edge-2"]

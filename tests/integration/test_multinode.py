@@ -71,7 +71,8 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
     from orchestrator.core.scenario import Scenario
     from orchestrator.data.partitions import make_partitions
     from orchestrator.data.sources import resolve_source
-    from orchestrator.runtime.engine import EngineOptions, resource_demand, run_scenario, unmet_demand
+    from orchestrator.runtime.engine import EngineOptions, run_scenario
+    from orchestrator.runtime.fleet import edge_actor_options, resource_demand, unmet_demand
 
     class PlacedEdgeNode(EdgeNode):
         """The real EdgeNode plus one question: which node am I on?"""
@@ -105,7 +106,7 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
         edge_class: Any = ray.remote(PlacedEdgeNode)
         handles: list[Any] = []
         for edge in scenario.all_edges():
-            handle = edge_class.options(num_cpus=edge.num_cpus, resources=dict(edge.custom_resources)).remote(
+            handle = edge_class.options(**edge_actor_options(edge)).remote(
                 edge,
                 source,
                 partitions.edges[edge.id],
@@ -135,7 +136,9 @@ def run_on_a_three_node_cluster(tmp_path: Path) -> dict[str, Any]:
 
         # 2. The engine joins the running cluster like `baim run --address auto` under `ray job submit`.
         os.environ["RAY_ADDRESS"] = cluster.address
-        report = run_scenario(scenario, tmp_path / "out", EngineOptions(address="auto"))
+        report = run_scenario(scenario, tmp_path / "out", EngineOptions(address="auto")).model_dump(
+            mode="json"
+        )
         result["engine_edges"] = {edge_id: row["status"] for edge_id, row in report["edges"].items()}
         result["seconds"]["engine"] = time.monotonic() - started
         result["cluster_alive_after"] = len([n for n in cluster.list_all_nodes() if n.any_processes_alive()])
@@ -160,7 +163,7 @@ def test_edges_land_on_nodes_offering_their_resources_and_the_engine_joins_with_
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     completed = subprocess.run(
-        [sys.executable, "-c", "from tests.integration.test_multinode import main; main()", str(tmp_path)],
+        [sys.executable, __file__, str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -181,3 +184,7 @@ def test_edges_land_on_nodes_offering_their_resources_and_the_engine_joins_with_
     # The engine, given only address="auto", ran every edge on this cluster (nowhere else has the classes).
     assert result["engine_edges"] == {"small-m": "accepted", "small-f": "accepted", "large-f": "accepted"}
     assert result["cluster_alive_after"] == 3
+
+
+if __name__ == "__main__":  # the subprocess of the test above
+    main()

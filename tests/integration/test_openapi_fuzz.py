@@ -31,8 +31,8 @@ from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import ServingConfig
 from serve.api import MAX_BODY_BYTES, MAX_IMAGES_PER_REQUEST, MAX_SEED, create_index_api, token_sha256
 from serve.app import RegistryWatcher, start_http
-from tests.integration.test_serve import free_port
-from tests.unit.test_toolbox import tiny_baim
+from tests.support.models import tiny_baim
+from tests.support.network import free_port
 
 TASKS = ["smiling"]
 TOKEN = "fuzz-token-93c1"

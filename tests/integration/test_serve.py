@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -39,18 +38,13 @@ from serve.app import (
 from serve.client import Toolbox
 from serve.guard import Message, Receive, RequestGuard, Scope, Send
 from serve.models import decode_png_base64, to_uint8
-from tests.unit.test_toolbox import tiny_baim
+from tests.support.models import tiny_baim
+from tests.support.network import free_port
 
 RESOLUTION = 16
 APP_NAME = "baim-test"
 POLL_SECONDS = 1.0  # how often task replicas look for a new version
 TOKEN = "test-token-7f3a"  # the application requires it (test_bearer_token); every other call sends it
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def lower_keys(headers: object) -> dict[str, str]:

@@ -22,8 +22,8 @@ from baim.decompose import decompose
 from orchestrator.cli.main import main
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
-from tests.integration.test_serve import free_port
-from tests.unit.test_toolbox import tiny_baim
+from tests.support.models import tiny_baim
+from tests.support.network import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVE_CLI = Path(sys.executable).with_name("serve")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.scenario import Scenario
-from orchestrator.runtime.engine import EngineOptions, run_scenario, unmet_demand
+from orchestrator.runtime.engine import EngineOptions, run_scenario
+from orchestrator.runtime.fleet import unmet_demand
 
 EDGE = {"shard_size": 32, "batch_size": 16, "model": {"widths": [8], "latent_dim": 4}}
 
@@ -57,7 +58,7 @@ def test_edge_with_resources_no_node_offers_is_reported_unschedulable(tmp_path: 
 
     report = run_scenario(
         scenario, tmp_path / "out", EngineOptions(unschedulable_after_s=3.0, cloud_trainer="local")
-    )
+    ).model_dump(mode="json")
 
     edges = report["edges"]
     assert edges["fits"]["status"] == "accepted"

@@ -39,7 +39,7 @@ from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.training import evaluate, make_optimizer, train_epoch
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
 
 MERGE_TOLERANCE = 1e-5
 

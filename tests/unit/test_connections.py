@@ -16,7 +16,7 @@ from baim.model_config import (
     candidate_connections,
     is_encoder_stage,
 )
-from tests.unit.baim_random import BAIMRecipe, baim_recipes
+from tests.support.baim_random import BAIMRecipe, baim_recipes
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,7 +12,7 @@ from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, candidate_connections
 from baim.pruning import prune_connections
-from tests.unit.baim_random import BAIMRecipe, baim_recipes, images, learner_specs
+from tests.support.baim_random import BAIMRecipe, baim_recipes, images, learner_specs
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = 1e-6

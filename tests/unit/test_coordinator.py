@@ -6,7 +6,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,55 +21,10 @@ from baim.learners import VAELearner
 from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.core.registry import Registry
-from orchestrator.core.scenario import Scenario, UploadLimits, load_scenario
-from orchestrator.data.partitions import make_partitions
-from orchestrator.data.sources import resolve_source
-from tests.unit.test_bad_uploads import upload_kwargs
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class LoopThread:
-    """Runs the coordinator's coroutines on one event loop in a background thread, like an async actor."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        async def cancel_all() -> None:
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-
-        self.run(cancel_all())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-class SyncCoordinator:
-    """The coordinator behind a synchronous `upload(...)`, the way an edge calls it through Ray."""
-
-    def __init__(self, coordinator: CloudCoordinator, loop: LoopThread) -> None:
-        self.coordinator = coordinator
-        self.loop = loop
-
-    def upload(self, **kwargs: Any) -> dict[str, Any]:
-        return self.loop.run(self.coordinator.upload(**kwargs))
-
-
-def tiny_scenario(tmp_path: Path, **cloud_changes: Any) -> Scenario:
-    """scenarios/tiny.yaml on procedural faces (fast, no files), with cloud settings overridden."""
-    scenario = load_scenario(REPO / "scenarios" / "tiny.yaml")
-    document = scenario.model_dump(mode="json")
-    document["data"]["root"] = str(tmp_path / "no-celeba-here")
-    document["data"]["procedural"] = {"num_images": 1500, "native_size": 32}
-    document["cloud"].update(cloud_changes)
-    return Scenario.model_validate(document)
+from orchestrator.core.scenario import Scenario, UploadLimits
+from tests.support.coordinator import make_coordinator, upload_kwargs
+from tests.support.loop import LoopThread
+from tests.support.scenarios import tiny_scenario
 
 
 def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: Any) -> ArtifactPayload:
@@ -81,19 +35,6 @@ def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: A
     if poison:
         state = poison_state(state, poison["mode"], poison.get("scale", 10.0), seed)
     return pack_state(state, upload_spec(edge, spec))
-
-
-@pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    running = LoopThread()
-    yield running
-    running.stop()
-
-
-def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
-    source = resolve_source(scenario.data)
-    options.setdefault("round_runner", local_training_round)
-    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario), **options)
 
 
 def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop: LoopThread) -> None:

@@ -13,7 +13,7 @@ from baim.learners import noise_for
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.pruning import prune_learners
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = 1e-5

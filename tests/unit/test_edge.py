@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from actors.coordinator import CloudCoordinator
 from actors.edge import EdgeNode, edge_device, link_delay_seconds
-from orchestrator.cloud.local import local_training_round
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from tests.unit.test_coordinator import LoopThread, SyncCoordinator, tiny_scenario
-
-
-@pytest.fixture
-def loop() -> Iterator[LoopThread]:
-    running = LoopThread()
-    yield running
-    running.stop()
+from tests.support.coordinator import SyncCoordinator, make_coordinator
+from tests.support.loop import LoopThread
+from tests.support.scenarios import tiny_scenario
 
 
 def make_edge(scenario: Scenario, edge_id: str, time_scale: float = 0.0) -> EdgeNode:
@@ -41,12 +33,7 @@ def make_edge(scenario: Scenario, edge_id: str, time_scale: float = 0.0) -> Edge
 
 
 def make_cloud(scenario: Scenario, registry: Path, loop: LoopThread) -> SyncCoordinator:
-    source = resolve_source(scenario.data)
-    partitions = make_partitions(source, scenario)
-    coordinator = CloudCoordinator(
-        scenario, str(registry), source, partitions, round_runner=local_training_round
-    )
-    return SyncCoordinator(coordinator, loop)
+    return SyncCoordinator(make_coordinator(scenario, registry), loop)
 
 
 class Recorder:

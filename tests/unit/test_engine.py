@@ -5,7 +5,6 @@ Ray's functions are replaced with fakes where the engine would call them, so no 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,19 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.coordinator import STATE_KEY, RegistryHeldByAnotherRun
+from orchestrator.core.metrics import Ledger
 from orchestrator.core.registry import Registry
-from orchestrator.runtime.engine import EdgeTrack, Engine, EngineOptions
-from tests.unit.test_coordinator import tiny_scenario
+from orchestrator.core.reports import EdgeReport
+from orchestrator.runtime.engine import Engine, EngineOptions, upload_record
+from tests.support.fake_ray import FakeRay, FakeRef
+from tests.support.scenarios import tiny_scenario
+
+
+def edge_report(edge_id: str, status: Any, *, epoch: int, receipt: Any = None) -> EdgeReport:
+    return EdgeReport(
+        edge_id=edge_id, task="male", status=status, epoch=epoch, epochs=2, steps=3, train_loss=0.5,
+        shard_size=8, receipt=receipt, error=None, ledger=Ledger(export_metrics=False).to_dict(),
+    )  # fmt: skip
 
 
 def no_ray(*args: Any, **kwargs: Any) -> Any:
@@ -28,31 +37,20 @@ def engine(tmp_path: Path) -> Engine:
     return Engine(tiny_scenario(tmp_path), tmp_path / "out", EngineOptions())
 
 
-def pending_probe(track: EdgeTrack) -> None:
-    """The state `_spawn` leaves an edge in: process requested, first progress() call outstanding."""
-    track.status = "pending"
-    track.spawned_at = time.monotonic()
-    track.probe_ref = object()
-
-
-def answer_probes_with(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
-    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: (list(refs), []))
-
-    def failing_get(ref: Any, timeout: Any = None) -> Any:
+def probes_answer_with(monkeypatch: pytest.MonkeyPatch, error: Exception) -> FakeRay:
+    def answer(ref: FakeRef) -> Any:
         raise error
 
-    monkeypatch.setattr(ray, "get", failing_get)
-    monkeypatch.setattr(ray, "kill", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray, "nodes", no_ray)
+    return FakeRay(answer).install(monkeypatch)
 
 
 def test_edge_whose_start_probe_dies_is_final_at_once(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: edge-0's process died while starting (its first progress() call answers with the death).
+    fake = probes_answer_with(monkeypatch, RayActorError())
     track = engine.edges["edge-0"]
-    pending_probe(track)
-    answer_probes_with(monkeypatch, RayActorError())
+    engine._spawn(track, reason="start")
 
     # Execute
     engine._check_starts()
@@ -60,36 +58,38 @@ def test_edge_whose_start_probe_dies_is_final_at_once(
     # Assert: final now, not "pending" until the 300 s startup timeout.
     assert track.status == "died"
     assert track.error is not None and track.error.startswith("RayActorError: The actor")
-    assert [e["kind"] for e in engine.event_log] == ["edge_final"]
-    assert track.final and track.probe_ref is None
+    assert [e.kind for e in engine.event_log] == ["edge_spawned", "edge_final"]
+    assert track.final and not engine.fleet.starting("edge-0")
+    assert fake.killed == []  # a dead process is not killed again
 
 
 def test_edge_whose_start_probe_raises_is_failed_at_once(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    track = engine.edges["edge-1"]
-    pending_probe(track)
-    track.handle = object()
     traceback = 'Traceback (most recent call last):\n  File "edge.py", line 1\nValueError: shard unreadable'
-    answer_probes_with(monkeypatch, RayTaskError("progress", traceback, ValueError("shard unreadable")))
+    error = RayTaskError("progress", traceback, ValueError("shard unreadable"))
+    fake = probes_answer_with(monkeypatch, error)
+    track = engine.edges["edge-1"]
+    engine._spawn(track, reason="start")
 
     engine._check_starts()
 
     assert track.status == "failed"
     assert track.error == "ValueError: shard unreadable"
-    assert track.handle is None
+    assert fake.killed == ["edge-1"] and not engine.fleet.has_actor("edge-1")
 
 
 def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine) -> None:
     # Prepare: edge-0 died after the coordinator stored (and fused) its upload, before the receipt arrived;
     # edge-1 got its own rejection receipt.
     died = engine.edges["edge-0"]
-    died.status, died.report = "died", {"epoch": 2, "ledger": {}}
-    accepted = {"edge_id": "edge-0", "accepted": True, "reason": "", "detail": "", "sha256": "ab" * 32,
-                "artifact": "edge/edge-0@v000001"}  # fmt: skip
+    died.status, died.report = "died", edge_report("edge-0", "training", epoch=2)
+    accepted = upload_record({"edge_id": "edge-0", "version": 1, "accepted": True, "reason": "", "detail": "",
+                              "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001"})  # fmt: skip
     rejected = engine.edges["edge-1"]
-    own = {"accepted": False, "reason": "non_finite", "detail": "NaN", "sha256": "cd" * 32, "artifact": None}
-    rejected.status, rejected.report = "rejected", {"epoch": 1, "receipt": own, "ledger": {}}
+    own = {"key": "edge-1@1#cd", "edge_id": "edge-1", "version": 1, "accepted": False, "reason": "non_finite",
+           "detail": "NaN", "sha256": "cd" * 32, "learner": None, "artifact": None}  # fmt: skip
+    rejected.status, rejected.report = "rejected", edge_report("edge-1", "rejected", epoch=1, receipt=own)
 
     # Execute
     died_row = engine._edge_row(died, accepted)
@@ -97,12 +97,13 @@ def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine
     never_row = engine._edge_row(engine.edges["edge-2"], None)
 
     # Assert
-    assert died_row["upload"] == {"outcome": "accepted", "reason": "", "detail": "",
-                                  "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
-                                  "receipt_from": "coordinator"}  # fmt: skip
-    assert died_row["status"] == "died" and died_row["costs_are_final"] is False
-    assert (rejected_row["upload"]["outcome"], rejected_row["upload"]["receipt_from"]) == ("rejected", "edge")
-    assert (never_row["upload"]["outcome"], never_row["upload"]["receipt_from"]) == ("none", "none")
+    assert died_row.upload.model_dump() == {"outcome": "accepted", "reason": "", "detail": "",
+                                            "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
+                                            "receipt_from": "coordinator"}  # fmt: skip
+    assert died_row.status == "died" and died_row.costs_are_final is False and died_row.epochs_done == 2
+    assert (rejected_row.upload.outcome, rejected_row.upload.receipt_from) == ("rejected", "edge")
+    assert (rejected_row.upload.reason, rejected_row.upload.detail) == ("non_finite", "NaN")
+    assert (never_row.upload.outcome, never_row.upload.receipt_from) == ("none", "none")
 
 
 def test_registry_holding_another_run_is_refused_before_ray_starts(

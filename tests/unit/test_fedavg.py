@@ -25,7 +25,7 @@ from orchestrator.core.artifacts import ArtifactPayload, canonical_json, pack_st
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from tests.unit.test_coordinator import tiny_scenario
+from tests.support.scenarios import tiny_scenario
 
 SPEC = LearnerSpec(widths=(4,), latent_dim=2, resolution=8)
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from baim.config import LearnerSpec
 from baim.gates import GATE_NOISE_KEY, PENDING_OFFSET, LSGate, TSGate
 from baim.learners import noise_for
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,7 +13,7 @@ from baim.learners import VAELearner, noise_for, vae_loss
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.training import apply_strategy
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
 
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPEC = LearnerSpec((4, 4), 2, RESOLUTION)  # stages 0, 1 encode; 2, 3 decode

@@ -17,7 +17,7 @@ from baim.placement import (
     transfer_seconds,
 )
 from baim.split import generate_head, split_points, split_state_to_bytes
-from tests.unit.test_split import two_learner_model
+from tests.support.models import two_learner_model
 
 # 8 Mbit/s moves 1,000,000 bytes in exactly 1 s; 10 ms one way
 LINK = Link(bandwidth_mbps=8.0, latency_ms=10.0)

@@ -13,7 +13,7 @@ from baim.config import LearnerSpec
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.pruning import compact, prune_connections, prune_learners, selection_frequency
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

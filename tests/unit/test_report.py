@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -11,170 +12,20 @@ import torch
 
 from orchestrator.cli.main import main
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.receipts import CoordinatorSummary
+from orchestrator.core.reports import RunReport
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from orchestrator.evaluation.evaluate import save_samples
-from orchestrator.report.build import build_report, summary_table
-from orchestrator.report.markdown import NOT_MEASURED, headline, write_report_markdown
-from tests.unit.test_coordinator import tiny_scenario
-
-
-def full_report() -> dict[str, Any]:
-    """Two edges of one task; numbers chosen so that every ratio is easy to compute by hand."""
-    edge = {"task": "smile", "status": "accepted", "bytes_received": 0, "upload": {"outcome": "accepted"}}
-    return {
-        "scenario": {"name": "hand", "tasks": [{"name": "smile"}]},
-        "seed": 3,
-        "data": {"kind": "celeba", "root": "/data", "resolution": 8, "shards": {"test": {"smile": 10}}},
-        "totals": {"wall_seconds": 12.0},
-        "edges": {
-            "e0": {**edge, "bytes_sent": 1_000, "flops": 100},
-            "e1": {**edge, "bytes_sent": 3_000, "flops": 300},
-        },
-        "tasks": {
-            "smile": {
-                "params": 50,
-                "baim_params": 90,
-                "test_loss": 0.5,
-                "test_images": 10,
-                "decomposition_max_abs_diff": 0.0,
-                "learners": ["e0", "e1"],
-                "artifact": "task/smile@v1",
-            }
-        },
-        "cloud": {
-            "flops": {"finetune": 7_000, "scratch": 5_000},
-            "seconds": {"finetune": 1.0, "scratch": 2.0},
-            "rounds": [
-                {
-                    "round": 1,
-                    "baim_version": "v1",
-                    "strategies": {
-                        "finetune": {"initial_test_loss": 0.9, "test_loss": [0.7, 0.5]},
-                        "scratch": {"test_loss": [1.2, 0.8]},
-                    },
-                }
-            ],
-        },
-        "downloads": {
-            "task_models": {"smile": {"artifact": "task/smile@v1", "nbytes": 2_000}},
-            "baim": {"artifact": "baim@v1", "nbytes": 6_000},
-        },
-        "baselines": {
-            "fedavg": {
-                "enabled": True,
-                "model": {"kind": "learner", "widths": [4], "latent_dim": 2, "resolution": 8},
-                "params": 40,
-                "rounds_planned": 2,
-                "local_epochs": 1,
-                "client_fraction": 1.0,
-                "weighting": "shard size",
-                "initial_test_loss": 1.0,
-                "final_test_loss": 0.6,
-                "cloud_flops": 0,
-                "rounds": [
-                    {
-                        "round": 1,
-                        "selected": ["e0", "e1"],
-                        "aggregated": ["e0", "e1"],
-                        "failures": [],
-                        "test_loss": 0.8,
-                        "global_model_bytes": 10_000,
-                        "seconds": 1.0,
-                    },
-                    {
-                        "round": 2,
-                        "selected": ["e0", "e1"],
-                        "aggregated": ["e0"],
-                        "failures": [{"edge": "e1", "reason": "crashed", "detail": ""}],
-                        "test_loss": 0.6,
-                        "global_model_bytes": 10_000,
-                        "seconds": 1.0,
-                    },
-                ],
-                "edges": {
-                    "e0": {"bytes_sent": 20_000, "bytes_received": 20_000, "flops": 1_000},
-                    "e1": {"bytes_sent": 10_000, "bytes_received": 30_000, "flops": 500},
-                },
-            }
-        },
-        "personalisation": {
-            "enabled": True,
-            "where": "driver process",
-            "edges": {
-                "e0": {
-                    "task": "smile",
-                    "model_version": "v1",
-                    "bytes_received": 2_000,
-                    "epochs": 1,
-                    "test_loss_before": 0.5,
-                    "test_loss_after": 0.4,
-                    "flops": 50,
-                },
-                "e1": {
-                    "task": "smile",
-                    "model_version": "v1",
-                    "bytes_received": 2_000,
-                    "epochs": 1,
-                    "test_loss_before": 0.5,
-                    "test_loss_after": 0.2,
-                    "flops": 150,
-                },
-            },
-        },
-        "image_quality": {
-            "enabled": True,
-            "extractor": "inception-test",
-            "feature_dim": 2048,
-            "num_generated": 20,
-            "num_real": {"smile": 20},
-            "kid_subsets": 10,
-            "real_reference": {"smile": {"fid_real_half_vs_half": 5.0, "num_per_half": 10}},
-            "sets": [
-                {
-                    "phase": "strategy",
-                    "name": "finetune",
-                    "task": "smile",
-                    "fid": 30.0,
-                    "kid_mean": 0.01,
-                    "kid_std": 0.001,
-                    "num_generated": 20,
-                    "num_real": 20,
-                },
-                {
-                    "phase": "fedavg",
-                    "name": "global",
-                    "task": "smile",
-                    "fid": 90.0,
-                    "kid_mean": 0.05,
-                    "kid_std": 0.002,
-                    "num_generated": 20,
-                    "num_real": 20,
-                },
-                {
-                    "phase": "edge_initial",
-                    "name": "e0",
-                    "task": "smile",
-                    "fid": 60.0,
-                    "kid_mean": 0.03,
-                    "kid_std": 0.001,
-                    "num_generated": 20,
-                    "num_real": 20,
-                },
-            ],
-        },
-        "evaluation": {"seconds": {"fedavg": 3.0, "image_quality": 4.0}},
-    }
-
-
-def write(tmp_path: Path, report: dict[str, Any]) -> Path:
-    (tmp_path / "report.json").write_text(json.dumps(report), encoding="utf-8")
-    return tmp_path
+from orchestrator.report.build import build_report, summary_table, write_report
+from orchestrator.report.markdown import NOT_MEASURED, ReportInvalid, headline, write_report_markdown
+from tests.support.reports import bare_report, failed_run_report, hand_report, write_report_json
+from tests.support.scenarios import tiny_scenario
 
 
 def test_headline_ratios_match_a_hand_computation() -> None:
     # Execute
-    numbers = headline(full_report())
+    numbers = headline(RunReport.model_validate(hand_report()))
 
     # Assert: BAIM per edge: mean upload 2_000 + task model 2_000 = 4_000 (whole BAIM: 2_000 + 6_000 = 8_000);
     # FedAvg per edge: mean of 40_000 and 40_000 = 40_000.
@@ -199,7 +50,7 @@ def test_headline_ratios_match_a_hand_computation() -> None:
 
 def test_every_section_renders_from_a_full_report(tmp_path: Path) -> None:
     # Prepare: sample tensors as a run saves them
-    out = write(tmp_path, full_report())
+    out = write_report_json(tmp_path, hand_report())
     phases = [
         ("real", "smile"),
         ("edge_initial", "e0"),
@@ -230,12 +81,12 @@ def test_every_section_renders_from_a_full_report(tmp_path: Path) -> None:
 
 def test_missing_sections_say_not_measured_instead_of_crashing(tmp_path: Path) -> None:
     # Prepare: a BAIM run without the baseline and measurements, procedural data
-    report = full_report()
+    report = hand_report()
     for key in ("baselines", "personalisation", "image_quality", "downloads", "evaluation"):
         del report[key]
     report["data"]["kind"] = "procedural"
     report["cloud"]["rounds"] = []
-    out = write(tmp_path, report)
+    out = write_report_json(tmp_path, report)
 
     # Execute
     markdown = write_report_markdown(out).read_text()
@@ -246,42 +97,68 @@ def test_missing_sections_say_not_measured_instead_of_crashing(tmp_path: Path) -
     assert "| bytes per edge, BAIM upload + task-model download | n/a | n/a | n/a |" in markdown
 
 
-def test_an_almost_empty_report_still_renders(tmp_path: Path) -> None:
-    markdown = write_report_markdown(write(tmp_path, {"scenario": {"name": "bare"}})).read_text()
-    assert "# Run report: bare" in markdown and NOT_MEASURED in markdown
+def test_disabled_measurements_say_why(tmp_path: Path) -> None:
+    report = hand_report()
+    report["baselines"] = {"fedavg": {"enabled": False}}
+    report["image_quality"] = {"enabled": False, "reason": "no Inception weights"}
+    report["personalisation"] = {"enabled": False}
+
+    markdown = write_report_markdown(write_report_json(tmp_path, report)).read_text()
+
+    assert NOT_MEASURED + " (disabled in the scenario)" in markdown
+    assert NOT_MEASURED + " (no Inception weights)" in markdown
+
+
+def test_a_bare_run_still_renders(tmp_path: Path) -> None:
+    markdown = write_report_markdown(write_report_json(tmp_path, bare_report())).read_text()
+    assert "# Run report: hand" in markdown and NOT_MEASURED in markdown
+
+
+def test_a_report_that_does_not_fit_names_every_wrong_field(tmp_path: Path) -> None:
+    # Prepare: a typo'd key, a missing field and a wrong type
+    report = hand_report()
+    report["edges"]["e0"]["bytes_snt"] = report["edges"]["e0"].pop("bytes_sent")
+    del report["totals"]["wall_seconds"]
+    report["tasks"]["smile"]["params"] = "many"
+
+    # Execute
+    with pytest.raises(ReportInvalid) as caught:
+        write_report_markdown(write_report_json(tmp_path, report))
+
+    # Assert
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'report.json'}: not a report.json of this version:"
+    assert any(line.startswith("edges.e0.bytes_sent: ") for line in lines)
+    assert any(line.startswith("edges.e0.bytes_snt: ") for line in lines)
+    assert any(line.startswith("totals.wall_seconds: ") for line in lines)
+    assert any(line.startswith("tasks.smile.params: ") for line in lines)
+
+
+def test_report_json_round_trips_through_the_model(tmp_path: Path) -> None:
+    # Prepare
+    document = hand_report()
+    del document["downloads"]  # a section the model must leave out, not write as null
+
+    # Execute
+    write_report(RunReport.model_validate(document), tmp_path / "report.json")
+
+    # Assert: the same JSON, key for key and in the same order
+    written = (tmp_path / "report.json").read_text()
+    assert written == json.dumps(document, indent=1) + "\n"
+    assert "downloads" not in json.loads(written)
 
 
 def test_baim_report_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write(tmp_path, full_report())
+    write_report_json(tmp_path, hand_report())
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     (tmp_path / "report.json").write_text("[1, 2]")
     assert main(["report", str(tmp_path)]) == 2
-    assert "expected a JSON object" in capsys.readouterr().err
-
-
-def failed_run_report() -> dict[str, Any]:
-    """A run whose second cloud round failed three times: no task models were published."""
-    return {
-        "scenario": {"name": "gpu"},
-        "failure": "cloud round 2 failed (tried 3 times; learners e0, e1): RuntimeError: no GPU",
-        "edges": {},
-        "tasks": {},
-        "cloud": {
-            "rounds": [],
-            "flops": {},
-            "round_errors": [
-                {
-                    "round": 2,
-                    "attempts": 3,
-                    "learners": ["e0", "e1"],
-                    "error": "RuntimeError: no GPU | see\nlog",
-                }
-            ],
-        },
-        "data": {"kind": "procedural", "root": "/none"},
-    }
+    assert "not a report.json of this version" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "Invalid JSON" in capsys.readouterr().err
 
 
 def test_failed_run_and_round_errors_are_shown_before_the_headline(tmp_path: Path) -> None:
@@ -290,8 +167,8 @@ def test_failed_run_and_round_errors_are_shown_before_the_headline(tmp_path: Pat
     (tmp_path / "failed").mkdir()
 
     # Execute
-    clean = write_report_markdown(write(tmp_path / "clean", {"scenario": {"name": "bare"}})).read_text()
-    failed = write_report_markdown(write(tmp_path / "failed", failed_run_report())).read_text()
+    clean = write_report_markdown(write_report_json(tmp_path / "clean", bare_report())).read_text()
+    failed = write_report_markdown(write_report_json(tmp_path / "failed", failed_run_report())).read_text()
 
     # Assert
     assert "## Failures" not in clean
@@ -305,13 +182,12 @@ def test_failed_run_and_round_errors_are_shown_before_the_headline(tmp_path: Pat
 
 
 def test_summary_table_lists_round_errors_and_the_failure() -> None:
-    report = failed_run_report()
-    report["cloud"].update(baim_version=None, baim_params=0, coordinator_restarts=0)
+    report = RunReport.model_validate(failed_run_report())
 
     table = summary_table(report)
 
     assert "cloud round 2 failed 3x: RuntimeError: no GPU" in table
-    assert table.splitlines()[-1] == f"RUN FAILED: {report['failure']}"
+    assert table.splitlines()[-1] == f"RUN FAILED: {report.failure}"
 
 
 def test_build_report_carries_run_id_failure_and_round_errors(tmp_path: Path) -> None:
@@ -319,11 +195,11 @@ def test_build_report_carries_run_id_failure_and_round_errors(tmp_path: Path) ->
     scenario = tiny_scenario(tmp_path)
     source = resolve_source(scenario.data)
     error = {"round": 1, "attempts": 1, "learners": ["edge-0"], "error": "RuntimeError: no GPU"}
-    summary: dict[str, Any] = {
-        "accepted": [], "rejected": [], "rounds": [], "round_errors": [error], "baim_version": None,
-        "baim_params": 0, "learners": ["edge-0"], "untrained_learners": ["edge-0"], "restarts": 0,
-        "tasks": {},
-    }  # fmt: skip
+    summary = CoordinatorSummary.model_validate({
+        "run_id": "run-7", "accepted": [], "rejected": [], "rounds": [], "round_errors": [error],
+        "baim_version": None, "baim_params": 0, "learners": ["edge-0"], "untrained_learners": ["edge-0"],
+        "restarts": 0, "tasks": {}, "ledger": Ledger(export_metrics=False).snapshot(),
+    })  # fmt: skip
 
     # Execute
     report = build_report(
@@ -333,5 +209,45 @@ def test_build_report_carries_run_id_failure_and_round_errors(tmp_path: Path) ->
     )  # fmt: skip
 
     # Assert
-    assert (report["run_id"], report["failure"]) == ("run-7", "cloud round 1 failed")
-    assert report["cloud"]["round_errors"] == [error]
+    document = report.model_dump(mode="json")
+    assert (document["run_id"], document["failure"]) == ("run-7", "cloud round 1 failed")
+    assert document["cloud"]["round_errors"] == [error]
+
+
+def load_compare_reports() -> Any:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_reports.py"
+    spec = importlib.util.spec_from_file_location("compare_reports", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_reports_ignores_timings_ids_paths_and_arrival_order_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: B is A run again elsewhere (other times, id, output folder, upload order), then one real change
+    compare = load_compare_reports()
+    a = hand_report()
+    a["uploads"] = [{"edge_id": e, "version": 1, "accepted": True, "reason": "", "detail": "",
+                     "sha256": "ab" * 32, "artifact": f"edge/{e}@v000001"} for e in ("e0", "e1")]  # fmt: skip
+    a["registry"] = "/runs/a/registry"
+    a["cloud"]["rounds"][0]["strategies"]["finetune"]["checkpoint_uri"] = "/runs/a/registry/ray_train/x"
+    b = json.loads(json.dumps(a))
+    b.update(run_id="another", registry="/runs/b/registry", uploads=a["uploads"][::-1])
+    b["cloud"]["rounds"][0]["strategies"]["finetune"]["checkpoint_uri"] = "/runs/b/registry/ray_train/x"
+    b["totals"]["wall_seconds"] = 99.0
+    b["edges"]["e0"]["train_seconds"] = 9.0
+    paths = [
+        write_report_json(tmp_path / name, report) / "report.json" for name, report in (("a", a), ("b", b))
+    ]
+
+    # Execute / Assert: nothing differs
+    assert compare.main([str(p) for p in paths]) == 0
+    assert capsys.readouterr().out.startswith("0 differing paths")
+
+    # Execute / Assert: a value differs
+    b["tasks"]["smile"]["params"] = 51
+    write_report_json(tmp_path / "b", b)
+    assert compare.main([str(p) for p in paths]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "tasks.smile.params: 50 in A, 51 in B"

@@ -386,6 +386,15 @@ def test_data_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     assert DataConfig(root=str(tmp_path / "yaml")).resolved_root() == tmp_path / "yaml"
 
 
+def test_the_default_data_root_is_the_shared_copy_beside_the_checkout():
+    from orchestrator.core.scenario import DEFAULT_DATA_ROOT, PROJECT_ROOT
+
+    # the project root is the checkout (it was orchestrator/ once the schema moved a level down: the
+    # quickstart then fell back to procedural faces without a word of error)
+    assert PROJECT_ROOT == REPO_ROOT and (PROJECT_ROOT / "pyproject.toml").is_file()
+    assert REPO_ROOT.parent / "shared" / "data" / "celeba" == DEFAULT_DATA_ROOT
+
+
 # ----- task expressions
 
 

@@ -14,7 +14,7 @@ from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.serialization import build_from_spec, from_bytes, from_files, module_spec, state_and_spec, to_bytes
-from tests.unit.baim_random import BAIMRecipe, baim_recipes, images
+from tests.support.baim_random import BAIMRecipe, baim_recipes, images
 
 PROPERTY = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from baim.config import LearnerSpec
-from baim.decompose import TaskModel, decompose
+from baim.decompose import decompose
 from baim.learners import noise_for
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
@@ -21,7 +21,8 @@ from baim.split import (
     split_state_from_bytes,
     split_state_to_bytes,
 )
-from tests.unit.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, randomise_connections
+from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, randomise_connections
+from tests.support.models import two_learner_model
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPLIT_TOLERANCE = 1e-6
@@ -42,24 +43,6 @@ def test_split_generation_equals_generation_for_every_cut(recipe: BAIMRecipe):
 
             # Assert
             assert (images - unsplit).abs().max() <= SPLIT_TOLERANCE
-
-
-def two_learner_model(top_k: int) -> TaskModel:
-    """Squad {a, c}: a has decoder stages 2, 3; c has decoder stage 1 (its image), which feeds a's stage 3."""
-    config = BAIMConfig(
-        learners=(
-            LearnerEntry("a", "t0", LearnerSpec((4, 4), 2, RESOLUTION)),
-            LearnerEntry("c", "t0", LearnerSpec((4,), 3, RESOLUTION)),
-        ),
-        squads=(SquadSpec("t0", ("a", "c")),),
-        top_k=top_k,
-        connection_height=2,
-        connections=(ConnectionSpec("c", 1, "a", 3),),
-    )
-    torch.manual_seed(0)
-    model = TaskModel(config)
-    randomise_connections(model.baim, seed=1)
-    return model
 
 
 def test_cut_points_are_the_decoder_stages():

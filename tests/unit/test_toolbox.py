@@ -16,7 +16,6 @@ import torch
 from baim.config import LearnerSpec
 from baim.decompose import TaskModel, decompose
 from baim.learners import VAELearner
-from baim.model import BAIM
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
 from orchestrator.core.registry import Registry
@@ -31,22 +30,9 @@ from serve.models import (
     png_base64,
     to_uint8,
 )
+from tests.support.models import tiny_baim
 
 RESOLUTION = 16
-
-
-def tiny_baim(seed: int = 0) -> BAIM:
-    torch.manual_seed(seed)
-    learners = [
-        ("e0", "smiling", VAELearner(LearnerSpec(widths=(8, 16), latent_dim=8, resolution=RESOLUTION))),
-        ("e1", "smiling", VAELearner(LearnerSpec(widths=(8,), latent_dim=4, resolution=RESOLUTION))),
-        ("e2", "male", VAELearner(LearnerSpec(widths=(8, 8), latent_dim=8, resolution=RESOLUTION))),
-    ]
-    baim = BAIM.from_learners(["smiling", "male"], learners, top_k=1, connection_height=1)
-    with torch.no_grad():  # fused connections start at zero; make them matter
-        for p in baim.connection_parameters():
-            p.normal_(0.0, 0.05)
-    return baim
 
 
 def publish(registry: Registry, task: str, version: str, seed: int = 0) -> TaskModel:

@@ -1,0 +1,466 @@
+"""report.json as pydantic models (`RunReport`), and the edge reports that reach the driver on the way.
+
+The sections and where each is built: docs/ARCHITECTURE.md ("report.json"). DESIGN.md lists what report.json
+must hold at least; `RunReport.model_dump(mode="json")` is the file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Discriminator,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    Tag,
+    model_serializer,
+    model_validator,
+)
+
+from orchestrator.core.receipts import (
+    PublishedTaskModel,
+    RoundError,
+    RoundRecord,
+    StrategyRun,
+    UploadReceipt,
+)
+from orchestrator.core.scenario import Scenario, StrictModel
+
+REPORT_FORMAT_VERSION = 1
+# The sections the end-of-run measurements add (orchestrator.evaluation); absent from report.json without.
+EVALUATION_SECTIONS = ("baselines", "downloads", "personalisation", "image_quality", "evaluation")
+
+
+ReportModel = StrictModel  # a report section: unknown keys are errors, NaN and infinities stay numbers
+
+
+class SparseReportModel(ReportModel):
+    """A record whose optional keys are written only when they were given (as the JSON it mirrors)."""
+
+    @model_serializer(mode="wrap")
+    def _given_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if key in self.model_fields_set}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Edge -> driver (JSON strings returned by EdgeNode; parsed and validated by the driver)
+
+EdgeNodeStatus = Literal[
+    "created",  # constructed, run() not called yet
+    "training",
+    "uploading",  # trained; waiting out the simulated link or the coordinator's receipt
+    "accepted",  # the coordinator accepted the upload (final)
+    "rejected",  # the coordinator rejected the upload with a reason (final)
+    "left",  # left gracefully before uploading (final)
+    "upload_failed",  # the coordinator stayed unreachable for every attempt (final)
+]
+
+
+class EdgeReport(ReportModel):
+    """What an EdgeNode reports about itself (`progress()` and `run()`)."""
+
+    edge_id: str = Field(description="The edge's id.")
+    task: str = Field(description="The edge's task.")
+    status: EdgeNodeStatus = Field(description="Where the edge is in its life (final from accepted on).")
+    epoch: int = Field(ge=0, description="Local epochs finished.")
+    epochs: int = Field(ge=0, description="Local epochs planned.")
+    steps: int = Field(ge=0, description="Training steps taken.")
+    train_loss: float | None = Field(description="Mean training loss of the last epoch; None before one.")
+    shard_size: int = Field(ge=0, description="Images in the edge's private shard.")
+    receipt: dict[str, JsonValue] | None = Field(
+        description="The coordinator's receipt of the upload; None before one arrived."
+    )
+    error: str | None = Field(description="Why the upload failed (status upload_failed), else None.")
+    ledger: dict[str, Any] = Field(description="The edge's own cost ledger (Ledger.to_dict()).")
+
+
+class FedAvgClientReport(ReportModel):
+    """What an EdgeNode reports about one FedAvg round it trained (`fedavg_round`)."""
+
+    edge_id: str = Field(description="The edge's id.")
+    round: int = Field(ge=1, description="The server round.")
+    status: Literal["trained", "left"] = Field(description="trained, or left during the round (no update).")
+    train_loss: float | None = Field(default=None, description="Training loss of the last local epoch.")
+    train_seconds: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False, description="Seconds of local training this round."
+    )
+    flops: int = Field(default=0, ge=0, description="Training FLOPs this round (FlopCounterMode).")
+    poisoned: str | None = Field(default=None, description="The poison mode applied to the update, if any.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# report.json: the BAIM run
+
+
+class DataReport(ReportModel):
+    kind: Literal["celeba", "procedural"] = Field(description="Which data the run used.")
+    root: str = Field(description="The CelebA folder looked at (also when the procedural set was used).")
+    num_images: int = Field(description="Images in the data source.")
+    test_split_drawn: bool = Field(description="True: the test split was drawn from the training pool.")
+    partition_counts: dict[str, int] = Field(description="Images per official partition (train/valid/test).")
+    resolution: int = Field(description="Image side in pixels.")
+    shards: dict[str, dict[str, int]] = Field(
+        description="Images per split group (test, cloud, holdout per task; edges per edge id)."
+    )
+
+
+class EdgeUpload(ReportModel):
+    outcome: Literal["accepted", "rejected", "none"] = Field(description="none: no receipt at all.")
+    reason: str = Field(description="Rejection code (orchestrator.core.errors.REJECTION_CODES), or ''.")
+    detail: str = Field(description="Rejection detail (expected vs received), or ''.")
+    sha256: JsonValue = Field(description="The upload's sha256 as sent, or None without a receipt.")
+    artifact: str | None = Field(description="Registry artifact owner@version of an accepted upload.")
+    receipt_from: Literal["edge", "coordinator", "none"] = Field(
+        description="Whose receipt this is: coordinator when the edge died before its receipt arrived."
+    )
+
+
+class EdgeRow(ReportModel):
+    """One edge of the BAIM run."""
+
+    task: str = Field(description="The edge's task.")
+    status: str = Field(description="Final status (accepted, rejected, left, crashed, died, ...).")
+    error: str | None = Field(description="Why the edge ended as it did, when it was not a clean end.")
+    resources: dict[str, float] = Field(description="Ray resources the edge's actor declared.")
+    shard_size: int = Field(description="Images in the edge's private shard.")
+    epochs_done: int = Field(description="Local epochs finished.")
+    local_epochs: int = Field(description="Local epochs planned.")
+    bytes_sent: int = Field(description="Serialized bytes the edge sent (every upload attempt).")
+    bytes_received: int = Field(description="Bytes the edge received during the run.")
+    flops: int = Field(description="Training FLOPs at the edge (FlopCounterMode).")
+    train_seconds: float = Field(description="Wall-clock seconds of local training.")
+    upload_seconds: float = Field(description="Wall-clock seconds of uploading (simulated link included).")
+    upload: EdgeUpload = Field(description="The upload's outcome.")
+    costs_are_final: bool = Field(description="False when the edge died: its costs stop at its last report.")
+
+
+class UploadRecord(ReportModel):
+    """One upload receipt of the coordinator (edge id, version and sha256 as the uploader sent them)."""
+
+    edge_id: JsonValue = Field(description="The uploading edge's id, as sent.")
+    version: JsonValue = Field(description="The model version, as sent.")
+    accepted: bool = Field(description="Whether the coordinator stored and fused the upload.")
+    reason: str = Field(description="Rejection code, or ''.")
+    detail: str = Field(description="Rejection detail, or ''.")
+    sha256: JsonValue = Field(description="The sha256 the uploader declared.")
+    artifact: str | None = Field(description="Registry artifact owner@version of an accepted upload.")
+
+    @classmethod
+    def from_receipt(cls, receipt: UploadReceipt) -> UploadRecord:
+        """The report's fields of a coordinator receipt."""
+        return cls.model_validate({key: getattr(receipt, key) for key in cls.model_fields})
+
+
+class StrategyRound(ReportModel):
+    """One strategy's run in one round; in JSON the run's keys follow `round` in one object."""
+
+    round: int = Field(description="The round.")
+    run: StrategyRun = Field(description="The strategy's run in that round.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "run" not in value:
+            return {"round": value.get("round"), "run": {k: v for k, v in value.items() if k != "round"}}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {"round": data["round"], **data["run"]}
+
+
+class StrategyTotals(ReportModel):
+    flops: int = Field(description="Cloud FLOPs of this strategy, every round.")
+    seconds: float = Field(description="Cloud training seconds of this strategy, every round.")
+    rounds: list[StrategyRound] = Field(description="This strategy's run in each round.")
+
+
+class CloudReport(ReportModel):
+    strategies: dict[str, StrategyTotals] = Field(description="Per training strategy.")
+    flops: dict[str, int] = Field(description="Cloud FLOPs per strategy (the ledger's).")
+    seconds: dict[str, float] = Field(description="Cloud training seconds per strategy (the ledger's).")
+    rounds: list[RoundRecord] = Field(description="The coordinator's training rounds.")
+    round_errors: list[RoundError] = Field(description="Round indexes that failed.")
+    baim_version: str | None = Field(description="The last trained BAIM's registry version.")
+    baim_params: int = Field(description="Parameters of the BAIM (trained or fused).")
+    learners: list[str] = Field(description="Learners in the BAIM.")
+    untrained_learners: list[str] = Field(description="Learners no successful round trained.")
+    coordinator_restarts: int = Field(description="How often the coordinator resumed from its checkpoint.")
+
+
+class UploadCounts(ReportModel):
+    accepted: int = Field(description="Uploads accepted.")
+    rejected: dict[str, int] = Field(description="Uploads rejected, per reason code.")
+
+
+class Totals(ReportModel):
+    edge_bytes_sent: int = Field(description="Bytes every edge sent.")
+    edge_bytes_received: int = Field(description="Bytes every edge received.")
+    edge_flops: int = Field(description="FLOPs at every edge.")
+    cloud_flops: int = Field(description="FLOPs in the cloud, every strategy.")
+    uploads: UploadCounts = Field(description="Upload outcomes, counted by the ledger.")
+    wall_seconds: float = Field(description="Wall-clock seconds of the BAIM run.")
+
+
+EventKind = Literal[
+    "edge_spawned",
+    "run_started",
+    "edge_final",
+    "round_failed",
+    "coordinator_crash",
+    "join",
+    "leave",
+    "crash",
+    "slow",
+    "link",
+    "poison",
+    "client_spawned",
+    "client_up",
+    "clients_still_starting",
+    "fedavg_started",
+]
+
+
+class RunEvent(SparseReportModel):
+    """One entry of a run's event log (the timeline as it was played, and what the driver saw)."""
+
+    t: float = Field(description="Seconds since the run's t = 0.")
+    kind: EventKind = Field(description="What happened.")
+    edge: str | None = Field(default=None, description="The edge it concerns.")
+    edges: str | None = Field(default=None, description="Comma-separated edges it concerns.")
+    reason: str | None = Field(default=None, description="Why an edge was spawned.")
+    status: str | None = Field(default=None, description="The edge's status after it.")
+    round: int | None = Field(default=None, description="The cloud round it concerns.")
+    attempt: int | None = Field(default=None, description="The round's attempt.")
+    error: str | None = Field(default=None, description="The error, if any.")
+    at: float | None = Field(default=None, description="The timeline event's at_seconds.")
+    where: str | None = Field(default=None, description="The timeline event, as timeline.<index>.")
+    applied: bool | None = Field(default=None, description="False: the event could not act.")
+    note: str | None = Field(default=None, description="Why it was not applied.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# report.json: the end-of-run measurements (orchestrator.evaluation, orchestrator.baselines.fedavg)
+
+
+class LearnerModel(ReportModel):
+    kind: Literal["learner"] = Field(description="Always learner.")
+    widths: list[int] = Field(description="Channels of each encoder stage.")
+    latent_dim: int = Field(description="Latent size.")
+    resolution: int = Field(description="Image side.")
+    in_channels: int = Field(description="Image channels.")
+
+
+class FedAvgFailure(ReportModel):
+    edge: str = Field(description="The client.")
+    reason: str = Field(description="crashed, left, died, timed_out, failed, rejected, ...")
+    detail: str = Field(description="What happened.")
+
+
+class FedAvgRound(ReportModel):
+    round: int = Field(description="Server round, from 1.")
+    available: list[str] = Field(description="Clients up at the round's start.")
+    selected: list[str] = Field(description="Clients sampled for the round.")
+    aggregated: list[str] = Field(description="Clients whose update was averaged in.")
+    failures: list[FedAvgFailure] = Field(description="Selected clients that contributed nothing.")
+    global_updated: bool = Field(description="False: the global model was kept.")
+    global_model_bytes: int = Field(description="Serialized bytes of the global model sent to each client.")
+    test_loss_per_task: dict[str, float] = Field(description="The new global model's test loss per task.")
+    test_loss: float | None = Field(description="Test-image-weighted mean over tasks.")
+    seconds: float = Field(description="Wall-clock seconds of the round.")
+
+
+class ClientFailure(ReportModel):
+    round: int = Field(description="The round (0: while starting).")
+    reason: str = Field(description="Why the client contributed nothing.")
+    detail: str = Field(description="What happened.")
+
+
+class FedAvgEdgeRow(ReportModel):
+    task: str = Field(description="The client's task.")
+    status: str = Field(description="not_joined, starting, ready, crashed, left, died, unschedulable.")
+    shard_size: int = Field(description="Images in the client's shard.")
+    rounds_aggregated: list[int] = Field(description="Rounds whose update was averaged in.")
+    failures: list[ClientFailure] = Field(description="Rounds the client failed.")
+    bytes_sent: int = Field(description="Bytes the client sent (its updates).")
+    bytes_received: int = Field(description="Bytes the client received (the global models).")
+    flops: int = Field(description="Training FLOPs at the client.")
+    train_seconds: float = Field(description="Seconds of local training, every round.")
+
+
+class FedAvgTotals(ReportModel):
+    edge_bytes_sent: int = Field(description="Bytes every client sent.")
+    edge_bytes_received: int = Field(description="Bytes every client received.")
+    edge_flops: int = Field(description="FLOPs at every client.")
+    seconds: float = Field(description="Seconds of every round.")
+
+
+class FedAvgReport(ReportModel):
+    """The FedAvg baseline on the same edges and shards."""
+
+    enabled: Literal[True] = Field(description="The baseline ran.")
+    model: LearnerModel = Field(description="The one homogeneous model every client trains.")
+    params: int = Field(description="Its parameters.")
+    rounds_planned: int = Field(description="Server rounds planned.")
+    local_epochs: int = Field(description="Local epochs per round.")
+    client_fraction: float = Field(description="Fraction of clients sampled per round.")
+    weighting: str = Field(description="What the average is weighted by.")
+    initial_test_loss_per_task: dict[str, float] = Field(description="The initial model's test loss.")
+    initial_test_loss: float | None = Field(description="Test-image-weighted mean over tasks.")
+    rounds: list[FedAvgRound] = Field(description="Every server round.")
+    final_test_loss_per_task: dict[str, float] = Field(description="The final model's test loss per task.")
+    final_test_loss: float | None = Field(description="Test-image-weighted mean over tasks.")
+    edges: dict[str, FedAvgEdgeRow] = Field(description="Per client.")
+    cloud_flops: int = Field(description="Cloud FLOPs of the aggregation.")
+    cloud_flops_note: str = Field(description="What the cloud FLOPs count.")
+    totals: FedAvgTotals = Field(description="Sums over clients and rounds.")
+    events: list[RunEvent] = Field(description="The timeline as the baseline played it.")
+    ledger: dict[str, Any] = Field(description="The baseline's cost ledger (Ledger.to_dict()).")
+
+
+class Disabled(ReportModel):
+    enabled: Literal[False] = Field(description="Not measured in this run.")
+
+
+class DisabledWithReason(Disabled):
+    reason: str = Field(description="Why not.")
+
+
+def _measured_or_disabled(value: Any) -> str | None:
+    """The tag of a section that is either measured (`enabled: true`) or not (`enabled: false`)."""
+    enabled = value.get("enabled") if isinstance(value, dict) else getattr(value, "enabled", None)
+    return {True: "measured", False: "disabled"}.get(enabled) if isinstance(enabled, bool) else None
+
+
+_ENABLED = Discriminator(
+    _measured_or_disabled,
+    custom_error_type="enabled",
+    custom_error_message="expected a section with `enabled: true` or `enabled: false`",
+)
+FedAvgSection = Annotated[
+    Annotated[FedAvgReport, Tag("measured")] | Annotated[Disabled, Tag("disabled")], _ENABLED
+]
+
+
+class Baselines(ReportModel):
+    fedavg: FedAvgSection = Field(description="The FedAvg baseline.")
+
+
+class Download(ReportModel):
+    artifact: str = Field(description="Registry artifact, owner@version.")
+    nbytes: int = Field(description="Its serialized size: what an edge downloads.")
+
+
+class Downloads(ReportModel):
+    task_models: dict[str, Download] = Field(description="Per task: the published task model.")
+    baim: Download | None = Field(description="The whole trained BAIM.")
+    strategy_models: dict[str, str] = Field(description="Per strategy: where its trained BAIM was found.")
+
+
+class PersonalisedEdge(ReportModel):
+    task: str = Field(description="The edge's task.")
+    model_version: str = Field(description="The task model version downloaded.")
+    kind: str = Field(description="The downloaded artifact's kind.")
+    params: int = Field(description="Its parameters.")
+    bytes_received: int = Field(description="Bytes downloaded into the toolbox.")
+    epochs: int = Field(description="Personalisation epochs.")
+    test_loss_before: float = Field(description="Test loss before fine-tuning.")
+    test_loss_after: float = Field(description="Test loss after fine-tuning.")
+    flops: int = Field(description="Fine-tuning FLOPs.")
+    seconds: float = Field(description="Fine-tuning seconds.")
+
+
+class Personalisation(ReportModel):
+    enabled: Literal[True] = Field(description="Edges personalised their task models.")
+    where: str = Field(description="Which process did the work.")
+    edges: dict[str, PersonalisedEdge] = Field(description="Per edge with an accepted upload.")
+
+
+class QualitySet(ReportModel):
+    phase: str = Field(description="edge_initial, strategy, personalised or fedavg.")
+    name: str = Field(description="Which model of the phase.")
+    task: str = Field(description="The task whose real images it is compared with.")
+    fid: float = Field(description="Fréchet distance to the real test images.")
+    kid_mean: float = Field(description="KID, mean over subsets.")
+    kid_std: float = Field(description="KID, standard deviation over subsets.")
+    num_generated: int = Field(description="Generated images.")
+    num_real: int = Field(description="Real images.")
+    kid_subset_size: int = Field(description="Images per KID subset.")
+
+
+class RealReference(ReportModel):
+    fid_real_half_vs_half: float = Field(description="FID of two disjoint halves of the real images.")
+    num_per_half: int = Field(description="Images per half.")
+
+
+class ImageQuality(ReportModel):
+    enabled: Literal[True] = Field(description="FID and KID were measured.")
+    extractor: str = Field(description="The feature extractor's name.")
+    feature_dim: int = Field(description="Its feature size.")
+    num_generated: int = Field(description="Generated images per set.")
+    num_real: dict[str, int] = Field(description="Real test images per task.")
+    kid_subsets: int = Field(description="KID subsets drawn.")
+    real_reference: dict[str, RealReference] = Field(description="Per task: the real-vs-real floor.")
+    sets: list[QualitySet] = Field(description="Every measured set.")
+    generation_seed: int = Field(description="The seed every set was generated with.")
+
+
+PersonalisationSection = Annotated[
+    Annotated[Personalisation, Tag("measured")] | Annotated[Disabled, Tag("disabled")], _ENABLED
+]
+ImageQualitySection = Annotated[
+    Annotated[ImageQuality, Tag("measured")] | Annotated[DisabledWithReason, Tag("disabled")], _ENABLED
+]
+
+
+class EvaluationInfo(ReportModel):
+    seconds: dict[str, float] = Field(description="Seconds per measurement stage.")
+    fid_samples: int = Field(description="Images per FID/KID set.")
+    grid_samples: int = Field(description="Images per sample grid.")
+    personalise_epochs: int = Field(description="Personalisation epochs per edge.")
+    generation_seed: int = Field(description="The seed of every generated image.")
+    samples_dir: str = Field(description="Folder of the sample tensors, under the run's output folder.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# report.json
+
+
+class RunReport(ReportModel):
+    """report.json: what a run did and what it cost."""
+
+    format_version: int = Field(description="This document's format version.")
+    run_id: str | None = Field(description="The engine's id of the run (the coordinator state has it too).")
+    failure: str | None = Field(description="Why the run failed (no task models published), else None.")
+    scenario: Scenario = Field(description="The scenario, as validated.")
+    seed: int = Field(description="The scenario's seed.")
+    data: DataReport = Field(description="Which data, and the partition sizes.")
+    edges: dict[str, EdgeRow] = Field(description="Per edge id.")
+    uploads: list[UploadRecord] = Field(
+        description="Every accepted receipt and the newest rejected ones per edge (counts are in totals)."
+    )
+    cloud: CloudReport = Field(description="Cloud training: rounds, costs per strategy, the BAIM.")
+    tasks: dict[str, PublishedTaskModel] = Field(description="Per task: the published task model.")
+    totals: Totals = Field(description="Sums over edges and strategies.")
+    events: list[RunEvent] = Field(description="The timeline as it was played.")
+    registry: str = Field(description="The run's registry (a folder or a pyarrow.fs URI).")
+    ledger: dict[str, Any] = Field(description="The merged cost ledger (Ledger.to_dict()).")
+    baselines: Baselines | None = Field(default=None, description="Baselines that ran (measurements).")
+    downloads: Downloads | None = Field(default=None, description="What an edge downloads (measurements).")
+    personalisation: PersonalisationSection | None = Field(
+        default=None, description="Edges fine-tuning their task models (measurements)."
+    )
+    image_quality: ImageQualitySection | None = Field(
+        default=None, description="FID/KID of every phase (measurements)."
+    )
+    evaluation: EvaluationInfo | None = Field(default=None, description="How the measurements ran.")
+
+    @model_serializer(mode="wrap")
+    def _measured_sections_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {
+            key: value for key, value in data.items() if key not in EVALUATION_SECTIONS or value is not None
+        }

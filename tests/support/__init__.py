@@ -1,0 +1,1 @@
+"""Fixtures' building blocks shared by test modules (no test module imports another)."""

@@ -1,0 +1,43 @@
+"""The CloudCoordinator as a plain class in tests: its coroutines on a background event loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from actors.coordinator import CloudCoordinator
+from orchestrator.cloud.local import local_training_round
+from orchestrator.core.artifacts import ArtifactPayload
+from orchestrator.core.scenario import Scenario
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
+from tests.support.loop import LoopThread
+
+
+class SyncCoordinator:
+    """The coordinator behind a synchronous `upload(...)`, the way an edge calls it through Ray."""
+
+    def __init__(self, coordinator: CloudCoordinator, loop: LoopThread) -> None:
+        self.coordinator = coordinator
+        self.loop = loop
+
+    def upload(self, **kwargs: Any) -> dict[str, Any]:
+        return self.loop.run(self.coordinator.upload(**kwargs))
+
+
+def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
+    """A coordinator over `registry_dir` with the scenario's data and partitions."""
+    source = resolve_source(scenario.data)
+    options.setdefault("round_runner", local_training_round)  # the production in-process runner
+    return CloudCoordinator(scenario, str(registry_dir), source, make_partitions(source, scenario), **options)
+
+
+def upload_kwargs(edge_id: str, payload: ArtifactPayload, version: int = 1) -> dict[str, Any]:
+    """The arguments of `CloudCoordinator.upload` for `payload`."""
+    return {
+        "edge_id": edge_id,
+        "version": version,
+        "weights": payload.weights,
+        "spec_json": payload.spec_json,
+        "sha256": payload.sha256,
+    }
