@@ -6,6 +6,7 @@ the resources the scenario declares. Threads, devices and the simulated link: do
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from baim.costs import forward_backward_flops
 from baim.learners import VAELearner
 from baim.seeding import derive_seed
 from baim.training import evaluate, train_epoch, vae_batch_loss
-from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
+from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_state
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.names import MAX_MODEL_BYTES
 from orchestrator.core.reports import EdgeNodeStatus, EdgeReport, FedAvgClientReport
@@ -327,19 +328,19 @@ class EdgeNode:
         lengths it sent and received); the report carries this round's FLOPs and seconds.
         """
         download = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
-        spec, tensors = unpack_payload(
+        model = load_module(
             download,
+            VAELearner,
             artifact_id=f"fedavg global model, round {server_round}",
             max_bytes=MAX_MODEL_BYTES,
         )
+        spec = json.loads(download.spec_json)  # verified by load_module; the update keeps its keys
         report = FedAvgClientReport(edge_id=self.edge_id, round=server_round, status="trained")
         try:
             self._sleep(
                 link_delay_seconds(download.nbytes, self.bandwidth_mbps, self.latency_ms, self.time_scale)
             )
             self._check_leave()
-            model = VAELearner(LearnerSpec.from_dict(spec["learner"]))
-            model.load_state_dict(tensors, strict=True)
             model.to(self.device)
             optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
             loss_fn = vae_batch_loss(self.kld_weight)

@@ -26,7 +26,9 @@ from baim.learners import VAELearner
 from baim.model import BAIM
 
 SPEC_KINDS: dict[str, type[nn.Module]] = {"learner": VAELearner, "baim": BAIM, "task_model": TaskModel}
-UPLOAD_SPEC_KEYS = ("edge_id", "kind", "learner", "task")  # an edge upload's learner spec
+# A wrapped learner spec: the architecture under "learner" beside who made it: an edge upload (edge_id,
+# task) or a FedAvg model (baseline, round; a client update adds its edge_id).
+WRAPPED_LEARNER_KEYS = ("baseline", "edge_id", "kind", "learner", "round", "task")
 
 
 def kinds_of(module_type: type[nn.Module]) -> tuple[str, ...]:
@@ -35,12 +37,12 @@ def kinds_of(module_type: type[nn.Module]) -> tuple[str, ...]:
 
 
 def learner_spec(spec: dict[str, Any]) -> LearnerSpec:
-    """The LearnerSpec of a "learner" spec, flat or an edge upload's (ValueError naming what is wrong)."""
+    """The LearnerSpec of a "learner" spec, flat or wrapped (ValueError naming what is wrong)."""
     if "learner" not in spec:
         return LearnerSpec.from_dict({k: v for k, v in spec.items() if k != "kind"})
-    unknown = sorted(set(spec) - set(UPLOAD_SPEC_KEYS))
+    unknown = sorted(set(spec) - set(WRAPPED_LEARNER_KEYS))
     if unknown:
-        raise ValueError(f"upload spec: unknown keys {unknown}; expected only {list(UPLOAD_SPEC_KEYS)}")
+        raise ValueError(f"learner spec: unknown keys {unknown}; expected only {list(WRAPPED_LEARNER_KEYS)}")
     return LearnerSpec.from_dict(spec["learner"])
 
 

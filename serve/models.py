@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -41,11 +42,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from baim.config import LearnerSpec
 from baim.decompose import TaskModel
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for
-from orchestrator.core.artifacts import ArtifactPayload, check_shapes, unpack_payload
+from orchestrator.core.artifacts import ArtifactPayload, load_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
 from orchestrator.core.names import MAX_MODEL_BYTES, task_owner
 from orchestrator.core.registry import Registry
@@ -86,38 +86,13 @@ class LoadedModel:
         }
 
 
-def build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor], *, artifact_id: str) -> nn.Module:
-    """Rebuild a servable module from a verified spec and tensors; shapes are checked before loading."""
-    kind = spec.get("kind")
-    if kind == "learner":
-        # An edge upload's spec (actors.edge): {"kind": "learner", "edge_id", "task", "learner": LearnerSpec}.
-        try:
-            module: nn.Module = VAELearner(LearnerSpec.from_dict(spec.get("learner")))  # type: ignore[arg-type]
-        except ValueError as err:
-            raise ArtifactRejected(artifact_id, f"invalid learner spec: {err}") from None
-    elif kind == "task_model":
-        try:
-            module = TaskModel.from_spec(spec)
-        except ValueError as err:
-            raise ArtifactRejected(artifact_id, f"invalid task model spec: {err}") from None
-    else:
-        raise ArtifactRejected(
-            artifact_id, f"spec kind: expected one of {list(SERVABLE_KINDS)}, received {kind!r}"
-        )
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    check_shapes(tensors, expected, artifact_id=artifact_id)
-    module.load_state_dict(tensors)
-    module.eval()
-    return module
-
-
 def load_model(payload: ArtifactPayload, *, task: str, model_version: str) -> LoadedModel:
     """Verify (sha256, safetensors, dtypes, finiteness, shapes) and rebuild. Raises ArtifactRejected."""
     artifact_id = f"{task_owner(task)}@{model_version}"
-    spec, tensors = unpack_payload(
-        payload, artifact_id=artifact_id, max_bytes=MAX_MODEL_BYTES, allowed_kinds=SERVABLE_KINDS
-    )
-    module = build_module(spec, tensors, artifact_id=artifact_id)
+    module = load_module(
+        payload, nn.Module, artifact_id=artifact_id, max_bytes=MAX_MODEL_BYTES, allowed_kinds=SERVABLE_KINDS
+    ).eval()
+    spec = json.loads(payload.spec_json)
     return LoadedModel(
         task=task,
         model_version=model_version,

@@ -26,7 +26,7 @@ from baim.learners import VAELearner
 from baim.seeding import derive_seed
 from baim.training import evaluate, vae_batch_loss
 from orchestrator.baselines.fedavg_math import weighted_average
-from orchestrator.core.artifacts import ArtifactPayload, pack_state, unpack_payload
+from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_state
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.names import MAX_MODEL_BYTES
@@ -205,22 +205,22 @@ class FedAvgBaseline:
         self, server_round: int, result: FitResult, current: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         artifact_id = f"fedavg round {server_round} update from {result.client_id}"
-        spec, tensors = unpack_payload(
-            result.payload, artifact_id=artifact_id, max_bytes=self.max_update_bytes
-        )
-        if spec.get("learner") != self.spec.to_dict():
-            raise ArtifactRejected(
-                artifact_id, f"spec: expected learner {self.spec.to_dict()}, received {spec.get('learner')}"
-            )
-        if set(tensors) != set(current):
-            missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-            raise ArtifactRejected(artifact_id, f"tensors: missing {missing}, unexpected {unexpected}")
-        for name, tensor in tensors.items():
-            if tensor.shape != current[name].shape:
+
+        def same_learner(spec: dict[str, Any]) -> None:
+            if spec.get("learner") != self.spec.to_dict():
                 raise ArtifactRejected(
                     artifact_id,
-                    f"{name}: expected shape {tuple(current[name].shape)}, received {tuple(tensor.shape)}",
+                    f"spec: expected learner {self.spec.to_dict()}, received {spec.get('learner')}",
                 )
+
+        update = load_module(
+            result.payload,
+            VAELearner,
+            artifact_id=artifact_id,
+            max_bytes=self.max_update_bytes,
+            check_spec=same_learner,
+        )
+        tensors = update.state_dict()
         if result.num_examples < 1:
             raise ArtifactRejected(
                 artifact_id, f"num_examples: expected >= 1, received {result.num_examples}"

@@ -6,7 +6,6 @@ What each section holds and why: docs/ARCHITECTURE.md ("Evaluation").
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.edge import edge_seed
-from baim.config import LearnerSpec
 from baim.costs import count_params, forward_backward_flops
 from baim.decompose import decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
 from orchestrator.baselines.fedavg import run_fedavg
-from orchestrator.core.artifacts import unpack_payload
-from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES, SPEC_FILE, WEIGHTS_FILE
+from orchestrator.cloud.ray_train import load_checkpoint_baim
+from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.registry import Registry
 from orchestrator.core.reports import (
@@ -212,20 +210,11 @@ class RunEvaluation:
             if row.upload.outcome != "accepted" or not artifact:
                 continue
             owner, version = _parse_artifact(artifact)
-            spec, tensors = unpack_payload(
-                self.registry.get(owner, version), artifact_id=artifact, max_bytes=MAX_MODEL_BYTES
-            )
-            learner = VAELearner(LearnerSpec.from_dict(spec["learner"]))
-            learner.load_state_dict(tensors, strict=True)
+            learner = self.registry.load_module(owner, version, VAELearner)
             self.sets.append(GeneratedSet("edge_initial", edge_id, row.task, learner_sampler(learner)))
 
     def _load_baim(self, owner: str, version: str) -> BAIM:
-        spec, tensors = unpack_payload(
-            self.registry.get(owner, version), artifact_id=f"{owner}@{version}", max_bytes=MAX_MODEL_BYTES
-        )
-        baim = BAIM.from_spec(spec)
-        baim.load_state_dict(tensors, strict=True)
-        return baim.eval()
+        return self.registry.load_module(owner, version, BAIM).eval()
 
     def _strategy_baims(self) -> dict[str, tuple[BAIM, str]]:
         """Each strategy's trained BAIM of the last round, where the run kept it: the coordinator keeps the
@@ -412,11 +401,7 @@ def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     import ray.train
 
     with ray.train.Checkpoint(checkpoint_uri).as_directory() as directory:
-        spec = json.loads((Path(directory) / SPEC_FILE).read_text())
-        weights = load_file(str(Path(directory) / WEIGHTS_FILE))
-    baim = BAIM.from_spec(spec)
-    baim.load_state_dict(weights, strict=True)
-    return baim.eval()
+        return load_checkpoint_baim(directory).eval()
 
 
 def evaluate_run(

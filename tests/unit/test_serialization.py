@@ -101,7 +101,7 @@ def test_an_edge_uploads_spec_builds_the_learner_it_declares():
     built = build_from_spec(upload)
 
     assert isinstance(built, VAELearner) and built.spec == spec
-    with pytest.raises(ValueError, match=r"upload spec: unknown keys \['owner'\]"):
+    with pytest.raises(ValueError, match=r"learner spec: unknown keys \['owner'\]"):
         build_from_spec({**upload, "owner": "x"})
     with pytest.raises(ValueError, match=r"LearnerSpec: missing keys \['resolution'\]"):
         build_from_spec({**upload, "learner": {"widths": [4], "latent_dim": 3}})
