@@ -11,15 +11,19 @@ Decisions:
   nearest-neighbour upsampling when it is smaller. Both resamplings act per channel and commute with the 1x1
   conv, so we convolve on the smaller of the two grids (pool first, or convolve first then upsample).
 - Zero initialisation: a new connection adds exactly 0, so fusing a learner leaves every output bit-identical.
-- Importance of a connection = the Frobenius norm of its projection weight. It is data-free, deterministic and
-  cheap, and for a linear map it bounds how much the connection can change its target (||W h|| <= ||W|| ||h||
-  per pixel). Ties (for instance all-zero connections that never trained) are broken by the connection's
-  position in the graph's order (creation order): the earliest goes first.
+- Importance of a connection. Data-free (`importance`, the legacy score): the Frobenius norm of its
+  projection weight, which bounds how much it can change its target (||W h|| <= ||W|| ||h|| per pixel) but
+  ignores how large the source's features are and whether the destination runs at all. On data
+  (`ConnectionEnergy`, what `baim.compaction` prunes by): the RMS of the projected signal relative to the RMS
+  of the destination stage's whole input, over the rows where the destination ran, i.e.
+  sqrt(sum ||P h_src||^2 / sum ||h_in||^2). A connection into a stage that never ran scores 0. Ties are
+  broken by the connection's position in the graph's order (creation order): the earliest goes first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import cast
 
 import torch
@@ -61,6 +65,33 @@ class LinearProjection(nn.Module):
     def importance(self) -> float:
         """Frobenius norm of the projection weight."""
         return float(torch.linalg.vector_norm(self.conv.weight.detach()).item())
+
+
+class ConnectionEnergy:
+    """Sums, over forward passes, each connection's projected energy and its destination's input energy.
+
+    `BAIM.forward(..., probe=energy)` calls `record` for every stage input that connections add to.
+    """
+
+    def __init__(self) -> None:
+        self.projected: dict[ConnectionSpec, float] = {}
+        self.destination: dict[ConnectionSpec, float] = {}
+
+    @torch.no_grad()
+    def record(self, stage_input: torch.Tensor, projected: list[tuple[ConnectionSpec, torch.Tensor]]) -> None:
+        """stage_input: the destination's whole input (own signal plus projections), on the rows it ran."""
+        total = float(stage_input.double().square().sum())
+        for spec, signal in projected:
+            self.projected[spec] = self.projected.get(spec, 0.0) + float(signal.double().square().sum())
+            self.destination[spec] = self.destination.get(spec, 0.0) + total
+
+    def contributions(self, specs: list[ConnectionSpec]) -> dict[ConnectionSpec, float]:
+        """sqrt(projected / destination energy) per connection of `specs`; 0 for one never recorded."""
+        scores = {}
+        for spec in specs:
+            destination = self.destination.get(spec, 0.0)
+            scores[spec] = math.sqrt(self.projected[spec] / destination) if destination > 0 else 0.0
+        return scores
 
 
 class ConnectionGraph(nn.Module):
@@ -133,11 +164,17 @@ class ConnectionGraph(nn.Module):
         """Importance of every surviving connection (see module docstring)."""
         return {spec: self.projection(spec).importance() for spec in self.specs}
 
-    def least_important(self, count: int) -> list[ConnectionSpec]:
-        """The `count` least important connections; ties go to the earliest in graph order."""
+    def least_important(
+        self, count: int, scores: dict[ConnectionSpec, float] | None = None
+    ) -> list[ConnectionSpec]:
+        """The `count` lowest-scored connections (by `scores`, default `importance()`); ties go to the
+        earliest in graph order."""
         if not 0 <= count <= len(self.specs):
             raise ValueError(f"count: expected 0 <= count <= {len(self.specs)}, received {count}")
-        scores = self.importance()
+        scores = self.importance() if scores is None else scores
+        missing = [spec.key for spec in self.specs if spec not in scores]
+        if missing:
+            raise ValueError(f"scores: expected a score for every connection, missing {missing[:5]}")
         ranked = sorted(range(len(self.specs)), key=lambda pos: (scores[self.specs[pos]], pos))
         return [self.specs[pos] for pos in ranked[:count]]
 

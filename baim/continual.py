@@ -12,8 +12,9 @@ Continual learning, in three steps:
 Few-shot: `add_task(baim, task)` creates a new squad over existing learners (all full learners by default)
 with a fresh LSGate; nothing else changes, so every other task's output is unchanged. `few_shot_adapt` then
 trains that LSGate alone on the k given samples. The LSGate learns through the softmax weights of the
-learners it selects, so it needs top_k >= 2 (with K = 1 the single weight is always 1 and carries no
-gradient: the selection itself is not differentiable).
+learners it evaluates: with the "sample" mixture training evaluates max(K, 2) of them, so any K works; the
+legacy "blend" needs top_k >= 2 (with K = 1 the single weight is always 1 and carries no gradient: the
+selection itself is not differentiable).
 """
 
 from __future__ import annotations

@@ -23,6 +23,20 @@ Decisions:
   zero weight also means a zero gradient, the trainer admits pending learners (`baim.continual.admit`) when
   it starts training the fused BAIM; from then on the new learner competes with logit W c + b (its row of W
   starts at zero).
+- How many learners a squad evaluates: K at inference (reconstruction in eval mode, generation). A BAIM with
+  the "sample" mixture evaluates min(max(K, 2), squad size) in training (`min_k=2`): at K = 1 the
+  renormalised top-1 weight is always 1.0 and carries no gradient, while over two learners the expected loss
+  sum_n w_n L_n gives logit n the gradient w_n (L_n - sum_m w_m L_m): the lower-loss learner gains weight.
+  Rationale and measurements: docs/model.md.
+- Sampling a learner (generation with the "sample" mixture): `pick_members` draws one selected member per
+  row from its weights, by inverse CDF over the squad's member order, with a uniform u per row that is a
+  32-bit integer hash of the bits of that row's prior gate code (`pick_uniforms`). Why a hash and not a
+  noise key of its own: every caller that passes noise explicitly (Serve batches requests by concatenating
+  each request's `noise_for` draws) already passes the gate code, so the draw needs nothing new, and a
+  row's draw depends only on its own (seed, row) noise, in a batch or alone. The hash mixes every bit of
+  the code, so u is spread uniformly and is, for sampling purposes, independent of the weights w(c) (tested
+  empirically). Deterministic per seed and identical in the BAIM and in every model decomposed from it (same
+  member order, same weights, same gate code).
 - Ties among equal logits are broken by torch.topk, deterministically for the same input.
 """
 
@@ -39,6 +53,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 GATE_NOISE_KEY = "@gate"  # noise_for key of the gate code; learner names cannot contain "@"
+HASH_MULTIPLIER = 0x45D9F3B  # the 32-bit integer hash's multiplier (a known good one; < 2**31, no overflow)
+HASH_START = 0x9E3779B9 & 0x7FFFFFFF  # hash state before the first code coordinate
+UINT32 = 0xFFFFFFFF
 GATE_POOL = 8  # the gate encoder sees the image average-pooled to at most GATE_POOL x GATE_POOL
 PENDING_OFFSET = -1.0e4  # logit offset of a fused, not yet admitted learner (see module docstring)
 
@@ -96,10 +113,13 @@ class LSGate(nn.Module):
     def logits(self, code: torch.Tensor) -> torch.Tensor:
         return self.proj(code) + self.admission_offset
 
-    def forward(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, selected), each (B, num_members): softmax over the top-k logits, and the top-k mask."""
+    def forward(self, code: torch.Tensor, min_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, selected), each (B, num_members): softmax over the top-k logits, and the top-k mask.
+
+        k = min(max(top_k, min_k), num_members): `min_k=2` is the training-time widening (module docstring).
+        """
         logits = self.logits(code)
-        k = min(self.top_k, self.num_members)
+        k = min(max(self.top_k, min_k), self.num_members)
         top_values, top_index = logits.topk(k, dim=1)
         weights = torch.zeros_like(logits).scatter(1, top_index, F.softmax(top_values, dim=1))
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_index, True)
@@ -128,6 +148,36 @@ class LSGate(nn.Module):
         self.proj.weight.copy_(old.weight[index])
         self.proj.bias.copy_(old.bias[index])
         self.admission_offset = self.admission_offset[index].clone()
+
+
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2**32), elementwise (every product stays below 2**63)."""
+    h = (h ^ (h >> 16)) * HASH_MULTIPLIER & UINT32
+    h = (h ^ (h >> 16)) * HASH_MULTIPLIER & UINT32
+    return h ^ (h >> 16)
+
+
+def pick_uniforms(code: torch.Tensor) -> torch.Tensor:
+    """One u in (0, 1) per row of a gate code (B, d): a hash of the row's float32 bits (module docstring)."""
+    bits = code.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & UINT32
+    h = torch.full((code.shape[0],), HASH_START, dtype=torch.int64, device=code.device)
+    for column in range(code.shape[1]):
+        h = _hash32(h ^ bits[:, column])
+    return (h.to(torch.float64) + 0.5) / 2.0**32
+
+
+def pick_members(weights: torch.Tensor, selected: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One member index per row (B,), drawn with probability weights[row] (B, members) by inverse CDF.
+
+    `uniform` (B,) in [0, 1]. The pick is the first member whose cumulative weight exceeds u * total;
+    rounding at u = 1 falls back to the last selected member, so the pick is always a selected member.
+    """
+    cumulative = weights.cumsum(dim=1)
+    threshold = uniform.to(weights.dtype).unsqueeze(1) * cumulative[:, -1:]
+    index = (cumulative <= threshold).sum(dim=1)
+    positions = torch.arange(weights.shape[1], device=weights.device).expand_as(weights)
+    last_selected = torch.where(selected, positions, -1).max(dim=1).values
+    return torch.minimum(index, last_selected)
 
 
 class TSGate(nn.Module):
@@ -175,12 +225,18 @@ class HierGate(nn.Module):
         code_dim: int,
         top_k: int,
         seed: int,
+        with_encoder: bool = True,
     ) -> None:
         super().__init__()
         self.code_dim = code_dim
         self.top_k = top_k
         self.seed = seed
-        self.encoder = GateEncoder(in_channels, resolution, code_dim, seeded_generator(seed, GATE_NOISE_KEY))
+        # A generation-only model draws the gate code from the prior and holds no gate encoder.
+        self.encoder: GateEncoder | None = (
+            GateEncoder(in_channels, resolution, code_dim, seeded_generator(seed, GATE_NOISE_KEY))
+            if with_encoder
+            else None
+        )
         self.tsgate = TSGate(len(tasks))
         self.squad_gates = nn.ModuleDict()
         for task, size in zip(tasks, squad_sizes, strict=True):
@@ -190,7 +246,7 @@ class HierGate(nn.Module):
         if task in self.squad_gates:
             raise ValueError(f"task {task!r}: already has an LSGate")
         gate = LSGate(self.code_dim, num_members, self.top_k, seeded_generator(self.seed, task))
-        for param in self.encoder.parameters():
+        for param in self.parameters():
             gate.to(param.device, param.dtype)
             break
         self.squad_gates[task] = gate
@@ -210,14 +266,16 @@ class HierGate(nn.Module):
         task_ids: torch.Tensor,
         columns: list[list[int]],
         num_learners: int,
+        min_k: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, selected), each (B, N). columns[m] lists the learner columns of task m's members."""
+        """(weights, selected), each (B, N). columns[m] lists the learner columns of task m's members;
+        `min_k` as in `LSGate.forward`."""
         batch = code.shape[0]
         weights = code.new_zeros(batch, num_learners)
         selected = torch.zeros(batch, num_learners, dtype=torch.bool, device=code.device)
         tasks = list(self.squad_gates.keys())
         for task, rows in self.tsgate(task_ids):
-            squad_weights, squad_selected = self.squad_gate(tasks[task])(code[rows])
+            squad_weights, squad_selected = self.squad_gate(tasks[task])(code[rows], min_k)
             cols = torch.tensor(columns[task], device=code.device)
             weights[rows.unsqueeze(1), cols.unsqueeze(0)] = squad_weights
             selected[rows.unsqueeze(1), cols.unsqueeze(0)] = squad_selected

@@ -15,17 +15,25 @@ Forward pass (reconstruction), for a batch x (B, C, R, R) with task ids (B,):
    normalisation, so running on a subset of rows gives each sample the result it would get alone. Compute
    therefore grows with K (and the connections into the selected learners), not with N. `stage_counter` counts
    the rows each (learner, stage) processed.
-4. Mixture. recon = sum over selected n of w_n * recon_n (softmax weights, so recon stays in [0, 1]).
-   loss = mse(recon, x) + kld_weight * (gate-weighted KLD + gate code KLD), where the gate-weighted KLD is the
-   batch mean of sum_n w_n * KLD_n(sample) over the selected learners (PyTorch-VAE's KLD per learner) and the
-   gate code KLD is the batch mean of KL(q(c|x) || N(0, I)). Unselected feeders add nothing to the loss.
+4. Mixture (`config.mixture`, see docs/model.md). "sample", the default: the squad is a true mixture and the
+   loss is the expected loss over the evaluated learners, recon_loss = batch mean of sum_n w_n * mse_n and
+   kld = batch mean of sum_n w_n * KLD_n (PyTorch-VAE's KLD per learner), with softmax weights w over the
+   learners the LSGate selects: the top K at inference, the top max(K, 2) in training (baim.gates), so that
+   the gate learns at K = 1 too. `recon` is the mixture's mean image sum_n w_n * recon_n. "blend", the legacy
+   behaviour: recon = sum_n w_n * recon_n and recon_loss = mse(recon, x), with the top K in training too.
+   Both: loss = recon_loss + kld_weight * (kld + gate code KLD), the gate code KLD being the batch mean of
+   KL(q(c|x) || N(0, I)). Unselected feeders add nothing to the loss.
 
-Generation (`generate(task, n, seed)`): the gate code comes from the prior, each learner that must run draws
+Generation (`generate(task, n, seed)`): the gate code comes from the prior and the LSGate selects the top K.
+"sample": one learner per sample is drawn from the gate weights (`baim.gates.pick_members`, with a uniform
+hashed from that sample's gate code) and its own decoded latent is the image: ancestral sampling of the
+mixture the loss trains. "blend": every selected learner decodes its own latent and the images are averaged
+with the gate weights. Each learner that must run (the drawn or selected ones and their feeders) draws
 z ~ N(0, I), and only decoder stages run (encoder-phase connections cannot apply: no encoder runs; the
-connection rule forbids connections across the bottleneck, so nothing else is lost). The output is the same
-gate-weighted mixture of the selected learners' decoded images.
+connection rule forbids connections across the bottleneck, so nothing else is lost).
 
-Noise. Every random draw is keyed by a name: learner n's eps by its name, the gate code's by "@gate". Pass
+Noise. Every random draw is keyed by a name: learner n's eps by its name, the gate code's by "@gate" (the
+learner draw of generation is a hash of the gate code, `baim.gates.pick_uniforms`). Pass
 `seed` to draw `noise_for(name, seed, B, dim)` (so a decomposed task model draws the same noise for the same
 learner), `eps={name: (B, dim)}` to give it explicitly, or neither for fresh torch.randn noise (training).
 
@@ -45,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baim.connections import ConnectionGraph, Shape
-from baim.gates import GATE_NOISE_KEY, GateOutput, HierGate
+from baim.connections import ConnectionEnergy, ConnectionGraph, Shape
+from baim.gates import GATE_NOISE_KEY, GateOutput, HierGate, pick_members, pick_uniforms
 from baim.learners import VAELearner, noise_for
 from baim.model_config import (
     BAIMConfig,
@@ -67,7 +75,7 @@ StageOutputs = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 class BAIMOutput(NamedTuple):
     recon: torch.Tensor  # (B, C, R, R) gate-weighted mixture of the selected learners, in [0, 1]
     loss: torch.Tensor  # recon_loss + kld_weight * (kld + gate_kld)
-    recon_loss: torch.Tensor  # mse(recon, x), mean over all elements
+    recon_loss: torch.Tensor  # "sample": batch mean of sum_n w_n * mse_n; "blend": mse(recon, x)
     kld: torch.Tensor  # batch mean of the gate-weighted KLD of the selected learners
     gate_kld: torch.Tensor  # batch mean of the gate code's KLD
     gate_weights: torch.Tensor  # (B, N) HierGate output, columns in arrival order
@@ -110,28 +118,51 @@ def truncate_learner(learner: VAELearner, depth: int) -> None:
         del learner.decoder_stages[depth - S + 1 :]
 
 
-def required_depths(config: BAIMConfig, squads: Sequence[SquadSpec]) -> dict[str, int]:
+def strip_encoder(learner: VAELearner) -> None:
+    """Drop (in place) what only reconstruction uses: the encoder stages, fc_mu and fc_logvar."""
+    learner.encoder_stages = nn.ModuleList()
+    learner.fc_mu = None  # type: ignore[assignment]
+    learner.fc_logvar = None  # type: ignore[assignment]
+
+
+def required_depths(
+    config: BAIMConfig, squads: Sequence[SquadSpec], generation: bool = False
+) -> dict[str, int]:
     """Deepest stage of each learner needed to compute `squads` for some input (-1: not needed at all).
 
-    Squad members need every stage; a connection into a needed stage makes its source stage needed. One pass
-    over destinations in descending (stage, arrival index) order is enough (see the module docstring).
+    Squad members need every stage; a connection into a needed stage makes its source stage needed (with
+    `generation`, only decoder-phase connections: no encoder runs in generation). One pass over destinations
+    in descending (stage, arrival index) order is enough (see the module docstring).
     """
     index = {entry.name: n for n, entry in enumerate(config.learners)}
     depth = {entry.name: -1 for entry in config.learners}
     for squad in squads:
         for member in squad.members:
             depth[member] = config.learner(member).last_stage
-    connections = config.connections or ()
+    connections = _phase_connections(config, generation)
     for conn in sorted(connections, key=lambda c: (c.dst_stage, index[c.dst]), reverse=True):
         if depth[conn.dst] >= conn.dst_stage:
             depth[conn.src] = max(depth[conn.src], conn.src_stage)
     return depth
 
 
-def compact_config(config: BAIMConfig, squads: Sequence[SquadSpec]) -> BAIMConfig:
+def _phase_connections(config: BAIMConfig, generation: bool) -> list[ConnectionSpec]:
+    """config's connections; with `generation`, only the decoder-phase ones."""
+    connections = list(config.connections or ())
+    if not generation:
+        return connections
+    specs = {entry.name: entry.spec for entry in config.learners}
+    return [c for c in connections if not is_encoder_stage(specs[c.dst], c.dst_stage)]
+
+
+def compact_config(config: BAIMConfig, squads: Sequence[SquadSpec], generation: bool = False) -> BAIMConfig:
     """The smallest config that computes `squads` exactly: unneeded learners and connections dropped,
-    feeders cut after the deepest stage they feed."""
-    depth = required_depths(config, squads)
+    feeders cut after the deepest stage they feed.
+
+    With `generation`, the smallest that generates `squads` exactly: a generation-only config (no encoders,
+    no encoder-phase connections, feeders of decoder stages only).
+    """
+    depth = required_depths(config, squads, generation)
     learners = []
     for entry in config.learners:
         d = depth[entry.name]
@@ -140,8 +171,13 @@ def compact_config(config: BAIMConfig, squads: Sequence[SquadSpec]) -> BAIMConfi
         learners.append(
             LearnerEntry(entry.name, entry.task, entry.spec, None if d == entry.spec.num_stages - 1 else d)
         )
-    connections = tuple(c for c in config.connections or () if depth[c.dst] >= c.dst_stage)
-    return config.with_changes(learners=tuple(learners), squads=tuple(squads), connections=connections)
+    connections = tuple(c for c in _phase_connections(config, generation) if depth[c.dst] >= c.dst_stage)
+    return config.with_changes(
+        learners=tuple(learners),
+        squads=tuple(squads),
+        connections=connections,
+        generation_only=config.generation_only or generation,
+    )
 
 
 class BAIM(nn.Module):
@@ -166,6 +202,7 @@ class BAIM(nn.Module):
             code_dim=config.gate_code_dim,
             top_k=config.top_k,
             seed=config.seed,
+            with_encoder=not config.generation_only,
         )
         self.connections = ConnectionGraph(list(config.connections or ()), self._shapes())
         self.stage_counter = StageCounter()
@@ -219,11 +256,12 @@ class BAIM(nn.Module):
 
     # ---- structure ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _make_learner(entry: LearnerEntry) -> VAELearner:
+    def _make_learner(self, entry: LearnerEntry) -> VAELearner:
         learner = VAELearner(entry.spec)
         if entry.depth is not None:
             truncate_learner(learner, entry.depth)
+        if self.config.generation_only:
+            strip_encoder(learner)
         return learner
 
     def _shapes(self, names: set[str] | None = None) -> dict[str, tuple[list[Shape], list[Shape]]]:
@@ -250,6 +288,10 @@ class BAIM(nn.Module):
     @property
     def num_learners(self) -> int:
         return len(self.config.learners)
+
+    def selection_min_k(self) -> int:
+        """`min_k` of the LSGates in forward now: 2 in training with the "sample" mixture, else 1 (top K)."""
+        return 2 if self.training and self.config.mixture == "sample" else 1
 
     def squad_columns(self, task: str) -> list[int]:
         """Gate-output columns (arrival indices) of task's squad members, in the LSGate's order."""
@@ -384,14 +426,23 @@ class BAIM(nn.Module):
         task_ids: torch.Tensor | int | str,
         eps: Noise | None = None,
         seed: int | None = None,
+        min_k: int | None = None,
     ) -> GateOutput:
-        """Run only the HierGate on images: weights and top-K mask (B, N), gate code and its KLD."""
+        """Run only the HierGate on images: weights and selection mask (B, N), gate code and its KLD.
+
+        `min_k` as in `baim.gates.LSGate.forward`; None: what forward uses now (`selection_min_k`).
+        """
+        if self.gate.encoder is None:
+            raise ValueError(
+                "images: this is a generation-only model (no encoders); reconstruct with the full task model"
+            )
         self._check_images(x)
         batch = x.shape[0]
         tasks = self._task_tensor(task_ids, batch, x.device)
         gate_eps = self._noise(GATE_NOISE_KEY, batch, self.config.gate_code_dim, eps, seed, x)
         code = self.gate.encoder(x, gate_eps)
-        weights, selected = self.gate(code.code, tasks, self._columns(), self.num_learners)
+        min_k = self.selection_min_k() if min_k is None else min_k
+        weights, selected = self.gate(code.code, tasks, self._columns(), self.num_learners, min_k)
         return GateOutput(weights=weights, selected=selected, code=code.code, kld=code.kld)
 
     def _route_code(self, code: torch.Tensor, task_id: int) -> GateOutput:
@@ -408,13 +459,19 @@ class BAIM(nn.Module):
         task_ids: torch.Tensor | int | str,
         eps: Noise | None = None,
         seed: int | None = None,
+        probe: ConnectionEnergy | None = None,
     ) -> BAIMOutput:
-        """Reconstruct x (B, C, R, R) in [0, 1]; task_ids (B,) task indices (or one task name / index)."""
+        """Reconstruct x (B, C, R, R) in [0, 1]; task_ids (B,) task indices (or one task name / index).
+
+        `probe` accumulates each connection's signal energy (for `baim.compaction`'s scores).
+        """
         gate = self.route(x, task_ids, eps, seed)
         need = self._needed_stages(gate.selected, generation=False)
-        outputs, latents = self._run(x, x.shape[0], need, eps, seed, generation=False)
-        recon, kld = self._mix(outputs, latents, gate, x, generation=False)
-        recon_loss = F.mse_loss(recon, x)
+        outputs, latents = self._run(x, x.shape[0], need, eps, seed, generation=False, probe=probe)
+        recon = self._combine_images(outputs, gate.weights, gate.selected)
+        error, kld = self._weighted_losses(outputs, latents, gate, x)
+        # blend: the legacy loss of the blended image; sample: the expected loss over the mixture
+        recon_loss = F.mse_loss(recon, x) if self.config.mixture == "blend" else error.mean()
         kld_mean = kld.mean()
         gate_kld = gate.kld.mean()
         loss = recon_loss + self.config.kld_weight * (kld_mean + gate_kld)
@@ -450,7 +507,16 @@ class BAIM(nn.Module):
             )
         like = next(self.parameters())
         code = self._noise(GATE_NOISE_KEY, n, self.config.gate_code_dim, eps, seed, like)
-        return self._route_code(code, task)
+        gate = self._route_code(code, task)
+        if self.config.mixture != "sample":
+            return gate
+        # "sample": each generated sample is the image of one learner drawn from the gate weights (its draw
+        # is a hash of the sample's gate code, so no new noise key); weight 1.0: that learner's image exactly.
+        columns = self.squad_columns(self.config.tasks[task])
+        picked = pick_members(gate.weights[:, columns], gate.selected[:, columns], pick_uniforms(code))
+        column = torch.tensor(columns, device=like.device)[picked]
+        selected = F.one_hot(column, self.num_learners).bool()
+        return gate._replace(weights=selected.to(like.dtype), selected=selected)
 
     def generation_stages(
         self,
@@ -470,9 +536,8 @@ class BAIM(nn.Module):
         return ran
 
     def generation_images(self, outputs: StageOutputs, gate: GateOutput) -> torch.Tensor:
-        """Generation, step 3: the gate-weighted mixture of the selected learners' images, in [0, 1]."""
-        images, _ = self._mix(outputs, {}, gate, None, generation=True)
-        return images.clamp(0.0, 1.0)
+        """Generation, step 3: the gate-weighted images of the selected learners, in [0, 1]."""
+        return self._combine_images(outputs, gate.weights, gate.selected).clamp(0.0, 1.0)
 
     def _node_order(self) -> list[tuple[int, int]]:
         """All (stage, arrival index) nodes in topological order."""
@@ -505,12 +570,14 @@ class BAIM(nn.Module):
         *,
         stages: range | None = None,
         outputs: StageOutputs | None = None,
+        probe: ConnectionEnergy | None = None,
     ) -> tuple[StageOutputs, dict[str, tuple[torch.Tensor, ...]]]:
         """Run every needed (learner, stage) on its rows. Returns outputs[(name, k)] = (position of each batch
         row in out or -1, out) and latents[name] = (position, mu, logvar).
 
         `stages` limits the run to those stages (all when None); `outputs` holds what earlier stages already
-        computed (split generation); it is copied, not changed."""
+        computed (split generation); it is copied, not changed. `probe` sees every stage input that
+        connections add to, with their projections."""
         like = next(self.parameters())
         outputs = {} if outputs is None else dict(outputs)
         latents: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -539,25 +606,45 @@ class BAIM(nn.Module):
             else:
                 prev_pos, prev_out = outputs[(entry.name, k - 1)]
                 h = prev_out[prev_pos[rows]]
+            projected = []
             for conn in self.connections.into(entry.name, k):
                 src_pos, src_out = outputs[(conn.src, conn.src_stage)]
-                h = h + self.connections.project(conn, src_out[src_pos[rows]])
+                projected.append((conn, self.connections.project(conn, src_out[src_pos[rows]])))
+                h = h + projected[-1][1]
+            if probe is not None and projected:
+                probe.record(h, projected)
             outputs[(entry.name, k)] = (_positions(rows, batch), learner.run_stage(k, h))
             self.stage_counter.record(entry.name, k, rows.numel())
         return outputs, latents
 
-    def _mix(
+    def _combine_images(
+        self,
+        outputs: StageOutputs,
+        weights: torch.Tensor,
+        selected: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum over selected n of weights[:, n] * learner n's image, (B, C, R, R)."""
+        spec = self.config.learners[0].spec
+        batch = weights.shape[0]
+        images = weights.new_zeros(batch, spec.in_channels, spec.resolution, spec.resolution)
+        for n, entry in enumerate(self.config.learners):
+            rows = torch.nonzero(selected[:, n]).flatten()
+            if rows.numel() == 0:
+                continue
+            pos, image = outputs[(entry.name, entry.last_stage)]
+            images = images.index_add(0, rows, weights[rows, n].view(-1, 1, 1, 1) * image[pos[rows]])
+        return images
+
+    def _weighted_losses(
         self,
         outputs: StageOutputs,
         latents: dict[str, tuple[torch.Tensor, ...]],
         gate: GateOutput,
-        x: torch.Tensor | None,
-        generation: bool,
+        x: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate-weighted mixture of the selected learners' images, per-sample gate-weighted KLD)."""
-        spec = self.config.learners[0].spec
+        """Per sample (B,): sum_n w_n * mse_n and sum_n w_n * KLD_n over the selected learners."""
         batch = gate.weights.shape[0]
-        recon = gate.weights.new_zeros(batch, spec.in_channels, spec.resolution, spec.resolution)
+        error = gate.weights.new_zeros(batch)
         kld = gate.weights.new_zeros(batch)
         for n, entry in enumerate(self.config.learners):
             rows = torch.nonzero(gate.selected[:, n]).flatten()
@@ -565,13 +652,14 @@ class BAIM(nn.Module):
                 continue
             weight = gate.weights[rows, n]
             pos, image = outputs[(entry.name, entry.last_stage)]
-            recon = recon.index_add(0, rows, weight.view(-1, 1, 1, 1) * image[pos[rows]])
-            if not generation:
-                lat_pos, mu, logvar = latents[entry.name]
-                mu, logvar = mu[lat_pos[rows]], logvar[lat_pos[rows]]
-                learner_kld = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1)
-                kld = kld.index_add(0, rows, weight * learner_kld)
-        return recon, kld
+            if self.config.mixture == "sample":
+                squared = (image[pos[rows]] - x[rows]) ** 2
+                error = error.index_add(0, rows, weight * squared.flatten(start_dim=1).mean(dim=1))
+            lat_pos, mu, logvar = latents[entry.name]
+            mu, logvar = mu[lat_pos[rows]], logvar[lat_pos[rows]]
+            learner_kld = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1)
+            kld = kld.index_add(0, rows, weight * learner_kld)
+        return error, kld
 
 
 def _positions(rows: torch.Tensor, batch: int) -> torch.Tensor:

@@ -28,6 +28,14 @@ Decisions recorded here (the rules the rest of `baim/` relies on):
      do not run in generation.
 - `connection_scope`: "all" makes every valid pair a candidate (within and across squads, as in the paper);
   "squad" keeps only pairs that share a squad.
+- `mixture` (see docs/model.md): "sample" (default) trains the squad as a true mixture, the expected loss over
+  the evaluated learners, and generates by drawing one learner from the gate weights; "blend", the earlier
+  behaviour, trains and generates the gate-weighted average of the selected learners' images. A spec without
+  the key was written before the key existed, by a BAIM that blended: it loads as "blend", so an old artifact
+  keeps computing what it computed.
+- `generation_only`: a model without any encoder (no encoder stages, fc_mu, fc_logvar or gate encoder) that
+  can only generate: `baim.decompose.generation_model`. Its learners are members or decoder-phase feeders
+  (depth >= S) and every connection is a decoder-phase one.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from baim.config import LearnerSpec
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 CONNECTION_SCOPES = ("all", "squad")
+MIXTURES = ("sample", "blend")
+LEGACY_MIXTURE = "blend"  # what a spec written before `mixture` existed did
 
 
 def _check_name(what: str, name: object) -> None:
@@ -210,6 +220,8 @@ class BAIMConfig:
     connection_scope: Literal["all", "squad"] = "all"  # which pairs are candidates when connections is None
     seed: int = 0  # seeds the initial gate weights (connections start at zero)
     connections: tuple[ConnectionSpec, ...] | None = field(default=None)  # surviving; None = all candidates
+    mixture: Literal["sample", "blend"] = "sample"  # how the selected learners combine (module docstring)
+    generation_only: bool = False  # no encoders: generate only (module docstring)
 
     def __post_init__(self) -> None:
         for what in ("learners", "squads", "connections"):
@@ -239,6 +251,10 @@ class BAIMConfig:
             )
         if not _is_int(self.seed):
             raise ValueError(f"seed: expected an int, received {self.seed!r}")
+        if self.mixture not in MIXTURES:
+            raise ValueError(f"mixture: expected one of {list(MIXTURES)}, received {self.mixture!r}")
+        if not isinstance(self.generation_only, bool):
+            raise ValueError(f"generation_only: expected a bool, received {self.generation_only!r}")
 
         names = [entry.name for entry in self.learners]
         for entry in self.learners:
@@ -283,6 +299,24 @@ class BAIMConfig:
                 problem = connection_problem(conn, by_name, index, self.connection_height)
                 if problem is not None:
                     raise ValueError(f"connection {conn.key}: {problem}")
+        if self.generation_only:
+            self._check_generation_only()
+
+    def _check_generation_only(self) -> None:
+        for entry in self.learners:
+            if entry.last_stage < len(entry.spec.widths):
+                raise ValueError(
+                    f"learner {entry.name!r}: a generation-only model holds decoder stages only, received "
+                    f"depth {entry.depth} (an encoder stage)"
+                )
+        if self.connections is None:
+            raise ValueError("connections: a generation-only model lists its connections, received null")
+        for conn in self.connections:
+            if is_encoder_stage(self.learner(conn.dst).spec, conn.dst_stage):
+                raise ValueError(
+                    f"connection {conn.key}: a generation-only model has no encoder, received an "
+                    "encoder-phase connection"
+                )
 
     # ---- derived facts --------------------------------------------------------------------------------
 
@@ -324,12 +358,22 @@ class BAIMConfig:
             "connection_scope": self.connection_scope,
             "seed": self.seed,
             "connections": None if self.connections is None else [c.to_dict() for c in self.connections],
+            "mixture": self.mixture,
+            "generation_only": self.generation_only,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BAIMConfig:
-        optional = {"top_k", "connection_height", "kld_weight", "gate_code_dim", "connection_scope", "seed"}
-        _check_keys("BAIM config", d, {"learners", "squads"}, optional | {"connections"})
+        optional = {
+            "top_k",
+            "connection_height",
+            "kld_weight",
+            "gate_code_dim",
+            "connection_scope",
+            "seed",
+            "generation_only",
+        }
+        _check_keys("BAIM config", d, {"learners", "squads"}, optional | {"connections", "mixture"})
         for what in ("learners", "squads"):
             if not isinstance(d[what], (list, tuple)):
                 raise ValueError(f"{what}: expected a list, received {type(d[what]).__name__}")
@@ -342,6 +386,7 @@ class BAIMConfig:
             connections=None
             if connections is None
             else tuple(ConnectionSpec.from_dict(c) for c in connections),
+            mixture=d.get("mixture", LEGACY_MIXTURE),
             **{key: d[key] for key in optional if key in d},
         )
 

@@ -1,10 +1,12 @@
 """Connection pruning and model-level (learner) pruning, both in place.
 
 Connection pruning (the paper's iterative filter, every `prune_interval` epochs): `prune_connections(baim,
-ratio)` removes floor(ratio * surviving) connections, the least important by `ConnectionGraph.importance`
-(Frobenius norm of the projection weight; ties go to the earliest connection in graph order), and deletes
-their parameters. Floor, so a ratio never removes more than asked and a tiny graph is left alone rather than
-rounded up to a removal. Parameters change: rebuild the optimiser afterwards.
+ratio, scores)` removes floor(ratio * surviving) connections, the least important by `scores` (data-driven
+contributions from `baim.compaction.connection_contributions`; when None, the legacy data-free
+`ConnectionGraph.importance`, the Frobenius norm of the projection weight; ties go to the earliest connection
+in graph order), and deletes their parameters. Floor, so a ratio never removes more than asked and a tiny
+graph is left alone rather than rounded up to a removal. Parameters change: rebuild the optimiser afterwards.
+`baim.compaction` adds the data-driven scores, per-task parameter budgets and the schedule.
 
 Model-level pruning (the paper's "trimming sub-models"): `selection_frequency` measures, on given data, how
 often each squad member is in the LSGate's top K among the samples routed to a squad containing it (the gate
@@ -31,18 +33,26 @@ from baim.model_config import ConnectionSpec, SquadSpec
 logger = logging.getLogger(__name__)
 
 
-def prune_connections(baim: BAIM, ratio: float) -> list[ConnectionSpec]:
-    """Remove floor(ratio * surviving) least important connections; returns them, least important first."""
+def prune_connections(
+    baim: BAIM, ratio: float, scores: dict[ConnectionSpec, float] | None = None
+) -> list[ConnectionSpec]:
+    """Remove floor(ratio * surviving) least important connections (by `scores`, default the weight norm);
+    returns them, least important first."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio: expected a float in [0, 1], received {ratio!r}")
     surviving = baim.connections.specs
     count = math.floor(ratio * len(surviving))
-    doomed = baim.connections.least_important(count)
+    doomed = baim.connections.least_important(count, scores)
+    remove_connections(baim, doomed)
+    logger.info("pruned %d of %d connections (ratio %.3f)", count, len(surviving), ratio)
+    return doomed
+
+
+def remove_connections(baim: BAIM, doomed: Iterable[ConnectionSpec]) -> None:
+    """Delete the connections `doomed` (and their parameters) from `baim`, in place."""
     doomed_set = set(doomed)
     kept = tuple(c for c in baim.config.connections or () if c not in doomed_set)
     baim.restructure(baim.config.with_changes(connections=kept))
-    logger.info("pruned %d of %d connections (ratio %.3f)", count, len(surviving), ratio)
-    return doomed
 
 
 def compact(baim: BAIM) -> None:
@@ -64,7 +74,7 @@ def selection_frequency(
     routed_count = torch.zeros(len(names), dtype=torch.long)
     columns = [baim.squad_columns(task) for task in baim.config.tasks]
     for x, task_ids in batches:
-        gate = baim.route(x, task_ids, seed=seed)
+        gate = baim.route(x, task_ids, seed=seed, min_k=1)  # the inference selection (top K)
         selected_count += gate.selected.sum(dim=0).cpu()
         tasks = task_ids.cpu()
         for task_id, cols in enumerate(columns):

@@ -5,6 +5,11 @@ Spec kinds (a JSON object, always with "kind"):
   {"kind": "learner", "edge_id", "task", "learner": LearnerSpec.to_dict()}
 - "baim": {"kind": "baim", **BAIMConfig.to_dict()} -> BAIM
 - "task_model": {"kind": "task_model", **BAIMConfig.to_dict()} (one squad) -> TaskModel
+- "generation_model": {"kind": "generation_model", **BAIMConfig.to_dict()} (one squad, generation_only)
+  -> GenerationModel
+
+Specs written before `mixture` existed load as mixture "blend" (`baim.model_config`): an old artifact keeps
+computing what it computed.
 
 Weights are safetensors and specs JSON: loading never unpickles. `to_bytes` / `from_bytes` round-trip
 bit-identically (keys, shapes, dtypes, values, buffers).
@@ -21,11 +26,16 @@ import torch
 from torch import nn
 
 from baim.config import LearnerSpec
-from baim.decompose import TaskModel
+from baim.decompose import GenerationModel, TaskModel
 from baim.learners import VAELearner
 from baim.model import BAIM
 
-SPEC_KINDS: dict[str, type[nn.Module]] = {"learner": VAELearner, "baim": BAIM, "task_model": TaskModel}
+SPEC_KINDS: dict[str, type[nn.Module]] = {
+    "learner": VAELearner,
+    "baim": BAIM,
+    "task_model": TaskModel,
+    "generation_model": GenerationModel,
+}
 # A wrapped learner spec: the architecture under "learner" beside who made it: an edge upload (edge_id,
 # task) or a FedAvg model (baseline, round; a client update adds its edge_id).
 WRAPPED_LEARNER_KEYS = ("baseline", "edge_id", "kind", "learner", "round", "task")
@@ -57,16 +67,20 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
         return BAIM.from_spec(spec)
     if kind == "task_model":
         return TaskModel.from_spec(spec)
+    if kind == "generation_model":
+        return GenerationModel.from_spec(spec)
     raise ValueError(f"spec kind: expected one of {list(SPEC_KINDS)}, received {kind!r}")
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:
-    """The JSON spec of a VAELearner, BAIM or TaskModel."""
+    """The JSON spec of a VAELearner, BAIM, TaskModel or GenerationModel."""
     if isinstance(module, VAELearner):
         return {"kind": "learner", **module.spec.to_dict()}
-    if isinstance(module, (BAIM, TaskModel)):
+    if isinstance(module, (BAIM, TaskModel, GenerationModel)):
         return module.spec()
-    raise ValueError(f"module: expected a VAELearner, BAIM or TaskModel, received {type(module).__name__}")
+    raise ValueError(
+        f"module: expected a VAELearner, BAIM, TaskModel or GenerationModel, received {type(module).__name__}"
+    )
 
 
 def state_and_spec(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

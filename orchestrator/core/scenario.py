@@ -457,6 +457,42 @@ class CloudConfig(StrictModel):
     prune_ratio: float = Field(
         default=0.1, ge=0, lt=1, description="Fraction of surviving connections removed at each pruning step."
     )
+    task_model_budget: float | None = Field(
+        default=None,
+        gt=1.0,
+        le=1000.0,
+        description=(
+            "Largest task model allowed, as a multiple of the parameters of that task's own squad (its "
+            "edges' learners). Pruning reaches it by the last pruning epoch, removing the connections with "
+            "the least contribution per task-model parameter they pin; prune_ratio is then not used. Unset: "
+            "the paper's schedule (prune_ratio of the surviving connections per pruning, by contribution)."
+        ),
+    )
+    recovery_epochs: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description=(
+            "Final cloud epochs without pruning (fine-tuning what survived); pruning runs every "
+            "prune_interval epochs up to epochs - recovery_epochs."
+        ),
+    )
+    prune_score_images: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description=(
+            "Cloud images per task (the first of each task's common shard, the same on every worker) on "
+            "which connections are scored at each pruning."
+        ),
+    )
+    keep: Literal["finetune", "freeze", "scratch", "best"] = Field(
+        default="finetune",
+        description=(
+            "Which strategy's trained BAIM is decomposed and published: a strategy (one of `strategies`), or "
+            "best: the one with the lowest loss on the cloud's held-out images (data.holdout_per_task)."
+        ),
+    )
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(default=False, description="Ray Train workers use a GPU each.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each Ray Train worker reserves.")
@@ -484,6 +520,20 @@ class CloudConfig(StrictModel):
         if duplicates:
             raise ValueError(f"strategies must be unique, received duplicates: {', '.join(duplicates)}")
         return value
+
+    @model_validator(mode="after")
+    def _pruning_and_keep(self) -> CloudConfig:
+        if self.keep != "best" and self.keep not in self.strategies:
+            raise ValueError(
+                f"keep: {self.keep!r} is not one of the strategies that run ({', '.join(self.strategies)}); "
+                "name one of them or use best"
+            )
+        if self.task_model_budget is not None and self.prune_interval > self.epochs - self.recovery_epochs:
+            raise ValueError(
+                f"task_model_budget: needs at least one pruning epoch, but prune_interval "
+                f"{self.prune_interval} > epochs {self.epochs} - recovery_epochs {self.recovery_epochs}"
+            )
+        return self
 
 
 # ----- timeline events: a discriminated union on `kind`

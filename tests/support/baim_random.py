@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.model import BAIM
+from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.pruning import prune_connections
 
 RESOLUTION = 16
@@ -45,6 +46,40 @@ class BAIMRecipe:
         randomise_connections(baim, self.seed, connection_scale)
         prune_connections(baim, self.prune_ratio)
         return baim
+
+
+def three_learners(connections: list[ConnectionSpec], height: int = 1, top_k: int = 1) -> BAIM:
+    """a (task t0), b (task t1), c (task t0), each (4, 4) with latent 2; only the given connections,
+    randomised."""
+    spec = LearnerSpec((4, 4), 2, RESOLUTION)
+    config = BAIMConfig(
+        learners=(
+            LearnerEntry("a", "t0", spec),
+            LearnerEntry("b", "t1", spec),
+            LearnerEntry("c", "t0", spec),
+        ),
+        squads=(SquadSpec("t0", ("a", "c")), SquadSpec("t1", ("b",))),
+        top_k=top_k,
+        connection_height=height,
+        connections=tuple(connections),
+    )
+    torch.manual_seed(0)
+    baim = BAIM(config)
+    randomise_connections(baim, seed=1)
+    return baim
+
+
+def budget_pruned(recipe: BAIMRecipe, budget: float) -> BAIM:
+    """recipe's BAIM (random, non-zero connections) pruned to `budget` by data-driven scores
+    (`baim.compaction`), on mixed batches of random images."""
+    from baim.compaction import budget_limits, connection_contributions, prune_to_targets
+
+    baim = recipe.build()
+    tasks = len(baim.config.tasks)
+    batches = [(images(6, recipe.seed + b), torch.arange(6) % tasks) for b in range(2)]
+    scores = connection_contributions(baim, batches, seed=recipe.seed)
+    prune_to_targets(baim, scores, budget_limits(baim.config, budget))
+    return baim
 
 
 def randomise_connections(baim: BAIM, seed: int, scale: float = 0.3) -> None:

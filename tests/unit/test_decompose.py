@@ -5,17 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from baim.config import LearnerSpec
-from baim.decompose import TaskModel, decompose
+from baim.decompose import GenerationModel, TaskModel, decompose, generation_model
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import noise_for
 from baim.model import BAIM
 from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
 from baim.pruning import prune_learners
-from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from baim.serialization import build_from_spec, from_bytes, to_bytes
+from tests.support.baim_random import (
+    RESOLUTION,
+    BAIMRecipe,
+    baim_recipes,
+    budget_pruned,
+    images,
+    randomise_connections,
+)
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = 1e-5
 
 
@@ -41,6 +51,94 @@ def test_decomposed_model_equals_the_baim_for_reconstruction_and_generation(reci
         assert count(model) < count(baim)  # at least the other squads' LSGates are gone
         columns = [baim.config.learner_names.index(n) for n in model.config.learner_names]
         assert torch.equal(ours.gate_weights, theirs.gate_weights[:, columns])
+
+
+@PROPERTY
+@given(
+    recipe=baim_recipes(),
+    budget=st.sampled_from([1.2, 2.0, 4.0]),
+    mixture=st.sampled_from(["sample", "blend"]),
+)
+def test_task_and_generation_models_of_budget_pruned_baims_match_the_baim(
+    recipe: BAIMRecipe, budget: float, mixture: str
+):
+    # Prepare
+    baim = budget_pruned(recipe, budget)
+    baim.config = baim.config.with_changes(mixture=mixture)
+    x = images(5, recipe.seed)
+    for training in (True, False):
+        baim.train(training)
+        for task_id, task in enumerate(baim.config.tasks):
+            # Execute
+            model = decompose(baim, task).train(training)
+            generator = decompose(baim, task, kind="generation")
+            ours, theirs = model(x, seed=recipe.seed), baim(x, task_id, seed=recipe.seed)
+            expected = baim.generate(task, 4, seed=recipe.seed + 1)
+
+            # Assert
+            assert (ours.recon - theirs.recon).abs().max() <= TOLERANCE
+            assert abs(float((ours.loss - theirs.loss).detach())) <= TOLERANCE
+            assert (generator.generate(4, seed=recipe.seed + 1) - expected).abs().max() <= TOLERANCE
+            assert torch.equal(
+                generator.generate(4, seed=recipe.seed + 1), model.generate(4, seed=recipe.seed + 1)
+            )
+            assert count(generator) <= count(model) < count(baim)
+
+
+@FEW
+@given(recipe=baim_recipes())
+def test_the_generation_model_holds_no_encoder_and_round_trips_through_safetensors(recipe: BAIMRecipe):
+    baim = recipe.build()
+    for task in baim.config.tasks:
+        # Execute
+        model = generation_model(decompose(baim, task))
+        weights, spec_json = to_bytes(model)
+        rebuilt = from_bytes(weights, spec_json)
+
+        # Assert: only decoder parts and the LSGate; the same images, bit for bit
+        assert isinstance(rebuilt, GenerationModel) and rebuilt.spec()["kind"] == "generation_model"
+        assert rebuilt.config.generation_only and rebuilt.baim.gate.encoder is None
+        keys = list(rebuilt.state_dict())
+        assert not [k for k in keys if any(part in k for part in ("encoder", "fc_mu", "fc_logvar"))]
+        assert not [
+            c
+            for c in rebuilt.config.connections or ()
+            if c.dst_stage < len(rebuilt.config.learner(c.dst).spec.widths)
+        ]
+        assert torch.equal(rebuilt.generate(3, seed=6), decompose(baim, task).generate(3, seed=6))
+        assert isinstance(build_from_spec(model.spec()), GenerationModel)
+        assert to_bytes(rebuilt) == (weights, spec_json)
+        with pytest.raises(ValueError, match="generation-only model"):
+            rebuilt.baim(images(2, 0), 0)
+
+
+def test_a_decoder_feeder_is_kept_without_its_encoder_and_an_encoder_feeder_is_dropped():
+    baim = chain_baim()  # a:2 -> b:3 (decoder), b:0 -> c:1 (encoder)
+
+    t1, t2 = (decompose(baim, task, kind="generation") for task in ("t1", "t2"))
+
+    assert [(e.name, e.depth) for e in t1.config.learners] == [("a", 2), ("b", None)]
+    assert [(e.name, e.depth) for e in t2.config.learners] == [("c", None)]
+    feeder = t1.baim.learner("a")
+    assert len(feeder.encoder_stages) == 0 and feeder.fc_mu is None and feeder.fc_logvar is None
+    assert len(feeder.decoder_stages) == 1 and feeder.decoder_input is not None
+    assert torch.equal(t1.generate(4, seed=3), decompose(baim, "t1").generate(4, seed=3))
+
+
+def test_a_spec_written_before_mixture_existed_loads_as_the_legacy_blend():
+    baim = chain_baim()
+    spec = decompose(baim, "t1").spec()
+    del spec["mixture"], spec["generation_only"]
+
+    model = build_from_spec(spec)
+
+    assert isinstance(model, TaskModel) and model.config.mixture == "blend"
+    with pytest.raises(ValueError, match="mixture: expected one of"):
+        build_from_spec({**spec, "mixture": "average"})
+    with pytest.raises(ValueError, match="kind 'generation_model'"):
+        GenerationModel.from_spec(spec)
+    with pytest.raises(ValueError, match="cannot be generation_only"):
+        TaskModel.from_spec({**spec, **decompose(baim, "t1", kind="generation").spec(), "kind": "task_model"})
 
 
 @PROPERTY

@@ -11,9 +11,15 @@ from baim.config import LearnerSpec
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for, vae_loss
 from baim.model import BAIM
-from baim.model_config import BAIMConfig, ConnectionSpec, LearnerEntry, SquadSpec
+from baim.model_config import ConnectionSpec
 from baim.training import apply_strategy
-from tests.support.baim_random import RESOLUTION, BAIMRecipe, baim_recipes, images, randomise_connections
+from tests.support.baim_random import (
+    RESOLUTION,
+    BAIMRecipe,
+    baim_recipes,
+    images,
+    three_learners,
+)
 
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPEC = LearnerSpec((4, 4), 2, RESOLUTION)  # stages 0, 1 encode; 2, 3 decode
@@ -23,25 +29,6 @@ def full_eps(baim: BAIM, batch: int, seed: int) -> dict[str, torch.Tensor]:
     eps = {e.name: noise_for(e.name, seed, batch, e.spec.latent_dim) for e in baim.config.learners}
     eps[GATE_NOISE_KEY] = noise_for(GATE_NOISE_KEY, seed, batch, baim.config.gate_code_dim)
     return eps
-
-
-def three_learners(connections: list[ConnectionSpec], height: int = 1) -> BAIM:
-    """a (task t0), b (task t1), c (task t0); only the given connections, randomised."""
-    config = BAIMConfig(
-        learners=(
-            LearnerEntry("a", "t0", SPEC),
-            LearnerEntry("b", "t1", SPEC),
-            LearnerEntry("c", "t0", SPEC),
-        ),
-        squads=(SquadSpec("t0", ("a", "c")), SquadSpec("t1", ("b",))),
-        top_k=1,
-        connection_height=height,
-        connections=tuple(connections),
-    )
-    torch.manual_seed(0)
-    baim = BAIM(config)
-    randomise_connections(baim, seed=1)
-    return baim
 
 
 @PROPERTY
@@ -79,13 +66,16 @@ def test_without_connections_each_learner_runs_only_on_the_samples_that_select_i
     # Execute
     out = baim(images(batch, recipe.seed), task_ids, seed=recipe.seed)
 
-    # Assert: each stage of learner n ran on exactly the rows selecting n; work = sum of min(K, |squad|)
+    # Assert: each stage of learner n ran on exactly the rows selecting n; work = sum of min(k, |squad|), with
+    # k = max(K, 2) in training (the "sample" mixture evaluates two learners so that the gate learns at K = 1)
     for n, entry in enumerate(baim.config.learners):
         chosen = int(out.selected[:, n].sum())
         for k in range(entry.spec.num_stages):
             assert baim.stage_counter.rows[(entry.name, k)] == chosen
     squad_sizes = [len(squad.members) for squad in baim.config.squads]
-    expected = sum(min(baim.config.top_k, squad_sizes[int(t)]) for t in task_ids)
+    k = max(baim.config.top_k, baim.selection_min_k())
+    assert baim.training and k == max(baim.config.top_k, 2)
+    expected = sum(min(k, squad_sizes[int(t)]) for t in task_ids)
     assert int(out.selected.sum()) == expected
 
 
@@ -112,8 +102,8 @@ def test_a_learner_that_runs_is_selected_or_feeds_a_learner_that_runs(recipe: BA
 
 
 def test_feeder_runs_only_the_stages_its_connection_reads_and_only_for_routed_samples():
-    # Prepare: a (task t0) feeds b (task t1) from its stage 0 into b's stage 1
-    baim = three_learners([ConnectionSpec("a", 0, "b", 1)])
+    # Prepare: a (task t0) feeds b (task t1) from its stage 0 into b's stage 1; inference routing (top K = 1)
+    baim = three_learners([ConnectionSpec("a", 0, "b", 1)]).eval()
     x = images(4, 3)
     task_ids = torch.tensor([1, 1, 1, 0])  # three samples for t1, one for t0
     baim.stage_counter.reset()
@@ -144,9 +134,15 @@ def test_generation_skips_encoder_connections_and_runs_decoder_feeders_from_the_
     assert [rows[("b", k)] for k in range(4)] == [0, 0, 5, 5]
 
 
-def test_mixture_and_loss_follow_the_documented_formula():
+def kld_of(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1)
+
+
+@pytest.mark.parametrize("mixture", ["sample", "blend"])
+def test_mixture_and_loss_follow_the_documented_formula(mixture: str):
     # Prepare: squad t0 = {a, c} with K = 2 and no connections: both run, weights softmax over two logits
     baim = three_learners([])
+    baim.config = baim.config.with_changes(mixture=mixture)
     baim.gate.squad_gate("t0").top_k = 2
     x = images(3, 4)
     eps = full_eps(baim, 3, seed=9)
@@ -162,11 +158,14 @@ def test_mixture_and_loss_follow_the_documented_formula():
     expected_recon = w_a.view(-1, 1, 1, 1) * a.recon + w_c.view(-1, 1, 1, 1) * c.recon
     torch.testing.assert_close(out.recon, expected_recon)
 
-    def kld(mu, logvar):
-        return -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1)
+    def mse(recon: torch.Tensor) -> torch.Tensor:
+        return ((recon - x) ** 2).flatten(start_dim=1).mean(dim=1)
 
-    expected_kld = (w_a * kld(a.mu, a.logvar) + w_c * kld(c.mu, c.logvar)).mean()
-    torch.testing.assert_close(out.recon_loss, F.mse_loss(expected_recon, x))
+    expected_kld = (w_a * kld_of(a.mu, a.logvar) + w_c * kld_of(c.mu, c.logvar)).mean()
+    if mixture == "sample":  # the expected loss over the mixture
+        torch.testing.assert_close(out.recon_loss, (w_a * mse(a.recon) + w_c * mse(c.recon)).mean())
+    else:  # the loss of the blended image
+        torch.testing.assert_close(out.recon_loss, F.mse_loss(expected_recon, x))
     torch.testing.assert_close(out.kld, expected_kld)
     torch.testing.assert_close(
         out.loss, out.recon_loss + baim.config.kld_weight * (expected_kld + out.gate_kld)

@@ -85,8 +85,8 @@ def squad_with_idle_learner(feeds: bool) -> BAIM:
 
 @pytest.mark.parametrize("feeds", [False, True])
 def test_pruning_a_never_selected_learner_leaves_outputs_unchanged(feeds: bool):
-    # Prepare
-    baim = squad_with_idle_learner(feeds)
+    # Prepare: inference (eval mode, top K); in training the "sample" mixture also evaluates d
+    baim = squad_with_idle_learner(feeds).eval()
     x = images(6, 1)
     task_ids = torch.tensor([0, 1, 0, 1, 0, 1])
     before = baim(x, task_ids, seed=2)

@@ -158,6 +158,18 @@ BAD_INPUTS = [
     ("dup strategy", "cloud.strategies", ["finetune", "finetune"], "cloud.strategies:", "unique"),
     ("top_k too big", "cloud.top_k", 4, "cloud.top_k:", "larger than the squad of task 'male'"),
     ("prune ratio 1", "cloud.prune_ratio", 1.0, "cloud.prune_ratio:", "less than 1"),
+    ("budget 1", "cloud.task_model_budget", 1.0, "cloud.task_model_budget:", "greater than 1"),
+    # epochs 1 < prune_interval 10: the budget could never be reached
+    ("budget unreachable", "cloud.task_model_budget", 1.5, "cloud:", "task_model_budget: needs at least one"),
+    ("keep not run", "cloud.keep", "freeze", "cloud:", "keep: 'freeze' is not one of the strategies"),
+    ("bad keep", "cloud.keep", "last", "cloud.keep:", "'finetune', 'freeze', 'scratch' or 'best'"),
+    (
+        "negative recovery",
+        "cloud.recovery_epochs",
+        -1,
+        "cloud.recovery_epochs:",
+        "greater than or equal to 0",
+    ),
     ("resolution", "data.resolution", 18, "edges.0.model.widths:", "not divisible by 2**len(widths) = 4"),
     (
         "fraction zero",
@@ -459,3 +471,15 @@ def test_plausibility_gate_defaults():
         2.5,
         50.0,
     )
+
+
+def test_a_budget_with_a_pruning_epoch_and_keep_best_validate():
+    document = valid_scenario()
+    document["cloud"].update(
+        {"epochs": 6, "prune_interval": 2, "recovery_epochs": 2, "task_model_budget": 1.2, "keep": "best"}
+    )
+
+    cloud = Scenario.model_validate(document).cloud
+
+    assert (cloud.task_model_budget, cloud.recovery_epochs, cloud.keep) == (1.2, 2, "best")
+    assert Scenario.model_validate(valid_scenario()).cloud.keep == "finetune"
