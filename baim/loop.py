@@ -83,6 +83,12 @@ class TrainingHooks(Protocol):
         ...
 
 
+def on_cadence(epoch: int, every: int, last_epoch: int) -> bool:
+    """Whether a per-epoch action (a checkpoint, an evaluation) is due after `epoch`: after every `every`-th
+    epoch and after the last one always."""
+    return epoch % every == 0 or epoch == last_epoch
+
+
 def start_strategy(baim: BAIM, strategy: Strategy, seed: int) -> None:
     """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy."""
     admit(baim)
