@@ -516,6 +516,9 @@ class RayTrainHooks:
         # the lost attempt did.
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.ranks.rank))
         self.sampler.set_epoch(epoch)
+        return self._device_batches(epoch)
+
+    def _device_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, (images, task_ids) in enumerate(self.loader):
             yield images.to(self.ranks.device), task_ids.to(self.ranks.device)
             if step == 0:  # after the first training step
