@@ -90,11 +90,13 @@ class LocalHooks:
 
 def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
     """Train the fused BAIM once per strategy, each from the same fused BAIM; the first strategy's result
-    is what the coordinator continues from. Every training step's FLOPs are counted; the test loss is
+    is what the coordinator continues from. FLOPs are counted on the first step and the first after each
+    pruning, scaled by samples (`LoopSchedule.flop_counting="after_change"`); the test loss is
     measured every `cloud.evaluate_every` epochs and after the last. `chosen_by` (why this runner runs the
     round) goes into each strategy's record."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
-    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "every_batch")
+    # FLOPs as the Ray Train runner counts them (a counted step costs about two uncounted ones).
+    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "after_change")
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
     trained: ArtifactPayload | None = None

@@ -108,9 +108,12 @@ class TrainRoundConfig(StrictModel):
     )
     test_indices: dict[str, list[int]] = Field(description="Per task name: indices of the test images.")
     eval_batch_size: int = Field(default=64, ge=1, description="Batch size of test-loss evaluation.")
-    flop_counting: Literal["first_batch", "every_batch"] = Field(
-        default="first_batch",
-        description="Count FLOPs on the first step of each epoch and scale by samples, or on every step.",
+    flop_counting: Literal["after_change", "first_batch", "every_batch"] = Field(
+        default="after_change",
+        description=(
+            "Count FLOPs on the first step of the run and the first after each pruning, scaled by samples "
+            "(after_change); on the first step of each epoch (first_batch); or on every step."
+        ),
     )
     checkpoint_every: int = Field(
         default=CHECKPOINT_EVERY_DEFAULT,
