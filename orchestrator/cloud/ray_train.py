@@ -66,7 +66,8 @@ class WorkerCrash(StrictModel):
         ge=2,
         description=(
             "Epoch (1-based) during which the rank dies, after its first training step and after the "
-            "previous epoch's checkpoint is committed. At least 2, so a checkpoint exists to resume from."
+            "last checkpoint is committed. After the run's first checkpoint (checkpoint_every), so one "
+            "exists to resume from."
         ),
     )
     rank: int = Field(default=0, ge=0, description="World rank of the worker that dies.")
@@ -488,7 +489,7 @@ def _maybe_crash(cfg: TrainRoundConfig, epoch: int, rank: int, resumed: bool) ->
     import ray.train
     from ray.train import CheckpointConsistencyMode
 
-    # Ray Train registers a report only when it has polled every rank; wait until the previous epoch's
+    # Ray Train registers a report only when it has polled every rank; wait until the last reported
     # checkpoint is committed, so the restart has it (a real crash may also lose the newest report).
     ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
     logger.warning("fault injection: rank %d exits during epoch %d", rank, epoch)
