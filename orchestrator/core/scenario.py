@@ -454,6 +454,11 @@ class UploadLimits(StrictModel):
     )
 
 
+# Measured with benchmarks/bench_train.py at quickstart's size (docs/design/training.md says how).
+CHECKPOINT_EVERY_DEFAULT = 2
+AUTO_LOCAL_MAX_FLOPS_DEFAULT = 2e11
+
+
 class CloudConfig(StrictModel):
     strategies: list[Literal["finetune", "freeze", "scratch"]] = Field(
         default=["finetune", "freeze", "scratch"],
@@ -514,6 +519,45 @@ class CloudConfig(StrictModel):
         description=(
             "Which strategy's trained BAIM is decomposed and published: a strategy (one of `strategies`), or "
             "best: the one with the lowest loss on the cloud's held-out images (data.holdout_per_task)."
+        ),
+    )
+    checkpoint_every: int = Field(
+        default=CHECKPOINT_EVERY_DEFAULT,
+        ge=1,
+        le=100_000,
+        description=(
+            "Ray Train checkpoints (weights, optimiser, pruning state; the ranks' state hashes compared) "
+            "after every this many epochs, and after the last epoch always. A worker failure loses at most "
+            "this many epochs. The default keeps a Ray Train epoch within 1.10x of a plain PyTorch loop at "
+            "quickstart's size (benchmarks/bench_train.py)."
+        ),
+    )
+    evaluate_every: int = Field(
+        default=1,
+        ge=1,
+        le=100_000,
+        description=(
+            "Measure the test loss after every this many cloud epochs, and after the last epoch always "
+            "(the loss curves have a point per evaluated epoch)."
+        ),
+    )
+    trainer: Literal["auto", "ray_train", "local"] = Field(
+        default="auto",
+        description=(
+            "How a cloud round trains. ray_train: one Ray Train TorchTrainer job per strategy (DDP, "
+            "checkpoints, FailureConfig resume). local: the same loop in a thread of the coordinator (no "
+            "start-up cost, no checkpoints). auto: local when use_gpu is false and a strategy's estimated "
+            "training FLOPs are at most auto_local_max_flops, else ray_train."
+        ),
+    )
+    auto_local_max_flops: float = Field(
+        default=AUTO_LOCAL_MAX_FLOPS_DEFAULT,
+        ge=0,
+        description=(
+            "trainer: auto runs a round in the coordinator when one strategy's training FLOPs (one "
+            "measured step x steps per epoch x epochs) are at most this. The default is about what the "
+            "in-process loop computes on one CPU core in the measured fixed start-up of a Ray Train job "
+            "(docs/design/training.md, 'Choosing the runner')."
         ),
     )
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")

@@ -311,8 +311,8 @@ def strategy_curves(report: RunReport) -> dict[str, list[tuple[int, float]]]:
             initial = summary.initial_test_loss if isinstance(summary, RayTrainStrategyRun) else None
             if done == 0 and initial is not None:
                 curve.append((0, initial))
-            losses = summary.test_loss
-            curve.extend((done + i + 1, loss) for i, loss in enumerate(losses))
+            losses = summary.test_loss  # None: an epoch the round did not evaluate
+            curve.extend((done + i + 1, loss) for i, loss in enumerate(losses) if loss is not None)
             epochs_done[strategy] = done + len(losses)
     return {strategy: curve for strategy, curve in curves.items() if curve}
 
@@ -526,13 +526,28 @@ def _strategies_section(report: RunReport) -> list[str]:
     if not curves:
         return [NOT_MEASURED + " (no cloud training round)"]
     flops, seconds = report.cloud.flops, report.cloud.seconds
+    trainers = strategy_trainers(report)
     rows = [
         [s, curve[0][0], _fmt(curve[0][1]), curve[-1][0], _fmt(curve[-1][1]), _fmt_flops(flops.get(s)),
-         _fmt(seconds.get(s), 1)]
+         _fmt(seconds.get(s), 1), trainers.get(s, "")]
         for s, curve in curves.items()
     ]  # fmt: skip
-    header = ["strategy", "first epoch", "test loss", "last epoch", "test loss", "cloud FLOPs", "seconds"]
+    header = ["strategy", "first epoch", "test loss", "last epoch", "test loss", "cloud FLOPs", "seconds",
+              "trainer (why)"]  # fmt: skip
     return _table(header, rows)
+
+
+def strategy_trainers(report: RunReport) -> dict[str, str]:
+    """Per strategy, which runner trained its rounds and why, e.g. `local (cloud.trainer: auto (...))`;
+    rounds that differ are listed in order, `; `-separated."""
+    named: dict[str, list[str]] = {}
+    for cloud_round in report.cloud.rounds:
+        for strategy, summary in cloud_round.strategies.items():
+            text = f"{summary.runner} ({summary.chosen_by})"
+            seen = named.setdefault(strategy, [])
+            if text not in seen:
+                seen.append(text)
+    return {strategy: "; ".join(texts) for strategy, texts in named.items()}
 
 
 def _fedavg_section(report: RunReport) -> list[str]:
