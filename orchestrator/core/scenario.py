@@ -191,6 +191,45 @@ class ProceduralConfig(StrictModel):
     )
 
 
+class UniformPartition(StrictModel):
+    kind: Literal["uniform"] = Field(
+        default="uniform", description="Each edge's shard is a uniform draw from its task's images."
+    )
+
+
+class DirichletPartition(StrictModel):
+    kind: Literal["dirichlet"] = Field(
+        description=(
+            "Each edge's shard is skewed over the value combinations of `attributes`: the edge's share of "
+            "each combination is drawn from Dirichlet(alpha x the combination's share of the task's images)."
+        )
+    )
+    attributes: list[str] = Field(
+        min_length=1,
+        max_length=6,
+        description="Secondary CelebA attributes the shards are skewed over (2**len combinations).",
+    )
+    alpha: float = Field(
+        gt=0,
+        le=1e6,
+        description="Concentration: small values give each edge a few combinations; large ones approach "
+        "the uniform draw.",
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in CELEBA_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; valid: CelebA's 40 attribute names")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate attributes in {value}")
+        return value
+
+
+PartitionConfig = Annotated[UniformPartition | DirichletPartition, Field(discriminator="kind")]
+
+
 class DataConfig(StrictModel):
     root: str | None = Field(
         default=None,
@@ -240,6 +279,10 @@ class DataConfig(StrictModel):
     )
     procedural: ProceduralConfig = Field(
         default_factory=ProceduralConfig, description="The face set generated when no CelebA is found."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=UniformPartition,
+        description="How edge shards are drawn within a task: `uniform` or `dirichlet` (non-IID).",
     )
 
     @field_validator("test_per_task")
