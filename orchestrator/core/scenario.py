@@ -718,6 +718,23 @@ class ServingConfig(StrictModel):
         return self
 
 
+class PlacementConfig(StrictModel):
+    mode: Literal["actor", "pool"] = Field(
+        default="actor",
+        description=(
+            "`actor`: one Ray actor per edge (small runs, real multi-node placement). `pool`: virtual edges "
+            "multiplexed on a bounded pool of edge-worker actors, one sub-pool per distinct resource request."
+        ),
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most edge-worker actors in all sub-pools together (pool mode); unset: as many as the "
+        "cluster's resources hold, after the coordinator's and the cloud trainer's reservation.",
+    )
+
+
 class Scenario(StrictModel):
     name: str = Field(default="scenario", min_length=1, description="Name shown in logs and reports.")
     description: str = Field(default="", description="Free text for humans.")
@@ -745,6 +762,9 @@ class Scenario(StrictModel):
         ge=0,
         le=1000,
         description="Multiplies simulated link delays and slow-downs (0 disables them; small for tests).",
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig, description="How edges are placed on Ray: actor per edge or a pool."
     )
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Baselines run for comparison."

@@ -150,7 +150,11 @@ class Engine:
         self.partitions = make_partitions(self.source, scenario)  # ScenarioError before any actor starts
         self.edges = {edge.id: EdgeTrack(edge) for edge in scenario.all_edges()}
         self.fleet = EdgeFleet(
-            scenario, self.source, self.partitions, unschedulable_after_s=options.unschedulable_after_s
+            scenario,
+            self.source,
+            self.partitions,
+            unschedulable_after_s=options.unschedulable_after_s,
+            reserve_cpus=options.coordinator_num_cpus,
         )
         self.event_log: list[RunEvent] = []
         self.started = 0.0
@@ -387,7 +391,7 @@ class Engine:
                         f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
                     )
                 track.report = report
-        if ask:
+        if ask and self.fleet.polls_progress:
             for track in self.edges.values():
                 edge_id = track.config.id
                 if track.status == "running" and track.progress_ref is None and self.fleet.has_actor(edge_id):
