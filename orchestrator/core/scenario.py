@@ -735,6 +735,30 @@ class PlacementConfig(StrictModel):
     )
 
 
+class VirtualTimeConfig(StrictModel):
+    edge_gflops: float = Field(
+        default=5.0,
+        gt=0,
+        le=1e6,
+        description="Simulated compute rate of an edge at speed 1 (virtual clock): an epoch takes its "
+        "counted training FLOPs / this rate, times the slow-down, divided by the trace's speed factor.",
+    )
+
+
+class TracesConfig(StrictModel):
+    path: str | None = Field(
+        default=None,
+        description="Availability trace (CSV or Parquet: edge_id, start_s, end_s, speed, bandwidth_mbps), "
+        "replayed on the virtual clock; rows are online intervals, the gaps between them offline. Edges "
+        "not in it are always online. A relative path is relative to the scenario file's folder.",
+    )
+    offline_upload: Literal["retry", "lost"] = Field(
+        default="retry",
+        description="An edge offline when it should upload: `retry` when it is back online, or `lost` "
+        "(status offline).",
+    )
+
+
 class Scenario(StrictModel):
     name: str = Field(default="scenario", min_length=1, description="Name shown in logs and reports.")
     description: str = Field(default="", description="Free text for humans.")
@@ -762,6 +786,17 @@ class Scenario(StrictModel):
         ge=0,
         le=1000,
         description="Multiplies simulated link delays and slow-downs (0 disables them; small for tests).",
+    )
+    time: Literal["wall", "virtual"] = Field(
+        default="wall",
+        description="`wall`: events fire on the wall clock and delays sleep. `virtual`: a discrete-event "
+        "clock; link delays, slow-downs, timeline events and traces advance simulated time without sleeping.",
+    )
+    virtual_time: VirtualTimeConfig = Field(
+        default_factory=VirtualTimeConfig, description="The virtual clock's compute model."
+    )
+    traces: TracesConfig = Field(
+        default_factory=TracesConfig, description="Availability traces (virtual clock only)."
     )
     placement: PlacementConfig = Field(
         default_factory=PlacementConfig, description="How edges are placed on Ray: actor per edge or a pool."
@@ -875,6 +910,8 @@ class Scenario(StrictModel):
                 )
 
         problems += self._timeline_problems(first_path)
+        if self.traces.path is not None and self.time != "virtual":
+            problems.append("traces.path: a trace is replayed on the virtual clock; set `time: virtual`")
         if problems:
             # An edge group reports a problem once, not once per expanded edge.
             raise ValueError("\n".join(dict.fromkeys(problems)))
@@ -976,6 +1013,12 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
             f"{scenario_path}: expected a YAML mapping at the top level, received {type(document).__name__}"
         )
     scenario = Scenario.model_validate(document)
+    trace = scenario.traces.path
+    if trace is not None and not Path(trace).expanduser().is_absolute():
+        resolved = (scenario_path.parent / trace).resolve()
+        scenario = scenario.model_copy(
+            update={"traces": scenario.traces.model_copy(update={"path": str(resolved)})}
+        )
     logger.info(
         "loaded scenario %r from %s (%d edges)", scenario.name, scenario_path, len(scenario.all_edges())
     )

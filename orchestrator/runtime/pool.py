@@ -161,7 +161,7 @@ class EdgeWorkerPool:
             options["resources"] = demand
         name = "+".join(f"{k}={v:g}" for k, v in pool.demand)
         groups = {TRAIN_GROUP: 1, CONTROL_GROUP: CONTROL_THREADS}
-        worker_cls = ray.remote(concurrency_groups=groups)(EdgeWorker).options(**options)
+        worker_cls = ray.remote(concurrency_groups=groups)(EdgeWorker).options(**options)  # type: ignore[call-overload]
         return worker_cls.remote(**self.worker_args, worker_id=f"{name}#{index}")
 
     @staticmethod

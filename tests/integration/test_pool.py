@@ -141,7 +141,8 @@ for edge_id in edges:
 started = fleet.wait_until_up(edges, 60)
 spec = homogeneous_spec(scenario)
 payload = pack_state(VAELearner(spec).state_dict(), global_spec(spec, 1))
-refs = {e: fleet.call(e, "fedavg_round", payload.weights, payload.spec_json, payload.sha256, 1, 1) for e in edges}
+args = (payload.weights, payload.spec_json, payload.sha256, 1, 1)
+refs = {e: fleet.call(e, "fedavg_round", *args) for e in edges}
 answers = {e: json.loads(fleet.answer(e, ref)[3])["status"] for e, ref in refs.items()}
 workers = []
 for demand, handles in fleet.pool.workers().items():
