@@ -38,6 +38,7 @@ def build_report(
     events: list[RunEvent],
     registry_uri: str,
     wall_seconds: float,
+    simulated_seconds: float | None = None,
     run_id: str | None = None,
     failure: str | None = None,
 ) -> RunReport:
@@ -98,6 +99,7 @@ def build_report(
             cloud_flops=sum(cloud_flops.values()),
             uploads=UploadCounts.model_validate(ledger.upload_counts()),
             wall_seconds=wall_seconds,
+            simulated_seconds=simulated_seconds,
         ),
         events=events,
         registry=registry_uri,

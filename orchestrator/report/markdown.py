@@ -607,7 +607,13 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         f"# Run report: {scenario.name}",
         "",
         f"Scenario `{scenario.name}`, seed {report.seed}, "
-        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run" + measured,
+        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run"
+        + (
+            f" ({_fmt(report.totals.simulated_seconds, 1)} s simulated on the virtual clock)"
+            if report.totals.simulated_seconds is not None
+            else ""
+        )
+        + measured,
         *_data_section(report),
         "",
     ]

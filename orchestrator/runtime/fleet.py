@@ -161,6 +161,11 @@ class EdgeFleet:
         self.reserve_cpus = reserve_cpus + scenario.cloud.num_workers * scenario.cloud.cpus_per_worker
 
     @property
+    def edge_time_scale(self) -> float:
+        """What edges multiply their simulated delays by: 0 on the virtual clock (it keeps the time)."""
+        return 0.0 if self.scenario.time == "virtual" else self.scenario.time_scale
+
+    @property
     def polls_progress(self) -> bool:
         """Whether running edges answer `progress` (pool placement: the final report only)."""
         return not self.pooled
@@ -179,7 +184,7 @@ class EdgeFleet:
                     "resolution": self.scenario.data.resolution,
                     "scenario_seed": self.scenario.seed,
                     "kld_weight": self.scenario.cloud.kld_weight,
-                    "time_scale": self.scenario.time_scale,
+                    "time_scale": self.edge_time_scale,
                 },
                 reserve_cpus=self.reserve_cpus,
                 max_workers=self.scenario.placement.max_workers,
@@ -206,7 +211,7 @@ class EdgeFleet:
             resolution=self.scenario.data.resolution,
             scenario_seed=self.scenario.seed,
             kld_weight=self.scenario.cloud.kld_weight,
-            time_scale=self.scenario.time_scale,
+            time_scale=self.edge_time_scale,
         )
         member.probe_ref = member.actor.progress.remote()
         member.spawned_at = time.monotonic()

@@ -21,11 +21,22 @@ then the edges' own progress (a crash at t = 5 beats an upload that would arrive
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from actors.edge import upload_spec
+from actors.uploads import declared_spec
+from baim.config import LearnerSpec
+from baim.costs import forward_backward_flops
+from baim.learners import VAELearner
+from baim.training import vae_batch_loss
+from orchestrator.core.artifacts import canonical_json, pack_state
 from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
     CrashEvent,
@@ -34,8 +45,10 @@ from orchestrator.core.scenario import (
     LeaveEvent,
     LinkEvent,
     PoisonEvent,
+    Scenario,
     SlowEvent,
 )
+from orchestrator.data.partitions import Partitions
 from orchestrator.data.traces import OnlineInterval
 
 FateStatus = Literal["uploads", "crashed", "left", "offline", "not_joined"]
@@ -73,7 +86,7 @@ class EdgeFate:
     started_at: float | None = None
     epochs_done: int = 0
     upload_attempts: int = 0
-    poison: list[tuple[str, float]] = field(default_factory=list)  # (mode, scale) hitting before its upload
+    poison: list[PoisonEvent] = field(default_factory=list)  # the poison events that hit before its upload
     note: str = ""
 
 
@@ -219,7 +232,7 @@ class _Clock:
             edge.bandwidth = event.bandwidth_mbps or edge.bandwidth
             edge.latency_ms = edge.latency_ms if event.latency_ms is None else event.latency_ms
         elif isinstance(event, PoisonEvent) and edge.phase == "training":
-            edge.fate.poison.append((event.mode, event.scale))
+            edge.fate.poison.append(event)
 
     def trace_change(self, edge: _Edge, online: bool, interval: OnlineInterval | None) -> None:
         edge_id = edge.work.edge_id
@@ -297,5 +310,62 @@ def simulate(
     for edge in clock.edges.values():  # still waiting for time that never comes: the trace ran out
         if edge.phase in ("training", "uploading"):
             clock.lose(edge, "offline", "its trace has no online time left")
+    end_s = clock.events[-1].t if clock.events else 0.0  # the last thing that happened (not a stale event)
     return Simulation(clock.events, {e: s.fate for e, s in clock.edges.items()}, clock.coordinator_crashes,
-                      clock.now)  # fmt: skip
+                      end_s)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------
+# The edges' work, from the scenario (what the clock needs, computed as the edges would count it)
+
+
+def edge_works(scenario: Scenario, partitions: Partitions) -> list[EdgeWork]:
+    """Per edge: epochs, simulated seconds per epoch (its training FLOPs / `virtual_time.edge_gflops`) and
+    the exact size of its upload; one FLOP count per (architecture, batch size, shard size)."""
+    rate = scenario.virtual_time.edge_gflops * 1e9
+    resolution = scenario.data.resolution
+    loss_fn = vae_batch_loss(scenario.cloud.kld_weight)
+    flops: dict[tuple[LearnerSpec, int, int], int] = {}
+    weight_bytes: dict[LearnerSpec, int] = {}
+    works = []
+    for edge in scenario.all_edges():
+        spec = declared_spec(edge, resolution)
+        shard = len(partitions.edges[edge.id])
+        key = (spec, edge.batch_size, shard)
+        if key not in flops:
+            flops[key] = epoch_flops(spec, edge.batch_size, shard, loss_fn)
+        if spec not in weight_bytes:
+            with torch.random.fork_rng(devices=[]):
+                weight_bytes[spec] = len(
+                    pack_state(VAELearner(spec).state_dict(), {"kind": "learner"}).weights
+                )
+        spec_bytes = len(canonical_json(upload_spec(edge, spec)))
+        works.append(EdgeWork(
+            edge.id, edge.start, edge.local_epochs, flops[key] / rate, weight_bytes[spec] + spec_bytes,
+            edge.link.bandwidth_mbps, edge.link.latency_ms,
+        ))  # fmt: skip
+    return works
+
+
+def epoch_flops(spec: LearnerSpec, batch_size: int, shard_size: int, loss_fn: Any) -> int:
+    """Training FLOPs of one epoch over `shard_size` images in batches of `batch_size` (shapes only, as
+    `EdgeNode` counts them: one full batch and the last partial one)."""
+    full, rest = divmod(shard_size, batch_size)
+    with torch.random.fork_rng(devices=[]):
+        model = VAELearner(spec)
+        total = 0
+        for n, count in ((batch_size, full), (rest, 1)):
+            if n and count:
+                example = torch.zeros(n, spec.in_channels, spec.resolution, spec.resolution)
+                total += count * forward_backward_flops(model, example, loss_fn).total
+    return total
+
+
+def write_simulated_events(simulation: Simulation, path: Path) -> Path:
+    """Every simulated event, one JSON object per line (t in simulated seconds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for event in simulation.events:
+            record = {"t": event.t, "kind": event.kind, "edge": event.edge, **event.detail}
+            out.write(json.dumps(record, sort_keys=True) + "\n")
+    return path

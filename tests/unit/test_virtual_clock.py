@@ -53,7 +53,7 @@ def test_timeline_events_act_in_simulated_time_in_the_timelines_order() -> None:
     assert (fates["slow"].status, fates["slow"].at) == ("uploads", 52.0)
     assert (fates["doomed"].status, fates["doomed"].at, fates["doomed"].epochs_done) == ("crashed", 12.0, 1)
     assert (fates["late"].status, fates["late"].started_at, fates["late"].at) == ("uploads", 30.0, 54.0)
-    assert (fates["fast"].status, fates["fast"].at, fates["fast"].poison) == (
+    assert (fates["fast"].status, fates["fast"].at, [(p.mode, p.scale) for p in fates["fast"].poison]) == (
         "uploads",
         24.0,
         [("nan", 10.0)],
