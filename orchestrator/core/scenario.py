@@ -1098,6 +1098,7 @@ def scenario_reference_markdown() -> str:
         ("Scenario (top level)", Scenario),
         ("data", DataConfig),
         ("data.procedural", ProceduralConfig),
+        ("data.partition, kind: dirichlet (kind: uniform has no other field)", DirichletPartition),
         ("tasks[]", TaskConfig),
         ("edges[]", EdgeConfig),
         ("edge_groups[]", EdgeGroupConfig),
@@ -1109,6 +1110,9 @@ def scenario_reference_markdown() -> str:
         *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
+        ("placement", PlacementConfig),
+        ("virtual_time", VirtualTimeConfig),
+        ("traces", TracesConfig),
     ]
     lines = [
         "# Scenario reference",
