@@ -15,7 +15,8 @@ For each N (default 1,000 and 10,000), on a fresh local Ray with `--cpus` CPUs:
 Goals (issue): overhead <= 20 ms per edge, <= 2 MB per idle edge, ack p99 < 200 ms. Prints the numbers and
 the machine's load (`os.getloadavg`); asserts nothing.
 
-    .venv/bin/python benchmarks/bench_scale.py [--edges 1000 10000] [--cpus 2] [--burst 1000] [--train-up-to N]
+    .venv/bin/python benchmarks/bench_scale.py [--edges 1000 10000] [--cpus 2] [--burst 1000]
+        [--train-up-to N]
 """
 
 from __future__ import annotations
