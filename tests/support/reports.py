@@ -199,6 +199,7 @@ def bare_report() -> dict[str, Any]:
             "cloud_flops": 0,
             "uploads": {"accepted": 0, "rejected": {}},
             "wall_seconds": 12.0,
+            "simulated_seconds": None,
         },
         "events": [],
         "registry": "/registry",
