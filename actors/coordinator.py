@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from actors.admission import Squads
 from actors.coordinator_state import (
     STATE_KEY,
     CoordinatorState,
@@ -100,6 +101,7 @@ class CloudCoordinator:
         rank = {name: position for position, name in enumerate(self.learner_names.values())}
         self.live = LiveBAIM(self.cloud, scenario.seed, rank)
         self.policy = RoundPolicy(self.cloud)
+        self.squads = Squads(self.cloud.max_learners_per_task)  # which accepted uploads the BAIM holds
         self.store = StateStore(self.registry, run_id)
         # State (what the checkpoint holds, with the rejected receipts and the live BAIM's trained set).
         self.ledger = Ledger()
@@ -112,7 +114,9 @@ class CloudCoordinator:
         self._finishing = False
         self._lock = asyncio.Lock()  # guards the BAIM structure (fusion, round start and end)
         self._validation_slots = asyncio.Semaphore(validation_slots(self.cloud.uploads))
-        self._to_fuse: list[tuple[str, VAELearner]] = []  # accepted, acknowledged, not yet fused
+        self._to_fuse: list[tuple[str, str, VAELearner]] = []  # admitted (edge, key), acknowledged, not fused
+        self._fused_keys: dict[str, str] = {}  # learner -> the key of the upload fused into the live BAIM
+        self._round_members: set[str] = set()  # the learners the running round trains
         self._fusion_task: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[UploadReceipt]] = {}
         self._round_task: asyncio.Task[None] | None = None
@@ -196,7 +200,7 @@ class CloudCoordinator:
         try:
             try:
                 async with self._validation_slots:  # bounds the memory of uploads being parsed at once
-                    learner = await asyncio.to_thread(
+                    valid = await asyncio.to_thread(
                         self.validator.validate, edge_id, version, weights, spec_json, sha256
                     )
             except UploadRejected:
@@ -237,16 +241,33 @@ class CloudCoordinator:
             learner=self.learner_names[edge_id],
             artifact=f"{owner}@{vname}",
         )
+        receipt = self._admit(receipt, valid.holdout_loss)
         self.accepted.append(receipt)
         self.ledger.record_upload(edge_id, "accepted", version=version)
         await self._checkpoint()  # durable (registry + state document) before the acknowledgement
         # Fusion follows the acknowledgement, in arrival order, off the event loop: its cost grows with the
         # BAIM, and a restarted coordinator re-fuses from the registry anyway.
-        self._to_fuse.append((edge_id, learner))
+        if receipt.admission == "admitted":
+            self._to_fuse.append((edge_id, key, valid.learner))
         if self._fusion_task is None or self._fusion_task.done():
             self._fusion_task = asyncio.ensure_future(self._fuse_queued())
-        logger.info("accepted upload %s as learner %s", key, receipt.learner)
+        logger.info("accepted upload %s as learner %s (%s)", key, receipt.learner, receipt.admission)
         return receipt
+
+    def _admit(self, receipt: UploadReceipt, holdout_loss: float) -> UploadReceipt:
+        """`receipt` with its admission (actors.admission); the receipt of a learner it displaces says so."""
+        name, edge_id = str(receipt.learner), str(receipt.edge_id)
+        fixed = self.live.trained | self._round_members
+        decision = self.squads.decide(self.edges[edge_id].task, name, receipt.key, holdout_loss, fixed)
+        if decision.displaces is not None:
+            for position, other in enumerate(self.accepted):
+                if other.learner == decision.displaces and other.admission == "admitted":
+                    detail = f"displaced by {name} (holdout loss {holdout_loss:.6g}) before a round trained it"
+                    update = {"admission": "registry_only", "admission_detail": detail}
+                    self.accepted[position] = other.model_copy(update=update)
+        admission = "admitted" if decision.admitted else "registry_only"
+        update = {"holdout_loss": holdout_loss, "admission": admission, "admission_detail": decision.detail}
+        return receipt.model_copy(update=update)
 
     async def _fuse_queued(self) -> None:
         """Fuse every queued learner in arrival order (a thread does the work), then apply the policy.
@@ -254,15 +275,35 @@ class CloudCoordinator:
         An item leaves the queue only once fused, so a task cancelled midway loses nothing.
         """
         async with self._lock:
-            while self._to_fuse:
-                edge_id, learner = self._to_fuse[0]
-                with self.ledger.fusion():
-                    await asyncio.to_thread(self._fuse, edge_id, learner)
+            while True:
+                await self._drop_displaced()
+                if not self._to_fuse:
+                    break
+                edge_id, key, learner = self._to_fuse[0]
+                if self._still_admitted(edge_id, key):
+                    with self.ledger.fusion():
+                        await asyncio.to_thread(self._fuse, edge_id, key, learner)
                 self._to_fuse.pop(0)
         await self._maybe_start_round()
 
-    def _fuse(self, edge_id: str, learner: VAELearner) -> None:
-        self.live.fuse(self.learner_names[edge_id], self.edges[edge_id].task, learner)
+    def _fuse(self, edge_id: str, key: str, learner: VAELearner) -> None:
+        name = self.learner_names[edge_id]
+        self.live.fuse(name, self.edges[edge_id].task, learner)
+        self._fused_keys.setdefault(name, key)  # fuse() keeps a learner already in as it is
+
+    def _still_admitted(self, edge_id: str, key: str) -> bool:
+        """Whether upload `key` still holds its learner's seat (an upload admitted later may displace it)."""
+        return self.squads.admitted_keys().get(self.learner_names[edge_id]) == key
+
+    async def _drop_displaced(self) -> None:
+        """Drop from the live BAIM the pending learners whose fused upload no longer holds the seat."""
+        admitted = self.squads.admitted_keys()
+        stale = [name for name in self.live.pending() if admitted.get(name) != self._fused_keys.get(name)]
+        if not stale:
+            return
+        keep = set(self.live.learners) - set(stale)
+        for name in await asyncio.to_thread(self.live.drop_pending, keep, self._last_trained):
+            del self._fused_keys[name]
 
     # ---- rounds --------------------------------------------------------------------------------------
 
@@ -276,6 +317,9 @@ class CloudCoordinator:
         async with self._lock:
             if self.live.baim is None or (self._round_task is not None and not self._round_task.done()):
                 return
+            await self._drop_displaced()
+            if self.live.baim is None:
+                return
             baim = await asyncio.to_thread(self.live.canonical, self._last_trained)
             request = RoundRequest(
                 round_index=self.log.next_round,
@@ -287,6 +331,7 @@ class CloudCoordinator:
                 registry_uri=self.registry_uri,
             )
             members = list(baim.config.learner_names)
+            self._round_members = set(members)
             self.ledger.record_event("round_started", round=request.round_index, learners=len(members))
             self._round_task = asyncio.ensure_future(self._run_round(request, members))
 
@@ -298,6 +343,7 @@ class CloudCoordinator:
         try:
             result = await asyncio.to_thread(self.round_runner, request)
         except Exception as err:  # a failed round loses nothing: its learners stay pending
+            self._round_members = set()
             logger.exception("round %d failed", request.round_index)
             pending = [name for name in members if name not in self.live.trained]
             self.policy.failed(pending)
@@ -312,6 +358,7 @@ class CloudCoordinator:
             version = await asyncio.to_thread(publish_baim, self.registry, result.trained)
             trained = await asyncio.to_thread(load_module, result.trained, BAIM, artifact_id="trained BAIM")
             await asyncio.to_thread(self.live.trained_round, trained, members)
+            self._round_members = set()
             self.baim_version = version
             self.policy.succeeded()
             for strategy, run in result.strategies.items():
@@ -396,15 +443,29 @@ class CloudCoordinator:
             if receipt.key not in listed:
                 self.accepted.append(receipt)
                 self.ledger.record_upload(str(receipt.edge_id), "accepted", version=int(receipt.version or 0))
+        for position in range(len(self.accepted)):  # replays the admissions (one may rewrite earlier receipts)
+            self.accepted[position] = self._readmit(self.accepted[position])
         for receipt in self.accepted:
-            if receipt.learner not in self.live.learners:
-                self._fuse(str(receipt.edge_id), self._stored_learner(receipt))
+            if receipt.admission == "admitted" and receipt.learner not in self.live.learners:
+                self._fuse(str(receipt.edge_id), receipt.key, self._stored_learner(receipt))
         self.ledger.record_event("coordinator_resumed", restarts=self.restarts, accepted=len(self.accepted))
         logger.warning(
             "coordinator resumed (restart %d): %d accepted uploads, BAIM %s, %d pending",
             self.restarts, len(self.accepted), self.baim_version, len(self.live.pending()),
         )  # fmt: skip
         self.store.write(self._state())
+
+    def _readmit(self, receipt: UploadReceipt) -> UploadReceipt:
+        """A resumed receipt's seat; one the state never decided (stored, then the coordinator died before
+        its checkpoint) is decided now, on its holdout loss measured again."""
+        task = self.edges[str(receipt.edge_id)].task
+        if receipt.admission == "registry_only":
+            return receipt
+        if receipt.admission == "admitted" and receipt.holdout_loss is not None:
+            self.squads.seat(task, str(receipt.learner), receipt.key, receipt.holdout_loss)
+            return receipt
+        loss = self.validator.plausibility_loss(self._stored_learner(receipt), task)
+        return self._admit(receipt, loss)
 
     def _stored_learner(self, receipt: UploadReceipt) -> VAELearner:
         owner, vname = str(receipt.artifact).split("@")

@@ -47,6 +47,25 @@ class LiveBAIM:
         if self.pending_since is None:
             self.pending_since = time.monotonic()
 
+    def drop_pending(self, admitted: set[str], last_trained: Callable[[], BAIM | None]) -> list[str]:
+        """Remove the pending learners not in `admitted` (an admission displaced them before a round trained
+        them): the live BAIM becomes `last_trained()` plus the pending learners that stay, in their order.
+        Returns the dropped names."""
+        pending = self.pending()
+        dropped = [name for name in pending if name not in admitted]
+        if not dropped:
+            return []
+        assert self.baim is not None  # something is pending
+        old, base = self.baim, last_trained()
+        for name in pending:
+            if name in admitted:
+                base = self._fuse_into(base, name, old.config.learner(name).task, old.learner(name))
+        self.baim = base
+        if len(dropped) == len(pending):
+            self.pending_since = None
+        logger.info("dropped displaced learners from the BAIM: %s", dropped)
+        return dropped
+
     def canonical(self, last_trained: Callable[[], BAIM | None]) -> BAIM:
         """The live BAIM with its pending learners fused in canonical order on top of `last_trained()` (the
         registry's trained BAIM); the live BAIM itself when they arrived in that order already."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,6 +40,13 @@ class UploadRejected(Exception):  # noqa: N818 (a rejection is an outcome, carri
         self.code = code
         self.detail = detail
         super().__init__(f"{code}: {detail}")
+
+
+class ValidUpload(NamedTuple):
+    """An upload that passed every check: its learner and the loss on its task's held-out images."""
+
+    learner: VAELearner
+    holdout_loss: float
 
 
 def upload_key(edge_id: Any, version: Any, sha256: Any) -> str:
@@ -105,8 +112,9 @@ class UploadValidator:
         self.fresh_rms = {spec: fresh_learner_rms(spec) for spec in set(self.declared.values())}
         self._holdout: dict[str, torch.Tensor] = {}
 
-    def validate(self, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any) -> VAELearner:
-        """The uploaded learner, loaded; raises UploadRejected naming the first check that failed."""
+    def validate(self, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any) -> ValidUpload:
+        """The uploaded learner, loaded, with its holdout loss; raises UploadRejected naming the first check
+        that failed."""
         if not isinstance(edge_id, str) or edge_id not in self.edges:
             raise UploadRejected("unknown_edge", f"edge_id {edge_id!r} is not an edge of this scenario")
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
@@ -132,8 +140,7 @@ class UploadValidator:
             raise UploadRejected(err.code, err.reason) from None
         except RecursionError:  # json.loads of a spec nested thousands of levels deep
             raise UploadRejected("bad_spec", "spec JSON nests too deeply to parse") from None
-        self._check_plausible(learner, edge.task)
-        return learner
+        return ValidUpload(learner, self._check_plausible(learner, edge.task))
 
     def _check_spec(self, spec: dict[str, Any], edge: EdgeConfig) -> None:
         """The spec names this edge, its task and exactly the architecture the scenario declares for it."""
@@ -159,8 +166,9 @@ class UploadValidator:
                 f"received {learner_spec.to_dict()}",
             )
 
-    def _check_plausible(self, learner: VAELearner, task: str) -> None:
-        """Its loss on held-out images of its task, and its weights' scale, are those of a real model."""
+    def _check_plausible(self, learner: VAELearner, task: str) -> float:
+        """Its loss on held-out images of its task (returned), and its weights' scale, are those of a real
+        model."""
         limits = self.limits
         loss = self.plausibility_loss(learner, task)
         if not loss < limits.max_plausibility_loss:  # also catches NaN
@@ -184,6 +192,7 @@ class UploadValidator:
                 f"tensor {name!r}: expected an RMS at most {limits.max_weight_norm_ratio} x that of a fresh "
                 f"learner of the declared architecture, received {ratio:.4g} x",
             )
+        return loss
 
     @torch.no_grad()
     def plausibility_loss(self, learner: VAELearner, task: str) -> float:

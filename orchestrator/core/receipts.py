@@ -17,6 +17,7 @@ from orchestrator.core.scenario import StrictModel
 # scalar as sent and anything else as its (cut) repr.
 Echo = str | int | float | bool | None
 ECHO_REPR_CHARS = 100
+Admission = Literal["admitted", "registry_only"]
 
 
 def echo(value: object) -> Echo:
@@ -38,6 +39,17 @@ class UploadReceipt(StrictModel):
     detail: str = Field(description="What was wrong, in words (empty when accepted).")
     learner: str | None = Field(description="The BAIM learner name of an accepted upload.")
     artifact: str | None = Field(description="owner@version of an accepted upload in the registry.")
+    holdout_loss: float | None = Field(
+        default=None, description="The plausibility check's loss on the task's held-out images (None: rejected)."
+    )
+    admission: Admission | None = Field(
+        default=None,
+        description=(
+            "What became of an accepted upload (None: rejected): admitted, its learner is in the BAIM; "
+            "registry_only, stored but not fused (cloud.max_learners_per_task, or its learner came in already)."
+        ),
+    )
+    admission_detail: str = Field(default="", description="Why it was kept only in the registry, or whom it replaced.")
 
 
 CHOSEN_BY = (

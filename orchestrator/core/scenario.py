@@ -619,6 +619,18 @@ class CloudConfig(StrictModel):
     fusion: FusionPolicy = Field(
         default_factory=FusionPolicy, description="When fused arrivals trigger training."
     )
+    max_learners_per_task: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description=(
+            "Most learners a task contributes to the BAIM. Unset: every accepted upload's learner joins. "
+            "Set: the best holdout losses are admitted (the plausibility check's loss); a better upload "
+            "replaces the worst admitted learner of its task not yet trained by a cloud round, and one that "
+            "is not better is kept only in the registry. Every receipt says which (docs/scale.md, "
+            "'A bounded BAIM')."
+        ),
+    )
     uploads: UploadLimits = Field(
         default_factory=UploadLimits, description="What the cloud accepts from edges."
     )
@@ -637,6 +649,11 @@ class CloudConfig(StrictModel):
             raise ValueError(
                 f"keep: {self.keep!r} is not one of the strategies that run ({', '.join(self.strategies)}); "
                 "name one of them or use best"
+            )
+        if self.max_learners_per_task is not None and self.top_k > self.max_learners_per_task:
+            raise ValueError(
+                f"max_learners_per_task: {self.max_learners_per_task} is below top_k {self.top_k}; a task's "
+                "gates select top_k of its learners, so admit at least that many"
             )
         if self.task_model_budget is not None and self.prune_interval > self.epochs - self.recovery_epochs:
             raise ValueError(
