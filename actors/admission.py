@@ -76,9 +76,7 @@ class Squads:
         """Decide one accepted upload (in arrival order) and seat it when admitted. `fixed`: the learners a
         cloud round trained or is training (they keep their seats)."""
         squad = self._seats.setdefault(task, {})
-        seats = [
-            Seat(name, loss, arrival, name not in fixed) for name, (loss, arrival, _) in squad.items()
-        ]
+        seats = [Seat(name, loss, arrival, name not in fixed) for name, (loss, arrival, _) in squad.items()]
         decision = admit(learner, holdout_loss, seats, self.max_learners)
         if decision.displaces is not None:
             del squad[decision.displaces]

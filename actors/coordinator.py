@@ -262,12 +262,14 @@ class CloudCoordinator:
         if decision.displaces is not None:
             for position, other in enumerate(self.accepted):
                 if other.learner == decision.displaces and other.admission == "admitted":
-                    detail = f"displaced by {name} (holdout loss {holdout_loss:.6g}) before a round trained it"
-                    update = {"admission": "registry_only", "admission_detail": detail}
-                    self.accepted[position] = other.model_copy(update=update)
+                    detail = (
+                        f"displaced by {name} (holdout loss {holdout_loss:.6g}) before any round trained it"
+                    )
+                    displaced = {"admission": "registry_only", "admission_detail": detail}
+                    self.accepted[position] = other.model_copy(update=displaced)
         admission = "admitted" if decision.admitted else "registry_only"
-        update = {"holdout_loss": holdout_loss, "admission": admission, "admission_detail": decision.detail}
-        return receipt.model_copy(update=update)
+        decided = {"holdout_loss": holdout_loss, "admission": admission, "admission_detail": decision.detail}
+        return receipt.model_copy(update=decided)
 
     async def _fuse_queued(self) -> None:
         """Fuse every queued learner in arrival order (a thread does the work), then apply the policy.
@@ -443,7 +445,8 @@ class CloudCoordinator:
             if receipt.key not in listed:
                 self.accepted.append(receipt)
                 self.ledger.record_upload(str(receipt.edge_id), "accepted", version=int(receipt.version or 0))
-        for position in range(len(self.accepted)):  # replays the admissions (one may rewrite earlier receipts)
+        # Replay the admissions in arrival order (a decision may rewrite an earlier receipt).
+        for position in range(len(self.accepted)):
             self.accepted[position] = self._readmit(self.accepted[position])
         for receipt in self.accepted:
             if receipt.admission == "admitted" and receipt.learner not in self.live.learners:

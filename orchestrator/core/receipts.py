@@ -40,16 +40,19 @@ class UploadReceipt(StrictModel):
     learner: str | None = Field(description="The BAIM learner name of an accepted upload.")
     artifact: str | None = Field(description="owner@version of an accepted upload in the registry.")
     holdout_loss: float | None = Field(
-        default=None, description="The plausibility check's loss on the task's held-out images (None: rejected)."
+        default=None,
+        description="The plausibility check's loss on its task's held-out images (None: rejected).",
     )
     admission: Admission | None = Field(
         default=None,
         description=(
-            "What became of an accepted upload (None: rejected): admitted, its learner is in the BAIM; "
-            "registry_only, stored but not fused (cloud.max_learners_per_task, or its learner came in already)."
+            "What became of an accepted upload (None: rejected). admitted: its learner is in the BAIM. "
+            "registry_only: stored, not fused (cloud.max_learners_per_task, or its learner was in already)."
         ),
     )
-    admission_detail: str = Field(default="", description="Why it was kept only in the registry, or whom it replaced.")
+    admission_detail: str = Field(
+        default="", description="Why it was kept only in the registry, or whom it replaced."
+    )
 
 
 CHOSEN_BY = (

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from orchestrator.core.receipts import (
+    Admission,
     PublishedTaskModel,
     RoundError,
     RoundRecord,
@@ -123,6 +124,13 @@ class EdgeUpload(ReportModel):
     receipt_from: Literal["edge", "coordinator", "none"] = Field(
         description="Whose receipt this is: coordinator when the edge died before its receipt arrived."
     )
+    admission: Admission | None = Field(
+        default=None,
+        description=(
+            "The coordinator's last word on an accepted upload: admitted (its learner is in the BAIM) or "
+            "registry_only (cloud.max_learners_per_task, or its learner came in already); None: not accepted."
+        ),
+    )
 
 
 class EdgeRow(ReportModel):
@@ -154,6 +162,15 @@ class UploadRecord(ReportModel):
     detail: str = Field(description="Rejection detail, or ''.")
     sha256: JsonValue = Field(description="The sha256 the uploader declared.")
     artifact: str | None = Field(description="Registry artifact owner@version of an accepted upload.")
+    holdout_loss: float | None = Field(
+        default=None, description="The plausibility check's loss on the task's held-out images, or None."
+    )
+    admission: Admission | None = Field(
+        default=None, description="admitted or registry_only (accepted uploads); None when rejected."
+    )
+    admission_detail: str = Field(
+        default="", description="Why it was kept only in the registry, or whom it replaced."
+    )
 
     @classmethod
     def from_receipt(cls, receipt: UploadReceipt) -> UploadRecord:

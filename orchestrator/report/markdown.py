@@ -6,6 +6,7 @@ state, no display); sample grids come from the uint8 safetensors the evaluation 
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -491,13 +492,32 @@ def _headline_section(numbers: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _admission_lines(report: RunReport) -> list[str]:
+    """Per task: the accepted uploads whose learner the BAIM admitted, and those kept only in the registry."""
+    counts: dict[str, collections.Counter[str]] = {}
+    for record in report.uploads:
+        row = report.edges.get(str(record.edge_id))
+        if record.admission is not None and row is not None:
+            counts.setdefault(row.task, collections.Counter())[record.admission] += 1
+    if not counts:
+        return []
+    bound = report.scenario.cloud.max_learners_per_task
+    rows = [[task, c["admitted"], c["registry_only"]] for task, c in sorted(counts.items())]
+    return [
+        "",
+        f"Accepted uploads by admission into the BAIM (cloud.max_learners_per_task: {bound or 'unbounded'}):",
+        "",
+        *_table(["task", "admitted", "kept only in the registry"], rows),
+    ]
+
+
 def _edges_section(report: RunReport) -> list[str]:
     baim_rows = baim_edge_rows(report)
     fedavg_rows = fedavg_edge_rows(report)
     if not report.edges:
         return [NOT_MEASURED]
     if len(report.edges) > EDGE_TABLE_LIMIT:
-        return edges_summary(report, _fmt_bytes, _fmt_flops, _table)
+        return edges_summary(report, _fmt_bytes, _fmt_flops, _table) + _admission_lines(report)
     rows = []
     for edge_id, row in report.edges.items():
         task_model_bytes = baim_rows[edge_id]["task_model_bytes"] if edge_id in baim_rows else None
@@ -511,7 +531,7 @@ def _edges_section(report: RunReport) -> list[str]:
         ])  # fmt: skip
     header = ["edge", "task", "BAIM status", "BAIM sent", "BAIM task-model download", "BAIM FLOPs",
               "FedAvg sent", "FedAvg received", "FedAvg FLOPs"]  # fmt: skip
-    return _table(header, rows)
+    return _table(header, rows) + _admission_lines(report)
 
 
 def _tasks_section(report: RunReport) -> list[str]:

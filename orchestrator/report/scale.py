@@ -39,6 +39,7 @@ def edge_table(report: RunReport) -> pa.Table:
         "upload_outcome": pa.array([r.upload.outcome for _, r in rows], pa.string()),
         "upload_reason": pa.array([r.upload.reason for _, r in rows], pa.string()),
         "upload_sha256": pa.array([r.upload.sha256 for _, r in rows], pa.string()),
+        "upload_admission": pa.array([r.upload.admission for _, r in rows], pa.string()),
         "fedavg_bytes_sent": pa.array([_fedavg(fedavg_edges, e, "bytes_sent") for e, _ in rows], pa.int64()),
         "fedavg_bytes_received": pa.array(
             [_fedavg(fedavg_edges, e, "bytes_received") for e, _ in rows], pa.int64()

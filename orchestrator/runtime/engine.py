@@ -559,6 +559,9 @@ class Engine:
         receipt_from: Literal["edge", "coordinator", "none"] = "edge" if receipt is not None else "none"
         if receipt is None and accepted is not None:
             receipt, receipt_from = accepted, "coordinator"
+        # The edge's receipt gives the admission at its acknowledgement; a later upload may have displaced it.
+        same = accepted is not None and receipt is not None and accepted.artifact == receipt.artifact
+        final = accepted if same else receipt
         seconds = costs.get("seconds") or {}
         return EdgeRow(
             task=track.config.task,
@@ -580,6 +583,7 @@ class Engine:
                 sha256=receipt.sha256 if receipt is not None else None,
                 artifact=receipt.artifact if receipt is not None else None,
                 receipt_from=receipt_from,
+                admission=final.admission if final is not None else None,
             ),
             costs_are_final=track.status not in ("crashed", "died", "timed_out"),
         )
@@ -606,7 +610,8 @@ class Engine:
 
 def upload_record(receipt: Mapping[str, Any]) -> UploadRecord:
     """The report's fields of a coordinator receipt."""
-    return UploadRecord.model_validate({key: receipt[key] for key in UploadRecord.model_fields})
+    fields = {key: receipt[key] for key in UploadRecord.model_fields if key in receipt}
+    return UploadRecord.model_validate(fields)
 
 
 def _round_failure_text(err: RoundFailed) -> str:

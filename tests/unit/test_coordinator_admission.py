@@ -1,4 +1,4 @@
-"""The coordinator with cloud.max_learners_per_task: which uploads the BAIM holds, and what each receipt says."""
+"""The coordinator with cloud.max_learners_per_task: which uploads the BAIM holds, what each receipt says."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def fresh_payload(scenario: Scenario, edge_id: str, seed: int) -> ArtifactPayloa
     return pack_state(VAELearner(spec).state_dict(), upload_spec(edge, spec))
 
 
-def test_six_uploads_to_a_task_bounded_at_three_leave_the_best_three(tmp_path: Path, loop: LoopThread) -> None:
+def test_six_uploads_to_a_task_bounded_at_three_leave_the_best_three(
+    tmp_path: Path, loop: LoopThread
+) -> None:
     # Prepare: six edges of one task, each a differently seeded learner (so their holdout losses differ).
     scenario = one_task_scenario(tmp_path, 6, fusion=NEVER, max_learners_per_task=3)
     coordinator = make_coordinator(scenario, tmp_path / "registry")

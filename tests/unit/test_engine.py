@@ -85,7 +85,8 @@ def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine
     died = engine.edges["edge-0"]
     died.status, died.report = "died", edge_report("edge-0", "training", epoch=2)
     accepted = upload_record({"edge_id": "edge-0", "version": 1, "accepted": True, "reason": "", "detail": "",
-                              "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001"})  # fmt: skip
+                              "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
+                              "admission": "admitted"})  # fmt: skip
     rejected = engine.edges["edge-1"]
     own = {"key": "edge-1@1#cd", "edge_id": "edge-1", "version": 1, "accepted": False, "reason": "non_finite",
            "detail": "NaN", "sha256": "cd" * 32, "learner": None, "artifact": None}  # fmt: skip
@@ -99,11 +100,28 @@ def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine
     # Assert
     assert died_row.upload.model_dump() == {"outcome": "accepted", "reason": "", "detail": "",
                                             "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
-                                            "receipt_from": "coordinator"}  # fmt: skip
+                                            "receipt_from": "coordinator",
+                                            "admission": "admitted"}  # fmt: skip
     assert died_row.status == "died" and died_row.costs_are_final is False and died_row.epochs_done == 2
     assert (rejected_row.upload.outcome, rejected_row.upload.receipt_from) == ("rejected", "edge")
     assert (rejected_row.upload.reason, rejected_row.upload.detail) == ("non_finite", "NaN")
     assert (never_row.upload.outcome, never_row.upload.receipt_from) == ("none", "none")
+
+
+def test_edge_row_takes_the_admission_from_the_coordinators_last_word(engine: Engine) -> None:
+    # Prepare: edge-0's receipt said admitted; a better upload displaced it later (the coordinator's receipt).
+    own = {"key": "edge-0@1#ab", "edge_id": "edge-0", "version": 1, "accepted": True, "reason": "",
+           "detail": "", "sha256": "ab" * 32, "learner": "edge-0", "artifact": "edge/edge-0@v000001",
+           "holdout_loss": 0.5, "admission": "admitted", "admission_detail": ""}  # fmt: skip
+    track = engine.edges["edge-0"]
+    track.status, track.report = "accepted", edge_report("edge-0", "accepted", epoch=1, receipt=own)
+    final = upload_record({**own, "admission": "registry_only", "admission_detail": "displaced by edge-1"})
+
+    # Execute
+    row = engine._edge_row(track, final)
+
+    # Assert: the edge's own receipt, with the coordinator's final admission
+    assert (row.upload.receipt_from, row.upload.admission) == ("edge", "registry_only")
 
 
 def test_registry_holding_another_run_is_refused_before_ray_starts(

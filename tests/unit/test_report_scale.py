@@ -53,3 +53,28 @@ def test_a_few_edges_keep_their_table_in_the_page(tmp_path: Path) -> None:
 
 def test_distribution_is_min_deciles_median_max() -> None:
     assert distribution([float(v) for v in range(11)]) == [0.0, 1.0, 5.0, 9.0, 10.0]
+
+
+def test_admissions_are_counted_per_task_and_written_per_edge(tmp_path: Path) -> None:
+    # Prepare: 900 accepted uploads of one task, of which a bound of 30 admitted the first 30.
+    report = many_edges_report(1000)
+    report["scenario"]["cloud"]["max_learners_per_task"] = 30
+    accepted = [e for e, row in report["edges"].items() if row["upload"]["outcome"] == "accepted"]
+    for position, edge_id in enumerate(accepted):
+        admission = "admitted" if position < 30 else "registry_only"
+        report["edges"][edge_id]["upload"]["admission"] = admission
+        report["uploads"].append({
+            "edge_id": edge_id, "version": 1, "accepted": True, "reason": "", "detail": "",
+            "sha256": "ab" * 32, "artifact": f"edge/{edge_id}@v000001", "holdout_loss": 0.5,
+            "admission": admission, "admission_detail": "",
+        })  # fmt: skip
+    out = tmp_path / "run"
+    write_report_json(out, report)
+
+    markdown = write_report_markdown(out).read_text()
+
+    assert "(cloud.max_learners_per_task: 30)" in markdown
+    assert "| smile | 30 | 870 |" in markdown
+    admissions = pq.read_table(out / EDGES_PARQUET).to_pydict()["upload_admission"]
+    assert admissions.count("admitted") == 30 and admissions.count("registry_only") == 870
+    assert admissions.count(None) == 100  # the crashed edges uploaded nothing
