@@ -298,14 +298,16 @@ class CloudCoordinator:
         return self.squads.admitted_keys().get(self.learner_names[edge_id]) == key
 
     async def _drop_displaced(self) -> None:
-        """Drop from the live BAIM the pending learners whose fused upload no longer holds the seat."""
+        """Drop from the live BAIM the pending learners whose fused upload no longer holds the seat. On return
+        none is left (an upload displacing one meanwhile is dropped too), until the caller next awaits."""
+        while stale := self._displaced():
+            keep = set(self.live.learners) - set(stale)
+            for name in await asyncio.to_thread(self.live.drop_pending, keep, self._last_trained):
+                del self._fused_keys[name]
+
+    def _displaced(self) -> list[str]:
         admitted = self.squads.admitted_keys()
-        stale = [name for name in self.live.pending() if admitted.get(name) != self._fused_keys.get(name)]
-        if not stale:
-            return
-        keep = set(self.live.learners) - set(stale)
-        for name in await asyncio.to_thread(self.live.drop_pending, keep, self._last_trained):
-            del self._fused_keys[name]
+        return [name for name in self.live.pending() if admitted.get(name) != self._fused_keys.get(name)]
 
     # ---- rounds --------------------------------------------------------------------------------------
 
@@ -322,6 +324,7 @@ class CloudCoordinator:
             await self._drop_displaced()
             if self.live.baim is None:
                 return
+            self._round_members = set(self.live.learners)  # from now on no upload displaces them
             baim = await asyncio.to_thread(self.live.canonical, self._last_trained)
             request = RoundRequest(
                 round_index=self.log.next_round,
@@ -333,7 +336,6 @@ class CloudCoordinator:
                 registry_uri=self.registry_uri,
             )
             members = list(baim.config.learner_names)
-            self._round_members = set(members)
             self.ledger.record_event("round_started", round=request.round_index, learners=len(members))
             self._round_task = asyncio.ensure_future(self._run_round(request, members))
 

@@ -127,3 +127,46 @@ def test_learners_a_round_trained_keep_their_seats(tmp_path: Path, loop: LoopThr
     assert late["accepted"] is True and late["admission"] == "registry_only"
     assert "all trained by a cloud round" in late["admission_detail"]
     assert loop.run(coordinator.status())["learners"] == ["edge-0", "edge-1"]
+
+
+def test_a_displaced_edges_better_new_version_takes_the_seat_back(tmp_path: Path, loop: LoopThread) -> None:
+    # Prepare: three learners ranked by the coordinator's own holdout loss (worst, middle, best), all drawn
+    # before any upload (fusion threads draw from torch's global generator too).
+    scenario = one_task_scenario(tmp_path, 2, fusion=NEVER, max_learners_per_task=1)
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    edge = scenario.edge("edge-0")
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        states.append(VAELearner(spec).state_dict())
+    losses = [coordinator.validator.plausibility_loss(_loaded(spec, state), "male") for state in states]
+    worst, middle, best = sorted(range(3), key=lambda i: losses[i], reverse=True)
+    assert len(set(losses)) == 3
+
+    def payload(edge_id: str, index: int) -> ArtifactPayload:
+        return pack_state(states[index], upload_spec(scenario.edge(edge_id), spec))
+
+    # Execute: edge-0 (worst), edge-1 (middle) displaces it, edge-0's second version (best) displaces edge-1.
+    acks = [
+        loop.run(coordinator.upload(**upload_kwargs("edge-0", payload("edge-0", worst)))),
+        loop.run(coordinator.upload(**upload_kwargs("edge-1", payload("edge-1", middle)))),
+        loop.run(coordinator.upload(**upload_kwargs("edge-0", payload("edge-0", best), version=2))),
+    ]
+    summary = loop.run(coordinator.summary())
+
+    # Assert: the BAIM holds edge-0 with its second version's weights.
+    assert [ack["holdout_loss"] for ack in acks] == [losses[worst], losses[middle], losses[best]]
+    details = [ack["admission_detail"].split(" (")[0] for ack in acks]
+    assert details == ["", "replaced edge-0", "replaced edge-1"]
+    assert summary["learners"] == ["edge-0"]
+    assert [r["admission"] for r in summary["accepted"]] == ["registry_only", "registry_only", "admitted"]
+    assert coordinator.baim is not None
+    fused = coordinator.baim.learner("edge-0").state_dict()
+    assert all(torch.equal(fused[name], states[best][name]) for name in states[best])
+
+
+def _loaded(spec: LearnerSpec, state: dict[str, torch.Tensor]) -> VAELearner:
+    learner = VAELearner(spec)
+    learner.load_state_dict(state)
+    return learner
