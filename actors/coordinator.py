@@ -324,6 +324,8 @@ class CloudCoordinator:
                     baim_version=version,
                     seconds=seconds,
                     strategies=result.strategies,
+                    kept=result.kept,
+                    holdout_loss=result.holdout_loss,
                 )
             )
             self.ledger.record_event("round_finished", round=request.round_index, baim_version=version)
@@ -429,6 +431,7 @@ class CloudCoordinator:
             resolution=self.scenario.data.resolution,
             batch_size=self.cloud.batch_size,
             seed=self.scenario.seed,
+            task_model_budget=self.cloud.task_model_budget,
         )
 
     def _summary(self, tasks: dict[str, PublishedTaskModel]) -> CoordinatorSummary:

@@ -1,24 +1,26 @@
 """The one cloud training loop: per epoch, train, prune on the schedule, evaluate, hand the epoch to hooks.
 
 Every runner (in-process, Ray Train worker) calls `train_strategy` with its own `TrainingHooks`: where the
-batches come from, the loss (its noise), what follows a pruning (e.g. a new DDP wrapper), how the test loss
-is measured, and what an epoch's end does (report, checkpoint). docs/design/training.md says why.
+batches come from (and the fixed batches pruning scores connections on), the loss (its noise), what follows a
+pruning (e.g. a new DDP wrapper), how the test loss is measured, and what an epoch's end does (report,
+checkpoint). Pruning is `baim.compaction.prune_on_schedule`: scored on data, and with a task-model budget it
+reaches the budget by the last pruning epoch, recovery epochs following. docs/design/training.md says why.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from baim.compaction import Batch, PruningSchedule, prune_on_schedule
 from baim.continual import admit
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
-from baim.pruning import prune_connections
 from baim.training import FlopCounting, Strategy, apply_strategy, make_optimizer, train_steps
 
 
@@ -28,9 +30,9 @@ class LoopSchedule:
 
     epochs: int  # the last epoch (1-based) to train
     lr: float  # Adam learning rate; the optimiser rebuilt after a pruning keeps it
-    prune_interval: int  # prune after the training of every prune_interval-th epoch ...
-    prune_ratio: float  # ... removing floor(prune_ratio * surviving) connections (0: never)
+    pruning: PruningSchedule  # when and how much to prune (interval, ratio, task-model budget, recovery)
     flop_counting: FlopCounting = "every_batch"
+    score_seed: int = 0  # connection scores draw their noise from noise_for(..., score_seed + batch index)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,13 @@ class TrainingHooks(Protocol):
         """The scalar training loss of `model` (the BAIM or its wrapper) on `batch`."""
         ...
 
+    def score_batches(self) -> Sequence[Batch]:
+        """Fixed (images, task ids) batches pruning scores connections on; the same on every rank and call."""
+        ...
+
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
-        """Called after each pruning; returns the module to train from now on (the BAIM or a new wrapper)."""
+        """Called after each pruning that removed connections; returns the module to train from now on (the
+        BAIM or a new wrapper)."""
         ...
 
     def evaluate(self, epoch: int) -> Evaluation | None:
@@ -89,14 +96,6 @@ def start_strategy(baim: BAIM, strategy: Strategy, seed: int) -> None:
     apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
 
 
-def prune_on_schedule(baim: BAIM, epoch: int, schedule: LoopSchedule) -> list[ConnectionSpec] | None:
-    """Prune after `epoch`'s training when the schedule says so: floor(ratio * surviving) connections every
-    prune_interval epochs. Returns the removed connections (maybe none), or None when no pruning was due."""
-    if schedule.prune_ratio > 0 and epoch % schedule.prune_interval == 0:
-        return prune_connections(baim, schedule.prune_ratio)
-    return None
-
-
 def train_strategy(
     baim: BAIM,
     model: nn.Module,
@@ -108,16 +107,24 @@ def train_strategy(
 ) -> torch.optim.Optimizer:
     """Train epochs first_epoch..schedule.epochs of `baim` through `model` (the BAIM, or a wrapper of it).
 
-    Pruning deletes parameters, so after one the optimiser is rebuilt over the surviving trainable ones,
-    each survivor keeping its Adam state, and `hooks.pruned` gives the module to train next. Evaluation
-    follows pruning, so a test loss is that of the model the epoch ends with. Returns the last optimiser.
+    After the training of each pruning epoch (`schedule.pruning`), connections are scored on
+    `hooks.score_batches()` and removed. Pruning deletes parameters, so after one that removed any the
+    optimiser is rebuilt over the surviving trainable ones, each survivor keeping its Adam state, and
+    `hooks.pruned` gives the module to train next. Evaluation follows pruning, so a test loss is that of the
+    model the epoch ends with. Returns the last optimiser. Raises ValueError when a budget is set and the
+    schedule has no pruning epoch.
     """
+    pruning_epochs = set(schedule.pruning.pruning_epochs(schedule.epochs))
     for epoch in range(first_epoch, schedule.epochs + 1):
         started = time.perf_counter()
         totals = train_steps(model, hooks.batches(epoch), optimizer, hooks.loss, schedule.flop_counting)
         train_seconds = time.perf_counter() - started
-        removed = prune_on_schedule(baim, epoch, schedule)
-        if removed is not None:
+        removed: list[ConnectionSpec] = []
+        if epoch in pruning_epochs:
+            removed = prune_on_schedule(
+                baim, epoch, schedule.epochs, schedule.pruning, hooks.score_batches(), seed=schedule.score_seed
+            )
+        if removed:
             optimizer = make_optimizer(baim, schedule.lr, previous=optimizer)
             del model  # a DDP wrapper's gradient hooks go with it, before the next one registers its own
             model = hooks.pruned(epoch, removed)
@@ -129,7 +136,7 @@ def train_strategy(
             flops=totals.flops,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
-            pruned=removed or [],
+            pruned=removed,
             evaluation=evaluation,
         )
         hooks.epoch_done(outcome, optimizer)

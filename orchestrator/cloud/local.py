@@ -1,4 +1,5 @@
-"""The in-process round runner: `baim.loop.train_strategy` in the coordinator's process, once per strategy.
+"""The in-process round runner: `baim.loop.train_strategy` in the coordinator's process, once per strategy;
+the strategy `cloud.keep` chooses (`orchestrator.cloud.keep`) is the round's trained BAIM.
 
 For small runs and tests (`EngineOptions(cloud_trainer="local")`); deterministic: the result depends only
 on the request (docs/design/training.md, "Noise").
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,12 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.rounds import RoundRequest, RoundResult
+from baim.compaction import Batch
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.seeding import noise_seed
 from baim.training import evaluate, make_optimizer
 from orchestrator.cloud.data import CachedFaces
+from orchestrator.cloud.keep import holdout_loss, kept_strategy
+from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_seed
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
 
@@ -43,11 +47,18 @@ class LocalHooks:
     """`baim.loop.TrainingHooks` of one strategy trained in this process."""
 
     def __init__(
-        self, baim: BAIM, train: DataLoader[Any], test: DataLoader[Any], seed: int, round_index: int
+        self,
+        baim: BAIM,
+        train: DataLoader[Any],
+        test: DataLoader[Any],
+        scores: Sequence[Batch],
+        seed: int,
+        round_index: int,
     ):
         self.baim = baim
         self.train = train
         self.test = test
+        self.scores = scores
         self.seed = seed
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
@@ -60,6 +71,9 @@ class LocalHooks:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self._train_loss(model, batch)
+
+    def score_batches(self) -> Sequence[Batch]:
+        return self.scores
 
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         return self.baim
@@ -79,25 +93,33 @@ class LocalHooks:
 
 
 def local_training_round(request: RoundRequest) -> RoundResult:
-    """Train the fused BAIM once per strategy, each from the same fused BAIM; the first strategy's result
-    is what the coordinator continues from. Every training step's FLOPs are counted."""
+    """Train the fused BAIM once per strategy, each from the same fused BAIM; the strategy `cloud.keep`
+    names (or, for best, the lowest held-out loss) is what the coordinator continues from. Every training
+    step's FLOPs are counted."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
-    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "every_batch")
+    pruning = pruning_schedule(
+        cloud.prune_interval, cloud.prune_ratio, cloud.task_model_budget, cloud.recovery_epochs
+    )
+    schedule = LoopSchedule(cloud.epochs, cloud.lr, pruning, "every_batch", score_seed(seed))
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
-    trained: ArtifactPayload | None = None
+    trained: dict[str, ArtifactPayload] = {}
+    losses: dict[str, float] | None = {} if cloud.keep == "best" else None
+    fused = load_module(request.baim, BAIM, artifact_id=f"baim round {request.round_index}")
+    tasks = list(fused.config.tasks)
+    train_set = CachedFaces(request.source, request.partitions.cloud, tasks, resolution)  # one image cache
+    test_set = CachedFaces(request.source, request.partitions.test, tasks, resolution)
+    holdout = CachedFaces(request.source, request.partitions.holdout, tasks, resolution)
+    scores = score_batches(train_set, tasks, cloud.prune_score_images, cloud.batch_size)
     for strategy in request.strategies:
         model = load_module(request.baim, BAIM, artifact_id=f"baim round {request.round_index}")
-        if trained is None:  # one image cache for every strategy
-            tasks = list(model.config.tasks)
-            train_set = CachedFaces(request.source, request.partitions.cloud, tasks, resolution)
-            test_set = CachedFaces(request.source, request.partitions.test, tasks, resolution)
         start_strategy(model, strategy, seed)
         order = torch.Generator().manual_seed(seed + request.round_index)
         hooks = LocalHooks(
             model,
             DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=order),
             DataLoader(test_set, batch_size=cloud.batch_size),
+            scores,
             seed,
             request.round_index,
         )
@@ -112,7 +134,9 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             connections=hooks.connections,
             runner="local",
         )
-        if trained is None:
-            trained = pack_module(model, model.spec())
-    assert trained is not None  # strategies is non-empty (schema: min_length=1)
-    return RoundResult(trained=trained, strategies=results)
+        if losses is not None:
+            losses[strategy] = holdout_loss(model, holdout, cloud.batch_size, seed)
+        if cloud.keep in (strategy, "best"):
+            trained[strategy] = pack_module(model, model.spec())
+    kept = kept_strategy(cloud.keep, list(request.strategies), losses)
+    return RoundResult(trained=trained[kept], strategies=results, kept=kept, holdout_loss=losses)

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
 from baim.costs import count_params
+from baim.compaction import Batch, PruningSchedule
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
@@ -37,6 +38,8 @@ from baim.seeding import epoch_seed, eval_seed
 from baim.serialization import from_files
 from baim.training import Strategy, apply_strategy, make_optimizer
 from orchestrator.cloud.data import CachedFaces
+from orchestrator.cloud.keep import holdout_loss, kept_strategy
+from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_seed
 from orchestrator.cloud.resources import WORKER_GROUP_START_RETRIES, check_cluster_resources, failure_config
 from orchestrator.core.artifacts import ArtifactPayload, pack_module
 from orchestrator.core.names import BAIM_OWNER, FUSED_BAIM_OWNER, SPEC_FILE, WEIGHTS_FILE
@@ -91,7 +94,16 @@ class TrainRoundConfig(StrictModel):
     )
     prune_interval: int = Field(ge=1, description="Prune connections after every this many epochs.")
     prune_ratio: float = Field(
-        ge=0, lt=1, description="Fraction of surviving connections removed per pruning."
+        ge=0, lt=1, description="Fraction of surviving connections removed per pruning (without a budget)."
+    )
+    task_model_budget: float | None = Field(
+        default=None,
+        gt=1.0,
+        description="Largest task model / its squad's parameters, reached by the last pruning (None: none).",
+    )
+    recovery_epochs: int = Field(default=0, ge=0, description="Final epochs without pruning.")
+    prune_score_images: int = Field(
+        default=64, ge=1, description="Cloud images per task on which connections are scored."
     )
     seed: int = Field(
         ge=0, description="Seeds sampling order, training noise, evaluation noise and scratch init."
@@ -121,7 +133,14 @@ class TrainRoundConfig(StrictModel):
     def _crash_within_run(self) -> TrainRoundConfig:
         if self.crash is not None and self.crash.epoch > self.epochs:
             raise ValueError(f"crash.epoch: expected <= epochs ({self.epochs}), received {self.crash.epoch}")
+        self.pruning().pruning_epochs(self.epochs)  # a budget needs a pruning epoch (ValueError)
         return self
+
+    def pruning(self) -> PruningSchedule:
+        """The loop's pruning schedule."""
+        return pruning_schedule(
+            self.prune_interval, self.prune_ratio, self.task_model_budget, self.recovery_epochs
+        )
 
     def run_name(self, input_sha256: str) -> str:
         """Ray Train run name: the same round, strategy and input BAIM resume the same run."""
@@ -218,6 +237,9 @@ def round_config_from_scenario(
         kld_weight=cloud.kld_weight,
         prune_interval=cloud.prune_interval,
         prune_ratio=cloud.prune_ratio,
+        task_model_budget=cloud.task_model_budget,
+        recovery_epochs=cloud.recovery_epochs,
+        prune_score_images=cloud.prune_score_images,
         seed=scenario.seed,
         data=data,
         cloud_indices=cloud_indices,
@@ -429,10 +451,12 @@ class RayTrainHooks:
         loader: DataLoader[Any],
         sampler: DistributedSampler[Any],
         test_set: CachedFaces,
+        scores: Sequence[Batch],
         resumed: bool,
     ) -> None:
         self.cfg, self.baim, self.progress, self.ranks = cfg, baim, progress, ranks
         self.loader, self.sampler, self.test_set, self.resumed = loader, sampler, test_set, resumed
+        self.scores = scores
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The global RNG (the VAEs' eps) is seeded per (seed, epoch, rank): a resumed run repeats exactly what
@@ -447,6 +471,9 @@ class RayTrainHooks:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, task_ids = batch
         return model(images, task_ids).loss
+
+    def score_batches(self) -> Sequence[Batch]:
+        return self.scores
 
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         # Scores come from identical weights, so every rank removes the same connections; checked anyway.
@@ -551,8 +578,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         initial = _evaluate(baim, test_set, cfg, ranks, device)
         progress["initial_test_loss"], progress["initial_test_loss_per_task"] = initial.loss, initial.per_task
 
-    hooks = RayTrainHooks(cfg, baim, progress, ranks, loader, sampler, test_set, resumed)
-    schedule = LoopSchedule(cfg.epochs, cfg.lr, cfg.prune_interval, cfg.prune_ratio, cfg.flop_counting)
+    # Every rank scores connections on the same images (the first of each task's shard) with the same noise.
+    scores = score_batches(train_set, tasks, cfg.prune_score_images, cfg.batch_size)
+    hooks = RayTrainHooks(cfg, baim, progress, ranks, loader, sampler, test_set, scores, resumed)
+    schedule = LoopSchedule(cfg.epochs, cfg.lr, cfg.pruning(), cfg.flop_counting, score_seed(cfg.seed))
     train_strategy(baim, model, optimizer, hooks, schedule, first_epoch=progress["epoch"] + 1)
 
 
@@ -677,6 +706,7 @@ def publish_result(
         resolution=cfg.data.resolution,
         batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
+        task_model_budget=cfg.task_model_budget,
     )
     return version, tasks
 
@@ -746,7 +776,8 @@ def put_fused_snapshot(registry: Registry, round_id: int, payload: ArtifactPaylo
 
 def ray_train_round(request: RoundRequest) -> RoundResult:
     """The round runner: every strategy of the request as Ray Train jobs, launched from the coordinator's
-    thread that waits for them; the first strategy's trained BAIM is what the coordinator continues from.
+    thread that waits for them; the strategy `cloud.keep` chooses (for best: the lowest loss of the trained
+    BAIMs on the cloud's held-out images, measured here) is what the coordinator continues from.
     Scaling (num_workers, use_gpu, cpus_per_worker) comes from the scenario's cloud settings."""
     tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
     registry = Registry(request.registry_uri)
@@ -769,8 +800,19 @@ def ray_train_round(request: RoundRequest) -> RoundResult:
         cpus_per_worker=cloud.cpus_per_worker,
         wait_for_nodes_s=cloud.wait_for_nodes_s,
     )
-    trained = load_trained_baim(results[request.strategies[0]])
+    losses: dict[str, float] | None = None
+    if cloud.keep == "best":
+        order = sorted(tasks)
+        holdout = CachedFaces(request.source, request.partitions.holdout, order, cfg.data.resolution)
+        losses = {
+            strategy: holdout_loss(load_trained_baim(result), holdout, cfg.eval_batch_size, cfg.seed)
+            for strategy, result in results.items()
+        }
+    kept = kept_strategy(cloud.keep, list(request.strategies), losses)
+    trained = load_trained_baim(results[kept])
     return RoundResult(
         trained=pack_module(trained, trained.spec()),
         strategies={name: result.summary() for name, result in results.items()},
+        kept=kept,
+        holdout_loss=losses,
     )

@@ -83,6 +83,17 @@ class RoundRecord(StrictModel):
     baim_version: str = Field(description="Registry version of the trained BAIM (owner baim).")
     seconds: float = Field(ge=0, description="Wall-clock seconds of the round, as the coordinator waited.")
     strategies: dict[str, StrategyRun] = Field(description="Per strategy: curves, FLOPs, seconds.")
+    kept: str | None = Field(
+        default=None,
+        description=(
+            "The strategy whose trained BAIM baim_version holds (cloud.keep); None in records written before "
+            "cloud.keep existed, which kept the first strategy."
+        ),
+    )
+    holdout_loss: dict[str, float] | None = Field(
+        default=None,
+        description="Per strategy: mean loss on the cloud's held-out images (measured when cloud.keep is best).",
+    )
 
 
 class RoundError(StrictModel):
@@ -92,6 +103,20 @@ class RoundError(StrictModel):
     attempts: int = Field(ge=1, description="How many times this round was tried.")
     learners: list[str] = Field(description="The learners the last attempt was to train.")
     error: str = Field(description="The last attempt's error: `Type: message`, cut.")
+
+
+class PublishedGenerationModel(StrictModel):
+    """A task model's generation-only artifact (owner generation/<task>): what Serve generates with and an
+    edge downloads to generate; no encoders."""
+
+    artifact: str = Field(description="Registry artifact, owner@version (the task model's version).")
+    sha256: str = Field(description="Artifact sha256.")
+    params: int = Field(ge=0, description="Parameters of the generation-only model.")
+    nbytes: int = Field(ge=0, description="Its serialized size (weights + spec).")
+    max_abs_diff: float = Field(
+        description="Largest |task model - generation model| over generate(n, seed) images, same n and seed."
+    )
+    images_checked: int = Field(ge=0, description="Images generated for that comparison.")
 
 
 class PublishedTaskModel(StrictModel):
@@ -107,6 +132,20 @@ class PublishedTaskModel(StrictModel):
     )
     artifact: str = Field(description="Registry artifact, owner@version (the BAIM's version).")
     sha256: str = Field(description="Artifact sha256.")
+    nbytes: int | None = Field(
+        default=None, ge=0, description="Serialized size of the full task model (weights + spec)."
+    )
+    squad_params: int | None = Field(
+        default=None, ge=0, description="Parameters of the task's own squad (its members' whole learners)."
+    )
+    budget_params: int | None = Field(
+        default=None,
+        ge=0,
+        description="The largest task model cloud.task_model_budget allows (None: no budget).",
+    )
+    generation: PublishedGenerationModel | None = Field(
+        default=None, description="The generation-only artifact published beside it (None: not published)."
+    )
 
 
 class CoordinatorStatus(StrictModel):

@@ -791,6 +791,11 @@ class Scenario(StrictModel):
                     f"{path}.model.widths: data.resolution {resolution} is not divisible by "
                     f"2**len(widths) = {downsampling}"
                 )
+        if self.cloud.keep == "best" and all(self.holdout_size(task) == 0 for task in self.tasks):
+            problems.append(
+                "cloud.keep: best chooses by the loss on the cloud's held-out images, but every task has "
+                "0 (set data.holdout_per_task or a task's holdout_size above 0)"
+            )
         fedavg_model = self.baselines.fedavg.model
         if fedavg_model is not None and resolution % 2 ** len(fedavg_model.widths) != 0:
             problems.append(

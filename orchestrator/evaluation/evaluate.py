@@ -218,15 +218,16 @@ class RunEvaluation:
 
     def _strategy_baims(self) -> dict[str, tuple[BAIM, str]]:
         """Each strategy's trained BAIM of the last round, where the run kept it: the coordinator keeps the
-        first strategy's (registry `baim@<round version>`); a Ray Train round also leaves every strategy's
-        final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
+        round's `kept` strategy's (registry `baim@<round version>`); a Ray Train round also leaves every
+        strategy's final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
         rounds = self.report.cloud.rounds
         if not rounds:
             return {}
         last = rounds[-1]
+        kept = last.kept or next(iter(last.strategies), None)  # records before cloud.keep kept the first
         found: dict[str, tuple[BAIM, str]] = {}
-        for index, (strategy, summary) in enumerate(last.strategies.items()):
-            if index == 0 and last.baim_version:
+        for strategy, summary in last.strategies.items():
+            if strategy == kept and last.baim_version:
                 baim = self._load_baim(BAIM_OWNER, last.baim_version)
                 found[strategy] = (baim, f"{BAIM_OWNER}@{last.baim_version}")
             elif isinstance(summary, RayTrainStrategyRun) and summary.checkpoint_uri:

@@ -72,10 +72,12 @@ def quality_of(report: RunReport) -> ImageQuality | None:
 
 
 def kept_strategy(report: RunReport) -> str | None:
-    """The strategy whose BAIM the run kept and published its task models from (the first of the round)."""
+    """The strategy whose BAIM the run kept and published its task models from (the last round's `kept`;
+    records written before cloud.keep existed kept the first strategy)."""
     rounds = report.cloud.rounds
-    strategies = list(rounds[-1].strategies) if rounds else []
-    return strategies[0] if strategies else None
+    if not rounds:
+        return None
+    return rounds[-1].kept or next(iter(rounds[-1].strategies), None)
 
 
 def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
