@@ -26,7 +26,6 @@ from orchestrator.data.sources import DataSource
 GENERATION_CHECK_IMAGES = 8  # images generate(n, seed) draws to compare the generation artifact with
 
 
-
 def publish_baim(registry: Registry, trained: ArtifactPayload) -> str:
     """Store a trained BAIM as the next `baim` version; returns the version."""
     version = registry.next_version(BAIM_OWNER)

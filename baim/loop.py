@@ -122,7 +122,12 @@ def train_strategy(
         removed: list[ConnectionSpec] = []
         if epoch in pruning_epochs:
             removed = prune_on_schedule(
-                baim, epoch, schedule.epochs, schedule.pruning, hooks.score_batches(), seed=schedule.score_seed
+                baim,
+                epoch,
+                schedule.epochs,
+                schedule.pruning,
+                hooks.score_batches(),
+                seed=schedule.score_seed,
             )
         if removed:
             optimizer = make_optimizer(baim, schedule.lr, previous=optimizer)

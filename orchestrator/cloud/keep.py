@@ -45,7 +45,8 @@ def kept_strategy(keep: str, strategies: list[str], holdout_losses: dict[str, fl
     """The strategy to keep: `keep` itself, or for `best` the lowest of `holdout_losses` (ties: the first)."""
     if keep != "best":
         if keep not in strategies:
-            raise ValueError(f"keep: {keep!r} is not one of the strategies that ran ({', '.join(strategies)})")
+            ran = ", ".join(strategies)
+            raise ValueError(f"keep: {keep!r} is not one of the strategies that ran ({ran})")
         return keep
     if not holdout_losses or any(math.isnan(holdout_losses.get(s, math.nan)) for s in strategies):
         raise ValueError(

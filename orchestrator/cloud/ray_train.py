@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
-from baim.costs import count_params
 from baim.compaction import Batch, PruningSchedule
+from baim.costs import count_params
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec

@@ -92,7 +92,7 @@ class RoundRecord(StrictModel):
     )
     holdout_loss: dict[str, float] | None = Field(
         default=None,
-        description="Per strategy: mean loss on the cloud's held-out images (measured when cloud.keep is best).",
+        description="Per strategy: mean loss on the cloud's held-out images (measured when keep is best).",
     )
 
 

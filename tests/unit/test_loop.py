@@ -82,7 +82,9 @@ def test_each_epoch_trains_prunes_on_the_schedule_evaluates_then_hands_over() ->
     initial = len(baim.connections.specs)
 
     # Execute
-    train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(3, 0.01, PruningSchedule(2, 0.5)))
+    train_strategy(
+        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(3, 0.01, PruningSchedule(2, 0.5))
+    )
 
     # Assert
     assert hooks.calls == [
@@ -104,7 +106,9 @@ def test_the_optimiser_rebuilt_after_pruning_keeps_the_survivors_adam_state() ->
     start_strategy(baim, "finetune", seed=0)
     hooks = RecordingHooks(baim, batches(count=1, size=4), skip=set())
 
-    last = train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(2, 0.01, PruningSchedule(1, 0.5)))
+    last = train_strategy(
+        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(2, 0.01, PruningSchedule(1, 0.5))
+    )
 
     before, after = hooks.optimizers
     assert after is last and after is not before  # rebuilt after each pruning
@@ -120,7 +124,12 @@ def test_training_resumes_at_the_first_epoch_given() -> None:
     hooks = RecordingHooks(baim, batches(count=1, size=2), skip=set())
 
     train_strategy(
-        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(4, 0.01, PruningSchedule(2, 0.0)), first_epoch=4
+        baim,
+        baim,
+        make_optimizer(baim, 0.01),
+        hooks,
+        LoopSchedule(4, 0.01, PruningSchedule(2, 0.0)),
+        first_epoch=4,
     )
 
     assert [o.epoch for o in hooks.outcomes] == [4]
