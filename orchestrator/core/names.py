@@ -7,6 +7,8 @@ Owners name what a registry version holds: `edge/<edge_id>` (accepted uploads), 
 
 from __future__ import annotations
 
+from typing import Literal
+
 EDGE_OWNER_PREFIX = "edge/"
 TASK_OWNER_PREFIX = "task/"
 GENERATION_OWNER_PREFIX = "generation/"
@@ -16,6 +18,11 @@ FUSED_BAIM_OWNER = "baim-fused"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 SHA256_FILE = "sha256"
+
+# What an edge downloads for a task: "full" (task/<task>: reconstruction, personalisation) or "generation"
+# (generation/<task>: generation only, no encoders).
+DownloadKind = Literal["full", "generation"]
+DOWNLOAD_KINDS: tuple[DownloadKind, ...] = ("full", "generation")
 
 MAX_VERSION = 999_999  # version names are v000001 .. v999999
 

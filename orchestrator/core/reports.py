@@ -351,11 +351,24 @@ class Baselines(ReportModel):
 
 class Download(ReportModel):
     artifact: str = Field(description="Registry artifact, owner@version.")
+    kind: Literal["full", "generation", "baim"] = Field(
+        description=(
+            "full: the exact task model (reconstruction, personalisation); generation: its generation-only "
+            "artifact (no encoders; what Serve generates with); baim: the whole trained BAIM."
+        )
+    )
     nbytes: int = Field(description="Its serialized size: what an edge downloads.")
+    params: int | None = Field(default=None, description="Its parameters.")
 
 
 class Downloads(ReportModel):
-    task_models: dict[str, Download] = Field(description="Per task: the published task model.")
+    task_models: dict[str, Download] = Field(
+        description="Per task: the published task model (kind full): what a personalising edge downloads."
+    )
+    generation_models: dict[str, Download] = Field(
+        default_factory=dict,
+        description="Per task: the generation-only artifact (kind generation), what a generating edge gets.",
+    )
     baim: Download | None = Field(description="The whole trained BAIM.")
     strategy_models: dict[str, str] = Field(description="Per strategy: where its trained BAIM was found.")
 
@@ -363,7 +376,11 @@ class Downloads(ReportModel):
 class PersonalisedEdge(ReportModel):
     task: str = Field(description="The edge's task.")
     model_version: str = Field(description="The task model version downloaded.")
-    kind: str = Field(description="The downloaded artifact's kind.")
+    kind: str = Field(description="The downloaded artifact's spec kind (task_model or learner).")
+    download: Literal["full", "generation"] = Field(
+        default="full",
+        description="Which download: full (the task model, which personalisation fine-tunes) or generation.",
+    )
     params: int = Field(description="Its parameters.")
     bytes_received: int = Field(description="Bytes downloaded into the toolbox.")
     epochs: int = Field(description="Personalisation epochs.")

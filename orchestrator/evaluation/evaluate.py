@@ -241,13 +241,30 @@ class RunEvaluation:
         whole: Download | None = None
         if self.report.cloud.baim_version:
             ref = self.registry.ref(BAIM_OWNER, self.report.cloud.baim_version)
-            whole = Download(artifact=f"{BAIM_OWNER}@{ref.version}", nbytes=ref.nbytes)
+            whole = Download(
+                artifact=f"{BAIM_OWNER}@{ref.version}",
+                kind="baim",
+                nbytes=ref.nbytes,
+                params=self.report.cloud.baim_params,
+            )
         task_models: dict[str, Download] = {}
+        generation_models: dict[str, Download] = {}
         for task, info in self.report.tasks.items():
             owner, version = _parse_artifact(info.artifact)
             task_models[task] = Download(
-                artifact=info.artifact, nbytes=self.registry.ref(owner, version).nbytes
+                artifact=info.artifact,
+                kind="full",
+                nbytes=self.registry.ref(owner, version).nbytes,
+                params=info.params,
             )
+            if info.generation is not None:
+                owner, version = _parse_artifact(info.generation.artifact)
+                generation_models[task] = Download(
+                    artifact=info.generation.artifact,
+                    kind="generation",
+                    nbytes=self.registry.ref(owner, version).nbytes,
+                    params=info.generation.params,
+                )
         baims = self._strategy_baims()
         for strategy, (baim, where) in baims.items():
             for task in baim.config.tasks:
@@ -257,7 +274,12 @@ class RunEvaluation:
                     grid = baim.generate(task, self.options.grid_samples, seed=GENERATION_SEED)
                     save_samples(samples / "baim" / f"{task}.safetensors", grid, phase="baim", source=where)
         strategy_models = {strategy: where for strategy, (_, where) in baims.items()}
-        return Downloads(task_models=task_models, baim=whole, strategy_models=strategy_models)
+        return Downloads(
+            task_models=task_models,
+            generation_models=generation_models,
+            baim=whole,
+            strategy_models=strategy_models,
+        )
 
     # ---- personalisation -----------------------------------------------------------------------------
 
@@ -270,7 +292,7 @@ class RunEvaluation:
                 continue
             edge = self.scenario.edge(edge_id)
             toolbox = Toolbox(self.out_dir / "toolbox" / edge_id, registry=self.registry)
-            fetched = toolbox.fetch(edge.task)
+            fetched = toolbox.fetch(edge.task, kind="full")  # fine-tuning needs the encoders
             model = fetched.model
             loss_fn = model_loss_fn(model, self.scenario.cloud.kld_weight)
             shard = FaceDataset(self.source, self.partitions.edges[edge_id], self.resolution)
@@ -295,6 +317,7 @@ class RunEvaluation:
                 task=edge.task,
                 model_version=fetched.model_version,
                 kind=fetched.kind,
+                download=fetched.download,
                 params=count_params(model),
                 bytes_received=fetched.bytes_received,
                 epochs=self.options.personalise_epochs,

@@ -132,6 +132,7 @@ def personalised_edge(test_loss_after: float, flops: int) -> dict[str, Any]:
         "task": "smile",
         "model_version": "v000001",
         "kind": "task_model",
+        "download": "full",
         "params": 50,
         "bytes_received": 2_000,
         "epochs": 1,
@@ -214,6 +215,17 @@ def hand_report() -> dict[str, Any]:
             "decomposition_max_abs_diff": 0.0,
             "artifact": "task/smile@v000001",
             "sha256": "cd" * 32,
+            "nbytes": 2_000,
+            "squad_params": 40,
+            "budget_params": 46,
+            "generation": {
+                "artifact": "generation/smile@v000001",
+                "sha256": "ef" * 32,
+                "params": 20,
+                "nbytes": 800,
+                "max_abs_diff": 0.0,
+                "images_checked": 8,
+            },
         }
     }
     report["cloud"].update(
@@ -229,6 +241,8 @@ def hand_report() -> dict[str, Any]:
                     "finetune": ray_train_result(0.9, [0.7, 0.5]),
                     "scratch": local_result([1.2, 0.8]),
                 },
+                "kept": "finetune",
+                "holdout_loss": None,
             }
         ],
         baim_version="v000001",
@@ -236,8 +250,11 @@ def hand_report() -> dict[str, Any]:
         learners=["e0", "e1"],
     )
     report["downloads"] = {
-        "task_models": {"smile": {"artifact": "task/smile@v000001", "nbytes": 2_000}},
-        "baim": {"artifact": "baim@v000001", "nbytes": 6_000},
+        "task_models": {"smile": {"artifact": "task/smile@v000001", "kind": "full", "nbytes": 2_000}},
+        "generation_models": {
+            "smile": {"artifact": "generation/smile@v000001", "kind": "generation", "nbytes": 800}
+        },
+        "baim": {"artifact": "baim@v000001", "kind": "baim", "nbytes": 6_000},
         "strategy_models": {"finetune": "baim@v000001"},
     }
     report["baselines"] = {
