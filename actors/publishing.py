@@ -54,7 +54,7 @@ def publish_task_models(
     limits = budget_limits(baim.config, task_model_budget) if task_model_budget is not None else {}
     published: dict[str, PublishedTaskModel] = {}
     for task_id, task in enumerate(baim.config.tasks):
-        model = decompose(baim, task)
+        model = decompose(baim, task).eval()  # inference routing, as the BAIM here
         test = FaceDataset(source, test_indices[task], resolution)
         max_diff, total, count = 0.0, 0.0, 0
         for batch_index, images in enumerate(DataLoader(test, batch_size=batch_size)):
