@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from actors.rounds import RoundRequest, RoundResult
 from baim.compaction import Batch
-from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
+from baim.loop import EpochOutcome, Evaluation, LoopSchedule, on_cadence, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.seeding import noise_seed
@@ -28,6 +28,8 @@ from orchestrator.cloud.keep import holdout_loss, kept_strategy
 from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_seed
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
+
+TRAINER_NAMED = "cloud.trainer: local"
 
 
 def seeded_loss(base_seed: int) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -54,15 +56,17 @@ class LocalHooks:
         scores: Sequence[Batch],
         seed: int,
         round_index: int,
+        evaluated: Callable[[int], bool],
     ):
         self.baim = baim
         self.train = train
         self.test = test
         self.scores = scores
         self.seed = seed
+        self.evaluated = evaluated  # whether the test loss is measured after an epoch
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
-        self.test_loss: list[float] = []
+        self.test_loss: list[float | None] = []
         self.flops = 0
         self.connections: list[int] = []
 
@@ -78,7 +82,9 @@ class LocalHooks:
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         return self.baim
 
-    def evaluate(self, epoch: int) -> Evaluation:
+    def evaluate(self, epoch: int) -> Evaluation | None:
+        if not self.evaluated(epoch):
+            return None
         # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
         # evaluate must not reseed the shared global RNG.
         test_loss = seeded_loss(noise_seed(self.seed, "test"))
@@ -86,21 +92,24 @@ class LocalHooks:
 
     def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
         self.train_loss.append(outcome.train_loss)
-        assert outcome.evaluation is not None  # evaluate() measures every epoch
-        self.test_loss.append(outcome.evaluation.loss)
+        self.test_loss.append(None if outcome.evaluation is None else outcome.evaluation.loss)
         self.flops += outcome.flops
         self.connections.append(len(self.baim.connections.specs))
 
 
-def local_training_round(request: RoundRequest) -> RoundResult:
+def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
     """Train the fused BAIM once per strategy, each from the same fused BAIM; the strategy `cloud.keep`
-    names (or, for best, the lowest held-out loss) is what the coordinator continues from. Every training
-    step's FLOPs are counted."""
+    names (or, for best, the lowest held-out loss) is what the coordinator continues from. FLOPs are counted
+    on the first step and the first after each pruning, scaled by samples
+    (`LoopSchedule.flop_counting="after_change"`); the test loss is measured every `cloud.evaluate_every`
+    epochs and after the last. `chosen_by` (why this runner runs the round) goes into each strategy's
+    record."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
     pruning = pruning_schedule(
         cloud.prune_interval, cloud.prune_ratio, cloud.task_model_budget, cloud.recovery_epochs
     )
-    schedule = LoopSchedule(cloud.epochs, cloud.lr, pruning, "every_batch", score_seed(seed))
+    # FLOPs as the Ray Train runner counts them (a counted step costs about two uncounted ones).
+    schedule = LoopSchedule(cloud.epochs, cloud.lr, pruning, "after_change", score_seed(seed))
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
     trained: dict[str, ArtifactPayload] = {}
@@ -122,6 +131,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             scores,
             seed,
             request.round_index,
+            lambda epoch: on_cadence(epoch, cloud.evaluate_every, cloud.epochs),
         )
         started = time.perf_counter()
         train_strategy(model, model, make_optimizer(model, cloud.lr), hooks, schedule)
@@ -133,6 +143,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             epochs=cloud.epochs,
             connections=hooks.connections,
             runner="local",
+            chosen_by=chosen_by,
         )
         if losses is not None:
             losses[strategy] = holdout_loss(model, holdout, cloud.batch_size, seed)

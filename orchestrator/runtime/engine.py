@@ -24,6 +24,8 @@ from actors.coordinator import (
     RoundFailed,
     held_run_id,
 )
+from actors.rounds import RoundRunner
+from orchestrator.cloud.auto import auto_training_round
 from orchestrator.cloud.local import local_training_round
 from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
@@ -80,6 +82,13 @@ class RunFailed(Exception):  # noqa: N818 (reads as what happened)
     and report.md were written and say why."""
 
 
+ROUND_RUNNERS: dict[str, RoundRunner] = {
+    "auto": auto_training_round,
+    "ray_train": ray_train_round,
+    "local": local_training_round,
+}
+
+
 def new_run_id() -> str:
     """A fresh run id: UTC start time (readable, sortable) and 6 random hex digits (unique)."""
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
@@ -97,9 +106,10 @@ class EngineOptions:
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
-    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.cloud.ray_train) or "local"
-    # (the same loop in a thread of the coordinator; faster to start, for small runs and tests).
-    cloud_trainer: Literal["ray_train", "local"] = "ray_train"
+    # How a cloud round trains, over the scenario's cloud.trainer: "ray_train" (TorchTrainer jobs,
+    # orchestrator.cloud.ray_train), "local" (the same loop in a thread of the coordinator), "auto" (by size,
+    # orchestrator.cloud.auto); None: the scenario's.
+    cloud_trainer: Literal["auto", "ray_train", "local"] | None = None
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
     # A stage after a successful run, with Ray still up and the run's actors released (the CLI passes
@@ -218,7 +228,7 @@ class Engine:
             max_task_retries=-1,  # upload/status/finish are idempotent, so Ray may re-send them
             max_concurrency=1000,
         )
-        runner = ray_train_round if self.options.cloud_trainer == "ray_train" else local_training_round
+        runner = ROUND_RUNNERS[self.options.cloud_trainer or self.scenario.cloud.trainer]
         # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
         self.coordinator = coordinator_cls.remote(
             self.scenario, self.registry_uri, round_runner=runner, run_id=self.run_id
