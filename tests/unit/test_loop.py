@@ -194,7 +194,7 @@ def test_after_change_counts_the_first_step_and_the_first_after_each_pruning(
         model = two_task_baim()
         start_strategy(model, "finetune", seed=0)
         hooks = RecordingHooks(model, batches(count=2, size=4), skip=set())
-        schedule = LoopSchedule(3, 0.01, 2, 0.5, counting)  # type: ignore[arg-type]
+        schedule = LoopSchedule(3, 0.01, PruningSchedule(2, 0.5), counting)  # type: ignore[arg-type]
         train_strategy(model, model, make_optimizer(model, 0.01), hooks, schedule)
         return [o.flops for o in hooks.outcomes]
 
