@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from actors.rounds import RoundRequest, RoundResult
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
@@ -43,15 +43,23 @@ class LocalHooks:
     """`baim.loop.TrainingHooks` of one strategy trained in this process."""
 
     def __init__(
-        self, baim: BAIM, train: DataLoader[Any], test: DataLoader[Any], seed: int, round_index: int
+        self,
+        baim: BAIM,
+        train: DataLoader[Any],
+        test: dict[str, DataLoader[Any]],
+        seed: int,
+        round_index: int,
     ):
         self.baim = baim
         self.train = train
-        self.test = test
+        self.test = test  # per task
         self.seed = seed
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
         self.test_loss: list[float] = []
+        self.test_loss_per_task: list[dict[str, float]] = []
+        self.flops_per_epoch: list[int] = []
+        self.seconds_per_epoch: list[float] = []
         self.flops = 0
         self.connections: list[int] = []
 
@@ -68,12 +76,20 @@ class LocalHooks:
         # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
         # evaluate must not reseed the shared global RNG.
         test_loss = seeded_loss(noise_seed(self.seed, "test"))
-        return Evaluation(evaluate(self.baim, self.test, test_loss, seed=None))
+        per_task = {
+            task: evaluate(self.baim, loader, test_loss, seed=None) for task, loader in self.test.items()
+        }
+        sizes = {task: len(loader.dataset) for task, loader in self.test.items()}  # type: ignore[arg-type]
+        total = sum(sizes.values())
+        return Evaluation(sum(per_task[t] * sizes[t] for t in per_task) / total, per_task)
 
     def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
         self.train_loss.append(outcome.train_loss)
         assert outcome.evaluation is not None  # evaluate() measures every epoch
         self.test_loss.append(outcome.evaluation.loss)
+        self.test_loss_per_task.append(outcome.evaluation.per_task)
+        self.flops_per_epoch.append(outcome.flops)
+        self.seconds_per_epoch.append(outcome.seconds)
         self.flops += outcome.flops
         self.connections.append(len(self.baim.connections.specs))
 
@@ -97,7 +113,10 @@ def local_training_round(request: RoundRequest) -> RoundResult:
         hooks = LocalHooks(
             model,
             DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=order),
-            DataLoader(test_set, batch_size=cloud.batch_size),
+            {
+                task: DataLoader(Subset(test_set, positions), batch_size=cloud.batch_size)
+                for task, positions in test_set.positions().items()
+            },
             seed,
             request.round_index,
         )
@@ -111,6 +130,9 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             epochs=cloud.epochs,
             connections=hooks.connections,
             runner="local",
+            test_loss_per_task=hooks.test_loss_per_task,
+            flops_per_epoch=hooks.flops_per_epoch,
+            seconds_per_epoch=hooks.seconds_per_epoch,
         )
         if trained is None:
             trained = pack_module(model, model.spec())

@@ -189,6 +189,8 @@ class TrainRoundResult(StrictModel):
             resumed_at_epochs=self.resumed_at_epochs,
             connections=[e.connections for e in self.epochs],
             checkpoint_uri=self.checkpoint_uri,
+            flops_per_epoch=[e.flops for e in self.epochs],
+            seconds_per_epoch=[e.seconds for e in self.epochs],
         )
 
 

@@ -50,6 +50,13 @@ class LocalStrategyRun(StrictModel):
     epochs: int = Field(ge=1, description="Epochs trained.")
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     runner: Literal["local"] = Field(description="Which runner trained it.")
+    test_loss_per_task: list[dict[str, float]] = Field(
+        default_factory=list, description="Mean test loss per task, per epoch."
+    )
+    flops_per_epoch: list[int] = Field(default_factory=list, description="Training FLOPs of each epoch.")
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch (train, prune, evaluate)."
+    )
 
 
 class RayTrainStrategyRun(StrictModel):
@@ -70,6 +77,12 @@ class RayTrainStrategyRun(StrictModel):
     resumed_at_epochs: list[int] = Field(description="Epochs at which a restarted attempt resumed.")
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     checkpoint_uri: str = Field(description="The run's final Ray Train checkpoint (a path or scheme://path).")
+    flops_per_epoch: list[int] = Field(
+        default_factory=list, description="Training FLOPs of each epoch, all ranks."
+    )
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch, slowest rank."
+    )
 
 
 StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]

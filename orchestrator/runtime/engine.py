@@ -481,6 +481,8 @@ class Engine:
             shard_size=len(self.partitions.edges[edge_id]),
             epochs_done=report.epoch if report is not None else 0,
             local_epochs=track.config.local_epochs,
+            validation_loss=report.validation_loss if report is not None else [],
+            best_epoch=report.best_epoch if report is not None else None,
             bytes_sent=costs.get("bytes_sent", 0),
             bytes_received=costs.get("bytes_received", 0),
             flops=costs.get("flops", 0),
