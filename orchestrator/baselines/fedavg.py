@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import torch
@@ -293,7 +293,7 @@ def loss_text(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.5f}"
 
 
-def stop_reason(losses: Sequence[float | None], config: FedAvgConfig) -> str | None:
+def stop_reason(losses: Sequence[float | None], config: FedAvgConfig) -> Literal["target", "plateau"] | None:
     """Why FedAvg stops after the last of these per-round test losses: "target" (at or below
     `target_loss`), "plateau" (no improvement beyond `plateau_min_delta` for `plateau_patience` rounds), or
     None to go on (the round cap is the caller's loop)."""
@@ -426,7 +426,7 @@ class FedAvgRun:
             model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
         )
         rounds: list[FedAvgRound] = []
-        self.stop_reason = "round_cap"
+        self.stop_reason: Literal["round_cap", "target", "plateau"] = "round_cap"
         for server_round in range(1, self.config.rounds + 1):
             self.round_costs = RoundCosts()
             self._fire_due()

@@ -701,7 +701,7 @@ class FedAvgConfig(StrictModel):
 
 
 CompareMethod = Literal["baim", "fedavg", "fedavg_finetune", "cloud_only", "edge_alone", "centralised"]
-COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
+COMPARE_METHODS: tuple[CompareMethod, ...] = get_args(CompareMethod)
 
 
 class CompareConfig(StrictModel):

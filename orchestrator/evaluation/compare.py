@@ -632,7 +632,7 @@ def write_grid(path: Path, rows: Sequence[torch.Tensor], per_row: int = 8) -> No
     grid = torch.cat(padded, dim=1)
     pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.NEAREST).save(
+    Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.Resampling.NEAREST).save(
         buffer, "PNG"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
