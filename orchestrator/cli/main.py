@@ -96,15 +96,23 @@ def add_schema_parser(subparsers: Any) -> None:
         description="Print the scenario reference (Markdown, or JSON Schema with --json) or write it.",
     )
     parser.add_argument("--json", action="store_true", help="JSON Schema instead of Markdown")
+    parser.add_argument(
+        "--comparison",
+        action="store_true",
+        help="the comparison.json schema (baim compare's output) instead of the scenario's",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     parser.set_defaults(func=cmd_schema)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from orchestrator.core.comparison import Comparison, comparison_reference_markdown
+
+    model = Comparison if args.comparison else Scenario
     if args.json:
-        text = json.dumps(Scenario.model_json_schema(), indent=2) + "\n"
+        text = json.dumps(model.model_json_schema(), indent=2) + "\n"
     else:
-        text = scenario_reference_markdown()
+        text = comparison_reference_markdown() if args.comparison else scenario_reference_markdown()
     if args.out is None:
         sys.stdout.write(text)
     else:

@@ -1121,6 +1121,7 @@ def scenario_reference_markdown() -> str:
         ("tasks[]", TaskConfig),
         ("edges[]", EdgeConfig),
         ("edge_groups[]", EdgeGroupConfig),
+        ("early_stopping (edges, edge_groups)", EarlyStoppingConfig),
         ("model (edges, edge_groups, baselines.fedavg)", ModelSpecConfig),
         ("link (edges, edge_groups)", LinkConfig),
         ("cloud", CloudConfig),
@@ -1129,6 +1130,7 @@ def scenario_reference_markdown() -> str:
         *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
+        ("compare", CompareConfig),
     ]
     lines = [
         "# Scenario reference",
@@ -1149,6 +1151,12 @@ def scenario_reference_markdown() -> str:
         "(`baim demo`, `baim run`), since it depends on the data found.",
         "",
     ]
+    return "\n".join(lines + model_field_tables(sections))
+
+
+def model_field_tables(sections: list[tuple[str, type[BaseModel]]]) -> list[str]:
+    """One Markdown table per (title, model): every field's type, default, bounds and description."""
+    lines: list[str] = []
     for title, model in sections:
         lines += [
             f"## {title}",
@@ -1167,4 +1175,4 @@ def scenario_reference_markdown() -> str:
             cells.append(field.description or "")
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
