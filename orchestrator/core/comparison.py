@@ -179,11 +179,12 @@ def comparison_reference_markdown() -> str:
         "`Comparison.model_validate_json(text)` (`orchestrator.core.comparison`); unknown keys are errors.",
         "`settings` is the scenario's `compare` section as used (docs/scenario-reference.md, `compare`).",
         "",
-        "Every cost is measured: bytes are serialized sizes that crossed an edge's link (its upload, FedAvg's",
-        "global models and updates, the task-model download, or, for the centralised reference, its raw",
-        "shard as uint8 pixels); FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; seconds are",
-        "wall-clock. Test losses are the VAE loss (reconstruction + `cloud.kld_weight` x KLD) with seeded",
-        "noise on each task's test split; `test_loss` is their test-image-weighted mean.",
+        "Every cost is measured: bytes are serialized sizes that crossed an edge's link (its upload,",
+        "FedAvg's global models and updates, the task-model download, or, for the centralised reference,",
+        "its raw shard as uint8 pixels); FLOPs come from `torch.utils.flop_counter.FlopCounterMode`;",
+        "seconds are wall-clock. Test losses are the VAE loss (reconstruction + `cloud.kld_weight` x",
+        "KLD) with seeded noise on each task's test split; `test_loss` is their test-image-weighted",
+        "mean.",
         "",
     ]
     return "\n".join(lines + model_field_tables(sections))
