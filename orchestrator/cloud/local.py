@@ -23,7 +23,9 @@ from baim.seeding import noise_seed
 from baim.training import evaluate, make_optimizer
 from orchestrator.cloud.data import CachedFaces
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
+from orchestrator.core.progress import CloudEpochProgress, publish_epoch
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
+from orchestrator.core.registry import Registry
 
 
 def seeded_loss(base_seed: int) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -49,10 +51,12 @@ class LocalHooks:
         test: dict[str, DataLoader[Any]],
         seed: int,
         round_index: int,
+        on_epoch: Callable[[EpochOutcome], None] | None = None,
     ):
         self.baim = baim
         self.train = train
         self.test = test  # per task
+        self.on_epoch = on_epoch
         self.seed = seed
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
@@ -92,6 +96,24 @@ class LocalHooks:
         self.seconds_per_epoch.append(outcome.seconds)
         self.flops += outcome.flops
         self.connections.append(len(self.baim.connections.specs))
+        if self.on_epoch is not None:
+            self.on_epoch(outcome)
+
+
+def epoch_reporter(
+    registry: Registry, round_index: int, strategy: str, epochs: int
+) -> Callable[[EpochOutcome], None]:
+    """Publish each finished epoch as live progress (orchestrator.core.progress)."""
+
+    def report(outcome: EpochOutcome) -> None:
+        assert outcome.evaluation is not None  # LocalHooks evaluates every epoch
+        progress = CloudEpochProgress(
+            round=round_index, strategy=strategy, epoch=outcome.epoch, epochs=epochs,
+            train_loss=outcome.train_loss, test_loss=outcome.evaluation.loss, seconds=outcome.seconds,
+        )  # fmt: skip
+        publish_epoch(registry, progress)
+
+    return report
 
 
 def local_training_round(request: RoundRequest) -> RoundResult:
@@ -101,6 +123,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
     schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "every_batch")
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
+    registry = Registry(request.registry_uri)
     trained: ArtifactPayload | None = None
     for strategy in request.strategies:
         model = load_module(request.baim, BAIM, artifact_id=f"baim round {request.round_index}")
@@ -119,6 +142,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             },
             seed,
             request.round_index,
+            on_epoch=epoch_reporter(registry, request.round_index, strategy, cloud.epochs),
         )
         started = time.perf_counter()
         train_strategy(model, model, make_optimizer(model, cloud.lr), hooks, schedule)

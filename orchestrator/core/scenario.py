@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -1154,7 +1155,7 @@ def scenario_reference_markdown() -> str:
     return "\n".join(lines + model_field_tables(sections))
 
 
-def model_field_tables(sections: list[tuple[str, type[BaseModel]]]) -> list[str]:
+def model_field_tables(sections: Sequence[tuple[str, type[BaseModel]]]) -> list[str]:
     """One Markdown table per (title, model): every field's type, default, bounds and description."""
     lines: list[str] = []
     for title, model in sections:

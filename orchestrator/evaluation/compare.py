@@ -257,6 +257,9 @@ class Comparer:
                 for eid, row in edges.items()
             }
             points = self._strategy_points(run, per_edge, earlier_flops, 0.0 if cloud_only else edge_seconds)
+            for epoch, losses in enumerate(run.test_loss_per_task, start=1):
+                per_task = ", ".join(f"{task} {loss:.5f}" for task, loss in losses.items())
+                self._say(f"compare: {strategy} epoch {epoch}/{run.epochs}: test loss {per_task}")
             name = "cloud_only" if cloud_only else f"baim:{strategy}"
             label = "cloud only (scratch)" if cloud_only else f"BAIM {strategy}"
             if cloud_only:

@@ -27,6 +27,7 @@ from actors.coordinator import (
 from orchestrator.cloud.local import local_training_round
 from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.progress import read_epochs
 from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.registry import Registry
 from orchestrator.core.reports import (
@@ -157,6 +158,7 @@ class Engine:
         self.coordinator: Any = None
         self._status_ref: Any = None  # an outstanding coordinator status() call
         self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
+        self._epochs_said: set[tuple[int, str, int]] = set()  # cloud (round, strategy, epoch) printed
 
     def check_registry_is_free(self) -> None:
         """Raise RegistryHeldByAnotherRun when the registry already holds a run's coordinator state.
@@ -251,7 +253,7 @@ class Engine:
 
         failure: RoundFailed | None = None
         try:
-            summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+            summary = self._finish()
         except RoundFailed as err:  # Ray raises an error that is also an instance of the actor's error
             failure = err
             summary = ray.get(self.coordinator.summary.remote(), timeout=self.options.finish_timeout_s)
@@ -292,6 +294,20 @@ class Engine:
             write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {write_report_markdown(self.out_dir)} and {self.out_dir / 'plots'}")
         return report
+
+    def _finish(self) -> Any:
+        """The coordinator's finish() (its last round, decomposition, publishing), printing the cloud's
+        epochs while it trains; raises Ray's GetTimeoutError after finish_timeout_s."""
+        finishing = self.coordinator.finish.remote()
+        deadline = time.monotonic() + self.options.finish_timeout_s
+        while not ray.wait([finishing], timeout=min(PROGRESS_EVERY_SECONDS, self.options.finish_timeout_s))[
+            0
+        ]:
+            self._say_cloud_epochs()
+            if time.monotonic() > deadline:
+                break
+        self._say_cloud_epochs()
+        return ray.get(finishing, timeout=max(0.0, deadline - time.monotonic()))
 
     # ---- edges ---------------------------------------------------------------------------------------
 
@@ -383,8 +399,14 @@ class Engine:
                     continue  # progress only; a malformed final report fails the edge
                 if track.report is None or report.epoch != track.report.epoch:
                     epochs = f"{report.epoch}/{report.epochs}"
+                    loss = "n/a" if report.train_loss is None else f"{report.train_loss:.5f}"
+                    validation = (
+                        f", validation loss {report.validation_loss[-1]:.5f}"
+                        if report.validation_loss
+                        else ""
+                    )
                     self._say(
-                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
+                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {loss}{validation}"
                     )
                 track.report = report
         if ask:
@@ -411,6 +433,16 @@ class Engine:
                     self._say_round_errors([RoundError.model_validate(e) for e in status["round_errors"]])
         if ask and self._status_ref is None and self.coordinator is not None:
             self._status_ref = self.coordinator.status.remote()
+        if ask:
+            self._say_cloud_epochs()
+
+    def _say_cloud_epochs(self) -> None:
+        """Print every cloud epoch that finished since the last look (the runners record them live)."""
+        for progress in read_epochs(Registry(self.registry_uri)):
+            key = (progress.round, progress.strategy, progress.epoch)
+            if key not in self._epochs_said:
+                self._epochs_said.add(key)
+                self._say(progress.line())
 
     def _say_round_errors(self, round_errors: list[RoundError]) -> None:
         for entry in round_errors:
