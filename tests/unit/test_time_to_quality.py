@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.core.comparison import CurvePoint, EdgeCost, MethodCurve
 from orchestrator.report.time_to_quality import (
     best_point,
     default_target,
@@ -13,56 +12,10 @@ from orchestrator.report.time_to_quality import (
     time_to_quality,
     weighted_target,
 )
+from tests.support.comparisons import SIZES, baim_curve, curve, fedavg_curve, point
 
-SIZES = {"a": 100, "b": 300}
-
-
-def point(step: int, sent: int, flops: int, a: float, b: float, seconds: float = 0.0) -> CurvePoint:
-    """One edge, the given costs; test loss per task a, b (weighted mean (100 a + 300 b) / 400)."""
-    return CurvePoint(
-        step=step,
-        bytes_sent_per_edge=sent,
-        bytes_received_per_edge=0,
-        edge_flops_per_edge=flops,
-        cloud_flops=step * 10,
-        wall_seconds=seconds,
-        test_loss=(100 * a + 300 * b) / 400,
-        test_loss_per_task={"a": a, "b": b},
-        per_edge={"e": EdgeCost(bytes_sent=sent, bytes_received=0, flops=flops)},
-    )
-
-
-def curve(name: str, family: str, points: list[CurvePoint], tasks: list[str] | None = None) -> MethodCurve:
-    return MethodCurve(
-        name=name,
-        family=family,  # type: ignore[arg-type]
-        label=name,
-        description="",
-        step_name="round" if family == "fedavg" else "epoch",
-        privacy_violating=False,
-        tasks=tasks or ["a", "b"],
-        cap=len(points),
-        stop_reason="round_cap",
-        points=points,
-        samples=None,
-    )
-
-
-# FedAvg: 1 MB and 10 GFLOP per edge per round; mean loss 0.5, 0.3, 0.2, 0.2 (a plateau after round 3)
-FEDAVG = curve(
-    "fedavg",
-    "fedavg",
-    [
-        point(r, r * 1_000_000, r * 10_000_000_000, loss, loss)
-        for r, loss in ((1, 0.5), (2, 0.3), (3, 0.2), (4, 0.2))
-    ],
-)
-# BAIM: a constant 40 kB and 0.5 GFLOP per edge; mean loss per epoch 0.4, 0.25, 0.19
-BAIM = curve(
-    "baim:finetune",
-    "baim",
-    [point(e, 40_000, 500_000_000, loss, loss) for e, loss in ((1, 0.4), (2, 0.25), (4, 0.19))],
-)
+FEDAVG = fedavg_curve()
+BAIM = baim_curve()
 
 
 def test_first_reaching_is_the_first_point_at_or_below_the_target_without_interpolation() -> None:
