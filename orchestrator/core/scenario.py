@@ -736,6 +736,13 @@ class CompareConfig(StrictModel):
     finetune_epochs: int = Field(
         default=2, ge=1, le=10_000, description="Epochs of cloud fine-tuning after FedAvg (fedavg_finetune)."
     )
+    finetune_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Adam learning rate of the fine-tuning after FedAvg; unset: the edges' mean `lr` (what "
+        "FedAvg's model was trained with: cloud.lr is tuned for the BAIM and knocks a converged model back).",
+    )
     centralised_epochs: int = Field(
         default=4, ge=1, le=10_000, description="Epochs of the centralised reference."
     )

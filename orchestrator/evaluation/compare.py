@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from baim.decompose import decompose
 from baim.learners import VAELearner
@@ -423,7 +423,11 @@ class Comparer:
                 0, start_costs, start_flops, start_seconds, report.final_test_loss_per_task, self.sizes
             )
         ]
-        epochs = self._train_in_cloud(model, cloud_indices, self.config.finetune_epochs, "fedavg+finetune")
+        edges = self.scenario.all_edges()
+        lr = self.config.finetune_lr or sum(edge.lr for edge in edges) / len(edges)
+        epochs = self._train_in_cloud(
+            model, cloud_indices, self.config.finetune_epochs, "fedavg+finetune", lr=lr
+        )
         flops, seconds = start_flops, start_seconds
         for index, epoch in enumerate(epochs, start=1):
             flops += epoch.flops
@@ -443,7 +447,7 @@ class Comparer:
                 stop_reason="epochs",
                 points=points,
                 samples=None,
-                note="epoch 0 is FedAvg's final model; edge costs are FedAvg's",
+                note=f"epoch 0 is FedAvg's final model; edge costs are FedAvg's; Adam lr {lr:g}",
             )
         )
         sampler = learner_sampler(model.eval())
@@ -498,14 +502,14 @@ class Comparer:
         self.generated.append(Generated("centralised", self.tasks, {task: sampler for task in self.tasks}))
 
     def _train_in_cloud(
-        self, model: VAELearner, indices: list[int], epochs: int, label: str
+        self, model: VAELearner, indices: list[int], epochs: int, label: str, lr: float | None = None
     ) -> list[CloudEpoch]:
-        """Train a lone VAE in this process on `indices` (Adam, the cloud's lr and batch size), measuring the
-        test loss per task, the FLOPs and the seconds of every epoch."""
+        """Train a lone VAE in this process on `indices` (Adam, `lr` or the cloud's, the cloud's batch size),
+        measuring the test loss per task, the FLOPs and the seconds of every epoch."""
         cloud = self.scenario.cloud
-        dataset = FaceDataset(self.source, indices, self.resolution)
+        dataset = CachedImages(FaceDataset(self.source, indices, self.resolution))
         loss_fn = vae_batch_loss(self.kld_weight)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cloud.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr or cloud.lr)
         order = torch.Generator().manual_seed(derive_seed(label, self.scenario.seed))
         loader = DataLoader(dataset, batch_size=cloud.batch_size, shuffle=True, generator=order)
         flops = epoch_flops(model, dataset, cloud.batch_size, loss_fn)
@@ -616,6 +620,27 @@ class Comparer:
         logger.info("%s", line)
         if self.options.progress is not None:
             self.options.progress(line)
+
+
+class CachedImages(Dataset[torch.Tensor]):
+    """A FaceDataset whose images are decoded once and kept as uint8 (the cloud's own trainings re-read every
+    image every epoch otherwise); the same float tensors, since FaceDataset divides uint8 pixels by 255."""
+
+    def __init__(self, faces: FaceDataset) -> None:
+        self.faces = faces
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        cached = self._cache.get(index)
+        if cached is None:
+            image = self.faces[index]
+            assert isinstance(image, torch.Tensor)  # no task id: FaceDataset(task_id=None)
+            cached = (image * 255.0).round().to(torch.uint8)
+            self._cache[index] = cached
+        return cached.float().div_(255.0)
 
 
 def write_grid(path: Path, rows: Sequence[torch.Tensor], per_row: int = 8) -> None:
