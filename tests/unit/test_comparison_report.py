@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 
 from orchestrator.core.comparison import Comparison
-from orchestrator.evaluation.compare import write_grid
+from orchestrator.data.datasets import FaceDataset
+from orchestrator.data.partitions import make_partitions
+from orchestrator.data.sources import resolve_source
+from orchestrator.evaluation.compare import CachedImages, write_grid
 from orchestrator.report.comparison import PLOT_NAMES, write_comparison_report
 from tests.support.comparisons import hand_made_comparison
+from tests.support.scenarios import tiny_scenario
 
 
 def test_report_writes_every_plot_and_inlines_every_image(tmp_path: Path) -> None:
@@ -40,3 +44,13 @@ def test_report_writes_every_plot_and_inlines_every_image(tmp_path: Path) -> Non
     assert "Time to quality (headline)" in markdown and "privacy-violating" in markdown
     assert "75.0x fewer bytes per edge" in markdown  # the goal line, from the hand-made curves
     assert "not on this log axis" in markdown.lower()  # the edge alone sends 0 bytes
+
+
+def test_cached_images_are_the_face_datasets_tensors(tmp_path: Path) -> None:
+    scenario = tiny_scenario(tmp_path)
+    source = resolve_source(scenario.data)
+    faces = FaceDataset(source, make_partitions(source, scenario).cloud["male"][:5], scenario.data.resolution)
+    cached = CachedImages(faces)
+    for index in range(len(faces)):
+        assert torch.equal(cached[index], faces[index])  # type: ignore[arg-type]
+        assert torch.equal(cached[index], faces[index])  # type: ignore[arg-type]  (from the cache)
