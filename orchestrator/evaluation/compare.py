@@ -247,7 +247,10 @@ class Comparer:
                 not cloud_only and "baim" not in self.config.methods
             ):
                 continue
-            earlier_flops = sum(r.strategies[strategy].flops for r in rounds[:-1] if strategy in r.strategies)
+            # Earlier rounds (uploads that arrived after a round had started) cost FLOPs and seconds too.
+            earlier = [r.strategies[strategy] for r in rounds[:-1] if strategy in r.strategies]
+            earlier_flops = sum(run.flops for run in earlier)
+            earlier_seconds = sum(run.seconds for run in earlier)
             per_edge = {
                 eid: EdgeCost(
                     bytes_sent=0 if cloud_only else row.bytes_sent,
@@ -256,7 +259,8 @@ class Comparer:
                 )
                 for eid, row in edges.items()
             }
-            points = self._strategy_points(run, per_edge, earlier_flops, 0.0 if cloud_only else edge_seconds)
+            offset_seconds = earlier_seconds + (0.0 if cloud_only else edge_seconds)
+            points = self._strategy_points(run, per_edge, earlier_flops, offset_seconds)
             for epoch, losses in enumerate(run.test_loss_per_task, start=1):
                 per_task = ", ".join(f"{task} {loss:.5f}" for task, loss in losses.items())
                 self._say(f"compare: {strategy} epoch {epoch}/{run.epochs}: test loss {per_task}")
@@ -286,7 +290,13 @@ class Comparer:
                     points=points,
                     samples=None,
                     note="points are epochs of one run of max(baim_epochs) epochs; bytes received are the "
-                    "published task model's size (the final epoch's decomposition)",
+                    "published task model's size (the final epoch's decomposition)"
+                    + (
+                        f"; the curve is the last of {len(rounds)} rounds (uploads arrived during a round), "
+                        "and its cloud FLOPs and seconds include the earlier rounds'"
+                        if earlier
+                        else ""
+                    ),
                 )
             )
             if strategy in kept:
@@ -295,7 +305,7 @@ class Comparer:
                 self.generated.append(Generated(name, list(samplers), samplers))
 
     def _strategy_points(
-        self, run: StrategyRun, per_edge: dict[str, EdgeCost], earlier_flops: int, edge_seconds: float
+        self, run: StrategyRun, per_edge: dict[str, EdgeCost], earlier_flops: int, offset_seconds: float
     ) -> list[CurvePoint]:
         if len(run.flops_per_epoch) != run.epochs or len(run.test_loss_per_task) != run.epochs:
             raise ValueError(
@@ -311,7 +321,7 @@ class Comparer:
                     epoch,
                     per_edge,
                     earlier_flops + sum(run.flops_per_epoch[:epoch]),
-                    edge_seconds + sum(run.seconds_per_epoch[:epoch]),
+                    offset_seconds + sum(run.seconds_per_epoch[:epoch]),
                     run.test_loss_per_task[epoch - 1],
                     self.sizes,
                 )
