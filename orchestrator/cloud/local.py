@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from actors.rounds import RoundRequest, RoundResult
 from baim.compaction import Batch
@@ -27,7 +27,9 @@ from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.keep import holdout_loss, kept_strategy
 from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_seed
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
+from orchestrator.core.progress import CloudEpochProgress, publish_epoch
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
+from orchestrator.core.registry import Registry
 
 TRAINER_NAMED = "cloud.trainer: local"
 
@@ -52,21 +54,26 @@ class LocalHooks:
         self,
         baim: BAIM,
         train: DataLoader[Any],
-        test: DataLoader[Any],
+        test: dict[str, DataLoader[Any]],
         scores: Sequence[Batch],
         seed: int,
         round_index: int,
         evaluated: Callable[[int], bool],
+        on_epoch: Callable[[EpochOutcome], None] | None = None,
     ):
         self.baim = baim
         self.train = train
-        self.test = test
+        self.test = test  # per task
         self.scores = scores
+        self.on_epoch = on_epoch
         self.seed = seed
         self.evaluated = evaluated  # whether the test loss is measured after an epoch
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
-        self.test_loss: list[float | None] = []
+        self.test_loss: list[float | None] = []  # None: not evaluated after that epoch
+        self.test_loss_per_task: list[dict[str, float]] = []  # {}: not evaluated
+        self.flops_per_epoch: list[int] = []
+        self.seconds_per_epoch: list[float] = []
         self.flops = 0
         self.connections: list[int] = []
 
@@ -88,13 +95,40 @@ class LocalHooks:
         # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
         # evaluate must not reseed the shared global RNG.
         test_loss = seeded_loss(noise_seed(self.seed, "test"))
-        return Evaluation(evaluate(self.baim, self.test, test_loss, seed=None))
+        per_task = {
+            task: evaluate(self.baim, loader, test_loss, seed=None) for task, loader in self.test.items()
+        }
+        sizes = {task: len(loader.dataset) for task, loader in self.test.items()}  # type: ignore[arg-type]
+        total = sum(sizes.values())
+        return Evaluation(sum(per_task[t] * sizes[t] for t in per_task) / total, per_task)
 
     def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
         self.train_loss.append(outcome.train_loss)
-        self.test_loss.append(None if outcome.evaluation is None else outcome.evaluation.loss)
+        evaluation = outcome.evaluation
+        self.test_loss.append(None if evaluation is None else evaluation.loss)
+        self.test_loss_per_task.append({} if evaluation is None else evaluation.per_task)
+        self.flops_per_epoch.append(outcome.flops)
+        self.seconds_per_epoch.append(outcome.seconds)
         self.flops += outcome.flops
         self.connections.append(len(self.baim.connections.specs))
+        if self.on_epoch is not None:
+            self.on_epoch(outcome)
+
+
+def epoch_reporter(
+    registry: Registry, round_index: int, strategy: str, epochs: int
+) -> Callable[[EpochOutcome], None]:
+    """Publish each finished epoch as live progress (orchestrator.core.progress)."""
+
+    def report(outcome: EpochOutcome) -> None:
+        test_loss = None if outcome.evaluation is None else outcome.evaluation.loss
+        progress = CloudEpochProgress(
+            round=round_index, strategy=strategy, epoch=outcome.epoch, epochs=epochs,
+            train_loss=outcome.train_loss, test_loss=test_loss, seconds=outcome.seconds,
+        )  # fmt: skip
+        publish_epoch(registry, progress)
+
+    return report
 
 
 def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
@@ -112,6 +146,7 @@ def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) 
     schedule = LoopSchedule(cloud.epochs, cloud.lr, pruning, "after_change", score_seed(seed))
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
+    registry = Registry(request.registry_uri)
     trained: dict[str, ArtifactPayload] = {}
     losses: dict[str, float] | None = {} if cloud.keep == "best" else None
     fused = load_module(request.baim, BAIM, artifact_id=f"baim round {request.round_index}")
@@ -127,11 +162,15 @@ def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) 
         hooks = LocalHooks(
             model,
             DataLoader(train_set, batch_size=cloud.batch_size, shuffle=True, generator=order),
-            DataLoader(test_set, batch_size=cloud.batch_size),
+            {
+                task: DataLoader(Subset(test_set, positions), batch_size=cloud.batch_size)
+                for task, positions in test_set.positions().items()
+            },
             scores,
             seed,
             request.round_index,
             lambda epoch: on_cadence(epoch, cloud.evaluate_every, cloud.epochs),
+            on_epoch=epoch_reporter(registry, request.round_index, strategy, cloud.epochs),
         )
         started = time.perf_counter()
         train_strategy(model, model, make_optimizer(model, cloud.lr), hooks, schedule)
@@ -144,6 +183,9 @@ def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) 
             connections=hooks.connections,
             runner="local",
             chosen_by=chosen_by,
+            test_loss_per_task=hooks.test_loss_per_task,
+            flops_per_epoch=hooks.flops_per_epoch,
+            seconds_per_epoch=hooks.seconds_per_epoch,
         )
         if losses is not None:
             losses[strategy] = holdout_loss(model, holdout, cloud.batch_size, seed)

@@ -44,6 +44,7 @@ from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_se
 from orchestrator.cloud.resources import WORKER_GROUP_START_RETRIES, check_cluster_resources, failure_config
 from orchestrator.core.artifacts import ArtifactPayload, pack_module
 from orchestrator.core.names import BAIM_OWNER, FUSED_BAIM_OWNER, SPEC_FILE, WEIGHTS_FILE
+from orchestrator.core.progress import CloudEpochProgress, publish_epoch
 from orchestrator.core.receipts import PublishedTaskModel, RayTrainStrategyRun
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import CHECKPOINT_EVERY_DEFAULT, DataConfig, Scenario, StrictModel
@@ -276,6 +277,8 @@ class TrainRoundResult(StrictModel):
             checkpoint_uri=self.checkpoint_uri,
             fixed_seconds=self.fixed_costs.fixed,
             chosen_by=chosen_by,
+            flops_per_epoch=[e.flops for e in self.epochs],
+            seconds_per_epoch=[e.seconds for e in self.epochs],
         )
 
 
@@ -610,6 +613,12 @@ class RayTrainHooks:
                 cfg.round_id, cfg.strategy, outcome.epoch, cfg.epochs, metrics.train_loss, metrics.test_loss,
                 metrics.seconds, metrics.connections,
             )  # fmt: skip
+        if ranks.rank == 0:
+            progress = CloudEpochProgress(
+                round=cfg.round_id, strategy=cfg.strategy, epoch=outcome.epoch, epochs=cfg.epochs,
+                train_loss=metrics.train_loss, test_loss=metrics.test_loss, seconds=metrics.seconds,
+            )  # fmt: skip
+            publish_epoch(Registry(cfg.registry_uri), progress)
         if checkpoint:
             self._checkpoint(outcome.epoch, optimizer)
 

@@ -59,6 +59,13 @@ class LocalStrategyRun(StrictModel):
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     runner: Literal["local"] = Field(description="Which runner trained it.")
     chosen_by: str = Field(description=CHOSEN_BY)
+    test_loss_per_task: list[dict[str, float]] = Field(
+        default_factory=list, description="Mean test loss per task, per epoch ({}: not evaluated after it)."
+    )
+    flops_per_epoch: list[int] = Field(default_factory=list, description="Training FLOPs of each epoch.")
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch (train, prune, evaluate)."
+    )
 
 
 class RayTrainStrategyRun(StrictModel):
@@ -87,6 +94,12 @@ class RayTrainStrategyRun(StrictModel):
         description="Seconds of the job outside its epochs: start-up (workers, imports, data) and teardown."
     )
     chosen_by: str = Field(description=CHOSEN_BY)
+    flops_per_epoch: list[int] = Field(
+        default_factory=list, description="Training FLOPs of each epoch, all ranks."
+    )
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch, slowest rank."
+    )
 
 
 StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]

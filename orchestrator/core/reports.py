@@ -76,6 +76,13 @@ class EdgeReport(ReportModel):
     epochs: int = Field(ge=0, description="Local epochs planned.")
     steps: int = Field(ge=0, description="Training steps taken.")
     train_loss: float | None = Field(description="Mean training loss of the last epoch; None before one.")
+    validation_loss: list[float] = Field(
+        default_factory=list,
+        description="Loss on the held-out part of the edge's own shard after each epoch (early stopping).",
+    )
+    best_epoch: int | None = Field(
+        default=None, description="The epoch whose weights were uploaded (early stopping), else None."
+    )
     shard_size: int = Field(ge=0, description="Images in the edge's private shard.")
     receipt: dict[str, JsonValue] | None = Field(
         description="The coordinator's receipt of the upload; None before one arrived."
@@ -135,6 +142,13 @@ class EdgeRow(ReportModel):
     shard_size: int = Field(description="Images in the edge's private shard.")
     epochs_done: int = Field(description="Local epochs finished.")
     local_epochs: int = Field(description="Local epochs planned.")
+    validation_loss: list[float] = Field(
+        default_factory=list,
+        description="Loss on the held-out part of the edge's own shard after each epoch (early stopping).",
+    )
+    best_epoch: int | None = Field(
+        default=None, description="The epoch whose weights were uploaded (early stopping), else None."
+    )
     bytes_sent: int = Field(description="Serialized bytes the edge sent (every upload attempt).")
     bytes_received: int = Field(description="Bytes the edge received during the run.")
     flops: int = Field(description="Training FLOPs at the edge (FlopCounterMode).")
@@ -211,6 +225,10 @@ class Totals(ReportModel):
     cloud_flops: int = Field(description="FLOPs in the cloud, every strategy.")
     uploads: UploadCounts = Field(description="Upload outcomes, counted by the ledger.")
     wall_seconds: float = Field(description="Wall-clock seconds of the BAIM run.")
+    simulated_seconds: float | None = Field(
+        default=None,
+        description="Simulated seconds of the run on the virtual clock (time: virtual), else None.",
+    )
 
 
 EventKind = Literal[
@@ -279,6 +297,16 @@ class FedAvgRound(ReportModel):
     test_loss_per_task: dict[str, float] = Field(description="The new global model's test loss per task.")
     test_loss: float | None = Field(description="Test-image-weighted mean over tasks.")
     seconds: float = Field(description="Wall-clock seconds of the round.")
+    bytes_sent: dict[str, int] = Field(
+        default_factory=dict, description="Per client: serialized bytes of the update it sent this round."
+    )
+    bytes_received: dict[str, int] = Field(
+        default_factory=dict, description="Per client: serialized bytes of the global model it received."
+    )
+    flops: dict[str, int] = Field(default_factory=dict, description="Per client: training FLOPs this round.")
+    aggregation_flops: int = Field(
+        default=0, description="Cloud FLOPs of this round's aggregation (FlopCounterMode: matmuls, convs)."
+    )
 
 
 class ClientFailure(ReportModel):
@@ -312,7 +340,11 @@ class FedAvgReport(ReportModel):
     enabled: Literal[True] = Field(description="The baseline ran.")
     model: LearnerModel = Field(description="The one homogeneous model every client trains.")
     params: int = Field(description="Its parameters.")
-    rounds_planned: int = Field(description="Server rounds planned.")
+    aggregation: str = Field(default="mean", description="mean, median, trimmed_mean or krum.")
+    stop_reason: Literal["round_cap", "target", "plateau"] = Field(
+        default="round_cap", description="Why the rounds ended: the cap, the target loss, or a plateau."
+    )
+    rounds_planned: int = Field(description="Server rounds planned (the cap).")
     local_epochs: int = Field(description="Local epochs per round.")
     client_fraction: float = Field(description="Fraction of clients sampled per round.")
     weighting: str = Field(description="What the average is weighted by.")

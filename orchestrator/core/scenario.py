@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -191,6 +192,45 @@ class ProceduralConfig(StrictModel):
     )
 
 
+class UniformPartition(StrictModel):
+    kind: Literal["uniform"] = Field(
+        default="uniform", description="Each edge's shard is a uniform draw from its task's images."
+    )
+
+
+class DirichletPartition(StrictModel):
+    kind: Literal["dirichlet"] = Field(
+        description=(
+            "Each edge's shard is skewed over the value combinations of `attributes`: the edge's share of "
+            "each combination is drawn from Dirichlet(alpha x the combination's share of the task's images)."
+        )
+    )
+    attributes: list[str] = Field(
+        min_length=1,
+        max_length=6,
+        description="Secondary CelebA attributes the shards are skewed over (2**len combinations).",
+    )
+    alpha: float = Field(
+        gt=0,
+        le=1e6,
+        description="Concentration: small values give each edge a few combinations; large ones approach "
+        "the uniform draw.",
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in CELEBA_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; valid: CelebA's 40 attribute names")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate attributes in {value}")
+        return value
+
+
+PartitionConfig = Annotated[UniformPartition | DirichletPartition, Field(discriminator="kind")]
+
+
 class DataConfig(StrictModel):
     root: str | None = Field(
         default=None,
@@ -240,6 +280,10 @@ class DataConfig(StrictModel):
     )
     procedural: ProceduralConfig = Field(
         default_factory=ProceduralConfig, description="The face set generated when no CelebA is found."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=UniformPartition,
+        description="How edge shards are drawn within a task: `uniform` or `dirichlet` (non-IID).",
     )
 
     @field_validator("test_per_task")
@@ -311,6 +355,24 @@ class LinkConfig(StrictModel):
     latency_ms: float = Field(default=20.0, ge=0, description="One-way latency in milliseconds (simulated).")
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop an edge's local training when its own validation loss stops improving."""
+
+    patience: int = Field(
+        default=3, ge=1, le=10_000, description="Epochs without improvement before training stops."
+    )
+    validation_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the edge's own shard held out (seeded) to measure convergence; at least "
+        "one image, and at least one left to train on.",
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0, description="An epoch improves when the validation loss drops by more than this."
+    )
+
+
 class UsersConfig(StrictModel):
     count: int = Field(ge=1, le=1_000_000, description="End users behind the edge.")
     requests_per_second: float = Field(
@@ -342,7 +404,15 @@ class EdgeFields(StrictModel):
         default_factory=dict, description="Custom Ray resources the edge actor needs, e.g. {edge_site: 1}."
     )
     local_epochs: int = Field(
-        default=1, ge=1, le=10_000, description="Epochs of local training before the upload."
+        default=1,
+        ge=1,
+        le=10_000,
+        description="Epochs of local training before the upload (the cap, with `early_stopping`).",
+    )
+    early_stopping: EarlyStoppingConfig | None = Field(
+        default=None,
+        description="Stop on convergence of a validation split of the edge's own shard and upload the best "
+        "epoch's weights; unset: train exactly `local_epochs` on the whole shard.",
     )
     batch_size: int = Field(default=32, ge=1, description="Local training batch size.")
     lr: float = Field(default=1e-3, gt=0, le=10, description="Local learning rate (Adam).")
@@ -707,6 +777,105 @@ class FedAvgConfig(StrictModel):
         default=None,
         description="The one homogeneous model; unset: the largest edge model (by parameter count).",
     )
+    aggregation: Literal["mean", "median", "trimmed_mean", "krum"] = Field(
+        default="mean",
+        description="How the server combines updates: mean (FedAvg, weighted by shard size), median "
+        "(coordinate-wise), trimmed_mean (coordinate-wise, `trim_proportion` cut from each end) or krum "
+        "(Krum / Multi-Krum with `krum_num_malicious` and `krum_to_keep`); Flower's definitions.",
+    )
+    trim_proportion: float = Field(
+        default=0.1, ge=0, lt=0.5, description="trimmed_mean: fraction of updates cut from each end."
+    )
+    krum_num_malicious: int = Field(
+        default=0, ge=0, description="krum: the number of malicious clients assumed (f)."
+    )
+    krum_to_keep: int = Field(
+        default=0,
+        ge=0,
+        description="krum: 0 picks one update (Krum); k > 0 averages the k best (Multi-Krum).",
+    )
+    target_loss: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after the first round whose global test loss is at or below this; `rounds` is "
+        "the cap.",
+    )
+    plateau_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop when the global test loss has not improved by more than `plateau_min_delta` "
+        "for this many rounds; unset: no plateau stop.",
+    )
+    plateau_min_delta: float = Field(
+        default=0.0, ge=0, description="The improvement a round must make to reset the plateau count."
+    )
+
+
+CompareMethod = Literal["baim", "fedavg", "fedavg_finetune", "cloud_only", "edge_alone", "centralised"]
+COMPARE_METHODS: tuple[CompareMethod, ...] = get_args(CompareMethod)
+
+
+class CompareConfig(StrictModel):
+    """What `baim compare` runs and its budgets. The defaults are small so that any scenario can be compared;
+    a scenario whose curves must flatten sets larger ones."""
+
+    methods: list[CompareMethod] = Field(
+        default_factory=lambda: list(COMPARE_METHODS),
+        min_length=1,
+        description="Methods to run: baim (each cloud strategy but scratch), fedavg, fedavg_finetune "
+        "(FedAvg, then fine-tuning on the cloud's data), cloud_only (the scratch strategy: the BAIM "
+        "architecture from random weights on the cloud's data), edge_alone (each edge's own model), "
+        "centralised (one VAE on every shard and the cloud data: the privacy-violating upper bound).",
+    )
+    baim_epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
+        default_factory=lambda: [1, 2, 4],
+        min_length=1,
+        description="The BAIM epoch sweep: cloud training runs max(baim_epochs) epochs (replacing "
+        "cloud.epochs) and each listed epoch is a point of the curve.",
+    )
+    fedavg_rounds: int = Field(default=10, ge=1, le=100_000, description="FedAvg's round cap.")
+    fedavg_plateau_patience: int | None = Field(
+        default=3,
+        ge=1,
+        description="FedAvg stops when its test loss has not improved (by fedavg_plateau_min_delta) for this "
+        "many rounds; null: only the cap (and baselines.fedavg.target_loss) stop it.",
+    )
+    fedavg_plateau_min_delta: float = Field(
+        default=0.0, ge=0, description="The improvement that resets FedAvg's plateau count."
+    )
+    finetune_epochs: int = Field(
+        default=2, ge=1, le=10_000, description="Epochs of cloud fine-tuning after FedAvg (fedavg_finetune)."
+    )
+    finetune_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Adam learning rate of the fine-tuning after FedAvg; unset: the edges' mean `lr` (what "
+        "FedAvg's model was trained with: cloud.lr is tuned for the BAIM and knocks a converged model back).",
+    )
+    centralised_epochs: int = Field(
+        default=4, ge=1, le=10_000, description="Epochs of the centralised reference."
+    )
+    fid_samples: int = Field(
+        default=32,
+        ge=0,
+        description="Generated and real images per FID/KID set, for each method's final model (0: no FID).",
+    )
+    grid_samples: int = Field(default=16, ge=1, le=256, description="Images in each method's sample grid.")
+    target_loss: float | None = Field(
+        default=None,
+        gt=0,
+        description="Time-to-quality target test loss; unset: the best BAIM task models' loss.",
+    )
+
+    @model_validator(mode="after")
+    def _sorted_sweep(self) -> CompareConfig:
+        if len(set(self.baim_epochs)) != len(self.baim_epochs):
+            raise ValueError(f"baim_epochs: expected distinct epochs, received {self.baim_epochs}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: expected distinct methods, received {self.methods}")
+        self.baim_epochs = sorted(self.baim_epochs)
+        return self
 
 
 class BaselinesConfig(StrictModel):
@@ -747,6 +916,47 @@ class ServingConfig(StrictModel):
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
             )
         return self
+
+
+class PlacementConfig(StrictModel):
+    mode: Literal["actor", "pool"] = Field(
+        default="actor",
+        description=(
+            "`actor`: one Ray actor per edge (small runs, real multi-node placement). `pool`: virtual edges "
+            "multiplexed on a bounded pool of edge-worker actors, one sub-pool per distinct resource request."
+        ),
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most edge-worker actors in all sub-pools together (pool mode); unset: as many as the "
+        "cluster's resources hold, after the coordinator's and the cloud trainer's reservation.",
+    )
+
+
+class VirtualTimeConfig(StrictModel):
+    edge_gflops: float = Field(
+        default=5.0,
+        gt=0,
+        le=1e6,
+        description="Simulated compute rate of an edge at speed 1 (virtual clock): an epoch takes its "
+        "counted training FLOPs / this rate, times the slow-down, divided by the trace's speed factor.",
+    )
+
+
+class TracesConfig(StrictModel):
+    path: str | None = Field(
+        default=None,
+        description="Availability trace (CSV or Parquet: edge_id, start_s, end_s, speed, bandwidth_mbps), "
+        "replayed on the virtual clock; rows are online intervals, the gaps between them offline. Edges "
+        "not in it are always online. A relative path is relative to the scenario file's folder.",
+    )
+    offline_upload: Literal["retry", "lost"] = Field(
+        default="retry",
+        description="An edge offline when it should upload: `retry` when it is back online, or `lost` "
+        "(status offline).",
+    )
 
 
 class PersonalisationConfig(StrictModel):
@@ -818,6 +1028,20 @@ class Scenario(StrictModel):
         le=1000,
         description="Multiplies simulated link delays and slow-downs (0 disables them; small for tests).",
     )
+    time: Literal["wall", "virtual"] = Field(
+        default="wall",
+        description="`wall`: events fire on the wall clock and delays sleep. `virtual`: a discrete-event "
+        "clock; link delays, slow-downs, timeline events and traces advance simulated time without sleeping.",
+    )
+    virtual_time: VirtualTimeConfig = Field(
+        default_factory=VirtualTimeConfig, description="The virtual clock's compute model."
+    )
+    traces: TracesConfig = Field(
+        default_factory=TracesConfig, description="Availability traces (virtual clock only)."
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig, description="How edges are placed on Ray: actor per edge or a pool."
+    )
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Baselines run for comparison."
     )
@@ -827,6 +1051,9 @@ class Scenario(StrictModel):
     personalisation: PersonalisationConfig = Field(
         default_factory=PersonalisationConfig,
         description="How edges personalise downloaded task models (end-of-run evaluation).",
+    )
+    compare: CompareConfig = Field(
+        default_factory=CompareConfig, description="Methods and budgets of `baim compare`."
     )
 
     # ----- derived facts
@@ -904,6 +1131,11 @@ class Scenario(StrictModel):
                 first_path[edge.id] = path
             if edge.task not in task_names:
                 problems.append(f"{path}.task: unknown task {edge.task!r}; tasks: {', '.join(task_names)}")
+            if edge.early_stopping is not None and edge.shard_size < 2:
+                problems.append(
+                    f"{path}.early_stopping: needs shard_size >= 2 (one image to validate on, one to train "
+                    f"on), received {edge.shard_size}"
+                )
             downsampling = 2 ** len(edge.model.widths)
             if resolution % downsampling != 0:
                 problems.append(
@@ -936,6 +1168,8 @@ class Scenario(StrictModel):
                 )
 
         problems += self._timeline_problems(first_path)
+        if self.traces.path is not None and self.time != "virtual":
+            problems.append("traces.path: a trace is replayed on the virtual clock; set `time: virtual`")
         if problems:
             # An edge group reports a problem once, not once per expanded edge.
             raise ValueError("\n".join(dict.fromkeys(problems)))
@@ -1037,6 +1271,12 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
             f"{scenario_path}: expected a YAML mapping at the top level, received {type(document).__name__}"
         )
     scenario = Scenario.model_validate(document)
+    trace = scenario.traces.path
+    if trace is not None and not Path(trace).expanduser().is_absolute():
+        resolved = (scenario_path.parent / trace).resolve()
+        scenario = scenario.model_copy(
+            update={"traces": scenario.traces.model_copy(update={"path": str(resolved)})}
+        )
     logger.info(
         "loaded scenario %r from %s (%d edges)", scenario.name, scenario_path, len(scenario.all_edges())
     )
@@ -1116,9 +1356,11 @@ def scenario_reference_markdown() -> str:
         ("Scenario (top level)", Scenario),
         ("data", DataConfig),
         ("data.procedural", ProceduralConfig),
+        ("data.partition, kind: dirichlet (kind: uniform has no other field)", DirichletPartition),
         ("tasks[]", TaskConfig),
         ("edges[]", EdgeConfig),
         ("edge_groups[]", EdgeGroupConfig),
+        ("early_stopping (edges, edge_groups)", EarlyStoppingConfig),
         ("model (edges, edge_groups, baselines.fedavg)", ModelSpecConfig),
         ("link (edges, edge_groups)", LinkConfig),
         ("cloud", CloudConfig),
@@ -1127,6 +1369,10 @@ def scenario_reference_markdown() -> str:
         *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
+        ("placement", PlacementConfig),
+        ("virtual_time", VirtualTimeConfig),
+        ("traces", TracesConfig),
+        ("compare", CompareConfig),
     ]
     lines = [
         "# Scenario reference",
@@ -1147,6 +1393,12 @@ def scenario_reference_markdown() -> str:
         "(`baim demo`, `baim run`), since it depends on the data found.",
         "",
     ]
+    return "\n".join(lines + model_field_tables(sections))
+
+
+def model_field_tables(sections: Sequence[tuple[str, type[BaseModel]]]) -> list[str]:
+    """One Markdown table per (title, model): every field's type, default, bounds and description."""
+    lines: list[str] = []
     for title, model in sections:
         lines += [
             f"## {title}",
@@ -1165,4 +1417,4 @@ def scenario_reference_markdown() -> str:
             cells.append(field.description or "")
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines

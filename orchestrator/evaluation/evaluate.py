@@ -278,7 +278,7 @@ class RunEvaluation:
                 baim = self._load_baim(BAIM_OWNER, last.baim_version)
                 found[strategy] = (baim, f"{BAIM_OWNER}@{last.baim_version}")
             elif isinstance(summary, RayTrainStrategyRun) and summary.checkpoint_uri:
-                found[strategy] = (_baim_from_checkpoint(summary.checkpoint_uri), summary.checkpoint_uri)
+                found[strategy] = (baim_from_checkpoint(summary.checkpoint_uri), summary.checkpoint_uri)
         return found
 
     def _strategy_sets(self) -> Downloads:
@@ -606,7 +606,7 @@ class RunEvaluation:
             self.progress(line)
 
 
-def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
+def baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 

@@ -27,6 +27,7 @@ from orchestrator.core.reports import (
     RunReport,
 )
 from orchestrator.core.scenario import format_validation_error
+from orchestrator.report.scale import EDGE_TABLE_LIMIT, EDGES_PARQUET, edges_summary, write_edges_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -394,8 +395,11 @@ def plot_costs(out_dir: Path, report: RunReport) -> str | None:
     flops_ax.set_yscale("log")
     flops_ax.set_title("edge FLOPs per edge")
     for ax in (bytes_ax, flops_ax):
-        ax.set_xticks(x)
-        ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
+        if len(edges) <= EDGE_TABLE_LIMIT:
+            ax.set_xticks(x)
+            ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
+        else:
+            ax.set_xlabel(f"{len(edges):,} edges (ids in {EDGES_PARQUET})")
         ax.legend(fontsize=7)
     cloud = dict(report.cloud.flops)
     fedavg = fedavg_of(report)
@@ -505,6 +509,8 @@ def _edges_section(report: RunReport) -> list[str]:
     fedavg_rows = fedavg_edge_rows(report)
     if not report.edges:
         return [NOT_MEASURED]
+    if len(report.edges) > EDGE_TABLE_LIMIT:
+        return edges_summary(report, _fmt_bytes, _fmt_flops, _table)
     rows = []
     for edge_id, row in report.edges.items():
         task_model_bytes = baim_rows[edge_id]["task_model_bytes"] if edge_id in baim_rows else None
@@ -701,7 +707,13 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         f"# Run report: {scenario.name}",
         "",
         f"Scenario `{scenario.name}`, seed {report.seed}, "
-        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run" + measured,
+        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run"
+        + (
+            f" ({_fmt(report.totals.simulated_seconds, 1)} s simulated on the virtual clock)"
+            if report.totals.simulated_seconds is not None
+            else ""
+        )
+        + measured,
         *_data_section(report),
         "",
     ]
@@ -767,7 +779,9 @@ def write_report_markdown(out_dir: str | Path) -> Path:
     """Read out_dir/report.json, write out_dir/report.md and out_dir/plots/*.png; return report.md's path
     (errors: see `read_report`)."""
     out = Path(out_dir)
-    markdown = build_markdown(out, read_report(out / "report.json"))
+    report = read_report(out / "report.json")
+    write_edges_parquet(report, out)
+    markdown = build_markdown(out, report)
     target = out / "report.md"
     target.write_text(markdown, encoding="utf-8")
     logger.info("wrote %s", target)

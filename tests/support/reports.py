@@ -34,6 +34,8 @@ def edge_row(bytes_sent: int, flops: int, *, status: str = "accepted") -> dict[s
         "shard_size": 10,
         "epochs_done": 1,
         "local_epochs": 1,
+        "validation_loss": [],
+        "best_epoch": None,
         "bytes_sent": bytes_sent,
         "bytes_received": 0,
         "flops": flops,
@@ -61,6 +63,9 @@ def local_result(test_loss: list[float]) -> dict[str, Any]:
         "connections": [1] * len(test_loss),
         "runner": "local",
         "chosen_by": "cloud.trainer: local",
+        "test_loss_per_task": [{"smile": loss} for loss in test_loss],
+        "flops_per_epoch": [1] + [0] * (len(test_loss) - 1),
+        "seconds_per_epoch": [1.0 / len(test_loss)] * len(test_loss),
     }
 
 
@@ -83,6 +88,8 @@ def ray_train_result(initial: float, test_loss: list[float]) -> dict[str, Any]:
         "checkpoint_uri": "/registry/ray_train/round-0001-finetune/epoch-0002",
         "fixed_seconds": 1.0,
         "chosen_by": "cloud.trainer: ray_train",
+        "flops_per_epoch": [1] + [0] * (len(test_loss) - 1),
+        "seconds_per_epoch": [1.0 / len(test_loss)] * len(test_loss),
     }
 
 
@@ -113,6 +120,10 @@ def fedavg_round(server_round: int, aggregated: list[str], test_loss: float) -> 
         "test_loss_per_task": {"smile": test_loss},
         "test_loss": test_loss,
         "seconds": 1.0,
+        "bytes_sent": {e: 9_000 for e in aggregated},
+        "bytes_received": {"e0": 10_000, "e1": 10_000},
+        "flops": {e: 100 for e in aggregated},
+        "aggregation_flops": 0,
     }
 
 
@@ -200,6 +211,7 @@ def bare_report() -> dict[str, Any]:
             "cloud_flops": 0,
             "uploads": {"accepted": 0, "rejected": {}},
             "wall_seconds": 12.0,
+            "simulated_seconds": None,
         },
         "events": [],
         "registry": "/registry",
@@ -268,6 +280,8 @@ def hand_report() -> dict[str, Any]:
             "enabled": True,
             "model": {"kind": "learner", "widths": [4], "latent_dim": 2, "resolution": 8, "in_channels": 3},
             "params": 40,
+            "aggregation": "mean",
+            "stop_reason": "round_cap",
             "rounds_planned": 2,
             "local_epochs": 1,
             "client_fraction": 1.0,
