@@ -6,6 +6,8 @@ task's test images (same noise) and its test loss measured before it is publishe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -38,12 +40,16 @@ def publish_task_models(
     resolution: int,
     batch_size: int,
     seed: int,
+    only: Sequence[str] | None = None,
 ) -> dict[str, PublishedTaskModel]:
-    """Decompose each task of `baim` (the registry's `baim@baim_version`), check each task model against the
-    BAIM on the task's test images, measure its test loss, publish it as `task/<task>@baim_version`."""
+    """Decompose each task of `baim` (the registry's `baim@baim_version`; `only` these tasks when given),
+    check each task model against the BAIM on the task's test images, measure its test loss, publish it as
+    `task/<task>@baim_version`."""
     baim.eval()
     published: dict[str, PublishedTaskModel] = {}
     for task_id, task in enumerate(baim.config.tasks):
+        if only is not None and task not in only:
+            continue
         model = decompose(baim, task)
         test = FaceDataset(source, test_indices[task], resolution)
         max_diff, total, count = 0.0, 0.0, 0

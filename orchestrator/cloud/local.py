@@ -92,7 +92,7 @@ def local_training_round(request: RoundRequest) -> RoundResult:
             tasks = list(model.config.tasks)
             train_set = CachedFaces(request.source, request.partitions.cloud, tasks, resolution)
             test_set = CachedFaces(request.source, request.partitions.test, tasks, resolution)
-        start_strategy(model, strategy, seed)
+        start_strategy(model, strategy, seed, request.frozen_learners)
         order = torch.Generator().manual_seed(seed + request.round_index)
         hooks = LocalHooks(
             model,

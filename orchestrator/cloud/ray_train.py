@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
+from baim.continual import freeze_for_continual
 from baim.costs import count_params
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
 from baim.model import BAIM
@@ -109,6 +110,13 @@ class TrainRoundConfig(StrictModel):
         description="Count FLOPs on the first step of each epoch and scale by samples, or on every step.",
     )
     crash: WorkerCrash | None = Field(default=None, description="Fault injection: a worker dies once.")
+    frozen_learners: list[str] | None = Field(
+        default=None,
+        description=(
+            "A continual gate_only round: learners (and the connections among them) kept fixed; None: the "
+            "strategy decides what trains."
+        ),
+    )
 
     @field_validator("cloud_indices")
     @classmethod
@@ -318,7 +326,7 @@ def _load_start(cfg: TrainRoundConfig, registry: Registry) -> tuple[BAIM, dict[s
             f"kld_weight: the round asks for {cfg.kld_weight} but BAIM {artifact_id} computes its loss with "
             f"{baim.config.kld_weight}; fuse the BAIM with the scenario's kld_weight"
         )
-    start_strategy(baim, cfg.strategy, cfg.seed)
+    start_strategy(baim, cfg.strategy, cfg.seed, cfg.frozen_learners)
     progress: dict[str, Any] = {
         "round_id": cfg.round_id,
         "strategy": cfg.strategy,
@@ -346,7 +354,10 @@ def _load_checkpoint(
             f"{progress.get('round_id')} / {progress.get('strategy')}"
         )
     baim = load_checkpoint_baim(folder)
-    apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    if cfg.frozen_learners is None:
+        apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    else:
+        freeze_for_continual(baim, cfg.frozen_learners, train_new_learners=cfg.strategy == "finetune")
     return baim, progress, load_file(str(folder / OPTIMIZER_FILE))
 
 
@@ -759,7 +770,7 @@ def ray_train_round(request: RoundRequest) -> RoundResult:
         baim_owner=FUSED_BAIM_OWNER,
         baim_version=put_fused_snapshot(registry, request.round_index, request.baim),
         strategy=request.strategies[0],
-    )
+    ).model_copy(update={"frozen_learners": request.frozen_learners})
     cloud = request.scenario.cloud
     results = run_strategies(
         cfg,

@@ -221,6 +221,7 @@ EventKind = Literal[
     "client_up",
     "clients_still_starting",
     "fedavg_started",
+    "new_task",
 ]
 
 
@@ -231,6 +232,7 @@ class RunEvent(SparseReportModel):
     kind: EventKind = Field(description="What happened.")
     edge: str | None = Field(default=None, description="The edge it concerns.")
     edges: str | None = Field(default=None, description="Comma-separated edges it concerns.")
+    task: str | None = Field(default=None, description="The task it concerns (a new_task event).")
     reason: str | None = Field(default=None, description="Why an edge was spawned.")
     status: str | None = Field(default=None, description="The edge's status after it.")
     round: int | None = Field(default=None, description="The cloud round it concerns.")
