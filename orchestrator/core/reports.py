@@ -19,6 +19,8 @@ from pydantic import (
 )
 
 from orchestrator.core.receipts import (
+    LearnerPruning,
+    NewTaskRecord,
     PublishedTaskModel,
     RoundError,
     RoundRecord,
@@ -189,6 +191,12 @@ class CloudReport(ReportModel):
     learners: list[str] = Field(description="Learners in the BAIM.")
     untrained_learners: list[str] = Field(description="Learners no successful round trained.")
     coordinator_restarts: int = Field(description="How often the coordinator resumed from its checkpoint.")
+    new_tasks: list[NewTaskRecord] = Field(
+        default_factory=list, description="Tasks that appeared with a few shots (new_task events)."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="Model-level pruning before decomposition (None: not configured)."
+    )
 
 
 class UploadCounts(ReportModel):

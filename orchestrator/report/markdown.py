@@ -27,6 +27,7 @@ from orchestrator.core.reports import (
     RunReport,
 )
 from orchestrator.core.scenario import format_validation_error
+from orchestrator.report.lifecycle import lifecycle_section
 
 logger = logging.getLogger(__name__)
 
@@ -636,6 +637,7 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         ("Edges: BAIM vs FedAvg", _edges_section(report)),
         ("FedAvg baseline", _fedavg_section(report)),
         ("Personalisation", _personalisation_section(report)),
+        ("Lifecycle: continual rounds, new tasks, pruned learners", lifecycle_section(report)),
     ]
     for title, body in sections:
         lines += [f"## {title}", "", *body, ""]

@@ -184,6 +184,8 @@ def bare_report() -> dict[str, Any]:
             "learners": [],
             "untrained_learners": [],
             "coordinator_restarts": 0,
+            "new_tasks": [],
+            "learner_pruning": None,
         },
         "tasks": {},
         "totals": {
@@ -229,6 +231,7 @@ def hand_report() -> dict[str, Any]:
                     "finetune": ray_train_result(0.9, [0.7, 0.5]),
                     "scratch": local_result([1.2, 0.8]),
                 },
+                "continual": None,
             }
         ],
         baim_version="v000001",
