@@ -35,6 +35,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,12 +43,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from actors.coordinator import CloudCoordinator, RoundFailed
 from actors.edge import EdgeNode, learner_name, poison_state, upload_spec
+from actors.lifecycle import task_test_losses
 from actors.uploads import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
+from baim.model import BAIM
 from baim.training import train_epoch, vae_batch_loss
 from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions, make_partitions
@@ -98,9 +102,9 @@ def build_scenario(edges_per_task: int, seed: int, data: str = "auto") -> Scenar
         for task, prefix in TASK_PREFIXES.items()
         for index in range(edges_per_task)
     ]
-    document = SCENARIO_BASE | {"edges": edges, "seed": seed}
+    document: dict[str, Any] = SCENARIO_BASE | {"edges": edges, "seed": seed}
     if data == "procedural":  # the faces the plausibility gate cannot tell a sign flip on (see the tests)
-        document["data"] = document["data"] | PROCEDURAL
+        document["data"] = {**document["data"], **PROCEDURAL}
     return Scenario.model_validate(document)
 
 
@@ -159,24 +163,33 @@ def norm_ratio(scenario: Scenario, edge_id: str, state: dict[str, torch.Tensor])
     return (total / reference) ** 0.5
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One pipeline's result: each task's test loss from the trained BAIM and after model-level pruning."""
+
+    unpruned: dict[str, float]  # the trained BAIM's task models (what a run without pruning publishes)
+    pruned: dict[str, float]  # the task models after cloud.min_selection_rate's pruning
+    rate: float | None  # the attacker's LSGate selection rate (None: not fused)
+    removed: list[str]  # learners the pruning removed
+
+
 def run_pipeline(
     scenario: Scenario,
     source: DataSource,
     partitions: Partitions,
     uploads: dict[str, ArtifactPayload],
-    cache: dict[tuple[Any, ...], tuple[dict[str, float], float | None]],
-) -> tuple[dict[str, dict[str, Any]], dict[str, float], float | None]:
-    """Every upload through a fresh CloudCoordinator, then finish(): receipts, per-task test loss and the
-    attacker's LSGate selection rate (None when it was rejected, or the scenario measures no rates).
+    cache: dict[tuple[str, ...], Outcome],
+) -> tuple[dict[str, dict[str, Any]], Outcome]:
+    """Every upload through a fresh CloudCoordinator, then finish() (which prunes by the scenario's
+    cloud.min_selection_rate before decomposing): receipts and the outcome.
 
-    Training is deterministic (seeded), so the same accepted uploads and cloud settings give the same
-    results: `cache` maps them to the outcome and finish() runs once per distinct set. A cloud round that
-    fails (e.g. diverges on a poisoned model) publishes no task model: its losses are NaN.
+    Training is deterministic (seeded), so the same accepted uploads give the same outcome: `cache` maps the
+    accepted uploads' sha256s to it and finish() runs once per distinct set. The unpruned losses are the
+    trained BAIM's, measured with the noise the published task models are measured with (decomposition is
+    exact). A cloud round that fails (e.g. diverges on a poisoned model) publishes no task model: NaN.
     """
 
-    async def go(
-        coordinator: CloudCoordinator,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, float], float | None]:
+    async def go(coordinator: CloudCoordinator) -> tuple[dict[str, dict[str, Any]], Outcome]:
         receipts = {}
         for edge_id, payload in uploads.items():
             receipts[edge_id] = await coordinator.upload(
@@ -186,18 +199,30 @@ def run_pipeline(
                 spec_json=payload.spec_json,
                 sha256=payload.sha256,
             )
-        accepted = tuple(sorted(receipt["sha256"] for receipt in receipts.values() if receipt["accepted"]))
-        key = (accepted, scenario.cloud.min_selection_rate)
+        key = tuple(sorted(receipt["sha256"] for receipt in receipts.values() if receipt["accepted"]))
         if key not in cache:
+            tasks = [task.name for task in scenario.tasks]
             try:
-                summary = await coordinator.finish()
-                pruning = summary["learner_pruning"] or {}
-                rate = pruning.get("selection_rates", {}).get(learner_name(ATTACKER))
-                cache[key] = ({task: s["test_loss"] for task, s in summary["tasks"].items()}, rate)
+                summary = CoordinatorSummary.model_validate(await coordinator.finish())
+                pruning = summary.learner_pruning
+                assert pruning is not None  # the scenario sets cloud.min_selection_rate
+                trained = coordinator.registry.load_module("baim", pruning.from_version, BAIM)
+                unpruned = task_test_losses(
+                    trained, tasks, source=source, test_indices=partitions.test,
+                    resolution=scenario.data.resolution, batch_size=scenario.cloud.batch_size,
+                    seed=scenario.seed,
+                )  # fmt: skip
+                cache[key] = Outcome(
+                    unpruned=unpruned,
+                    pruned={task: float(summary.tasks[task].test_loss or "nan") for task in tasks},
+                    rate=pruning.selection_rates.get(learner_name(ATTACKER)),
+                    removed=[r.learner for r in pruning.removed],
+                )
             except RoundFailed as err:
                 print(f"  cloud round failed, no task model published: {err.error}")
-                cache[key] = ({task.name: float("nan") for task in scenario.tasks}, None)
-        return receipts, *cache[key]
+                nan = {task: float("nan") for task in tasks}
+                cache[key] = Outcome(nan, nan, None, [])
+        return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
         coordinator = CloudCoordinator(
@@ -279,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-Row = tuple[str, str, bool, dict[str, float], float | None]  # attack, defence, accepted, losses, rate
+# attack, defence, attacker accepted, test loss per task, the attacker's selection rate, learners pruned
+Row = tuple[str, str, bool, dict[str, float], float | None, list[str]]
 
 
 def run_seed(args: argparse.Namespace, seed: int, started: float) -> tuple[dict[str, float], list[Row]]:
@@ -323,12 +349,13 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> tuple[dict[
     constant = {task: float(((h - h.mean(0, keepdim=True)) ** 2).mean()) for task, h in holdouts.items()}
     relative_limit = 1.25 * max(constant.values())
     off = {"max_plausibility_loss": 1e30, "max_loss_ratio": 1e30, "max_weight_norm_ratio": 1e30}
-    # (upload limits, cloud.min_selection_rate): 0 measures every learner's rate and removes none.
-    defences: dict[str, tuple[dict[str, float], float]] = {
-        "none": (off, 0.0),
-        "gate_default": ({}, 0.0),
-        "gate_relative": ({"max_plausibility_loss": relative_limit}, 0.0),
-        "route_around": ({}, args.min_selection_rate),
+    # Upload limits of each defence; every run prunes by --min-selection-rate before decomposing, and
+    # route_around is gate_default's run read after that pruning (the others are read before it).
+    limits: dict[str, dict[str, float]] = {
+        "none": off,
+        "gate_default": {},
+        "gate_relative": {"max_plausibility_loss": relative_limit},
+        "route_around": {},
     }
     print(f"constant-predictor loss per task {({t: round(v, 5) for t, v in constant.items()})}; "
           f"gate_relative limit {relative_limit:.5f}; route_around: the shipped upload checks, then "
@@ -348,31 +375,36 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> tuple[dict[
               f"norm x{norm_ratio(scenario, ATTACKER, state):.2f}")  # fmt: skip
 
     # 3. The pipeline per (attack, defence).
-    cache: dict[tuple[Any, ...], tuple[dict[str, float], float | None]] = {}
+    cache: dict[tuple[str, ...], Outcome] = {}
+    pruning_scenario = with_defence(scenario, {}, args.min_selection_rate)
 
-    def run(uploads: dict[str, ArtifactPayload], defence: str) -> tuple[bool, dict[str, float], float | None]:
-        receipts, losses, rate = run_pipeline(with_defence(scenario, *defences[defence]), source, partitions,
-                                              uploads, cache)  # fmt: skip
-        accepted = bool(receipts[ATTACKER]["accepted"])
-        return accepted, losses, rate if accepted else None
+    def run(uploads: dict[str, ArtifactPayload], defence: str) -> tuple[bool, Outcome]:
+        gated = with_defence(scenario, limits[defence], args.min_selection_rate)
+        receipts, outcome = run_pipeline(gated, source, partitions, uploads, cache)
+        return bool(receipts[ATTACKER]["accepted"]), outcome
+
+    def row(name: str, defence: str, accepted: bool, outcome: Outcome) -> Row:
+        losses = outcome.pruned if defence == "route_around" else outcome.unpruned
+        return (name, defence, accepted, losses, outcome.rate if accepted else None, outcome.removed)
 
     clean_uploads = {edge_id: payload_of(scenario, edge_id, state) for edge_id, state in honest.items()}
-    _, clean, clean_rate = run(clean_uploads, "none")
-    rows: list[Row] = [("clean", "none", True, clean, clean_rate)]
+    _, clean = run(clean_uploads, "none")
+    rows: list[Row] = [row("clean", "none", True, clean), row("clean", "route_around", True, clean)]
     # What the honest edges achieve alone: the best any defence can do once the attacker's model is out.
     without_attacker = {e: p for e, p in clean_uploads.items() if e != ATTACKER}
-    honest_only = run_pipeline(with_defence(scenario, off, 0.0), source, partitions, without_attacker,
-                               cache)[1]  # fmt: skip
-    rows.append(("honest_only", "none", False, honest_only, None))
+    honest_only = run_pipeline(pruning_scenario, source, partitions, without_attacker, cache)[1]
+    rows.append(row("honest_only", "none", False, honest_only))
     for name, state in attacks.items():
         uploads = clean_uploads | {ATTACKER: payload_of(scenario, ATTACKER, state)}
         for defence in chosen_defences:
-            accepted, losses, rate = run(uploads, defence)
-            rows.append((name, defence, accepted, losses, rate))
+            accepted, outcome = run(uploads, defence)
+            rows.append(row(name, defence, accepted, outcome))
+            rate = rows[-1][4]
             print(f"  ran {name} / {defence}: attacker {'accepted' if accepted else 'rejected'}"
-                  f"{'' if rate is None else f', selection rate {rate:.3f}'} "
+                  f"{'' if rate is None else f', selection rate {rate:.3f}'}"
+                  f"{f', pruned {outcome.removed}' if defence == 'route_around' else ''} "
                   f"({time.perf_counter() - started:.0f}s)")  # fmt: skip
-    return clean, rows
+    return clean.unpruned, rows
 
 
 def main() -> None:
@@ -387,28 +419,34 @@ def main() -> None:
         return sum(values) / len(values) if values else float("nan")
 
     keys = [(row[0], row[1]) for row in next(iter(per_seed.values()))[1]]
-    header = f"{'attack':<16} {'defence':<14} {'accepted':>8} {'rate':>12}" + "".join(
+    header = f"{'attack':<16} {'defence':<14} {'accepted':>8} {'pruned':>6} {'rate':>18}" + "".join(
         f" {t + ' /clean':>14}" for t in tasks
     )
-    print(f"\nmean over seeds {args.seeds} ({args.edges_per_task} edges per task; rate: the attacker's "
-          "LSGate selection rate on the cloud's common data, mean [min, max] over the seeds it was accepted "
-          "in; a member's uniform share is " + f"{1 / args.edges_per_task:.3f})")  # fmt: skip
+    print(f"\nmean over seeds {args.seeds} ({args.edges_per_task} edges per task; accepted / pruned: seeds "
+          f"in which the attacker passed the upload checks / was removed by the pruning; rate: its LSGate "
+          f"selection rate on the cloud's common data, mean [min, max] over the seeds it was accepted in; a "
+          f"member's uniform share is {1 / args.edges_per_task:.3f}; /clean: over the same seed's clean run "
+          "without pruning)")  # fmt: skip
     print(header + "  goal")
     print("-" * len(header) + "------")
+    attacker = learner_name(ATTACKER)
     for attack, defence in keys:
-        rows = [next(r for r in rows if (r[0], r[1]) == (attack, defence)) for _, rows in per_seed.values()]
-        ratios = {
-            t: mean([row[3][t] / clean[t] for row, (clean, _) in zip(rows, per_seed.values(), strict=True)])
-            for t in tasks
-        }
-        rates = [row[4] for row in rows if row[4] is not None]
+        matching = [
+            next(r for r in seed_rows if (r[0], r[1]) == (attack, defence))
+            for _, seed_rows in per_seed.values()
+        ]
+        cleans = [clean for clean, _ in per_seed.values()]
+        ratios = {t: mean([r[3][t] / c[t] for r, c in zip(matching, cleans, strict=True)]) for t in tasks}
+        rates = [r[4] for r in matching if r[4] is not None]
         rate = f"{mean(rates):.3f} [{min(rates):.2f},{max(rates):.2f}]" if rates else "-"
-        accepted = sum(row[2] for row in rows)
+        accepted = sum(r[2] for r in matching)
+        pruned = sum(r[2] and attacker in r[5] for r in matching) if defence == "route_around" else "-"
         worst = max(ratios[t] - 1 for t in tasks)
         judged = attack not in ("clean", "honest_only") and defence != "none"
         verdict = ("ok" if worst <= GOAL else "MISSED") if judged else ""
         cells = "".join(f" {ratios[t]:13.3f}x" for t in tasks)
-        print(f"{attack:<16} {defence:<14} {accepted:>4}/{len(rows):<3} {rate:>12}{cells}  {verdict}")
+        print(f"{attack:<16} {defence:<14} {accepted:>4}/{len(matching):<3} {pruned!s:>6} {rate:>18}{cells}"
+              f"  {verdict}")  # fmt: skip
     print(f"\ngoal: defended loss within {GOAL:.0%} of clean (/clean <= {1 + GOAL:.2f}x, mean over seeds); "
           f"{time.perf_counter() - started:.0f}s")  # fmt: skip
 
