@@ -332,10 +332,9 @@ class CloudCoordinator:
         )
         started = time.perf_counter()
         try:
+            # A continual round: every task's test loss before it (the fused BAIM computes the trained one's)
             before: ContinualStart | None = None
-            if (
-                continual
-            ):  # every task's test loss before the round (the fused BAIM computes the trained one's)
+            if continual:
                 before = await asyncio.to_thread(
                     start_continual, request, sorted(self.live.trained), self.cloud.continual
                 )
@@ -390,11 +389,12 @@ class CloudCoordinator:
         """Each queued new task, in order, once a trained BAIM exists and no round runs: its few-shot squad
         joins the trained BAIM, which is published as the next `baim` version with the task's model."""
         while self.queued_new_tasks:
-            if self.baim_version is None or (self._round_task is not None and not self._round_task.done()):
-                return  # the round's end starts this again
-            async with self._lock:
+            async with self._lock:  # a round starts under the lock: none can start while this adapts
                 if not self.queued_new_tasks:  # another caller adapted it while this one waited
                     return
+                round_running = self._round_task is not None and not self._round_task.done()
+                if self.baim_version is None or round_running:
+                    return  # the round's end starts this again
                 event = self.queued_new_tasks[0]
                 publisher = FewShotPublisher(self.registry, self.scenario, self.source, self.partitions)
                 trained, record = await asyncio.to_thread(publisher.run, event, self._last_trained())
