@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import tempfile
 import time
@@ -225,9 +226,9 @@ def run_pipeline(
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
-        coordinator = CloudCoordinator(
-            scenario, registry, source, partitions, round_runner=local_training_round
-        )
+        # FLOPs are not what this measures; counting them would cost most of each training step.
+        runner = functools.partial(local_training_round, flop_counting="none")
+        coordinator = CloudCoordinator(scenario, registry, source, partitions, round_runner=runner)
         return asyncio.run(go(coordinator))
 
 

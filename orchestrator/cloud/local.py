@@ -20,7 +20,7 @@ from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, tr
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.seeding import noise_seed
-from baim.training import evaluate, make_optimizer
+from baim.training import FlopCounting, evaluate, make_optimizer
 from orchestrator.cloud.data import CachedFaces
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
@@ -78,11 +78,12 @@ class LocalHooks:
         self.connections.append(len(self.baim.connections.specs))
 
 
-def local_training_round(request: RoundRequest) -> RoundResult:
+def local_training_round(request: RoundRequest, flop_counting: FlopCounting = "every_batch") -> RoundResult:
     """Train the fused BAIM once per strategy, each from the same fused BAIM; the first strategy's result
-    is what the coordinator continues from. Every training step's FLOPs are counted."""
+    is what the coordinator continues from. Every training step's FLOPs are counted (`flop_counting`:
+    "none" for benchmarks that measure losses only; FlopCounterMode costs most of a tiny model's step)."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
-    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "every_batch")
+    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, flop_counting)
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
     trained: ArtifactPayload | None = None
