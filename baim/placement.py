@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from baim.costs import count_flops
-from baim.decompose import TaskModel
+from baim.decompose import OneTaskModel
 from baim.split import generate_head, generate_tail, split_points, split_state_to_bytes
 
 ALL_CLOUD = "all_cloud"
@@ -132,7 +132,7 @@ def choose_placement(placements: Sequence[Placement], link: Link, speeds: NodeSp
 
 
 def measure_placements(
-    model: TaskModel, n: int, seed: int, request_bytes: int, response_bytes: int
+    model: OneTaskModel, n: int, seed: int, request_bytes: int, response_bytes: int
 ) -> list[Placement]:
     """Every placement of one request (n images, seed), measured: all_cloud, each split (ascending), all_edge.
 

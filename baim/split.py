@@ -30,7 +30,7 @@ import logging
 import safetensors.torch
 import torch
 
-from baim.decompose import TaskModel
+from baim.decompose import OneTaskModel
 from baim.gates import GateOutput
 from baim.model import BAIM, StageOutputs, _positions
 from baim.model_config import LearnerEntry
@@ -57,19 +57,21 @@ def decoder_stages(entry: LearnerEntry) -> range:
     return range(len(entry.spec.widths), entry.last_stage + 1)
 
 
-def split_points(model: TaskModel) -> list[int]:
+def split_points(model: OneTaskModel) -> list[int]:
     """The stages after which `model`'s generation can be cut, ascending."""
     return sorted({k for entry in model.config.learners for k in decoder_stages(entry)})
 
 
-def check_cut(model: TaskModel, cut: object) -> int:
+def check_cut(model: OneTaskModel, cut: object) -> int:
     points = split_points(model)
     if isinstance(cut, bool) or not isinstance(cut, int) or cut not in points:
         raise ValueError(f"cut: expected one of the stages {points}, received {cut!r}")
     return cut
 
 
-def crossing_rows(model: TaskModel, selected: torch.Tensor, cut: int) -> dict[tuple[str, int], torch.Tensor]:
+def crossing_rows(
+    model: OneTaskModel, selected: torch.Tensor, cut: int
+) -> dict[tuple[str, int], torch.Tensor]:
     """{(learner, stage) of the head: the batch rows (ascending) whose output there the tail reads}."""
     baim = model.baim
     need = baim._needed_stages(selected, generation=True)
@@ -98,7 +100,7 @@ def crossing_rows(model: TaskModel, selected: torch.Tensor, cut: int) -> dict[tu
 
 @torch.no_grad()
 def generate_head(
-    model: TaskModel, n: int, cut: int, seed: int | None = None, eps: dict[str, torch.Tensor] | None = None
+    model: OneTaskModel, n: int, cut: int, seed: int | None = None, eps: dict[str, torch.Tensor] | None = None
 ) -> SplitState:
     """Run the gate and every decoder stage <= cut; returns what the tail needs (see module docstring)."""
     cut = check_cut(model, cut)
@@ -124,7 +126,7 @@ def generate_head(
 
 @torch.no_grad()
 def generate_tail(
-    model: TaskModel,
+    model: OneTaskModel,
     state: SplitState,
     cut: int,
     eps: dict[str, torch.Tensor] | None = None,
@@ -157,7 +159,7 @@ def generate_tail(
     return baim.generation_images(ran, gate)
 
 
-def expected_shapes(model: TaskModel, selected: torch.Tensor, cut: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model: OneTaskModel, selected: torch.Tensor, cut: int) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor a state for this selection and cut must hold ("seed" aside)."""
     baim = model.baim
     batch, learners = selected.shape
@@ -171,7 +173,7 @@ def expected_shapes(model: TaskModel, selected: torch.Tensor, cut: int) -> dict[
     return shapes
 
 
-def check_split_state(model: TaskModel, state: object, cut: object, max_batch: int | None = None) -> None:
+def check_split_state(model: OneTaskModel, state: object, cut: object, max_batch: int | None = None) -> None:
     """ValueError listing every way `state` is not what a head of `model` sends for `cut` (with at most
     `max_batch` images, when given)."""
     cut = check_cut(model, cut)
@@ -256,7 +258,7 @@ def split_state_to_bytes(state: SplitState) -> bytes:
 
 
 def split_state_from_bytes(
-    model: TaskModel, data: bytes, cut: int, max_batch: int | None = None
+    model: OneTaskModel, data: bytes, cut: int, max_batch: int | None = None
 ) -> SplitState:
     """Parse (nothing is unpickled) and check a received state; ValueError naming the problem."""
     state = parse_safetensors(data, "split state")

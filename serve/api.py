@@ -16,7 +16,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request, Response, Security
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    Security,
+)
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +42,10 @@ MAX_IMAGES_PER_REQUEST = 64
 # them as floats, so 2**63 - 1 was published as 2**63), and JavaScript clients read seeds as doubles.
 MAX_SEED = 2**53 - 1
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~30 bytes; anything near this is not a real request
+SPLIT_PATH = "/generate/split"
+MAX_CUT = 1023  # far above any model's decoder stages; an unknown cut below it is a 422 from the model
+# A split body holds activations: 64 images of a 64x64 model cut after a late stage are a few MiB.
+MAX_SPLIT_BODY_BYTES = 32 * 1024 * 1024
 TASK_ROUTE_TEMPLATE = "/tasks/{task}"  # a task application's route prefix, as metrics label it
 # Declares the token in the OpenAPI document only; RequestGuard enforces it.
 BEARER_SCHEME = HTTPBearer(
@@ -67,6 +82,13 @@ class GenerateResponse(BaseModel):
     model_version: str = Field(description="The registry version of the task model that generated them.")
     seed: int = Field(description="The seed used (the request's, or the one drawn for it).")
     images: list[str] = Field(description="n base64-encoded PNG images.")
+
+
+class SplitResponse(BaseModel):
+    task: str = Field(description="The task the images were generated for.")
+    model_version: str = Field(description="The registry version of the task model that ran the tail.")
+    cut: int = Field(description="The decoder stage after which the head stopped.")
+    images: list[str] = Field(description="One base64-encoded PNG image per row of the head's state.")
 
 
 class TaskInfo(BaseModel):
@@ -121,7 +143,8 @@ class TaskBackend(Protocol):
     """What runs a task's model: the task replica itself, or a handle to it (the index's fallback).
 
     `generate` returns {"model_version", "images" (base64 PNGs), "generation_seconds"}; `info` returns
-    TaskInfo's fields; `artifact` returns {"model_version", "sha256", "body"} (the download body).
+    TaskInfo's fields; `artifact` returns {"model_version", "sha256", "body"} (the download body);
+    `generate_split` returns what `generate` does, or {"status", "detail"} for a request it refuses.
     """
 
     async def generate(self, n: int, seed: int) -> dict[str, Any]: ...
@@ -129,6 +152,8 @@ class TaskBackend(Protocol):
     async def info(self) -> dict[str, Any]: ...
 
     async def artifact(self) -> dict[str, Any]: ...
+
+    async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]: ...
 
 
 class TaskUnavailable(Exception):  # noqa: N818 (an outcome, like UnknownTask)
@@ -161,6 +186,7 @@ def _new_api(
         max_body_bytes=max_body_bytes,
         open_paths=("/healthz",),
         route_label_prefix=route_label_prefix,
+        body_limits=((SPLIT_PATH, max(max_body_bytes, MAX_SPLIT_BODY_BYTES)),),
     )
     api.add_exception_handler(TaskUnavailable, _task_unavailable)
     return api
@@ -199,6 +225,39 @@ def add_task_routes(
         GENERATION_SECONDS.labels(task=target.task).observe(result["generation_seconds"])
         return GenerateResponse(
             task=target.task, model_version=result["model_version"], seed=seed, images=result["images"]
+        )
+
+    @router.post(
+        f"{prefix}{SPLIT_PATH}",
+        response_model=SplitResponse,
+        dependencies=auth_dependencies,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "The head's state (baim.split.generate_head) as safetensors bytes",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        responses={
+            **auth_responses,
+            **TASK_RESPONSES,
+            409: error_response("model_version names another version than the one served"),
+        },
+    )
+    async def generate_split(
+        request: Request,
+        target: Annotated[ResolvedTask, Depends(resolve)],
+        cut: int = Query(ge=0, le=MAX_CUT, description="The decoder stage after which the head stopped."),
+        model_version: str | None = Query(
+            default=None, max_length=200, description="The version the head ran (409 if another is served)."
+        ),
+    ) -> SplitResponse:
+        result = await target.backend.generate_split(cut, await request.body(), model_version)
+        if "status" in result:
+            raise HTTPException(status_code=result["status"], detail=result["detail"])
+        GENERATION_SECONDS.labels(task=target.task).observe(result["generation_seconds"])
+        return SplitResponse(
+            task=target.task, model_version=result["model_version"], cut=cut, images=result["images"]
         )
 
     @router.get(

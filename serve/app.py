@@ -40,6 +40,7 @@ from orchestrator.core.scenario import NAME_PATTERN, ServingConfig
 from serve.api import (
     API_TOKEN_ENV,
     MAX_BODY_BYTES,
+    MAX_IMAGES_PER_REQUEST,
     TaskBackend,
     TaskUnavailable,
     create_index_api,
@@ -52,6 +53,7 @@ from serve.models import (
     GenerationRequest,
     TaskModelFollower,
     generate_and_encode,
+    generate_split_and_encode,
     model_artifact,
 )
 
@@ -299,6 +301,17 @@ class TaskModelDeployment:
     async def artifact(self) -> dict[str, Any]:
         return model_artifact(self._model.current)
 
+    async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]:
+        model, _ = self._model.current
+        return await asyncio.to_thread(
+            generate_split_and_encode,
+            model,
+            cut,
+            body,
+            expected_version=model_version,
+            max_images=MAX_IMAGES_PER_REQUEST,
+        )
+
     def __del__(self) -> None:
         for part in (getattr(self, "_model", None), getattr(self, "_pusher", None)):
             if part is not None:
@@ -350,6 +363,10 @@ class HandleBackend:
 
     async def artifact(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("artifact")
+        return result
+
+    async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("generate_split", cut, body, model_version)
         return result
 
 

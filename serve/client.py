@@ -4,6 +4,7 @@ personalised on a local shard.
     toolbox = Toolbox(cache_dir, endpoint="http://127.0.0.1:8000")  # or registry="/path/to/registry"
     fetched = toolbox.fetch("smiling")  # FetchResult: model, version, sha256, bytes_received, cache_hit
     before, after = personalise(fetched.model, loader, epochs=2, lr=1e-3)
+    split = toolbox.generate_split("smiling", n=4, cut=1, seed=7)  # head here, tail on a Serve replica
 
 Cache. `cache_dir/<sha256>.artifact` holds the download body (`spec_json + b"\\n" + weights`, see
 serve.models), so its sha256 is its name; `cache_dir/index.json` maps each task to the version and sha256
@@ -14,6 +15,12 @@ Bytes. `bytes_received` is the length of what actually arrived: the HTTP respons
 304 Not Modified), or the payload read from the registry (0 when the cache already held that sha256).
 Over HTTP the toolbox sends `If-None-Match: "<sha256>"` when it holds the task's last model, so an unchanged
 model costs one small request and no body.
+
+Split generation (`generate_split`, GaisNet's split inference): the toolbox runs the head of its cached model
+(`baim.split.generate_head`: the gate and the decoder stages up to the cut), posts the state as safetensors
+to `POST /tasks/{task}/generate/split?cut=K&model_version=V`, and the replica runs the tail. The images equal
+`generate` for the same seed; a 409 (the served version moved on) refetches the model and runs the head once
+more.
 """
 
 from __future__ import annotations
@@ -31,16 +38,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from baim.decompose import TaskModel
+from baim.decompose import OneTaskModel, TaskModel
 from baim.learners import VAELearner
+from baim.split import generate_head, split_state_to_bytes
 from baim.training import LossFn, evaluate, train_epoch, vae_batch_loss
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
 from orchestrator.core.names import TASK_OWNER_PREFIX, task_owner
 from orchestrator.core.registry import Registry
-from serve.models import LoadedModel, artifact_body, body_sha256, load_model, payload_from_body
+from serve.models import (
+    LoadedModel,
+    artifact_body,
+    body_sha256,
+    decode_png_base64,
+    load_model,
+    payload_from_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +77,18 @@ class FetchResult:
     bytes_received: int  # body bytes that crossed the link for this fetch (0 on a cache hit)
     cache_hit: bool
     source: Literal["http", "registry"]
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """Images generated with the head on this edge and the tail on a Serve replica, and what crossed."""
+
+    task: str
+    model_version: str
+    cut: int
+    images: np.ndarray  # (n, H, W, C) uint8, decoded from the response's PNGs
+    uplink_bytes: int  # the head's state (request body)
+    downlink_bytes: int  # the response body
 
 
 class Toolbox:
@@ -111,6 +139,43 @@ class Toolbox:
             " (cache hit)" if result.cache_hit else "",
         )
         return result
+
+    def generate_split(self, task: str, n: int, cut: int, seed: int) -> SplitResult:
+        """n images of `task`: the head (decoder stages <= cut) here, the tail on the endpoint's replica.
+
+        Raises ValueError for a cut the model does not have or a model that cannot be split, and
+        ConnectionError when the endpoint refuses the request (its status and detail in the message).
+        """
+        if self.endpoint is None:
+            raise ValueError("generate_split: needs an endpoint (the tail runs on a Serve replica)")
+        for attempt in (1, 2):
+            fetched = self.fetch(task)
+            model = fetched.model
+            if not isinstance(model, OneTaskModel):
+                raise ValueError(f"task {task!r}: a {fetched.kind} has no decoder stages to split")
+            body = split_state_to_bytes(generate_head(model, n, cut, seed=seed))
+            query = urllib.parse.urlencode({"cut": cut, "model_version": fetched.model_version})
+            url = f"{self.endpoint}/tasks/{urllib.parse.quote(task, safe='')}/generate/split?{query}"
+            headers = {"Content-Type": "application/octet-stream"}
+            if self.api_token:
+                headers["Authorization"] = f"Bearer {self.api_token}"
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310  # nosec B310
+                    reply = response.read()
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:500].decode(errors="replace")
+                if (
+                    err.code == 409 and attempt == 1
+                ):  # a newer version is served: fetch it, run the head again
+                    continue
+                raise ConnectionError(f"POST {url}: HTTP {err.code}: {detail}") from None
+            except urllib.error.URLError as err:
+                raise ConnectionError(f"POST {url}: {err.reason}") from None
+            answer = json.loads(reply)
+            images = np.stack([decode_png_base64(image) for image in answer["images"]])
+            return SplitResult(task, answer["model_version"], cut, images, len(body), len(reply))
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def cached_sha256s(self) -> list[str]:
         """sha256 of every artifact in the cache (not verified here; `fetch` verifies what it reads)."""
@@ -282,11 +347,13 @@ def personalise(
     *,
     eval_loader: Iterable[Any] | None = None,
     kld_weight: float = DEFAULT_KLD_WEIGHT,
+    trainable: list[nn.Parameter] | None = None,
 ) -> tuple[float, float]:
     """Fine-tune a downloaded model in place on a local shard; returns (loss_before, loss_after).
 
     Both losses are `baim.training.evaluate` (seeded, eval mode) on `eval_loader` (the edge's test split),
-    or on `loader` when none is given. Adam over every parameter, `epochs` passes of `loader`.
+    or on `loader` when none is given. Adam over `trainable` (every parameter when None; the adapters'
+    parameters after `baim.adapters.apply_lora`, which froze the rest), `epochs` passes of `loader`.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected a positive int, received {epochs!r}")
@@ -294,10 +361,14 @@ def personalise(
         raise ValueError(f"lr: expected > 0, received {lr!r}")
     loss_fn = model_loss_fn(task_model, kld_weight)
     measure_on = eval_loader if eval_loader is not None else loader
-    for p in task_model.parameters():
-        p.requires_grad_(True)
+    if trainable is None:
+        trainable = list(task_model.parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+    elif not trainable or not all(p.requires_grad for p in trainable):
+        raise ValueError("trainable: expected a non-empty list of parameters that require grad")
     loss_before = evaluate(task_model, measure_on, loss_fn)
-    optimizer = torch.optim.Adam(task_model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
     for epoch in range(epochs):
         train_loss = train_epoch(task_model, loader, optimizer, loss_fn)
         logger.debug("personalise epoch %d: train loss %.5f", epoch, train_loss)

@@ -3,7 +3,8 @@
 It does three things before and around the FastAPI app, in this order:
 1. Bearer token: when the ingress has a token, every path but `open_paths` needs `Authorization: Bearer <t>`
    (401 otherwise). Only the token's sha256 is held; the comparison is constant-time.
-2. Body limit: a request whose Content-Length, or whose streamed body, exceeds `max_body_bytes` gets 413
+2. Body limit: a request whose Content-Length, or whose streamed body, exceeds `max_body_bytes` (or the
+   larger limit `body_limits` gives paths ending in a suffix, e.g. split generation's activations) gets 413
    before any JSON parsing; the body is read here (bounded) and replayed to the app. A request without a
    body (no Content-Length, or 0, and no Transfer-Encoding) goes straight to the app.
 3. Metrics: every response is counted by route template, method and status, and timed
@@ -62,12 +63,15 @@ class RequestGuard:
         max_body_bytes: int,
         open_paths: tuple[str, ...] = ("/healthz",),
         route_label_prefix: str = "",
+        body_limits: tuple[tuple[str, int], ...] = (),
     ) -> None:
-        if max_body_bytes <= 0:
-            raise ValueError(f"max_body_bytes: expected > 0, received {max_body_bytes}")
+        for what, limit in (("max_body_bytes", max_body_bytes), *body_limits):
+            if limit <= 0:
+                raise ValueError(f"{what}: expected a body limit > 0, received {limit}")
         self.app = app
         self.api_token_sha256 = api_token_sha256
         self.max_body_bytes = max_body_bytes
+        self.body_limits = body_limits
         self.open_paths = open_paths
         self.route_label_prefix = route_label_prefix
 
@@ -100,7 +104,14 @@ class RequestGuard:
         label = route_label(scope)
         return label if label == UNMATCHED_ROUTE else self.route_label_prefix + label
 
+    def _limit(self, scope: Scope) -> int:
+        path = relative_path(scope)
+        return next(
+            (limit for suffix, limit in self.body_limits if path.endswith(suffix)), self.max_body_bytes
+        )
+
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self._limit(scope)
         needs_token = self.api_token_sha256 is not None and relative_path(scope) not in self.open_paths
         if needs_token and not self._authorized(scope):
             detail = "missing or wrong bearer token: send 'Authorization: Bearer <BAIM_API_TOKEN>'"
@@ -114,8 +125,8 @@ class RequestGuard:
                     send, 400, {"detail": f"Content-Length: expected an integer, received {declared!r}"}
                 )
                 return
-            if int(declared) > self.max_body_bytes:
-                await send_json(send, 413, {"detail": self._too_large(f"{declared} bytes declared")})
+            if int(declared) > limit:
+                await send_json(send, 413, {"detail": too_large(f"{declared} bytes declared", limit)})
                 return
 
         if (declared is None or int(declared) == 0) and header(scope, b"transfer-encoding") is None:
@@ -134,10 +145,8 @@ class RequestGuard:
                 return
             body += message.get("body", b"")
             more_body = bool(message.get("more_body", False))
-            if len(body) > self.max_body_bytes:
-                await send_json(
-                    send, 413, {"detail": self._too_large(f"more than {self.max_body_bytes} bytes sent")}
-                )
+            if len(body) > limit:
+                await send_json(send, 413, {"detail": too_large(f"more than {limit} bytes sent", limit)})
                 return
 
         replayed = False
@@ -151,9 +160,6 @@ class RequestGuard:
 
         await self.app(scope, replay_receive, send)
 
-    def _too_large(self, what: str) -> str:
-        return f"request body too large: {what}, limit is {self.max_body_bytes} bytes"
-
     def _authorized(self, scope: Scope) -> bool:
         value = header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
@@ -162,6 +168,10 @@ class RequestGuard:
         presented = hashlib.sha256(token.strip().encode()).hexdigest()
         assert self.api_token_sha256 is not None
         return hmac.compare_digest(presented, self.api_token_sha256)
+
+
+def too_large(what: str, limit: int) -> str:
+    return f"request body too large: {what}, limit is {limit} bytes"
 
 
 def header(scope: Scope, name: bytes) -> str | None:

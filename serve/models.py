@@ -42,9 +42,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from baim.decompose import TaskModel
+from baim.decompose import OneTaskModel, TaskModel
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for
+from baim.split import check_cut, generate_tail, split_state_from_bytes
 from orchestrator.core.artifacts import ArtifactPayload, load_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
 from orchestrator.core.names import MAX_MODEL_BYTES, task_owner
@@ -232,6 +233,45 @@ def generate_and_encode(model: LoadedModel, requests: Sequence[GenerationRequest
         {"model_version": model.model_version, "images": png_base64(batch), "generation_seconds": seconds}
         for batch in images
     ]
+
+
+def unprocessable(where: str, message: str, *names: str) -> dict[str, Any]:
+    """A 422 in FastAPI's own shape (a list of problems with their location), as validation errors are."""
+    return {"status": 422, "detail": [{"loc": [where, *names], "msg": message, "type": "value_error"}]}
+
+
+def generate_split_and_encode(
+    model: LoadedModel, cut: int, body: bytes, *, expected_version: str | None, max_images: int
+) -> dict[str, Any]:
+    """The tail of split generation (baim.split) on a head's safetensors state, then PNGs.
+
+    Returns {"model_version", "images", "generation_seconds"}, or {"status", "detail"} for a request that
+    cannot be served: 409 when the head ran another model version than the one served, 422 for a model
+    without decoder stages (a lone learner), an unknown cut or a state that is not what a head sends.
+    """
+    if expected_version is not None and expected_version != model.model_version:
+        return {
+            "status": 409,
+            "detail": f"model_version: the head ran {expected_version!r}, this replica serves "
+            f"{model.model_version!r}; download the current model and run the head again",
+        }
+    module = model.module
+    if not isinstance(module, OneTaskModel):
+        return unprocessable(
+            "path", f"task {model.task!r} is served by a {model.kind}, which cannot be split"
+        )
+    try:
+        check_cut(module, cut)
+    except ValueError as error:
+        return unprocessable("query", str(error), "cut")
+    started = time.perf_counter()
+    try:
+        state = split_state_from_bytes(module, body, cut, max_batch=max_images)
+        images = generate_tail(module, state, cut)
+    except ValueError as error:
+        return unprocessable("body", str(error))
+    seconds = time.perf_counter() - started
+    return {"model_version": model.model_version, "images": png_base64(images), "generation_seconds": seconds}
 
 
 def model_artifact(current: tuple[LoadedModel, bytes]) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from orchestrator.core.scenario import Scenario, StrictModel
 
 REPORT_FORMAT_VERSION = 1
 # The sections the end-of-run measurements add (orchestrator.evaluation); absent from report.json without.
-EVALUATION_SECTIONS = ("baselines", "downloads", "personalisation", "image_quality", "evaluation")
+EVALUATION_SECTIONS = (
+    "baselines",
+    "downloads",
+    "personalisation",
+    "relay",
+    "placements",
+    "image_quality",
+    "evaluation",
+)
 
 
 ReportModel = StrictModel  # a report section: unknown keys are errors, NaN and infinities stay numbers
@@ -377,6 +385,12 @@ class PersonalisedEdge(ReportModel):
     params: int = Field(description="Its parameters.")
     bytes_received: int = Field(description="Bytes downloaded into the toolbox.")
     epochs: int = Field(description="Personalisation epochs.")
+    method: Literal["full", "lora"] = Field(description="Every parameter, or low-rank adapters.")
+    trainable_params: int = Field(description="Parameters the fine-tuning trained.")
+    upload_bytes: int = Field(
+        description="What relaying the result to the cloud costs: the adapters' safetensors bytes (lora), "
+        "or the whole model's weights (full)."
+    )
     test_loss_before: float = Field(description="Test loss before fine-tuning.")
     test_loss_after: float = Field(description="Test loss after fine-tuning.")
     flops: int = Field(description="Fine-tuning FLOPs.")
@@ -387,6 +401,55 @@ class Personalisation(ReportModel):
     enabled: Literal[True] = Field(description="Edges personalised their task models.")
     where: str = Field(description="Which process did the work.")
     edges: dict[str, PersonalisedEdge] = Field(description="Per edge with an accepted upload.")
+
+
+class RelayedTask(ReportModel):
+    folded: list[str] = Field(description="Edges whose adapters passed validation and were folded in.")
+    rejected: dict[str, str] = Field(description="Edges whose adapters were rejected, with the reason.")
+    upload_bytes: int = Field(description="Adapter bytes (weights + spec) received from this task's edges.")
+    test_loss_before: float = Field(description="The task model's test loss before the relay round.")
+    test_loss_after: float = Field(description="The task model's test loss after folding and gate training.")
+
+
+class Relay(ReportModel):
+    enabled: Literal[True] = Field(description="Edges relayed their adapters back to the cloud.")
+    where: str = Field(description="Which process did the work.")
+    gate_epochs: int = Field(description="Epochs of gate training on the cloud's data after folding.")
+    tasks: dict[str, RelayedTask] = Field(description="Per task with at least one relayed adapter.")
+
+
+class PlacementRow(ReportModel):
+    name: str = Field(description="all_cloud, all_edge or split_after_<k>.")
+    cut: int | None = Field(description="The decoder stage after which it is split; None for the extremes.")
+    edge_flops: int = Field(description="FLOPs the edge runs per request (counted).")
+    cloud_flops: int = Field(description="FLOPs the cloud runs per request (counted).")
+    uplink_bytes: int = Field(description="Bytes edge -> cloud per request (serialized sizes).")
+    downlink_bytes: int = Field(description="Bytes cloud -> edge per request.")
+    latency_s: float = Field(
+        description="Seconds from a user's request to its images under the link model: user <-> edge "
+        "transfers, edge <-> cloud transfers, and each side's FLOPs at its declared speed (no queueing)."
+    )
+    edge_utilisation: float = Field(
+        description="Fraction of the edge's declared compute the users' request rate keeps busy (>= 1: the "
+        "edge cannot keep up and requests queue without bound)."
+    )
+
+
+class EdgePlacements(ReportModel):
+    task: str = Field(description="The edge's task.")
+    users: int = Field(description="End users behind the edge.")
+    requests_per_second: float = Field(description="Requests per second from all of them.")
+    images_per_request: int = Field(description="Images per request.")
+    chosen: str = Field(description="The placement of least latency (the cost model's choice).")
+    placements: list[PlacementRow] = Field(
+        description="Every placement, measured: all_cloud, splits, all_edge."
+    )
+
+
+class Placements(ReportModel):
+    enabled: Literal[True] = Field(description="Placements of user requests were measured.")
+    cloud_gflops: float = Field(description="Declared compute of a Serve replica, GFLOP/s.")
+    edges: dict[str, EdgePlacements] = Field(description="Per edge with users.")
 
 
 class QualitySet(ReportModel):
@@ -421,6 +484,10 @@ class ImageQuality(ReportModel):
 PersonalisationSection = Annotated[
     Annotated[Personalisation, Tag("measured")] | Annotated[Disabled, Tag("disabled")], _ENABLED
 ]
+PlacementsSection = Annotated[
+    Annotated[Placements, Tag("measured")] | Annotated[Disabled, Tag("disabled")], _ENABLED
+]
+RelaySection = Annotated[Annotated[Relay, Tag("measured")] | Annotated[Disabled, Tag("disabled")], _ENABLED]
 ImageQualitySection = Annotated[
     Annotated[ImageQuality, Tag("measured")] | Annotated[DisabledWithReason, Tag("disabled")], _ENABLED
 ]
@@ -462,6 +529,12 @@ class RunReport(ReportModel):
     downloads: Downloads | None = Field(default=None, description="What an edge downloads (measurements).")
     personalisation: PersonalisationSection | None = Field(
         default=None, description="Edges fine-tuning their task models (measurements)."
+    )
+    relay: RelaySection | None = Field(
+        default=None, description="Personalised adapters folded back into the BAIM (GaisNet's relay)."
+    )
+    placements: PlacementsSection | None = Field(
+        default=None, description="Where end users' generation requests run: cloud, edge or split."
     )
     image_quality: ImageQualitySection | None = Field(
         default=None, description="FID/KID of every phase (measurements)."

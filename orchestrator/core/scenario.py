@@ -311,6 +311,18 @@ class LinkConfig(StrictModel):
     latency_ms: float = Field(default=20.0, ge=0, description="One-way latency in milliseconds (simulated).")
 
 
+class UsersConfig(StrictModel):
+    count: int = Field(ge=1, le=1_000_000, description="End users behind the edge.")
+    requests_per_second: float = Field(
+        default=0.1, gt=0, le=1e6, description="Generation requests each user sends per second."
+    )
+    images_per_request: int = Field(default=1, ge=1, le=64, description="Images each request asks for.")
+    link: LinkConfig = Field(
+        default_factory=lambda: LinkConfig(bandwidth_mbps=50.0, latency_ms=5.0),
+        description="The users' link to the edge (simulated).",
+    )
+
+
 class EdgeFields(StrictModel):
     """Fields shared by a single edge and an edge group."""
 
@@ -335,6 +347,17 @@ class EdgeFields(StrictModel):
     batch_size: int = Field(default=32, ge=1, description="Local training batch size.")
     lr: float = Field(default=1e-3, gt=0, le=10, description="Local learning rate (Adam).")
     link: LinkConfig = Field(default_factory=LinkConfig, description="The edge's network link to the cloud.")
+    gflops: float = Field(
+        default=10.0,
+        gt=0,
+        le=1e9,
+        description="Declared compute speed in GFLOP/s: the split-inference cost model's edge speed.",
+    )
+    users: UsersConfig | None = Field(
+        default=None,
+        description="End users behind this edge sending generation requests (end -> edge -> cloud); the "
+        "report gives their request latency for each placement of the generation.",
+    )
     start: bool = Field(
         default=True,
         description="Start with the run. `false`: the edge joins only when a timeline `join` event names it.",
@@ -741,6 +764,13 @@ class ServingConfig(StrictModel):
     max_batch_size: int = Field(
         default=8, ge=1, le=1024, description="Requests `@serve.batch` groups into one call."
     )
+    gflops: float = Field(
+        default=100.0,
+        gt=0,
+        le=1e9,
+        description="Declared compute speed of a replica in GFLOP/s: the split-inference cost model's "
+        "cloud speed.",
+    )
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServingConfig:
@@ -748,6 +778,47 @@ class ServingConfig(StrictModel):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
             )
+        return self
+
+
+class PersonalisationConfig(StrictModel):
+    method: Literal["full", "lora"] = Field(
+        default="full",
+        description="How an edge fine-tunes its downloaded task model: every parameter, or low-rank adapters "
+        "(LoRA, baim.adapters) beside frozen weights.",
+    )
+    rank: int = Field(default=4, ge=1, le=1024, description="LoRA: the adapters' inner dimension.")
+    alpha: float = Field(
+        default=8.0, gt=0, le=1e6, description="LoRA: adapter outputs are scaled by alpha/rank."
+    )
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["Linear", "Conv2d", "ConvTranspose2d"],
+        min_length=1,
+        description="LoRA: layer types or fnmatch patterns over module names that get adapters.",
+    )
+    lr: float | None = Field(
+        default=None, gt=0, le=10, description="Fine-tuning learning rate (Adam); None: the edge's `lr`."
+    )
+    relay: bool = Field(
+        default=False,
+        description="LoRA: edges upload their adapters and the cloud folds them into the BAIM (a relay "
+        "round), reporting each task's test loss before and after.",
+    )
+    relay_gate_epochs: int = Field(
+        default=2, ge=0, le=1000, description="Relay: epochs of gate training on cloud data after folding."
+    )
+    max_relative_delta: float = Field(
+        default=5.0,
+        gt=0,
+        description="Relay: an adapter whose merged change to a layer exceeds this multiple of the layer's "
+        "weight norm is rejected as implausible (honest fine-tuning moves small connection projections by "
+        "up to ~3x their norm; a scaled attack by orders of magnitude).",
+    )
+
+    @model_validator(mode="after")
+    def _relay_needs_adapters(self) -> PersonalisationConfig:
+        if self.relay and self.method != "lora":
+            raise ValueError("relay: needs method 'lora' (edges relay their adapters, not whole models)")
         return self
 
 
@@ -784,6 +855,10 @@ class Scenario(StrictModel):
     )
     serving: ServingConfig = Field(
         default_factory=ServingConfig, description="Ray Serve deployment of task models."
+    )
+    personalisation: PersonalisationConfig = Field(
+        default_factory=PersonalisationConfig,
+        description="How edges personalise downloaded task models (end-of-run evaluation).",
     )
 
     # ----- derived facts

@@ -20,11 +20,32 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.edge import edge_seed
-from baim.costs import count_params, forward_backward_flops
-from baim.decompose import decompose
+from baim.adapters import (
+    LoRAConfig,
+    adapter_bytes,
+    adapter_from_bytes,
+    adapter_to_bytes,
+    add_weight_deltas,
+    apply_lora,
+    lora_parameters,
+    lora_weight_deltas,
+)
+from baim.continual import train_only
+from baim.costs import count_params, forward_backward_flops, serialized_bytes
+from baim.decompose import OneTaskModel, decompose
 from baim.learners import VAELearner
 from baim.model import BAIM
+from baim.placement import (
+    Link,
+    NodeSpeeds,
+    choose_placement,
+    measure_placements,
+    placement_cost,
+    transfer_seconds,
+)
+from baim.training import evaluate
 from orchestrator.baselines.fedavg import run_fedavg
+from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.ray_train import load_checkpoint_baim
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES
 from orchestrator.core.receipts import RayTrainStrategyRun
@@ -35,13 +56,18 @@ from orchestrator.core.reports import (
     DisabledWithReason,
     Download,
     Downloads,
+    EdgePlacements,
     EvaluationInfo,
     FedAvgReport,
     ImageQuality,
     Personalisation,
     PersonalisedEdge,
+    PlacementRow,
+    Placements,
     QualitySet,
     RealReference,
+    Relay,
+    RelayedTask,
     RunReport,
 )
 from orchestrator.core.scenario import Scenario
@@ -57,7 +83,9 @@ from orchestrator.evaluation.quality import (
 )
 from orchestrator.report.markdown import SAMPLES_DIR
 from orchestrator.runtime.engine import FinishedRun
+from serve.api import GenerateRequest, GenerateResponse
 from serve.client import Toolbox, model_loss_fn, personalise
+from serve.models import png_base64
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +189,8 @@ class RunEvaluation:
         self.resolution = scenario.data.resolution
         self.tasks = [task.name for task in scenario.tasks]
         self.sets: list[GeneratedSet] = []
+        # Per task: (edge id, adapter weights, adapter spec) that personalisation would relay to the cloud.
+        self.relay_uploads: dict[str, list[tuple[str, bytes, str]]] = {}
 
     def run(self) -> RunReport:
         seconds: dict[str, float] = {}
@@ -171,6 +201,10 @@ class RunEvaluation:
             downloads = self._strategy_sets()
         with self._timed(seconds, "personalisation"):
             personalisation = self._personalise()
+        with self._timed(seconds, "relay"):
+            relay = self._relay()
+        with self._timed(seconds, "placements"):
+            placements = self._placements()
         with self._timed(seconds, "image_quality"):
             image_quality = self._image_quality()
         evaluation = EvaluationInfo(
@@ -186,6 +220,8 @@ class RunEvaluation:
                 "baselines": baselines,
                 "downloads": downloads,
                 "personalisation": personalisation,
+                "relay": relay,
+                "placements": placements,
                 "image_quality": image_quality,
                 "evaluation": evaluation,
             }
@@ -277,26 +313,39 @@ class RunEvaluation:
             loader = DataLoader(shard, batch_size=edge.batch_size, shuffle=True, generator=order)
             test = DataLoader(FaceDataset(self.source, self.partitions.test[edge.task], self.resolution), 64)
             started = time.perf_counter()
+            method = self.scenario.personalisation
+            seed = edge_seed(self.scenario.seed, f"{edge_id} personalisation")
+            trainable = None
+            if method.method == "lora":
+                lora = LoRAConfig(method.rank, method.alpha, tuple(method.target_modules), seed=seed)
+                apply_lora(model, lora)  # before counting FLOPs: frozen weights need no weight gradients
+                trainable = lora_parameters(model)
             # Training noise (and so the FLOPs of top-K dispatch) from a seed: the driver's global RNG
             # starts in a different state in every process, and the numbers must not.
             with torch.random.fork_rng():
-                torch.manual_seed(edge_seed(self.scenario.seed, f"{edge_id} personalisation"))
+                torch.manual_seed(seed)
                 flops = epoch_flops(model, shard, edge.batch_size, loss_fn) * self.options.personalise_epochs
                 before, after = personalise(
                     model,
                     loader,
                     self.options.personalise_epochs,
-                    edge.lr,
+                    method.lr or edge.lr,
                     eval_loader=test,
                     kld_weight=self.scenario.cloud.kld_weight,
+                    trainable=trainable,
                 )
+            if trainable is not None:
+                self.relay_uploads.setdefault(edge.task, []).append((edge_id, *adapter_to_bytes(model)))
             edges[edge_id] = PersonalisedEdge(
                 task=edge.task,
                 model_version=fetched.model_version,
                 kind=fetched.kind,
-                params=count_params(model),
+                params=count_params(model) - sum(p.numel() for p in trainable or []),
                 bytes_received=fetched.bytes_received,
                 epochs=self.options.personalise_epochs,
+                method=method.method,
+                trainable_params=sum(p.numel() for p in trainable or model.parameters()),
+                upload_bytes=adapter_bytes(model) if trainable is not None else serialized_bytes(model),
                 test_loss_before=before,
                 test_loss_after=after,
                 flops=flops,
@@ -305,6 +354,133 @@ class RunEvaluation:
             self._say(f"personalised {edge_id} ({edge.task}): test loss {before:.5f} -> {after:.5f}")
             self.sets.append(GeneratedSet("personalised", edge_id, edge.task, task_model_sampler(model)))
         return Personalisation(enabled=True, where="driver process, on each edge's own shard", edges=edges)
+
+    # ---- the relay: adapters back to the cloud -------------------------------------------------------
+
+    def _relay(self) -> Relay | Disabled:
+        """Fold each task's relayed adapters into the kept BAIM, train its gates on the cloud's data, and
+        measure every relaying task's test loss before and after (GaisNet's cloud -> edge -> cloud loop).
+
+        Each adapter is validated as an upload is (safetensors, spec, names, shapes, finiteness, merged
+        change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model;
+        a task's accepted deltas are averaged (FedAvg over its edges) and added to the BAIM's learners.
+        """
+        config = self.scenario.personalisation
+        version = self.report.cloud.baim_version
+        if not (config.relay and self.relay_uploads and version):
+            return Disabled(enabled=False)
+        baim = self._load_baim(BAIM_OWNER, version)
+        before = {task: self._task_loss(baim, task) for task in self.relay_uploads}
+        relayed: dict[str, tuple[list[str], dict[str, str], int]] = {}
+        for task, uploads in self.relay_uploads.items():
+            folded, rejected, deltas = [], {}, []
+            for edge_id, weights, spec in uploads:
+                copy = decompose(baim, task)
+                try:
+                    adapter_from_bytes(copy, weights, spec, max_relative_delta=config.max_relative_delta)
+                except ValueError as error:
+                    rejected[edge_id] = str(error)
+                    continue
+                folded.append(edge_id)
+                # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
+                deltas.append({key.removeprefix("baim."): d for key, d in lora_weight_deltas(copy).items()})
+            if deltas:
+                add_weight_deltas(
+                    baim, {key: torch.stack([d[key] for d in deltas]).mean(0) for key in deltas[0]}
+                )
+            relayed[task] = (folded, rejected, sum(len(w) + len(s) for _, w, s in uploads))
+        if config.relay_gate_epochs:
+            cloud = CachedFaces(self.source, self.partitions.cloud, list(baim.config.tasks), self.resolution)
+            order = torch.Generator().manual_seed(GENERATION_SEED)
+            loader = DataLoader(
+                cloud, batch_size=self.scenario.cloud.batch_size, shuffle=True, generator=order
+            )
+            batches = [(x, t) for _ in range(config.relay_gate_epochs) for x, t in loader]
+            train_only(baim, baim.gate_parameters(), batches, len(batches), self.scenario.cloud.lr)
+        tasks = {}
+        for task, (folded, rejected, nbytes) in relayed.items():
+            after = self._task_loss(baim.eval(), task)
+            tasks[task] = RelayedTask(
+                folded=folded,
+                rejected=rejected,
+                upload_bytes=nbytes,
+                test_loss_before=before[task],
+                test_loss_after=after,
+            )
+            self._say(
+                f"relay {task}: {len(folded)} adapters folded, test loss {before[task]:.5f} -> {after:.5f}"
+            )
+        return Relay(
+            enabled=True,
+            where="driver process, on the kept BAIM",
+            gate_epochs=config.relay_gate_epochs,
+            tasks=tasks,
+        )
+
+    def _task_loss(self, baim: BAIM, task: str) -> float:
+        model = decompose(baim, task)
+        test = DataLoader(FaceDataset(self.source, self.partitions.test[task], self.resolution), 64)
+        return evaluate(model, test, model_loss_fn(model, self.scenario.cloud.kld_weight))
+
+    # ---- placements of end users' requests -----------------------------------------------------------
+
+    def _placements(self) -> Placements | Disabled:
+        """For each edge with `users`: every placement of one of their requests (baim.placement), measured
+        on the task model the edge downloads, and its latency and edge load under the declared speeds."""
+        cloud_speed = self.scenario.serving.gflops * 1e9
+        edges: dict[str, EdgePlacements] = {}
+        for edge in self.scenario.all_edges():
+            users, info = edge.users, self.report.tasks.get(edge.task)
+            if users is None or info is None:
+                continue
+            owner, version = _parse_artifact(info.artifact)
+            model = self.registry.load_module(owner, version, OneTaskModel).eval()
+            n = users.images_per_request
+            request = GenerateRequest(n=n, seed=GENERATION_SEED).model_dump_json().encode()
+            response = (
+                GenerateResponse(
+                    task=edge.task,
+                    model_version=version,
+                    seed=GENERATION_SEED,
+                    images=png_base64(model.generate(n, seed=GENERATION_SEED)),
+                )
+                .model_dump_json()
+                .encode()
+            )
+            measured = measure_placements(model, n, GENERATION_SEED, len(request), len(response))
+            link = Link(edge.link.bandwidth_mbps, edge.link.latency_ms)
+            user_link = Link(users.link.bandwidth_mbps, users.link.latency_ms)
+            speeds = NodeSpeeds(edge.gflops * 1e9, cloud_speed)
+            user_hop = transfer_seconds(len(request), user_link) + transfer_seconds(len(response), user_link)
+            rate = users.count * users.requests_per_second
+            rows = []
+            for placement in measured:
+                cost = placement_cost(placement, link, speeds)
+                rows.append(
+                    PlacementRow(
+                        name=placement.name,
+                        cut=placement.cut,
+                        edge_flops=placement.edge_flops,
+                        cloud_flops=placement.cloud_flops,
+                        uplink_bytes=placement.uplink_bytes,
+                        downlink_bytes=placement.downlink_bytes,
+                        latency_s=user_hop + cost.total_seconds,
+                        edge_utilisation=rate * cost.edge_seconds,
+                    )
+                )
+            chosen = choose_placement(measured, link, speeds).placement.name
+            edges[edge.id] = EdgePlacements(
+                task=edge.task,
+                users=users.count,
+                requests_per_second=rate,
+                images_per_request=n,
+                chosen=chosen,
+                placements=rows,
+            )
+            self._say(f"placements {edge.id}: {chosen} chosen for {users.count} users at {rate:g} req/s")
+        if not edges:
+            return Disabled(enabled=False)
+        return Placements(enabled=True, cloud_gflops=self.scenario.serving.gflops, edges=edges)
 
     # ---- image quality ---------------------------------------------------------------------------------
 

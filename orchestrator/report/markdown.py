@@ -563,12 +563,55 @@ def _personalisation_section(report: RunReport) -> list[str]:
     if section is None or not section.enabled or not section.edges:
         return [NOT_MEASURED]
     rows = [
-        [e, row.task, row.model_version, _fmt_bytes(row.bytes_received), row.epochs,
-         _fmt(row.test_loss_before), _fmt(row.test_loss_after), _fmt_flops(row.flops)]
+        [e, row.task, row.model_version, _fmt_bytes(row.bytes_received), row.method, row.trainable_params,
+         _fmt_bytes(row.upload_bytes), row.epochs, _fmt(row.test_loss_before), _fmt(row.test_loss_after),
+         _fmt_flops(row.flops)]
         for e, row in section.edges.items()
     ]  # fmt: skip
-    header = ["edge", "task", "model", "downloaded", "epochs", "test loss before", "after", "FLOPs"]
+    header = ["edge", "task", "model", "downloaded", "method", "trained params", "to relay", "epochs",
+              "test loss before", "after", "FLOPs"]  # fmt: skip
     return [f"Measured in the {section.where}.", "", *_table(header, rows)]
+
+
+def _relay_section(report: RunReport) -> list[str]:
+    section = report.relay
+    if section is None or not section.enabled:
+        return [NOT_MEASURED]
+
+    def rejected(reasons: dict[str, str]) -> str:
+        return ", ".join(f"{edge}: {why[:80]}" for edge, why in reasons.items()) or "none"
+
+    rows = [
+        [task, ", ".join(row.folded) or "none", rejected(row.rejected), _fmt_bytes(row.upload_bytes),
+         _fmt(row.test_loss_before), _fmt(row.test_loss_after)]
+        for task, row in section.tasks.items()
+    ]  # fmt: skip
+    header = ["task", "adapters folded", "rejected (reason)", "bytes relayed", "test loss before", "after"]
+    where = (
+        f"Measured in the {section.where}; then {section.gate_epochs} epochs of gate training on cloud data."
+    )
+    return [where, "", *_table(header, rows)]
+
+
+def _placements_section(report: RunReport) -> list[str]:
+    section = report.placements
+    if section is None or not section.enabled:
+        return [NOT_MEASURED]
+    lines = []
+    for edge_id, edge in section.edges.items():
+        lines += [
+            f"**{edge_id}** ({edge.task}): {edge.users} users, {edge.requests_per_second:g} requests/s of "
+            f"{edge.images_per_request} images; the cost model chooses **{edge.chosen}**.",
+            "",
+        ]
+        rows = [
+            [p.name, _fmt_flops(p.edge_flops), _fmt_flops(p.cloud_flops), _fmt_bytes(p.uplink_bytes),
+             _fmt_bytes(p.downlink_bytes), f"{p.latency_s * 1000:.1f}", f"{p.edge_utilisation:.3f}"]
+            for p in edge.placements
+        ]  # fmt: skip
+        header = ["placement", "edge FLOPs", "cloud FLOPs", "up", "down", "latency ms", "edge load"]
+        lines += [*_table(header, rows), ""]
+    return lines
 
 
 def _quality_section(report: RunReport) -> list[str]:
@@ -637,6 +680,8 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         ("Edges: BAIM vs FedAvg", _edges_section(report)),
         ("FedAvg baseline", _fedavg_section(report)),
         ("Personalisation", _personalisation_section(report)),
+        ("Relay: adapters back to the cloud", _relay_section(report)),
+        ("Placements of end users' requests", _placements_section(report)),
         ("Lifecycle: continual rounds, new tasks, pruned learners", lifecycle_section(report)),
     ]
     for title, body in sections:

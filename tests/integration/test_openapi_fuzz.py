@@ -53,6 +53,9 @@ schema = schemathesis.openapi.from_dict(
     DOCUMENT, config=schemathesis.Config.from_dict({"generation": {"codec": "latin-1"}})
 )
 OPERATIONS = {f"{method.upper()} {path}" for path, methods in DOCUMENT["paths"].items() for method in methods}
+# A valid split body is the safetensors state of this model's head (baim.split): no schema describes it, so
+# generated bodies are all rejected (422), and "positive data" cannot be accepted; test_serve.py has its 2xx.
+SPLIT = "POST /tasks/{task}/generate/split"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def traffic() -> Iterator[Counter[tuple[str, int]]]:
     fuzzed = {operation for operation, _ in counts}
     succeeded = {operation for operation, status in counts if 200 <= status < 300}
     assert counts.total() > 0, "the fuzz tests sent no request"
-    assert succeeded == fuzzed, f"operations never answered 2xx: {sorted(fuzzed - succeeded)}"
+    assert succeeded == fuzzed - {SPLIT}, f"operations never answered 2xx: {sorted(fuzzed - succeeded)}"
 
 
 def test_the_served_document_is_this_one(base_url: str) -> None:
@@ -126,7 +129,8 @@ def has_integral_float(value: object) -> bool:
 def test_no_server_errors(case: schemathesis.Case, base_url: str, traffic: Counter[tuple[str, int]]) -> None:
     # The API takes strict JSON integers on purpose ("n": 3.0 gets 422, docs/http-api.md), which JSON
     # Schema cannot say: its "integer" admits 3.0, so positive_data_acceptance would flag those bodies.
-    excluded = [schemathesis.checks.positive_data_acceptance] if has_integral_float(case.body) else []
+    positive_unknowable = has_integral_float(case.body) or case.operation.label == SPLIT
+    excluded = [schemathesis.checks.positive_data_acceptance] if positive_unknowable else []
     # case.call_and_validate in two steps, so that the histogram counts the responses that fail a check too.
     transport: dict[str, Any] = {"base_url": base_url, "headers": AUTH, "timeout": 60}
     response = case.call(**transport)

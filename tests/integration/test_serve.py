@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import threading
 import time
@@ -25,9 +26,11 @@ import torch
 from ray import serve
 
 from baim.decompose import TaskModel, decompose
+from baim.split import generate_head, split_points, split_state_to_bytes
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import ServingConfig
+from serve.api import MAX_SPLIT_BODY_BYTES
 from serve.app import (
     METRICS_DEPLOYMENT,
     RegistryWatcher,
@@ -461,6 +464,82 @@ def test_the_largest_seed_is_exact(service: Service) -> None:
     assert (accepted.status, accepted.json()["seed"]) == (200, largest)
     rejected = service.generate("smiling", 1, seed=largest + 1)
     assert rejected.status == 422 and "less than or equal to 9007199254740991" in rejected.body.decode()
+
+
+# ---- split generation ---------------------------------------------------------------------------------
+
+
+def test_split_generation_equals_unsplit_for_every_cut(service: Service, tmp_path: Path) -> None:
+    toolbox = Toolbox(tmp_path / "cache", endpoint=service.base, api_token=TOKEN)
+    unsplit = [decode_png_base64(image) for image in service.generate("smiling", 3, seed=11).json()["images"]]
+
+    for cut in split_points(service.smiling_v1):
+        result = toolbox.generate_split("smiling", 3, cut, seed=11)
+
+        assert (result.model_version, result.cut) == ("v000001", cut)
+        np.testing.assert_array_equal(result.images, np.stack(unsplit))
+        state = generate_head(service.smiling_v1, 3, cut, seed=11)
+        assert result.uplink_bytes == len(split_state_to_bytes(state))
+
+
+def split_body(model: TaskModel, cut: int, how: str) -> bytes:
+    state = generate_head(model, 2, cut, seed=3)
+    key = next(k for k in sorted(state) if k.startswith("stage/"))
+    if how == "shape":
+        state[key] = state[key][..., :-1].contiguous()
+    elif how == "dtype":
+        state[key] = state[key].double()
+    elif how == "nan":
+        state[key] = torch.full_like(state[key], float("nan"))
+    return split_state_to_bytes(state)
+
+
+@pytest.mark.parametrize(
+    ("how", "query", "status", "reason"),
+    [
+        ("shape", "cut=1", 422, "of shape"),
+        ("dtype", "cut=1", 422, "torch.float64"),
+        ("nan", "cut=1", 422, "non-finite"),
+        ("garbage", "cut=1", 422, "split state"),
+        ("ok", "cut=99", 422, "cut"),
+        ("ok", "cut=-1", 422, "greater than or equal to 0"),
+        ("ok", "cut=1&model_version=v000009", 409, "v000009"),
+    ],
+)
+def test_bad_split_requests_get_4xx_and_serving_goes_on(
+    service: Service, how: str, query: str, status: int, reason: str
+) -> None:
+    body = b"\x00" * 64 if how == "garbage" else split_body(service.smiling_v1, 1, how)
+    headers = {"Content-Type": "application/octet-stream"}
+
+    reply = service.call("POST", f"/tasks/smiling/generate/split?{query}", body, headers)
+
+    assert reply.status == status, reply.body[:300]
+    assert reason in reply.body.decode()
+    good = service.call(
+        "POST", "/tasks/smiling/generate/split?cut=1", split_body(service.smiling_v1, 1, "ok")
+    )
+    assert good.status == 200 and len(good.json()["images"]) == 2
+
+
+def test_a_split_body_over_the_limit_gets_413_before_it_is_sent(service: Service) -> None:
+    # Declared, not sent: the guard answers from Content-Length (sending 32 MiB would race the reply).
+    host, port = service.base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", "/tasks/smiling/generate/split?cut=1")
+    connection.putheader("Authorization", f"Bearer {TOKEN}")
+    connection.putheader("Content-Length", str(MAX_SPLIT_BODY_BYTES + 1))
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == 413 and "too large" in reply.read().decode()
+    connection.close()
+    assert service.generate("smiling", 1, seed=0).status == 200
+
+
+def test_a_learner_cannot_be_split(service: Service) -> None:
+    body = split_body(service.smiling_v1, 1, "ok")
+    reply = service.call("POST", "/tasks/male/generate/split?cut=1", body)
+    assert reply.status == 422 and "cannot be split" in reply.body.decode()
 
 
 @pytest.mark.parametrize("length", ["\xb2", "1\xb9", "-1", "1e3", " "], ids=repr)

@@ -135,6 +135,9 @@ def personalised_edge(test_loss_after: float, flops: int) -> dict[str, Any]:
         "params": 50,
         "bytes_received": 2_000,
         "epochs": 1,
+        "method": "full",
+        "trainable_params": 50,
+        "upload_bytes": 200,
         "test_loss_before": 0.5,
         "test_loss_after": test_loss_after,
         "flops": flops,
@@ -274,6 +277,55 @@ def hand_report() -> dict[str, Any]:
         "enabled": True,
         "where": "driver process",
         "edges": {"e0": personalised_edge(0.4, 50), "e1": personalised_edge(0.2, 150)},
+    }
+    report["relay"] = {
+        "enabled": True,
+        "where": "driver process",
+        "gate_epochs": 1,
+        "tasks": {
+            "smile": {
+                "folded": ["e0"],
+                "rejected": {"e1": "adapter state: non-finite values"},
+                "upload_bytes": 400,
+                "test_loss_before": 0.3,
+                "test_loss_after": 0.25,
+            }
+        },
+    }
+    report["placements"] = {
+        "enabled": True,
+        "cloud_gflops": 100.0,
+        "edges": {
+            "e0": {
+                "task": "smile",
+                "users": 10,
+                "requests_per_second": 1.0,
+                "images_per_request": 1,
+                "chosen": "all_edge",
+                "placements": [
+                    {
+                        "name": "all_cloud",
+                        "cut": None,
+                        "edge_flops": 0,
+                        "cloud_flops": 1000,
+                        "uplink_bytes": 20,
+                        "downlink_bytes": 300,
+                        "latency_s": 0.05,
+                        "edge_utilisation": 0.0,
+                    },
+                    {
+                        "name": "all_edge",
+                        "cut": None,
+                        "edge_flops": 1000,
+                        "cloud_flops": 0,
+                        "uplink_bytes": 0,
+                        "downlink_bytes": 0,
+                        "latency_s": 0.01,
+                        "edge_utilisation": 0.001,
+                    },
+                ],
+            }
+        },
     }
     report["image_quality"] = {
         "enabled": True,

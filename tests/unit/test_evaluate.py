@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+import safetensors.torch
 import torch
 
 from baim.decompose import decompose
 from orchestrator.core.artifacts import pack_module
-from orchestrator.core.names import task_owner
+from orchestrator.core.names import BAIM_OWNER, task_owner
 from orchestrator.core.registry import Registry
 from orchestrator.core.reports import RunReport
+from orchestrator.core.scenario import PersonalisationConfig, UsersConfig
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
@@ -54,3 +58,106 @@ def test_personalisation_gives_the_same_numbers_whatever_the_global_rng_holds(tm
     # Assert: bit for bit (the loss changed, so training happened)
     assert first == second
     assert first[1] != first[0] and first[2] > 0
+
+
+def lora_evaluation(tmp_path: Path, *, relay: bool) -> RunEvaluation:
+    """edge-0 personalises `male` with rank-2 adapters; the BAIM it came from is the run's kept BAIM."""
+    scenario = tiny_scenario(tmp_path)
+    scenario = scenario.model_copy(
+        update={"personalisation": PersonalisationConfig(method="lora", rank=2, relay=relay, lr=0.01)}
+    )
+    registry = Registry(str(tmp_path / "registry"))
+    baim = tiny_baim()
+    registry.put(BAIM_OWNER, "v000001", pack_module(baim, baim.spec()))
+    model = decompose(baim, "male")
+    registry.put(task_owner("male"), "v000001", pack_module(model, model.spec()))
+    document = bare_report()
+    document["registry"] = str(tmp_path / "registry")
+    document["cloud"]["baim_version"] = "v000001"
+    document["edges"] = {"edge-0": {**edge_row(1_000, 100), "task": "male"}}
+    document["tasks"] = {"male": {"params": 1, "baim_params": 1, "learners": ["e2"], "test_loss": 0.1,
+                                  "test_images": 1, "decomposition_max_abs_diff": 0.0,
+                                  "artifact": "task/male@v000001", "sha256": "ab" * 32}}  # fmt: skip
+    source = resolve_source(scenario.data)
+    options = EvaluationOptions(personalise_epochs=2, run_fedavg=False, image_quality=False)
+    return RunEvaluation(
+        RunReport.model_validate(document), scenario, source, make_partitions(source, scenario),
+        tmp_path / "out", options,
+    )  # fmt: skip
+
+
+def test_lora_personalisation_trains_and_reports_only_the_adapters(tmp_path: Path) -> None:
+    # Execute
+    evaluation = lora_evaluation(tmp_path, relay=False)
+    section = evaluation._personalise()
+
+    # Assert: the row counts the adapters, and what would be relayed is exactly their safetensors bytes
+    assert section.enabled
+    row = section.edges["edge-0"]
+    ((edge_id, weights, spec),) = evaluation.relay_uploads["male"]
+    assert (row.method, edge_id) == ("lora", "edge-0")
+    assert row.upload_bytes == len(weights) and json.loads(spec)["rank"] == 2
+    assert 0 < row.trainable_params < row.params  # rank 2 on tiny layers: about a third
+    assert row.upload_bytes < row.bytes_received / 2
+    assert row.test_loss_after < row.test_loss_before
+
+
+def test_relay_folds_valid_adapters_rejects_poisoned_ones_and_measures_the_change(tmp_path: Path) -> None:
+    # Prepare: edge-0's real adapters, and a second edge relaying a NaN copy of them
+    evaluation = lora_evaluation(tmp_path, relay=True)
+    evaluation._personalise()
+    ((_, weights, spec),) = evaluation.relay_uploads["male"]
+    poisoned = {key: torch.full_like(t, float("nan")) for key, t in safetensors.torch.load(weights).items()}
+    scaled = {key: t * 1000 for key, t in safetensors.torch.load(weights).items()}
+    evaluation.relay_uploads["male"].append(("edge-9", safetensors.torch.save(poisoned), spec))
+    evaluation.relay_uploads["male"].append(("edge-8", safetensors.torch.save(scaled), spec))
+
+    # Execute
+    section = evaluation._relay()
+
+    # Assert
+    assert section.enabled
+    task = section.tasks["male"]
+    assert task.folded == ["edge-0"]
+    assert set(task.rejected) == {"edge-8", "edge-9"} and "non-finite" in task.rejected["edge-9"]
+    assert "exceeds 5" in task.rejected["edge-8"]
+    assert task.upload_bytes == 3 * (len(weights) + len(spec))
+    assert task.test_loss_after != task.test_loss_before
+
+
+def test_relay_is_off_unless_asked(tmp_path: Path) -> None:
+    evaluation = lora_evaluation(tmp_path, relay=False)
+    evaluation._personalise()
+    assert evaluation._relay().enabled is False
+
+
+def edge_speed(evaluation: RunEvaluation) -> float:
+    return evaluation.scenario.edge("edge-0").gflops
+
+
+def test_placements_are_measured_for_edges_with_users(tmp_path: Path) -> None:
+    # Prepare: edge-0 (task male) gets 20 users on a slow uplink
+    evaluation = lora_evaluation(tmp_path, relay=False)
+    users = UsersConfig(count=20, requests_per_second=0.5, images_per_request=4)
+    edges = [
+        edge.model_copy(update={"users": users}) if edge.id == "edge-0" else edge
+        for edge in evaluation.scenario.edges
+    ]
+    evaluation.scenario = evaluation.scenario.model_copy(update={"edges": edges})
+
+    # Execute
+    section = evaluation._placements()
+
+    # Assert: all_cloud, one split per decoder stage, all_edge; the choice is the least latency
+    assert section.enabled and set(section.edges) == {"edge-0"}
+    edge = section.edges["edge-0"]
+    names = [p.name for p in edge.placements]
+    assert names[0] == "all_cloud" and names[-1] == "all_edge" and len(names) > 2
+    assert edge.chosen == min(edge.placements, key=lambda p: p.latency_s).name
+    assert edge.requests_per_second == 10.0
+    by_name = {p.name: p for p in edge.placements}
+    assert by_name["all_edge"].uplink_bytes == 0 and by_name["all_cloud"].edge_flops == 0
+    flops = by_name["all_edge"].edge_flops
+    assert by_name["all_edge"].edge_utilisation == pytest.approx(
+        10.0 * flops / (edge_speed(evaluation) * 1e9)
+    )

@@ -68,7 +68,8 @@ def test_every_section_renders_from_a_full_report(tmp_path: Path) -> None:
     # Assert
     assert NOT_MEASURED not in markdown
     for title in ["Headline: BAIM vs FedAvg", "Image quality (FID / KID)", "Cloud training strategies",
-                  "Task models", "Edges: BAIM vs FedAvg", "FedAvg baseline", "Personalisation"]:  # fmt: skip
+                  "Task models", "Edges: BAIM vs FedAvg", "FedAvg baseline", "Personalisation",
+                  "Relay: adapters back to the cloud", "Placements of end users' requests"]:  # fmt: skip
         assert f"## {title}" in markdown
     assert "| bytes per edge, BAIM upload + task-model download | 4.00 kB | 40.00 kB | 10.0x |" in markdown
     assert "inception-test" in markdown and "20 generated images per set" in markdown
