@@ -50,7 +50,7 @@ def publish_task_models(
     for task_id, task in enumerate(baim.config.tasks):
         if only is not None and task not in only:
             continue
-        model = decompose(baim, task)
+        model = decompose(baim, task).eval()  # as the BAIM: inference routing (top K), not training's
         test = FaceDataset(source, test_indices[task], resolution)
         max_diff, total, count = 0.0, 0.0, 0
         for batch_index, images in enumerate(DataLoader(test, batch_size=batch_size)):

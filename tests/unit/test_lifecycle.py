@@ -157,6 +157,7 @@ def test_a_new_task_gets_a_few_shot_gate_over_the_existing_learners(tmp_path: Pa
     assert record.cloud_only_vae.params == 9851 and record.cloud_only_vae.steps == 20
     assert record.artifact == f"task/glasses@{record.baim_version}"
     assert set(summary.tasks) == {"male", "female", "glasses"}
+    assert all(t.decomposition_max_abs_diff <= 1e-5 for t in summary.tasks.values())
     assert loop.run(coordinator.new_task(NEW_TASK)) == {"task": "glasses", "state": "done"}
     with pytest.raises(ValueError, match="no new_task event of the scenario declares it"):
         loop.run(coordinator.new_task(NEW_TASK | {"task": {"name": "hats", "expression": "Wearing_Hat"}}))
@@ -192,6 +193,7 @@ def test_learners_below_the_selection_rate_are_removed_before_decomposition(
     members = {m for squad in pruned.config.squads for m in squad.members}
     assert members.isdisjoint(r.learner for r in pruning.removed)
     assert all(t.artifact.endswith(f"@{pruning.baim_version}") for t in summary.tasks.values())
+    assert all(t.decomposition_max_abs_diff <= 1e-5 for t in summary.tasks.values())  # exact, pruned too
     assert again.learner_pruning == pruning and again.tasks == summary.tasks  # finish() is idempotent
 
 
