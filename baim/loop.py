@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +21,12 @@ from baim.model_config import ConnectionSpec
 from baim.pruning import prune_connections
 from baim.training import FlopCounting, Strategy, apply_strategy, make_optimizer, train_steps
 
+# FlopCounting per epoch, or "after_change": count the first step of the run and the first step after each
+# pruning (the only events that change the architecture), and scale the per-sample FLOPs of that step to the
+# other steps and epochs; it saves FlopCounterMode's dispatch overhead (a counted step costs about two) on
+# every epoch that follows an unchanged one.
+LoopFlopCounting = FlopCounting | Literal["after_change"]
+
 
 @dataclass(frozen=True)
 class LoopSchedule:
@@ -30,7 +36,7 @@ class LoopSchedule:
     lr: float  # Adam learning rate; the optimiser rebuilt after a pruning keeps it
     prune_interval: int  # prune after the training of every prune_interval-th epoch ...
     prune_ratio: float  # ... removing floor(prune_ratio * surviving) connections (0: never)
-    flop_counting: FlopCounting = "every_batch"
+    flop_counting: LoopFlopCounting = "every_batch"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,12 @@ class TrainingHooks(Protocol):
         ...
 
 
+def on_cadence(epoch: int, every: int, last_epoch: int) -> bool:
+    """Whether a per-epoch action (a checkpoint, an evaluation) is due after `epoch`: after every `every`-th
+    epoch and after the last one always."""
+    return epoch % every == 0 or epoch == last_epoch
+
+
 def start_strategy(
     baim: BAIM, strategy: Strategy, seed: int, frozen_learners: Sequence[str] | None = None
 ) -> None:
@@ -124,11 +136,23 @@ def train_strategy(
     each survivor keeping its Adam state, and `hooks.pruned` gives the module to train next. Evaluation
     follows pruning, so a test loss is that of the model the epoch ends with. Returns the last optimiser.
     """
+    per_sample_flops: float | None = None  # "after_change": the counted step's, until the next pruning
     for epoch in range(first_epoch, schedule.epochs + 1):
         started = time.perf_counter()
-        totals = train_steps(model, hooks.batches(epoch), optimizer, hooks.loss, schedule.flop_counting)
+        counting = schedule.flop_counting
+        if counting == "after_change":
+            counting = "first_batch" if per_sample_flops is None else "none"
+        totals = train_steps(model, hooks.batches(epoch), optimizer, hooks.loss, counting)
         train_seconds = time.perf_counter() - started
+        flops = totals.flops
+        if schedule.flop_counting == "after_change":
+            if per_sample_flops is None:
+                per_sample_flops = totals.flops / totals.samples
+            else:
+                flops = round(per_sample_flops * totals.samples)
         removed = prune_on_schedule(baim, epoch, schedule)
+        if removed is not None:
+            per_sample_flops = None  # connections went: count the next step again
         if removed is not None:
             optimizer = make_optimizer(baim, schedule.lr, previous=optimizer)
             del model  # a DDP wrapper's gradient hooks go with it, before the next one registers its own
@@ -138,7 +162,7 @@ def train_strategy(
             epoch=epoch,
             loss_sum=totals.loss_sum,
             samples=totals.samples,
-            flops=totals.flops,
+            flops=flops,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
             pruned=removed or [],

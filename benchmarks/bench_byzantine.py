@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import tempfile
 import time
@@ -226,9 +225,9 @@ def run_pipeline(
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
-        # FLOPs are not what this measures; counting them would cost most of each training step.
-        runner = functools.partial(local_training_round, flop_counting="none")
-        coordinator = CloudCoordinator(scenario, registry, source, partitions, round_runner=runner)
+        coordinator = CloudCoordinator(
+            scenario, registry, source, partitions, round_runner=local_training_round
+        )
         return asyncio.run(go(coordinator))
 
 

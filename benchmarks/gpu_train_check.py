@@ -78,6 +78,7 @@ def round_config(root: Path, round_id: int) -> TrainRoundConfig:
         kld_weight=baim.config.kld_weight,
         prune_interval=1,
         prune_ratio=0.25,
+        checkpoint_every=1,  # the resumed run restarts from epoch 1's checkpoint
         seed=0,
         data=data,
         cloud_indices={"male": male[:96], "female": female[:96]},

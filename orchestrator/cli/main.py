@@ -30,6 +30,7 @@ from orchestrator.core.scenario import (
     load_scenario,
     scenario_reference_markdown,
 )
+from orchestrator.data.traces import synthesise_trace, write_trace
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,60 @@ def cmd_schema(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
+# traces
+
+
+def add_traces_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "traces",
+        help="availability traces for the virtual clock",
+        description="Availability traces (edge_id, start_s, end_s, speed, bandwidth_mbps), `time: virtual`.",
+    )
+    actions = parser.add_subparsers(dest="traces_command", metavar="ACTION", required=True)
+    synth = actions.add_parser(
+        "synth",
+        help="draw a seeded synthetic trace for a scenario's edges",
+        description="Draw a trace: diurnal availability in sessions, permanent drop-outs, lognormal speeds.",
+    )
+    synth.add_argument("scenario", type=Path, help="scenario YAML whose edges the trace covers")
+    synth.add_argument("--out", type=Path, required=True, help="trace file to write (.csv or .parquet)")
+    synth.add_argument("--hours", type=float, default=24.0, help="simulated hours covered (default 24)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    synth.add_argument("--mean-online", type=float, default=0.7, help="mean share of sessions online")
+    synth.add_argument("--diurnal-amplitude", type=float, default=0.25, help="daily swing of that share")
+    synth.add_argument("--period-hours", type=float, default=24.0, help="length of the availability cycle")
+    synth.add_argument("--session-minutes", type=float, default=20.0, help="granularity of on/off changes")
+    synth.add_argument("--dropout-rate", type=float, default=0.0, help="share of edges that leave for good")
+    synth.add_argument("--speed-sigma", type=float, default=0.5, help="lognormal sigma of compute speeds")
+    synth.add_argument(
+        "--bandwidth", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+        help="log-uniform bandwidth range in Mbit/s (default: each edge's own link)",
+    )  # fmt: skip
+    synth.set_defaults(func=cmd_traces_synth)
+
+
+def cmd_traces_synth(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    edge_ids = [edge.id for edge in scenario.all_edges()]
+    try:
+        rows = synthesise_trace(
+            edge_ids, hours=args.hours, seed=args.seed, period_hours=args.period_hours,
+            mean_online=args.mean_online, diurnal_amplitude=args.diurnal_amplitude,
+            session_minutes=args.session_minutes, dropout_rate=args.dropout_rate,
+            speed_sigma=args.speed_sigma,
+            bandwidth_mbps=None if args.bandwidth is None else (args.bandwidth[0], args.bandwidth[1]),
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"baim traces synth: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    write_trace(rows, args.out)
+    online = sum(row.end_s - row.start_s for row in rows) / max(1, len(edge_ids)) / 3600.0
+    print(f"wrote {args.out}: {len(rows)} online intervals for {len(edge_ids)} edges, "
+          f"{online:.2f} of {args.hours:g} hours online per edge on average")  # fmt: skip
     return EXIT_OK
 
 
@@ -583,6 +638,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_run_parser,
     add_serve_parser,
     add_report_parser,
+    add_traces_parser,
 ]
 
 

@@ -28,6 +28,11 @@ class CachedFaces(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def preload(self) -> None:
+        """Decode every image now (e.g. as part of a round's start-up rather than its first epoch)."""
+        for task, _, i in self.items:
+            self.image(task, i)
+
     def image(self, task: str, i: int) -> torch.Tensor:
         key = (task, i)
         cached = self._cache.get(key)

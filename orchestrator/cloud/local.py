@@ -16,14 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.rounds import RoundRequest, RoundResult
-from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
+from baim.loop import EpochOutcome, Evaluation, LoopSchedule, on_cadence, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.seeding import noise_seed
-from baim.training import FlopCounting, evaluate, make_optimizer
+from baim.training import evaluate, make_optimizer
 from orchestrator.cloud.data import CachedFaces
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.receipts import LocalStrategyRun, StrategyRun
+
+TRAINER_NAMED = "cloud.trainer: local"
 
 
 def seeded_loss(base_seed: int) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -43,15 +45,22 @@ class LocalHooks:
     """`baim.loop.TrainingHooks` of one strategy trained in this process."""
 
     def __init__(
-        self, baim: BAIM, train: DataLoader[Any], test: DataLoader[Any], seed: int, round_index: int
+        self,
+        baim: BAIM,
+        train: DataLoader[Any],
+        test: DataLoader[Any],
+        seed: int,
+        round_index: int,
+        evaluated: Callable[[int], bool],
     ):
         self.baim = baim
         self.train = train
         self.test = test
         self.seed = seed
+        self.evaluated = evaluated  # whether the test loss is measured after an epoch
         self._train_loss = seeded_loss(noise_seed(seed, f"round {round_index} train"))
         self.train_loss: list[float] = []
-        self.test_loss: list[float] = []
+        self.test_loss: list[float | None] = []
         self.flops = 0
         self.connections: list[int] = []
 
@@ -64,7 +73,9 @@ class LocalHooks:
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         return self.baim
 
-    def evaluate(self, epoch: int) -> Evaluation:
+    def evaluate(self, epoch: int) -> Evaluation | None:
+        if not self.evaluated(epoch):
+            return None
         # The same test noise every epoch (comparable epochs); seed=None: the noise is seeded already, and
         # evaluate must not reseed the shared global RNG.
         test_loss = seeded_loss(noise_seed(self.seed, "test"))
@@ -72,18 +83,20 @@ class LocalHooks:
 
     def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
         self.train_loss.append(outcome.train_loss)
-        assert outcome.evaluation is not None  # evaluate() measures every epoch
-        self.test_loss.append(outcome.evaluation.loss)
+        self.test_loss.append(None if outcome.evaluation is None else outcome.evaluation.loss)
         self.flops += outcome.flops
         self.connections.append(len(self.baim.connections.specs))
 
 
-def local_training_round(request: RoundRequest, flop_counting: FlopCounting = "every_batch") -> RoundResult:
+def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
     """Train the fused BAIM once per strategy, each from the same fused BAIM; the first strategy's result
-    is what the coordinator continues from. Every training step's FLOPs are counted (`flop_counting`:
-    "none" for benchmarks that measure losses only; FlopCounterMode costs most of a tiny model's step)."""
+    is what the coordinator continues from. FLOPs are counted on the first step and the first after each
+    pruning, scaled by samples (`LoopSchedule.flop_counting="after_change"`); the test loss is
+    measured every `cloud.evaluate_every` epochs and after the last. `chosen_by` (why this runner runs the
+    round) goes into each strategy's record."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
-    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, flop_counting)
+    # FLOPs as the Ray Train runner counts them (a counted step costs about two uncounted ones).
+    schedule = LoopSchedule(cloud.epochs, cloud.lr, cloud.prune_interval, cloud.prune_ratio, "after_change")
     resolution = request.scenario.data.resolution
     results: dict[str, StrategyRun] = {}
     trained: ArtifactPayload | None = None
@@ -101,6 +114,7 @@ def local_training_round(request: RoundRequest, flop_counting: FlopCounting = "e
             DataLoader(test_set, batch_size=cloud.batch_size),
             seed,
             request.round_index,
+            lambda epoch: on_cadence(epoch, cloud.evaluate_every, cloud.epochs),
         )
         started = time.perf_counter()
         train_strategy(model, model, make_optimizer(model, cloud.lr), hooks, schedule)
@@ -112,6 +126,7 @@ def local_training_round(request: RoundRequest, flop_counting: FlopCounting = "e
             epochs=cloud.epochs,
             connections=hooks.connections,
             runner="local",
+            chosen_by=chosen_by,
         )
         if trained is None:
             trained = pack_module(model, model.spec())

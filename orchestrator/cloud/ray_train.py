@@ -31,19 +31,20 @@ from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
 from baim.continual import freeze_for_continual
 from baim.costs import count_params
-from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
+from baim.loop import EpochOutcome, Evaluation, LoopSchedule, on_cadence, start_strategy, train_strategy
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.seeding import epoch_seed, eval_seed
 from baim.serialization import from_files
 from baim.training import Strategy, apply_strategy, make_optimizer
+from orchestrator.cloud import IMPORT_STARTED_AT
 from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.resources import WORKER_GROUP_START_RETRIES, check_cluster_resources, failure_config
 from orchestrator.core.artifacts import ArtifactPayload, pack_module
 from orchestrator.core.names import BAIM_OWNER, FUSED_BAIM_OWNER, SPEC_FILE, WEIGHTS_FILE
 from orchestrator.core.receipts import PublishedTaskModel, RayTrainStrategyRun
 from orchestrator.core.registry import Registry
-from orchestrator.core.scenario import DataConfig, Scenario, StrictModel
+from orchestrator.core.scenario import CHECKPOINT_EVERY_DEFAULT, DataConfig, Scenario, StrictModel
 from orchestrator.data.sources import resolve_source
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 ROUND_CONFIG_KEY = "round"  # the one key of train_loop_config
 OPTIMIZER_FILE = "optimizer.safetensors"  # checkpoint files beside WEIGHTS_FILE and SPEC_FILE
 PROGRESS_FILE = "progress.json"
+TRAINER_NAMED = "cloud.trainer: ray_train"
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's own setting
+HEALTH_CHECK_INTERVAL_S = "0.25"  # used when the environment does not set it
 
 
 # ---- configuration and results ----------------------------------------------------------------------
@@ -63,7 +67,8 @@ class WorkerCrash(StrictModel):
         ge=2,
         description=(
             "Epoch (1-based) during which the rank dies, after its first training step and after the "
-            "previous epoch's checkpoint is committed. At least 2, so a checkpoint exists to resume from."
+            "last checkpoint is committed. After the run's first checkpoint (checkpoint_every), so one "
+            "exists to resume from."
         ),
     )
     rank: int = Field(default=0, ge=0, description="World rank of the worker that dies.")
@@ -105,9 +110,23 @@ class TrainRoundConfig(StrictModel):
     )
     test_indices: dict[str, list[int]] = Field(description="Per task name: indices of the test images.")
     eval_batch_size: int = Field(default=64, ge=1, description="Batch size of test-loss evaluation.")
-    flop_counting: Literal["first_batch", "every_batch"] = Field(
-        default="first_batch",
-        description="Count FLOPs on the first step of each epoch and scale by samples, or on every step.",
+    flop_counting: Literal["after_change", "first_batch", "every_batch"] = Field(
+        default="after_change",
+        description=(
+            "Count FLOPs on the first step of the run and the first after each pruning, scaled by samples "
+            "(after_change); on the first step of each epoch (first_batch); or on every step."
+        ),
+    )
+    checkpoint_every: int = Field(
+        default=CHECKPOINT_EVERY_DEFAULT,
+        ge=1,
+        description=(
+            "Checkpoint (and compare the ranks' state hashes) after every this many epochs and after the "
+            "last; a failure loses at most this many epochs."
+        ),
+    )
+    evaluate_every: int = Field(
+        default=1, ge=1, description="Measure the test loss after every this many epochs and after the last."
     )
     crash: WorkerCrash | None = Field(default=None, description="Fault injection: a worker dies once.")
     frozen_learners: list[str] | None = Field(
@@ -129,7 +148,21 @@ class TrainRoundConfig(StrictModel):
     def _crash_within_run(self) -> TrainRoundConfig:
         if self.crash is not None and self.crash.epoch > self.epochs:
             raise ValueError(f"crash.epoch: expected <= epochs ({self.epochs}), received {self.crash.epoch}")
+        first_checkpoint = min(self.checkpoint_every, self.epochs)
+        if self.crash is not None and self.crash.epoch <= first_checkpoint:
+            raise ValueError(
+                f"crash.epoch: expected after the first checkpoint (epoch {first_checkpoint}, "
+                f"checkpoint_every {self.checkpoint_every}), received {self.crash.epoch}"
+            )
         return self
+
+    def checkpoints_after(self, epoch: int) -> bool:
+        """Whether `epoch` ends with a checkpoint: every checkpoint_every-th epoch and the last."""
+        return on_cadence(epoch, self.checkpoint_every, self.epochs)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the test loss is measured after `epoch`: every evaluate_every-th epoch and the last."""
+        return on_cadence(epoch, self.evaluate_every, self.epochs)
 
     def run_name(self, input_sha256: str) -> str:
         """Ray Train run name: the same round, strategy and input BAIM resume the same run."""
@@ -141,8 +174,12 @@ class EpochMetrics(StrictModel):
 
     epoch: int = Field(description="1-based epoch number.")
     train_loss: float = Field(description="Sample-weighted mean training loss of the epoch, all ranks.")
-    test_loss: float = Field(description="Mean test loss over every task's test images, after the epoch.")
-    test_loss_per_task: dict[str, float] = Field(description="Mean test loss per task.")
+    test_loss: float | None = Field(
+        description="Mean test loss over every task's test images, after the epoch (None: not evaluated)."
+    )
+    test_loss_per_task: dict[str, float] = Field(
+        description="Mean test loss per task (empty: not evaluated)."
+    )
     seconds: float = Field(
         description="Wall-clock seconds of the epoch (train, prune, evaluate), slowest rank."
     )
@@ -152,7 +189,34 @@ class EpochMetrics(StrictModel):
     connections: int = Field(description="Surviving linear projection connections after the epoch.")
     pruned: int = Field(description="Connections pruned at the end of this epoch.")
     params: int = Field(description="BAIM parameters after the epoch.")
-    state_sha256_per_rank: list[str] = Field(description="sha256 of each rank's state_dict after the epoch.")
+    state_sha256_per_rank: list[str] = Field(
+        description="sha256 of each rank's state_dict after the epoch, on checkpoint epochs (else empty)."
+    )
+    checkpointed: bool = Field(description="Whether the epoch ended with a checkpoint.")
+    started_at: float = Field(description="Unix time at which rank 0 started the epoch.")
+
+
+class FixedCosts(StrictModel):
+    """Where a run's wall-clock seconds outside its epochs went (rank 0's clock against the driver's: the
+    same machine locally; on a cluster the phases that cross machines carry their clock offset)."""
+
+    to_worker_imports: float = Field(
+        description=(
+            "fit() called -> rank 0's worker starts importing this module (controller, placement group, "
+            "worker processes)."
+        )
+    )
+    imports: float = Field(
+        description="Those imports (torch, Ray Train, this package) -> the training function starts."
+    )
+    load_model: float = Field(description="Reading the BAIM (registry or checkpoint) and preparing it.")
+    load_data: float = Field(description="Decoding the cloud's training and test images.")
+    initial_evaluation: float = Field(description="The test loss before training (0 when resumed).")
+    startup: float = Field(description="fit() called -> the first epoch starts (all of the above).")
+    teardown: float = Field(
+        description="The last epoch's training and evaluation done -> fit() returned (last checkpoint too)."
+    )
+    fixed: float = Field(description="startup + teardown: what a round pays whatever its epochs.")
 
 
 class TrainRoundResult(StrictModel):
@@ -178,9 +242,11 @@ class TrainRoundResult(StrictModel):
     connections_final: int = Field(description="Connections after the last pruning.")
     final_state_sha256: str = Field(description="sha256 of the trained state_dict (rank 0).")
     checkpoint_uri: str = Field(description="The final Ray Train checkpoint (a path or scheme://path).")
+    fixed_costs: FixedCosts = Field(description="The run's seconds outside its epochs, by phase.")
 
-    def summary(self) -> RayTrainStrategyRun:
-        """The per-strategy record of the coordinator's rounds (curves, flops, seconds)."""
+    def summary(self, chosen_by: str = TRAINER_NAMED) -> RayTrainStrategyRun:
+        """The per-strategy record of the coordinator's rounds (curves, flops, seconds); `chosen_by` says why
+        Ray Train ran it."""
         return RayTrainStrategyRun(
             runner="ray_train",
             epochs=len(self.epochs),
@@ -197,6 +263,8 @@ class TrainRoundResult(StrictModel):
             resumed_at_epochs=self.resumed_at_epochs,
             connections=[e.connections for e in self.epochs],
             checkpoint_uri=self.checkpoint_uri,
+            fixed_seconds=self.fixed_costs.fixed,
+            chosen_by=chosen_by,
         )
 
 
@@ -226,6 +294,8 @@ def round_config_from_scenario(
         kld_weight=cloud.kld_weight,
         prune_interval=cloud.prune_interval,
         prune_ratio=cloud.prune_ratio,
+        checkpoint_every=cloud.checkpoint_every,
+        evaluate_every=cloud.evaluate_every,
         seed=scenario.seed,
         data=data,
         cloud_indices=cloud_indices,
@@ -306,6 +376,15 @@ class _Ranks:
         if self.world > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values`, rank order: one collective where a sum and a max would take two."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world == 1:
+            return [values]
+        gathered = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        return [t.tolist() for t in gathered]
 
     def gather_hex(self, hex_digest: str) -> list[str]:
         """Every rank's 32-byte digest, rank order."""
@@ -421,7 +500,7 @@ def _maybe_crash(cfg: TrainRoundConfig, epoch: int, rank: int, resumed: bool) ->
     import ray.train
     from ray.train import CheckpointConsistencyMode
 
-    # Ray Train registers a report only when it has polled every rank; wait until the previous epoch's
+    # Ray Train registers a report only when it has polled every rank; wait until the last reported
     # checkpoint is committed, so the restart has it (a real crash may also lose the newest report).
     ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
     logger.warning("fault injection: rank %d exits during epoch %d", rank, epoch)
@@ -444,12 +523,17 @@ class RayTrainHooks:
     ) -> None:
         self.cfg, self.baim, self.progress, self.ranks = cfg, baim, progress, ranks
         self.loader, self.sampler, self.test_set, self.resumed = loader, sampler, test_set, resumed
+        self.epoch_started_at = math.nan
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch_started_at = time.time()
         # The global RNG (the VAEs' eps) is seeded per (seed, epoch, rank): a resumed run repeats exactly what
         # the lost attempt did.
         torch.manual_seed(epoch_seed(self.cfg.seed, epoch, self.ranks.rank))
         self.sampler.set_epoch(epoch)
+        return self._device_batches(epoch)
+
+    def _device_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, (images, task_ids) in enumerate(self.loader):
             yield images.to(self.ranks.device), task_ids.to(self.ranks.device)
             if step == 0:  # after the first training step
@@ -467,50 +551,69 @@ class RayTrainHooks:
         self.progress["pruning"].append({"epoch": epoch, "removed": [spec.key for spec in removed]})
         return _wrap(self.baim)
 
-    def evaluate(self, epoch: int) -> Evaluation:
+    def evaluate(self, epoch: int) -> Evaluation | None:
+        if not self.cfg.evaluates_after(epoch):
+            return None
         return _evaluate(self.baim, self.test_set, self.cfg, self.ranks, self.ranks.device)
 
     def epoch_done(self, outcome: EpochOutcome, optimizer: torch.optim.Optimizer) -> None:
-        """All-reduce the epoch's figures, then every rank reports (a barrier) and rank 0 checkpoints."""
-        import ray.train
-
+        """Gather the epoch's figures (one collective); on checkpoint epochs compare the ranks' state hashes,
+        then every rank reports (a barrier) and rank 0 checkpoints. Other epochs report nothing: their
+        figures travel in the next checkpoint's progress."""
         cfg, ranks, baim = self.cfg, self.ranks, self.baim
-        evaluation = outcome.evaluation or Evaluation(math.nan)
-        totals = ranks.sum([outcome.loss_sum, outcome.samples, outcome.flops])
+        checkpoint = cfg.checkpoints_after(outcome.epoch)
+        figures = ranks.gather([outcome.loss_sum, outcome.samples, outcome.flops, outcome.seconds,
+                                outcome.train_seconds])  # fmt: skip
+        evaluation = outcome.evaluation
+        hashes = ranks.gather_hex(state_sha256(baim)) if checkpoint else []
+        if len(set(hashes)) > 1:
+            raise RuntimeError(f"ranks diverged at epoch {outcome.epoch}: state sha256 per rank {hashes}")
+        samples = sum(f[1] for f in figures)
         metrics = EpochMetrics(
             epoch=outcome.epoch,
-            train_loss=totals[0] / totals[1],
-            test_loss=evaluation.loss,
-            test_loss_per_task=evaluation.per_task,
-            seconds=ranks.max(outcome.seconds),
-            train_seconds=ranks.max(outcome.train_seconds),
-            flops=round(totals[2]),
-            train_samples=round(totals[1]),
+            train_loss=sum(f[0] for f in figures) / samples,
+            test_loss=None if evaluation is None else evaluation.loss,
+            test_loss_per_task={} if evaluation is None else evaluation.per_task,
+            seconds=max(f[3] for f in figures),
+            train_seconds=max(f[4] for f in figures),
+            flops=round(sum(f[2] for f in figures)),
+            train_samples=round(samples),
             connections=len(baim.connections.specs),
             pruned=len(outcome.pruned),
             params=count_params(baim),
-            state_sha256_per_rank=ranks.gather_hex(state_sha256(baim)),
+            state_sha256_per_rank=hashes,
+            checkpointed=checkpoint,
+            started_at=self.epoch_started_at,
         )
         self.progress["epoch"] = outcome.epoch
         self.progress["history"].append(metrics.model_dump())
+        self.progress["timeline"]["last_epoch_done"] = time.time()
         if ranks.rank == 0:
             logger.info(
-                "round %d %s epoch %d/%d: train %.5f test %.5f (%.1fs, %d connections)",
+                "round %d %s epoch %d/%d: train %.5f test %s (%.1fs, %d connections)",
                 cfg.round_id, cfg.strategy, outcome.epoch, cfg.epochs, metrics.train_loss, metrics.test_loss,
                 metrics.seconds, metrics.connections,
             )  # fmt: skip
+        if checkpoint:
+            self._checkpoint(outcome.epoch, optimizer)
+
+    def _checkpoint(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        import ray.train
+
+        ranks, baim = self.ranks, self.baim
         with tempfile.TemporaryDirectory() as directory:
             reported = None
             if ranks.rank == 0:
                 _write_checkpoint(directory, baim, optimizer, self.progress)
                 reported = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(
-                metrics.model_dump(), checkpoint=reported, checkpoint_dir_name=f"epoch-{outcome.epoch:04d}"
+                self.progress["history"][-1], checkpoint=reported, checkpoint_dir_name=f"epoch-{epoch:04d}"
             )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: train the BAIM for cfg.epochs, reporting and checkpointing every epoch."""
+    entered = time.time()
     import ray.train
     import ray.train.torch
 
@@ -539,6 +642,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = checkpoint is not None
     baim.to(device)
     baim.train()
+    timeline = progress["timeline"] = {
+        "imports_started": IMPORT_STARTED_AT,
+        "train_function": entered,
+        "model_ready": time.time(),
+    }
 
     tasks = list(baim.config.tasks)
     unknown = sorted((set(cfg.cloud_indices) | set(cfg.test_indices)) - set(tasks))
@@ -547,6 +655,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source = resolve_source(cfg.data)
     train_set = CachedFaces(source, cfg.cloud_indices, tasks, cfg.data.resolution)
     test_set = CachedFaces(source, cfg.test_indices, tasks, cfg.data.resolution)
+    train_set.preload()  # decoding is part of the start-up, not of the first epoch
+    test_set.preload()
+    timeline["data_ready"] = time.time()
     # Each rank takes its part of the common shard, reshuffled per epoch, padded to equal step counts; the
     # global batch is batch_size, so 1 and 2 workers take the same optimisation steps.
     sampler: DistributedSampler[Any] = DistributedSampler(
@@ -561,6 +672,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not resumed and len(test_set) > 0:
         initial = _evaluate(baim, test_set, cfg, ranks, device)
         progress["initial_test_loss"], progress["initial_test_loss_per_task"] = initial.loss, initial.per_task
+    timeline["evaluated"] = time.time()
 
     hooks = RayTrainHooks(cfg, baim, progress, ranks, loader, sampler, test_set, resumed)
     schedule = LoopSchedule(cfg.epochs, cfg.lr, cfg.prune_interval, cfg.prune_ratio, cfg.flop_counting)
@@ -614,6 +726,10 @@ def _fit(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
+    # Ray Train's controller polls its workers this often (default 2 s): each state change of a short run
+    # (workers up, training done) waits for the next poll. The driver's value propagates to the controller.
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
+    fit_called = time.time()
     started = time.perf_counter()
     try:
         # raises when the run fails for good: max_failures worker failures, or the workers could not be
@@ -625,12 +741,14 @@ def _fit(
             f"worker group start retries={WORKER_GROUP_START_RETRIES}): {err}"
         ) from err
     wall_seconds = time.perf_counter() - started
+    fit_returned = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"training round {cfg.round_id} ({cfg.strategy}) finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
     history = [EpochMetrics.model_validate(entry) for entry in progress["history"]]
     final = history[-1]
+    assert final.test_loss is not None  # the last epoch is always evaluated
     return TrainRoundResult(
         round_id=cfg.round_id,
         strategy=cfg.strategy,
@@ -650,6 +768,25 @@ def _fit(
         connections_final=final.connections,
         final_state_sha256=final.state_sha256_per_rank[0],
         checkpoint_uri=_checkpoint_uri(result.checkpoint),
+        fixed_costs=_fixed_costs(progress["timeline"], history[0].started_at, fit_called, fit_returned),
+    )
+
+
+def _fixed_costs(
+    timeline: dict[str, float], first_epoch: float, fit_called: float, fit_returned: float
+) -> FixedCosts:
+    """The phases of a run outside its epochs, from rank 0's timeline of its last attempt (unix times)."""
+    startup = first_epoch - fit_called
+    teardown = fit_returned - timeline["last_epoch_done"]
+    return FixedCosts(
+        to_worker_imports=timeline["imports_started"] - fit_called,
+        imports=timeline["train_function"] - timeline["imports_started"],
+        load_model=timeline["model_ready"] - timeline["train_function"],
+        load_data=timeline["data_ready"] - timeline["model_ready"],
+        initial_evaluation=timeline["evaluated"] - timeline["data_ready"],
+        startup=startup,
+        teardown=teardown,
+        fixed=startup + teardown,
     )
 
 
@@ -755,10 +892,11 @@ def put_fused_snapshot(registry: Registry, round_id: int, payload: ArtifactPaylo
     return version
 
 
-def ray_train_round(request: RoundRequest) -> RoundResult:
+def ray_train_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
     """The round runner: every strategy of the request as Ray Train jobs, launched from the coordinator's
     thread that waits for them; the first strategy's trained BAIM is what the coordinator continues from.
-    Scaling (num_workers, use_gpu, cpus_per_worker) comes from the scenario's cloud settings."""
+    Scaling (num_workers, use_gpu, cpus_per_worker) comes from the scenario's cloud settings; `chosen_by`
+    (why Ray Train runs the round) goes into each strategy's record."""
     tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
     registry = Registry(request.registry_uri)
     cfg = round_config_from_scenario(
@@ -783,5 +921,5 @@ def ray_train_round(request: RoundRequest) -> RoundResult:
     trained = load_trained_baim(results[request.strategies[0]])
     return RoundResult(
         trained=pack_module(trained, trained.spec()),
-        strategies={name: result.summary() for name, result in results.items()},
+        strategies={name: result.summary(chosen_by) for name, result in results.items()},
     )

@@ -40,16 +40,25 @@ class UploadReceipt(StrictModel):
     artifact: str | None = Field(description="owner@version of an accepted upload in the registry.")
 
 
+CHOSEN_BY = (
+    "Why this runner trained it: 'cloud.trainer: <name>' when the scenario named it, or the auto rule with "
+    "the estimated FLOPs and the threshold (cloud.trainer: auto)."
+)
+
+
 class LocalStrategyRun(StrictModel):
     """One strategy of a round trained in the coordinator's process (`orchestrator.cloud.local`)."""
 
     train_loss: list[float] = Field(description="Sample-weighted mean training loss per epoch.")
-    test_loss: list[float] = Field(description="Mean test loss over every task's test images, per epoch.")
+    test_loss: list[float | None] = Field(
+        description="Mean test loss over every task's test images, per epoch (None: not evaluated)."
+    )
     flops: int = Field(ge=0, description="Training FLOPs (forward + backward), every step counted.")
     seconds: float = Field(ge=0, description="Wall-clock seconds of the strategy's training.")
     epochs: int = Field(ge=1, description="Epochs trained.")
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     runner: Literal["local"] = Field(description="Which runner trained it.")
+    chosen_by: str = Field(description=CHOSEN_BY)
 
 
 class RayTrainStrategyRun(StrictModel):
@@ -58,8 +67,12 @@ class RayTrainStrategyRun(StrictModel):
     runner: Literal["ray_train"] = Field(description="Which runner trained it.")
     epochs: int = Field(ge=1, description="Epochs trained.")
     train_loss: list[float] = Field(description="Sample-weighted mean training loss per epoch, all ranks.")
-    test_loss: list[float] = Field(description="Mean test loss over every task's test images, per epoch.")
-    test_loss_per_task: list[dict[str, float]] = Field(description="Mean test loss per task, per epoch.")
+    test_loss: list[float | None] = Field(
+        description="Mean test loss over every task's test images, per epoch (None: not evaluated)."
+    )
+    test_loss_per_task: list[dict[str, float]] = Field(
+        description="Mean test loss per task, per epoch (empty: not evaluated)."
+    )
     initial_test_loss: float | None = Field(description="Test loss before training (None when resumed).")
     final_test_loss: float = Field(description="Test loss after the last epoch.")
     flops: int = Field(ge=0, description="Training FLOPs of the run, all ranks and epochs.")
@@ -70,6 +83,10 @@ class RayTrainStrategyRun(StrictModel):
     resumed_at_epochs: list[int] = Field(description="Epochs at which a restarted attempt resumed.")
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     checkpoint_uri: str = Field(description="The run's final Ray Train checkpoint (a path or scheme://path).")
+    fixed_seconds: float = Field(
+        description="Seconds of the job outside its epochs: start-up (workers, imports, data) and teardown."
+    )
+    chosen_by: str = Field(description=CHOSEN_BY)
 
 
 StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]

@@ -219,6 +219,10 @@ class Totals(ReportModel):
     cloud_flops: int = Field(description="FLOPs in the cloud, every strategy.")
     uploads: UploadCounts = Field(description="Upload outcomes, counted by the ledger.")
     wall_seconds: float = Field(description="Wall-clock seconds of the BAIM run.")
+    simulated_seconds: float | None = Field(
+        default=None,
+        description="Simulated seconds of the run on the virtual clock (time: virtual), else None.",
+    )
 
 
 EventKind = Literal[

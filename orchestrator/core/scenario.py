@@ -191,6 +191,45 @@ class ProceduralConfig(StrictModel):
     )
 
 
+class UniformPartition(StrictModel):
+    kind: Literal["uniform"] = Field(
+        default="uniform", description="Each edge's shard is a uniform draw from its task's images."
+    )
+
+
+class DirichletPartition(StrictModel):
+    kind: Literal["dirichlet"] = Field(
+        description=(
+            "Each edge's shard is skewed over the value combinations of `attributes`: the edge's share of "
+            "each combination is drawn from Dirichlet(alpha x the combination's share of the task's images)."
+        )
+    )
+    attributes: list[str] = Field(
+        min_length=1,
+        max_length=6,
+        description="Secondary CelebA attributes the shards are skewed over (2**len combinations).",
+    )
+    alpha: float = Field(
+        gt=0,
+        le=1e6,
+        description="Concentration: small values give each edge a few combinations; large ones approach "
+        "the uniform draw.",
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in CELEBA_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; valid: CelebA's 40 attribute names")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate attributes in {value}")
+        return value
+
+
+PartitionConfig = Annotated[UniformPartition | DirichletPartition, Field(discriminator="kind")]
+
+
 class DataConfig(StrictModel):
     root: str | None = Field(
         default=None,
@@ -240,6 +279,10 @@ class DataConfig(StrictModel):
     )
     procedural: ProceduralConfig = Field(
         default_factory=ProceduralConfig, description="The face set generated when no CelebA is found."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=UniformPartition,
+        description="How edge shards are drawn within a task: `uniform` or `dirichlet` (non-IID).",
     )
 
     @field_validator("test_per_task")
@@ -454,6 +497,11 @@ class UploadLimits(StrictModel):
     )
 
 
+# Measured with benchmarks/bench_train.py at quickstart's size (docs/design/training.md says how).
+CHECKPOINT_EVERY_DEFAULT = 2
+AUTO_LOCAL_MAX_FLOPS_DEFAULT = 2e11
+
+
 class CloudConfig(StrictModel):
     strategies: list[Literal["finetune", "freeze", "scratch"]] = Field(
         default=["finetune", "freeze", "scratch"],
@@ -514,6 +562,45 @@ class CloudConfig(StrictModel):
         description=(
             "Which strategy's trained BAIM is decomposed and published: a strategy (one of `strategies`), or "
             "best: the one with the lowest loss on the cloud's held-out images (data.holdout_per_task)."
+        ),
+    )
+    checkpoint_every: int = Field(
+        default=CHECKPOINT_EVERY_DEFAULT,
+        ge=1,
+        le=100_000,
+        description=(
+            "Ray Train checkpoints (weights, optimiser, pruning state; the ranks' state hashes compared) "
+            "after every this many epochs, and after the last epoch always. A worker failure loses at most "
+            "this many epochs. The default keeps a Ray Train epoch within 1.10x of a plain PyTorch loop at "
+            "quickstart's size (benchmarks/bench_train.py)."
+        ),
+    )
+    evaluate_every: int = Field(
+        default=1,
+        ge=1,
+        le=100_000,
+        description=(
+            "Measure the test loss after every this many cloud epochs, and after the last epoch always "
+            "(the loss curves have a point per evaluated epoch)."
+        ),
+    )
+    trainer: Literal["auto", "ray_train", "local"] = Field(
+        default="auto",
+        description=(
+            "How a cloud round trains. ray_train: one Ray Train TorchTrainer job per strategy (DDP, "
+            "checkpoints, FailureConfig resume). local: the same loop in a thread of the coordinator (no "
+            "start-up cost, no checkpoints). auto: local when use_gpu is false and a strategy's estimated "
+            "training FLOPs are at most auto_local_max_flops, else ray_train."
+        ),
+    )
+    auto_local_max_flops: float = Field(
+        default=AUTO_LOCAL_MAX_FLOPS_DEFAULT,
+        ge=0,
+        description=(
+            "trainer: auto runs a round in the coordinator when one strategy's training FLOPs (one "
+            "measured step x steps per epoch x epochs) are at most this. The default is about what the "
+            "in-process loop computes on one CPU core in the measured fixed start-up of a Ray Train job "
+            "(docs/design/training.md, 'Choosing the runner')."
         ),
     )
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (DDP ranks).")
@@ -781,6 +868,47 @@ class ServingConfig(StrictModel):
         return self
 
 
+class PlacementConfig(StrictModel):
+    mode: Literal["actor", "pool"] = Field(
+        default="actor",
+        description=(
+            "`actor`: one Ray actor per edge (small runs, real multi-node placement). `pool`: virtual edges "
+            "multiplexed on a bounded pool of edge-worker actors, one sub-pool per distinct resource request."
+        ),
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most edge-worker actors in all sub-pools together (pool mode); unset: as many as the "
+        "cluster's resources hold, after the coordinator's and the cloud trainer's reservation.",
+    )
+
+
+class VirtualTimeConfig(StrictModel):
+    edge_gflops: float = Field(
+        default=5.0,
+        gt=0,
+        le=1e6,
+        description="Simulated compute rate of an edge at speed 1 (virtual clock): an epoch takes its "
+        "counted training FLOPs / this rate, times the slow-down, divided by the trace's speed factor.",
+    )
+
+
+class TracesConfig(StrictModel):
+    path: str | None = Field(
+        default=None,
+        description="Availability trace (CSV or Parquet: edge_id, start_s, end_s, speed, bandwidth_mbps), "
+        "replayed on the virtual clock; rows are online intervals, the gaps between them offline. Edges "
+        "not in it are always online. A relative path is relative to the scenario file's folder.",
+    )
+    offline_upload: Literal["retry", "lost"] = Field(
+        default="retry",
+        description="An edge offline when it should upload: `retry` when it is back online, or `lost` "
+        "(status offline).",
+    )
+
+
 class PersonalisationConfig(StrictModel):
     method: Literal["full", "lora"] = Field(
         default="full",
@@ -849,6 +977,20 @@ class Scenario(StrictModel):
         ge=0,
         le=1000,
         description="Multiplies simulated link delays and slow-downs (0 disables them; small for tests).",
+    )
+    time: Literal["wall", "virtual"] = Field(
+        default="wall",
+        description="`wall`: events fire on the wall clock and delays sleep. `virtual`: a discrete-event "
+        "clock; link delays, slow-downs, timeline events and traces advance simulated time without sleeping.",
+    )
+    virtual_time: VirtualTimeConfig = Field(
+        default_factory=VirtualTimeConfig, description="The virtual clock's compute model."
+    )
+    traces: TracesConfig = Field(
+        default_factory=TracesConfig, description="Availability traces (virtual clock only)."
+    )
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig, description="How edges are placed on Ray: actor per edge or a pool."
     )
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Baselines run for comparison."
@@ -967,6 +1109,8 @@ class Scenario(StrictModel):
                 )
 
         problems += self._timeline_problems(first_path)
+        if self.traces.path is not None and self.time != "virtual":
+            problems.append("traces.path: a trace is replayed on the virtual clock; set `time: virtual`")
         if problems:
             # An edge group reports a problem once, not once per expanded edge.
             raise ValueError("\n".join(dict.fromkeys(problems)))
@@ -1086,6 +1230,12 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
             f"{scenario_path}: expected a YAML mapping at the top level, received {type(document).__name__}"
         )
     scenario = Scenario.model_validate(document)
+    trace = scenario.traces.path
+    if trace is not None and not Path(trace).expanduser().is_absolute():
+        resolved = (scenario_path.parent / trace).resolve()
+        scenario = scenario.model_copy(
+            update={"traces": scenario.traces.model_copy(update={"path": str(resolved)})}
+        )
     logger.info(
         "loaded scenario %r from %s (%d edges)", scenario.name, scenario_path, len(scenario.all_edges())
     )
@@ -1165,6 +1315,7 @@ def scenario_reference_markdown() -> str:
         ("Scenario (top level)", Scenario),
         ("data", DataConfig),
         ("data.procedural", ProceduralConfig),
+        ("data.partition, kind: dirichlet (kind: uniform has no other field)", DirichletPartition),
         ("tasks[]", TaskConfig),
         ("edges[]", EdgeConfig),
         ("edge_groups[]", EdgeGroupConfig),
@@ -1177,6 +1328,9 @@ def scenario_reference_markdown() -> str:
         ("timeline[].task (kind: new_task)", NewTaskConfig),
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
+        ("placement", PlacementConfig),
+        ("virtual_time", VirtualTimeConfig),
+        ("traces", TracesConfig),
     ]
     lines = [
         "# Scenario reference",

@@ -11,6 +11,7 @@ import numpy as np
 
 from orchestrator.core.errors import ScenarioError
 from orchestrator.core.scenario import (
+    DirichletPartition,
     expression_attributes,
 )
 from orchestrator.data.sources import PARTITION_CODES, DataSource
@@ -95,6 +96,60 @@ class Partitions:
         return partitions
 
 
+DIRICHLET_STREAM = 0xD1D1  # second entropy word of the Dirichlet skew's random stream
+
+
+def attribute_cells(source: DataSource, attributes: list[str]) -> np.ndarray:
+    """Per image, the index (0 .. 2**len(attributes) - 1) of its combination of the attributes' values."""
+    columns = [source.attrs[:, source.attr_names.index(name)].astype(np.int64) for name in attributes]
+    cells = np.zeros(source.num_images, dtype=np.int64)
+    for bit, column in enumerate(columns):
+        cells |= column << bit
+    return cells
+
+
+def dirichlet_draw(
+    what: str, cells: np.ndarray, candidates: np.ndarray, size: int, alpha: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`size` of `candidates` (image indices, `cells` their attribute combinations), skewed: the shares of
+    the combinations are drawn from Dirichlet(alpha * their shares among the candidates), so a large alpha
+    approaches a uniform draw and a small one concentrates the shard on few combinations.
+
+    Counts come from a multinomial draw; what a combination cannot supply goes to the others, in the order
+    of their drawn shares. Raises ScenarioError when the candidates are fewer than `size`.
+    """
+    if size > len(candidates):
+        raise ScenarioError(f"{what}: requested {size} images, {len(candidates)} are left")
+    present, available = np.unique(cells, return_counts=True)
+    prior = available / available.sum()
+    shares = rng.dirichlet(np.maximum(alpha * prior, 1e-12))
+    shares = np.nan_to_num(shares, nan=0.0)
+    shares = shares / shares.sum() if shares.sum() > 0 else prior
+    counts = np.minimum(rng.multinomial(size, shares), available)
+    for cell in np.argsort(-shares, kind="stable"):  # the shortfall, to the most favoured cells first
+        short = size - int(counts.sum())
+        if short == 0:
+            break
+        counts[cell] += min(short, int(available[cell] - counts[cell]))
+    chosen = [
+        rng.permutation(candidates[cells == cell])[:count]
+        for cell, count in zip(present, counts, strict=True)
+    ]
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def shard_skew(cells: np.ndarray, shards: list[list[int]], pool: np.ndarray) -> float:
+    """Mean total-variation distance between each shard's attribute-combination mix and the pool's
+    (0: every shard mixes like the pool; near 1: each holds combinations the pool rarely has)."""
+    width = int(cells.max()) + 1
+    reference = np.bincount(cells[pool], minlength=width) / max(1, int(pool.sum()))
+    distances = []
+    for shard in shards:
+        mix = np.bincount(cells[np.asarray(shard, dtype=np.int64)], minlength=width) / max(1, len(shard))
+        distances.append(0.5 * float(np.abs(mix - reference).sum()))
+    return float(np.mean(distances)) if distances else 0.0
+
+
 def make_partitions(source: DataSource, scenario: Scenario) -> Partitions:
     """Seeded, disjoint shards: per task test, holdout and cloud images, then one non-IID shard per edge
     (every edge of the run, including those that join later) drawn from the images of the edge's task.
@@ -161,13 +216,27 @@ def make_partitions(source: DataSource, scenario: Scenario) -> Partitions:
             masks[task.name] & training_pool,
             scenario.cloud_size(task),
         )
+    skew = scenario.data.partition
+    if isinstance(skew, DirichletPartition):
+        missing = sorted(set(skew.attributes) - set(source.attr_names))
+        if missing:
+            raise ScenarioError(
+                f"data.partition.attributes: {', '.join(missing)} not in the {source.kind} data"
+            )
+        cells = attribute_cells(source, skew.attributes)
+        # A stream of its own: the uniform draws above stay those of a scenario without the skew.
+        skew_rng = np.random.default_rng([scenario.seed, DIRICHLET_STREAM])
     for edge in scenario.all_edges():
         task = scenario.task(edge.task)
-        partitions.edges[edge.id] = draw(
-            f"edge {edge.id!r} shard (task {task.name!r}: {task.expression})",
-            masks[task.name] & training_pool,
-            edge.shard_size,
-        )
+        what = f"edge {edge.id!r} shard (task {task.name!r}: {task.expression})"
+        pool = masks[task.name] & training_pool
+        if isinstance(skew, DirichletPartition):
+            chosen = dirichlet_draw(what, cells[pool & ~used], np.flatnonzero(pool & ~used),
+                                    edge.shard_size, skew.alpha, skew_rng)  # fmt: skip
+            used[chosen] = True
+            partitions.edges[edge.id] = sorted(int(i) for i in chosen)
+        else:
+            partitions.edges[edge.id] = draw(what, pool, edge.shard_size)
     # Tasks that appear later (`new_task` events) are drawn last, so that they change no other shard: their
     # test split, and the k shots the cloud holds of them (their cloud shard; no holdout, no edges).
     for event in scenario.new_tasks():

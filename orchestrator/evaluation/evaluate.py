@@ -90,6 +90,7 @@ from serve.models import png_base64
 logger = logging.getLogger(__name__)
 
 GENERATION_SEED = 1234  # the same images for the same model on every run
+GATE_PREFIX = "gate."  # the BAIM's gate module (its state_dict keys)
 
 
 @dataclass
@@ -156,6 +157,16 @@ def epoch_flops(model: nn.Module, dataset: Any, batch_size: int, loss_fn: Any) -
             example = torch.stack([dataset[i] for i in range(n)])
             total += count * forward_backward_flops(model, example, loss_fn).total
     return total
+
+
+def mean_learner_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per parameter, the mean delta over the edges that adapted it (FedAvg per parameter: a module two tasks'
+    models share, such as a feeder a connection pins, averages over both tasks' edges instead of summing).
+
+    Gate parameters are left out: each task's gate is retrained on the cloud's data after the fold.
+    """
+    keys = sorted({key for delta in deltas for key in delta if not key.startswith(GATE_PREFIX)})
+    return {key: torch.stack([d[key] for d in deltas if key in d]).mean(0) for key in keys}
 
 
 def _parse_artifact(artifact: str) -> tuple[str, str]:
@@ -363,7 +374,7 @@ class RunEvaluation:
 
         Each adapter is validated as an upload is (safetensors, spec, names, shapes, finiteness, merged
         change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model;
-        a task's accepted deltas are averaged (FedAvg over its edges) and added to the BAIM's learners.
+        the accepted deltas are averaged per parameter (`mean_learner_deltas`) and added to the BAIM.
         """
         config = self.scenario.personalisation
         version = self.report.cloud.baim_version
@@ -372,8 +383,9 @@ class RunEvaluation:
         baim = self._load_baim(BAIM_OWNER, version)
         before = {task: self._task_loss(baim, task) for task in self.relay_uploads}
         relayed: dict[str, tuple[list[str], dict[str, str], int]] = {}
+        deltas: list[dict[str, torch.Tensor]] = []
         for task, uploads in self.relay_uploads.items():
-            folded, rejected, deltas = [], {}, []
+            folded, rejected = [], {}
             for edge_id, weights, spec in uploads:
                 copy = decompose(baim, task)
                 try:
@@ -384,11 +396,9 @@ class RunEvaluation:
                 folded.append(edge_id)
                 # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
                 deltas.append({key.removeprefix("baim."): d for key, d in lora_weight_deltas(copy).items()})
-            if deltas:
-                add_weight_deltas(
-                    baim, {key: torch.stack([d[key] for d in deltas]).mean(0) for key in deltas[0]}
-                )
             relayed[task] = (folded, rejected, sum(len(w) + len(s) for _, w, s in uploads))
+        if deltas:
+            add_weight_deltas(baim, mean_learner_deltas(deltas))
         if config.relay_gate_epochs:
             cloud = CachedFaces(self.source, self.partitions.cloud, list(baim.config.tasks), self.resolution)
             order = torch.Generator().manual_seed(GENERATION_SEED)

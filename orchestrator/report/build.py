@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from orchestrator.core.reports import (
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import Partitions
 from orchestrator.data.sources import DataSource
+from orchestrator.report.scale import EDGE_TABLE_LIMIT
 
 
 def build_report(
@@ -38,6 +40,7 @@ def build_report(
     events: list[RunEvent],
     registry_uri: str,
     wall_seconds: float,
+    simulated_seconds: float | None = None,
     run_id: str | None = None,
     failure: str | None = None,
 ) -> RunReport:
@@ -100,6 +103,7 @@ def build_report(
             cloud_flops=sum(cloud_flops.values()),
             uploads=UploadCounts.model_validate(ledger.upload_counts()),
             wall_seconds=wall_seconds,
+            simulated_seconds=simulated_seconds,
         ),
         events=events,
         registry=registry_uri,
@@ -118,11 +122,16 @@ def write_report(report: RunReport, path: Path) -> None:
 
 def summary_table(report: RunReport) -> str:
     """A plain-text table of edges, then tasks, for the terminal."""
-    rows: list[tuple[str, ...]] = [("edge", "task", "status", "upload", "bytes sent", "GFLOPs", "train s")]
-    for edge_id, row in report.edges.items():
-        upload = row.upload.outcome + (f" ({row.upload.reason})" if row.upload.reason else "")
-        gflops, seconds = f"{row.flops / 1e9:.3f}", f"{row.train_seconds:.2f}"
-        rows.append((edge_id, row.task, row.status, upload, f"{row.bytes_sent:,}", gflops, seconds))
+    rows: list[tuple[str, ...]]
+    if len(report.edges) > EDGE_TABLE_LIMIT:  # counts only: every row is in edges.parquet
+        counts = collections.Counter(row.status for row in report.edges.values())
+        rows = [("edges", "status"), *((f"{n:,}", status) for status, n in counts.most_common())]
+    else:
+        rows = [("edge", "task", "status", "upload", "bytes sent", "GFLOPs", "train s")]
+        for edge_id, row in report.edges.items():
+            upload = row.upload.outcome + (f" ({row.upload.reason})" if row.upload.reason else "")
+            gflops, seconds = f"{row.flops / 1e9:.3f}", f"{row.train_seconds:.2f}"
+            rows.append((edge_id, row.task, row.status, upload, f"{row.bytes_sent:,}", gflops, seconds))
     lines = _format(rows)
     task_rows: list[tuple[str, ...]] = [
         ("task", "params", "BAIM params", "test loss", "max abs diff", "learners")

@@ -28,6 +28,7 @@ from orchestrator.core.reports import (
 )
 from orchestrator.core.scenario import format_validation_error
 from orchestrator.report.lifecycle import lifecycle_section
+from orchestrator.report.scale import EDGE_TABLE_LIMIT, EDGES_PARQUET, edges_summary, write_edges_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +313,8 @@ def strategy_curves(report: RunReport) -> dict[str, list[tuple[int, float]]]:
             initial = summary.initial_test_loss if isinstance(summary, RayTrainStrategyRun) else None
             if done == 0 and initial is not None:
                 curve.append((0, initial))
-            losses = summary.test_loss
-            curve.extend((done + i + 1, loss) for i, loss in enumerate(losses))
+            losses = summary.test_loss  # None: an epoch the round did not evaluate
+            curve.extend((done + i + 1, loss) for i, loss in enumerate(losses) if loss is not None)
             epochs_done[strategy] = done + len(losses)
     return {strategy: curve for strategy, curve in curves.items() if curve}
 
@@ -385,8 +386,11 @@ def plot_costs(out_dir: Path, report: RunReport) -> str | None:
     flops_ax.set_yscale("log")
     flops_ax.set_title("edge FLOPs per edge")
     for ax in (bytes_ax, flops_ax):
-        ax.set_xticks(x)
-        ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
+        if len(edges) <= EDGE_TABLE_LIMIT:
+            ax.set_xticks(x)
+            ax.set_xticklabels(edges, rotation=45, ha="right", fontsize=7)
+        else:
+            ax.set_xlabel(f"{len(edges):,} edges (ids in {EDGES_PARQUET})")
         ax.legend(fontsize=7)
     cloud = dict(report.cloud.flops)
     fedavg = fedavg_of(report)
@@ -493,6 +497,8 @@ def _edges_section(report: RunReport) -> list[str]:
     fedavg_rows = fedavg_edge_rows(report)
     if not report.edges:
         return [NOT_MEASURED]
+    if len(report.edges) > EDGE_TABLE_LIMIT:
+        return edges_summary(report, _fmt_bytes, _fmt_flops, _table)
     rows = []
     for edge_id, row in report.edges.items():
         task_model_bytes = baim_rows[edge_id]["task_model_bytes"] if edge_id in baim_rows else None
@@ -527,13 +533,28 @@ def _strategies_section(report: RunReport) -> list[str]:
     if not curves:
         return [NOT_MEASURED + " (no cloud training round)"]
     flops, seconds = report.cloud.flops, report.cloud.seconds
+    trainers = strategy_trainers(report)
     rows = [
         [s, curve[0][0], _fmt(curve[0][1]), curve[-1][0], _fmt(curve[-1][1]), _fmt_flops(flops.get(s)),
-         _fmt(seconds.get(s), 1)]
+         _fmt(seconds.get(s), 1), trainers.get(s, "")]
         for s, curve in curves.items()
     ]  # fmt: skip
-    header = ["strategy", "first epoch", "test loss", "last epoch", "test loss", "cloud FLOPs", "seconds"]
+    header = ["strategy", "first epoch", "test loss", "last epoch", "test loss", "cloud FLOPs", "seconds",
+              "trainer (why)"]  # fmt: skip
     return _table(header, rows)
+
+
+def strategy_trainers(report: RunReport) -> dict[str, str]:
+    """Per strategy, which runner trained its rounds and why, e.g. `local (cloud.trainer: auto (...))`;
+    rounds that differ are listed in order, `; `-separated."""
+    named: dict[str, list[str]] = {}
+    for cloud_round in report.cloud.rounds:
+        for strategy, summary in cloud_round.strategies.items():
+            text = f"{summary.runner} ({summary.chosen_by})"
+            seen = named.setdefault(strategy, [])
+            if text not in seen:
+                seen.append(text)
+    return {strategy: "; ".join(texts) for strategy, texts in named.items()}
 
 
 def _fedavg_section(report: RunReport) -> list[str]:
@@ -651,7 +672,13 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         f"# Run report: {scenario.name}",
         "",
         f"Scenario `{scenario.name}`, seed {report.seed}, "
-        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run" + measured,
+        f"wall time {_fmt(report.totals.wall_seconds, 0)} s for the BAIM run"
+        + (
+            f" ({_fmt(report.totals.simulated_seconds, 1)} s simulated on the virtual clock)"
+            if report.totals.simulated_seconds is not None
+            else ""
+        )
+        + measured,
         *_data_section(report),
         "",
     ]
@@ -718,7 +745,9 @@ def write_report_markdown(out_dir: str | Path) -> Path:
     """Read out_dir/report.json, write out_dir/report.md and out_dir/plots/*.png; return report.md's path
     (errors: see `read_report`)."""
     out = Path(out_dir)
-    markdown = build_markdown(out, read_report(out / "report.json"))
+    report = read_report(out / "report.json")
+    write_edges_parquet(report, out)
+    markdown = build_markdown(out, report)
     target = out / "report.md"
     target.write_text(markdown, encoding="utf-8")
     logger.info("wrote %s", target)

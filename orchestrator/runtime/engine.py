@@ -24,6 +24,8 @@ from actors.coordinator import (
     RoundFailed,
     held_run_id,
 )
+from actors.rounds import RoundRunner
+from orchestrator.cloud.auto import auto_training_round
 from orchestrator.cloud.local import local_training_round
 from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
@@ -49,6 +51,7 @@ from orchestrator.core.scenario import (
 )
 from orchestrator.data.partitions import Partitions, make_partitions
 from orchestrator.data.sources import DataSource, resolve_source
+from orchestrator.data.traces import read_trace
 from orchestrator.report.build import build_report, write_report
 from orchestrator.report.markdown import write_report_markdown
 from orchestrator.runtime.fleet import (
@@ -59,6 +62,7 @@ from orchestrator.runtime.fleet import (
     Timeline,
     resource_demand,
 )
+from orchestrator.runtime.virtual_clock import Simulation, edge_works, simulate, write_simulated_events
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +77,22 @@ FINAL_EDGE_STATUSES = (
     "failed",  # run() raised
     "timed_out",
     "unschedulable",
+    "offline",  # time: virtual: its trace kept it offline (lost before its upload)
 )
+TIMELINE_KINDS = ("join", "leave", "crash", "slow", "link", "poison", "coordinator_crash")
+VIRTUAL_EVENTS_FILE = "virtual_timeline.jsonl"  # every simulated event of a `time: virtual` run
 
 
 class RunFailed(Exception):  # noqa: N818 (reads as what happened)
     """The run went through but its result is unusable (a cloud round failed: no task models); report.json
     and report.md were written and say why."""
+
+
+ROUND_RUNNERS: dict[str, RoundRunner] = {
+    "auto": auto_training_round,
+    "ray_train": ray_train_round,
+    "local": local_training_round,
+}
 
 
 def new_run_id() -> str:
@@ -98,9 +112,10 @@ class EngineOptions:
     edge_timeout_s: float = 1800.0  # an edge not finished this long after it started is killed
     finish_timeout_s: float = 3600.0  # the coordinator's final round + decomposition
     coordinator_num_cpus: float = 0.5  # it validates uploads and (without Ray Train) runs the local round
-    # How a cloud round trains: "ray_train" (TorchTrainer jobs, orchestrator.cloud.ray_train) or "local"
-    # (the same loop in a thread of the coordinator; faster to start, for small runs and tests).
-    cloud_trainer: Literal["ray_train", "local"] = "ray_train"
+    # How a cloud round trains, over the scenario's cloud.trainer: "ray_train" (TorchTrainer jobs,
+    # orchestrator.cloud.ray_train), "local" (the same loop in a thread of the coordinator), "auto" (by size,
+    # orchestrator.cloud.auto); None: the scenario's.
+    cloud_trainer: Literal["auto", "ray_train", "local"] | None = None
     progress: Callable[[str], None] | None = None  # receives one line per progress update (the CLI prints)
     keep_ray: bool = False  # leave a Ray instance this engine started running (e.g. to serve afterwards)
     # A stage after a successful run, with Ray still up and the run's actors released (the CLI passes
@@ -151,13 +166,18 @@ class Engine:
         self.partitions = make_partitions(self.source, scenario)  # ScenarioError before any actor starts
         self.edges = {edge.id: EdgeTrack(edge) for edge in scenario.all_edges()}
         self.fleet = EdgeFleet(
-            scenario, self.source, self.partitions, unschedulable_after_s=options.unschedulable_after_s
+            scenario,
+            self.source,
+            self.partitions,
+            unschedulable_after_s=options.unschedulable_after_s,
+            reserve_cpus=options.coordinator_num_cpus,
         )
         self.event_log: list[RunEvent] = []
         self.started = 0.0
         self.coordinator: Any = None
         self._status_ref: Any = None  # an outstanding coordinator status() call
         self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
+        self.simulation: Simulation | None = None  # time: virtual, once played
 
     def check_registry_is_free(self) -> None:
         """Raise RegistryHeldByAnotherRun when the registry already holds a run's coordinator state.
@@ -219,35 +239,16 @@ class Engine:
             max_task_retries=-1,  # upload/status/finish are idempotent, so Ray may re-send them
             max_concurrency=1000,
         )
-        runner = ray_train_round if self.options.cloud_trainer == "ray_train" else local_training_round
+        runner = ROUND_RUNNERS[self.options.cloud_trainer or self.scenario.cloud.trainer]
         # No object-store arguments: a restarted coordinator must be rebuildable from these values alone.
         self.coordinator = coordinator_cls.remote(
             self.scenario, self.registry_uri, round_runner=runner, run_id=self.run_id
         )
         self.started = time.monotonic()  # provisional: the clock restarts once everything is up
-        initial = [track for track in self.edges.values() if track.config.start]
-        for track in initial:
-            self._spawn(track, reason="start")
-        self._wait_until_up(initial)
-        self.started = time.monotonic()  # t = 0 of the timeline
-        self._record("run_started")
-        for track in initial:
-            if not track.final:
-                self._begin(track)
-
-        timeline = Timeline(self.scenario.timeline)
-        last_progress = 0.0
-        while timeline or not all(t.final or t.status == "not_joined" for t in self.edges.values()):
-            now = self._elapsed()
-            for index, event in timeline.due(now):
-                self._fire(index, event)
-            self._collect_results()
-            self._check_starts()
-            ask = now - last_progress >= PROGRESS_EVERY_SECONDS
-            self._poll_progress(ask)
-            self._poll_coordinator(ask)
-            if ask:
-                last_progress = now
+        if self.scenario.time == "virtual":
+            self._play_virtual()
+        else:
+            self._play_wall()
         self._say(f"all edges final after {self._elapsed():.1f}s; coordinator finishing (train, decompose)")
 
         failure: RoundFailed | None = None
@@ -278,6 +279,7 @@ class Engine:
             events=self.event_log,
             registry_uri=self.registry_uri,
             wall_seconds=time.time() - wall_start,
+            simulated_seconds=None if self.simulation is None else self.simulation.end_s,
             run_id=self.run_id,
             failure=failure_text,
         )
@@ -293,6 +295,91 @@ class Engine:
             write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {write_report_markdown(self.out_dir)} and {self.out_dir / 'plots'}")
         return report
+
+    def _play_wall(self) -> None:
+        """The timeline on the wall clock: events fire when their time has passed."""
+        initial = [track for track in self.edges.values() if track.config.start]
+        for track in initial:
+            self._spawn(track, reason="start")
+        self._wait_until_up(initial)
+        self.started = time.monotonic()  # t = 0 of the timeline
+        self._record("run_started")
+        for track in initial:
+            if not track.final:
+                self._begin(track)
+
+        timeline = Timeline(self.scenario.timeline)
+        last_progress = 0.0
+        while timeline or not all(t.final or t.status == "not_joined" for t in self.edges.values()):
+            now = self._elapsed()
+            for index, event in timeline.due(now):
+                self._fire(index, event)
+            self._watch(now, last_progress)
+            if now - last_progress >= PROGRESS_EVERY_SECONDS:
+                last_progress = now
+
+    def _watch(self, now: float, last_progress: float) -> None:
+        """One round of watching: results, starts, progress and the coordinator's round errors."""
+        self._collect_results()
+        self._check_starts()
+        ask = now - last_progress >= PROGRESS_EVERY_SECONDS
+        self._poll_progress(ask)
+        self._poll_coordinator(ask)
+
+    def _play_virtual(self) -> None:
+        """The timeline on the virtual clock (orchestrator.runtime.virtual_clock): simulate first, then train
+        and upload the edges that upload, in the order of their simulated arrivals; the others are final at
+        once with the status the simulation gave them. A coordinator crash fires once every upload that
+        arrives before it in simulated time is in."""
+        trace = read_trace(self.scenario.traces.path) if self.scenario.traces.path is not None else []
+        simulation = simulate(
+            edge_works(self.scenario, self.partitions),
+            self.scenario.timeline,
+            trace,
+            offline_upload=self.scenario.traces.offline_upload,
+        )
+        self.simulation = simulation
+        write_simulated_events(simulation, self.out_dir / VIRTUAL_EVENTS_FILE)
+        ray.get(self.coordinator.status.remote(), timeout=self.options.startup_timeout_s)
+        self.started = time.monotonic()
+        self._record("run_started")
+        for event in simulation.events:
+            if event.kind in TIMELINE_KINDS:
+                fields = {k: v for k, v in event.detail.items() if k in ("where", "applied", "note")}
+                if event.edge is not None:
+                    fields["edge"] = event.edge
+                self.event_log.append(RunEvent.model_validate({"t": event.t, "kind": event.kind, **fields}))
+        for fate in simulation.fates.values():
+            if fate.status != "uploads":
+                self._finalise(self.edges[fate.edge_id], fate.status, error=f"simulated: {fate.note}")
+        crashes = list(simulation.coordinator_crashes)
+        last_progress = 0.0
+        for fate in simulation.uploads_in_order():
+            while crashes and crashes[0] < (fate.at or 0.0):
+                self._drain()
+                ray.kill(self.coordinator, no_restart=False)  # Ray restarts it; __init__ resumes
+                self._say(f"coordinator killed at simulated {crashes.pop(0):g}s")
+            track = self.edges[fate.edge_id]
+            self._spawn(track, reason="start" if track.config.start else "join")
+            for poison in fate.poison:
+                self.fleet.apply(fate.edge_id, poison)
+            self._begin(track)
+            now = self._elapsed()
+            self._watch(now, last_progress)
+            last_progress = now if now - last_progress >= PROGRESS_EVERY_SECONDS else last_progress
+        self._drain()
+        self._say(
+            f"virtual clock: {simulation.end_s:.1f} simulated seconds in {self._elapsed():.1f} wall seconds"
+        )
+
+    def _drain(self) -> None:
+        """Watch until every spawned edge is final."""
+        last_progress = 0.0
+        while not all(t.final or t.status == "not_joined" for t in self.edges.values()):
+            now = self._elapsed()
+            self._watch(now, last_progress)
+            if now - last_progress >= PROGRESS_EVERY_SECONDS:
+                last_progress = now
 
     # ---- edges ---------------------------------------------------------------------------------------
 
@@ -388,7 +475,7 @@ class Engine:
                         f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
                     )
                 track.report = report
-        if ask:
+        if ask and self.fleet.polls_progress:
             for track in self.edges.values():
                 edge_id = track.config.id
                 if track.status == "running" and track.progress_ref is None and self.fleet.has_actor(edge_id):

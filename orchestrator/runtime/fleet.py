@@ -14,6 +14,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.edge import EdgeNode
+from actors.edge_worker import CONTROL_GROUP, TRAIN_GROUP
+from orchestrator.core.metrics import Ledger
+from orchestrator.core.reports import EdgeReport
 from orchestrator.core.scenario import (
     CrashEvent,
     EdgeConfig,
@@ -26,6 +29,7 @@ from orchestrator.core.scenario import (
 )
 from orchestrator.data.partitions import Partitions
 from orchestrator.data.sources import DataSource
+from orchestrator.runtime.pool import EdgeWorkerPool
 
 POLL_SECONDS = 0.2  # how long one wait for edges blocks at most
 # One actor thread runs the long call (run() or fedavg_round()); the others answer progress and events.
@@ -60,6 +64,10 @@ class _Member:
     probe_ref: Any = None
     spawned_at: float | None = None
     crash_requested: bool = False
+    # Pool placement: the worker the edge is pinned to, its start verdict, its call in flight.
+    worker: Any = None
+    start: EdgeStarted | EdgeLost | None = None
+    busy_ref: Any = None
 
 
 def resource_demand(edge: EdgeConfig) -> dict[str, float]:
@@ -139,6 +147,7 @@ class EdgeFleet:
         partitions: Partitions,
         *,
         unschedulable_after_s: float = 10.0,
+        reserve_cpus: float = 0.0,
     ) -> None:
         self.scenario = scenario
         self.source = source
@@ -146,6 +155,41 @@ class EdgeFleet:
         self.unschedulable_after_s = unschedulable_after_s
         self._members = {edge.id: _Member(edge) for edge in scenario.all_edges()}
         self._source_ref: Any = None
+        self.pooled = scenario.placement.mode == "pool"
+        self._pool: EdgeWorkerPool | None = None
+        # The cloud's Ray Train workers and the coordinator keep their CPUs free of edge workers.
+        self.reserve_cpus = reserve_cpus + scenario.cloud.num_workers * scenario.cloud.cpus_per_worker
+
+    @property
+    def edge_time_scale(self) -> float:
+        """What edges multiply their simulated delays by: 0 on the virtual clock (it keeps the time)."""
+        return 0.0 if self.scenario.time == "virtual" else self.scenario.time_scale
+
+    @property
+    def polls_progress(self) -> bool:
+        """Whether running edges answer `progress` (pool placement: the final report only)."""
+        return not self.pooled
+
+    @property
+    def pool(self) -> EdgeWorkerPool:
+        """The edge-worker pool (pool placement), created on first use."""
+        if self._pool is None:
+            if self._source_ref is None:
+                self._source_ref = ray.put(self.source)
+            self._pool = EdgeWorkerPool(
+                self.scenario.all_edges(),
+                resource_demand,
+                {
+                    "source": self._source_ref,
+                    "resolution": self.scenario.data.resolution,
+                    "scenario_seed": self.scenario.seed,
+                    "kld_weight": self.scenario.cloud.kld_weight,
+                    "time_scale": self.edge_time_scale,
+                },
+                reserve_cpus=self.reserve_cpus,
+                max_workers=self.scenario.placement.max_workers,
+            )
+        return self._pool
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -153,6 +197,10 @@ class EdgeFleet:
         """Start the edge's actor (it loads only its own shard, in its own process) and its start probe."""
         member = self._members[edge_id]
         edge = member.config
+        member.crash_requested = False
+        if self.pooled:
+            self._spawn_virtual(member)
+            return
         if self._source_ref is None:
             self._source_ref = ray.put(self.source)  # shipped once, shared by every edge
         actor_cls = ray.remote(EdgeNode).options(**edge_actor_options(edge))
@@ -163,19 +211,37 @@ class EdgeFleet:
             resolution=self.scenario.data.resolution,
             scenario_seed=self.scenario.seed,
             kld_weight=self.scenario.cloud.kld_weight,
-            time_scale=self.scenario.time_scale,
+            time_scale=self.edge_time_scale,
         )
         member.probe_ref = member.actor.progress.remote()
         member.spawned_at = time.monotonic()
         member.crash_requested = False
 
+    def _spawn_virtual(self, member: _Member) -> None:
+        """Pin the edge to a worker of its sub-pool: nothing starts, its start is settled at once."""
+        edge = member.config
+        member.spawned_at = time.monotonic()
+        member.worker = self.pool.assign(edge)
+        if member.worker is None:
+            why = unmet_demand(resource_demand(edge), ray.nodes()) or "no worker of its request fits"
+            member.start = EdgeLost(edge.id, "unschedulable", why)
+            return
+        member.actor = member.worker
+        created = EdgeReport(
+            edge_id=edge.id, task=edge.task, status="created", epoch=0, epochs=edge.local_epochs, steps=0,
+            train_loss=None, shard_size=len(self.partitions.edges[edge.id]), receipt=None, error=None,
+            ledger=Ledger(export_metrics=False).to_dict(),
+        )  # fmt: skip
+        member.start = EdgeStarted(edge.id, created.model_dump_json())
+
     def starting(self, edge_id: str) -> bool:
-        return self._members[edge_id].probe_ref is not None
+        member = self._members[edge_id]
+        return member.probe_ref is not None or member.start is not None
 
     def up(self, edge_id: str) -> bool:
         """Spawned, started and not lost or released."""
         member = self._members[edge_id]
-        return member.actor is not None and member.probe_ref is None
+        return member.actor is not None and not self.starting(edge_id)
 
     def has_actor(self, edge_id: str) -> bool:
         return self._members[edge_id].actor is not None
@@ -187,6 +253,10 @@ class EdgeFleet:
         settled: list[EdgeStarted | EdgeLost] = []
         nodes: list[dict[str, Any]] | None = None
         for edge_id, member in self._members.items():
+            if member.start is not None:
+                settled.append(member.start)
+                member.start = None
+                continue
             if member.probe_ref is None or member.spawned_at is None:
                 continue
             ready, _ = ray.wait([member.probe_ref], timeout=0)
@@ -217,23 +287,37 @@ class EdgeFleet:
     def release(self, edge_id: str) -> None:
         """Kill the edge's actor, if it still has one (done, timed out, or the run ends)."""
         member = self._members[edge_id]
-        if member.actor is not None:
+        if member.worker is not None:
+            if member.busy_ref is not None:  # queued or training: stop it on its worker
+                member.worker.cancel.options(concurrency_group=CONTROL_GROUP).remote(edge_id)
+            self.pool.release(member.config)
+        elif member.actor is not None:
             ray.kill(member.actor, no_restart=True)
-        member.actor = None
+        member.actor = member.worker = member.busy_ref = member.start = None
         member.probe_ref = None
 
     def release_all(self) -> None:
         for edge_id in self._members:
             self.release(edge_id)
+        if self._pool is not None:
+            self._pool.release_all()
 
     # ---- calls -----------------------------------------------------------------------------------------
 
     def call(self, edge_id: str, method: str, *args: Any) -> Any:
         """Call an EdgeNode method on the edge; returns the reference to pass to `answer`."""
-        actor = self._members[edge_id].actor
+        member = self._members[edge_id]
+        actor = member.actor
         if actor is None:
             raise ValueError(f"edge {edge_id}: expected a running edge, it has no process")
-        return getattr(actor, method).remote(*args)
+        if member.worker is None:
+            return getattr(actor, method).remote(*args)
+        if method not in ("run", "fedavg_round"):
+            raise ValueError(f"edge {edge_id}: a pooled edge answers run and fedavg_round, not {method!r}")
+        indices = self.partitions.edges[edge_id]
+        call = actor.call_edge.options(concurrency_group=TRAIN_GROUP)
+        member.busy_ref = call.remote(member.config, indices, method, *args)
+        return member.busy_ref
 
     def answer(self, edge_id: str, ref: Any) -> Any:
         """The value behind `ref`, or `EdgeLost` when the edge's process died or the method raised.
@@ -241,6 +325,8 @@ class EdgeFleet:
         A dead edge loses its actor here (never killed again): `crashed` when a timeline crash killed it.
         """
         member = self._members[edge_id]
+        if self.pooled:
+            return self._answer_pooled(member, ref)
         try:
             return ray.get(ref)
         except RayActorError as err:
@@ -251,11 +337,32 @@ class EdgeFleet:
         except RayTaskError as err:
             return EdgeLost(edge_id, "failed", str(err).splitlines()[-1])
 
+    def _answer_pooled(self, member: _Member, ref: Any) -> Any:
+        """`answer` for a pooled edge: its worker outlives it, so a crash is the fleet's verdict."""
+        if ref is member.busy_ref:
+            member.busy_ref = None
+        try:
+            value = ray.get(ref)
+        except RayActorError as err:  # the worker died: every edge pinned to it is lost
+            member.actor = None
+            status: LostStatus = "crashed" if member.crash_requested else "died"
+            return EdgeLost(member.config.id, status, f"{type(err).__name__}: {_first_line(err)}")
+        except RayTaskError as err:
+            if member.crash_requested:
+                return EdgeLost(member.config.id, "crashed", "stopped by a timeline crash event")
+            return EdgeLost(member.config.id, "failed", str(err).splitlines()[-1])
+        if member.crash_requested:
+            return EdgeLost(member.config.id, "crashed", "stopped by a timeline crash event")
+        return value
+
     def apply(self, edge_id: str, event: EdgeEvent) -> None:
         """A timeline event that acts on one running edge (crash kills its process: no restart)."""
         member = self._members[edge_id]
         if member.actor is None:
             raise ValueError(f"edge {edge_id}: expected a running edge for {event.kind}, it has no process")
+        if member.worker is not None:
+            self._apply_pooled(member, event)
+            return
         if isinstance(event, CrashEvent):
             member.crash_requested = True
             ray.kill(member.actor, no_restart=True)
@@ -268,6 +375,26 @@ class EdgeFleet:
             member.actor.change_link.remote(event.bandwidth_mbps, event.latency_ms)
         elif isinstance(event, PoisonEvent):
             member.actor.poison.remote(event.mode, event.scale)
+
+    def _apply_pooled(self, member: _Member, event: EdgeEvent) -> None:
+        """A timeline event for a pooled edge, sent to its worker (which keeps it for the edge's calls)."""
+        edge_id = member.config.id
+        control = CONTROL_GROUP
+        if isinstance(event, CrashEvent):
+            member.crash_requested = True
+            member.worker.cancel.options(concurrency_group=control).remote(edge_id)
+            member.actor = None  # its outstanding call answers EdgeLost("crashed")
+            return
+        args: tuple[Any, ...] = ()
+        if isinstance(event, LeaveEvent):
+            name = "leave"
+        elif isinstance(event, SlowEvent):
+            name, args = "slow_down", (event.factor,)
+        elif isinstance(event, LinkEvent):
+            name, args = "change_link", (event.bandwidth_mbps, event.latency_ms)
+        else:
+            name, args = "poison", (event.mode, event.scale)
+        member.worker.edge_event.options(concurrency_group=control).remote(edge_id, name, *args)
 
 
 def _first_line(err: BaseException) -> str:

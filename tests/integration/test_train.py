@@ -1,8 +1,9 @@
-"""Cloud BAIM training on Ray Train: 2 workers, 2 epochs, a tiny BAIM on procedural faces (16x16).
+"""Cloud BAIM training on Ray Train: 2 workers, 4 epochs, a tiny BAIM on procedural faces (16x16).
 
 One clean run is shared by the module's tests (its BAIM and task models then go through the one publish
-path, `actors.publishing`); a second run of the same round has rank 1 die during epoch 2 and must resume from
-the epoch-1 checkpoint and end bit-identical to the clean run.
+path, `actors.publishing`); it checkpoints and evaluates every 2 epochs. A second run of the same round has
+rank 1 die during epoch 4 and must resume from the epoch-2 checkpoint (losing epoch 3, within
+checkpoint_every) and end bit-identical to the clean run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from orchestrator.data.sources import resolve_source
 
 RESOLUTION = 16
 PRUNE_RATIO = 0.25
-EPOCHS = 2
+EPOCHS = 4
+CHECKPOINT_EVERY = 2
+EVALUATE_EVERY = 2
 
 
 def tiny_baim() -> BAIM:
@@ -83,6 +86,8 @@ def round_setup(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> 
         kld_weight=baim.config.kld_weight,
         prune_interval=1,
         prune_ratio=PRUNE_RATIO,
+        checkpoint_every=CHECKPOINT_EVERY,
+        evaluate_every=EVALUATE_EVERY,
         seed=0,
         data=data,
         cloud_indices={"male": male[:48], "female": female[:48]},
@@ -108,19 +113,48 @@ def published(
 
 def test_loss_falls(clean_run: TrainRoundResult) -> None:
     assert clean_run.initial_test_loss is not None
-    assert [e.epoch for e in clean_run.epochs] == [1, 2]
-    assert clean_run.epochs[-1].test_loss < clean_run.initial_test_loss
-    assert clean_run.epochs[1].train_loss < clean_run.epochs[0].train_loss
+    assert [e.epoch for e in clean_run.epochs] == [1, 2, 3, 4]
+    assert clean_run.final_test_loss == clean_run.epochs[-1].test_loss < clean_run.initial_test_loss
+    assert clean_run.epochs[-1].train_loss < clean_run.epochs[0].train_loss
     assert set(clean_run.final_test_loss_per_task) == {"male", "female"}
     assert all(math.isfinite(v) for v in clean_run.final_test_loss_per_task.values())
 
 
+def test_checkpoints_and_evaluations_follow_their_cadence(clean_run: TrainRoundResult) -> None:
+    # Every 2nd epoch (and the last): a checkpoint with the ranks' hashes, and a test loss.
+    assert [e.checkpointed for e in clean_run.epochs] == [False, True, False, True]
+    assert [e.test_loss is not None for e in clean_run.epochs] == [False, True, False, True]
+    assert [bool(e.test_loss_per_task) for e in clean_run.epochs] == [False, True, False, True]
+    assert clean_run.checkpoint_uri.endswith("epoch-0004")
+    summary = clean_run.summary()
+    assert summary.test_loss == [None, clean_run.epochs[1].test_loss, None, clean_run.final_test_loss]
+    assert summary.chosen_by == "cloud.trainer: ray_train"
+
+
 def test_both_ranks_end_with_identical_weights(clean_run: TrainRoundResult) -> None:
-    for epoch in clean_run.epochs:
+    checked = [e for e in clean_run.epochs if e.checkpointed]
+    assert [e.epoch for e in checked] == [2, 4]
+    for epoch in checked:
         assert len(epoch.state_sha256_per_rank) == 2
         assert epoch.state_sha256_per_rank[0] == epoch.state_sha256_per_rank[1], f"epoch {epoch.epoch}"
-    # The weights changed from epoch to epoch (the hashes are of real, trained state).
-    assert clean_run.epochs[0].state_sha256_per_rank[0] != clean_run.epochs[1].state_sha256_per_rank[0]
+    assert all(e.state_sha256_per_rank == [] for e in clean_run.epochs if not e.checkpointed)
+    # The weights changed between checkpoints (the hashes are of real, trained state).
+    assert checked[0].state_sha256_per_rank[0] != checked[1].state_sha256_per_rank[0]
+
+
+def test_fixed_costs_add_up(clean_run: TrainRoundResult) -> None:
+    costs = clean_run.fixed_costs
+    phases = [
+        costs.to_worker_imports,
+        costs.imports,
+        costs.load_model,
+        costs.load_data,
+        costs.initial_evaluation,
+    ]
+    assert all(p >= 0 for p in phases) and costs.teardown > 0
+    assert sum(phases) <= costs.startup  # the phases are consecutive parts of the start-up
+    assert costs.fixed == pytest.approx(costs.startup + costs.teardown)
+    assert clean_run.wall_seconds > costs.fixed  # the epochs lie between start-up and teardown
 
 
 def test_pruning_schedule_removed_the_expected_connections(
@@ -180,7 +214,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes_identically(
     round_setup: tuple[TrainRoundConfig, int], clean_run: TrainRoundResult, tmp_path: Path
 ) -> None:
     cfg, _ = round_setup
-    crashing = cfg.model_copy(update={"crash": WorkerCrash(epoch=2, rank=1)})
+    crashing = cfg.model_copy(update={"crash": WorkerCrash(epoch=4, rank=1)})
     result = run_training_round(
         crashing,
         num_workers=2,
@@ -188,8 +222,11 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes_identically(
         storage_path=str(tmp_path / "ray_train"),
         max_failures=1,
     )
-    assert result.resumed_at_epochs == [2]
-    assert [e.epoch for e in result.epochs] == [1, 2]
+    # The last checkpoint before the crash is epoch 2's: epoch 3 is trained again (at most checkpoint_every
+    # epochs lost: the finished epochs after that checkpoint, and the one the crash interrupted).
+    assert result.resumed_at_epochs == [3]
+    assert crashing.crash is not None and crashing.crash.epoch - 2 <= CHECKPOINT_EVERY
+    assert [e.epoch for e in result.epochs] == [1, 2, 3, 4]
     # Weights, optimiser state, pruned connections, sampling and noise all come back exactly.
     assert result.final_state_sha256 == clean_run.final_state_sha256
     assert result.connections_final == clean_run.connections_final
@@ -243,8 +280,10 @@ def test_state_sha256_sees_one_changed_value() -> None:
 def test_round_config_names_its_errors(round_setup: tuple[TrainRoundConfig, int]) -> None:
     cfg, _ = round_setup
     fields = cfg.model_dump()
-    with pytest.raises(ValueError, match=r"crash.epoch: expected <= epochs \(2\), received 3"):
-        TrainRoundConfig.model_validate({**fields, "crash": {"epoch": 3, "rank": 0}})
+    with pytest.raises(ValueError, match=r"crash.epoch: expected <= epochs \(4\), received 5"):
+        TrainRoundConfig.model_validate({**fields, "crash": {"epoch": 5, "rank": 0}})
+    with pytest.raises(ValueError, match=r"crash.epoch: expected after the first checkpoint \(epoch 2, "):
+        TrainRoundConfig.model_validate({**fields, "crash": {"epoch": 2, "rank": 0}})
     with pytest.raises(ValueError, match="epoch_count"):
         TrainRoundConfig.model_validate({**fields, "epoch_count": 3})
     with pytest.raises(ValueError, match="at least one training image"):

@@ -60,6 +60,7 @@ def local_result(test_loss: list[float]) -> dict[str, Any]:
         "epochs": len(test_loss),
         "connections": [1] * len(test_loss),
         "runner": "local",
+        "chosen_by": "cloud.trainer: local",
     }
 
 
@@ -80,6 +81,8 @@ def ray_train_result(initial: float, test_loss: list[float]) -> dict[str, Any]:
         "resumed_at_epochs": [],
         "connections": [1] * len(test_loss),
         "checkpoint_uri": "/registry/ray_train/round-0001-finetune/epoch-0002",
+        "fixed_seconds": 1.0,
+        "chosen_by": "cloud.trainer: ray_train",
     }
 
 
@@ -198,6 +201,7 @@ def bare_report() -> dict[str, Any]:
             "cloud_flops": 0,
             "uploads": {"accepted": 0, "rejected": {}},
             "wall_seconds": 12.0,
+            "simulated_seconds": None,
         },
         "events": [],
         "registry": "/registry",

@@ -17,7 +17,7 @@ from orchestrator.core.reports import RunReport
 from orchestrator.core.scenario import PersonalisationConfig, UsersConfig
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
+from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation, mean_learner_deltas
 from tests.support.models import tiny_baim
 from tests.support.reports import bare_report, edge_row
 from tests.support.scenarios import tiny_scenario
@@ -161,3 +161,15 @@ def test_placements_are_measured_for_edges_with_users(tmp_path: Path) -> None:
     assert by_name["all_edge"].edge_utilisation == pytest.approx(
         10.0 * flops / (edge_speed(evaluation) * 1e9)
     )
+
+
+def test_relayed_deltas_average_per_parameter_and_leave_the_gate_out() -> None:
+    one, two = torch.ones(2), torch.full((2,), 3.0)
+    deltas = [
+        {"learners.a.w": one, "learners.s.w": one, "gate.encoder.fc.weight": one},
+        {"learners.b.w": two, "learners.s.w": two},
+    ]
+    averaged = mean_learner_deltas(deltas)
+    assert set(averaged) == {"learners.a.w", "learners.b.w", "learners.s.w"}
+    assert torch.equal(averaged["learners.a.w"], one) and torch.equal(averaged["learners.b.w"], two)
+    assert torch.equal(averaged["learners.s.w"], torch.full((2,), 2.0))  # shared: the mean, not the sum

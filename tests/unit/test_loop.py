@@ -134,6 +134,41 @@ def test_start_strategy_admits_pending_learners_then_applies_the_strategy() -> N
     assert all(p.requires_grad for p in baim.gate_parameters())
 
 
+def test_after_change_counts_the_first_step_and_the_first_after_each_pruning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: equal learners, so a step's FLOPs depend on the connections only, not on the route; 3 epochs,
+    # half the connections pruned after epoch 2. Each FlopCounterMode that training opens is recorded.
+    import baim.training
+
+    opened: list[int] = []
+
+    class RecordedCounter(baim.training.FlopCounterMode):  # type: ignore[misc, name-defined]
+        def __enter__(self) -> Any:
+            opened.append(len(opened))
+            return super().__enter__()
+
+    def run(counting: str) -> list[int]:
+        model = two_task_baim()
+        start_strategy(model, "finetune", seed=0)
+        hooks = RecordingHooks(model, batches(count=2, size=4), skip=set())
+        schedule = LoopSchedule(3, 0.01, 2, 0.5, counting)  # type: ignore[arg-type]
+        train_strategy(model, model, make_optimizer(model, 0.01), hooks, schedule)
+        return [o.flops for o in hooks.outcomes]
+
+    monkeypatch.setattr(baim.training, "FlopCounterMode", RecordedCounter)
+    # Execute
+    per_epoch = run("first_batch")
+    counted_per_epoch = len(opened)
+    opened.clear()
+    after_change = run("after_change")
+    # Assert: the same FLOPs as counting every epoch's first step, from two counted steps instead of three
+    # (epoch 2 reuses epoch 1's; the pruning after epoch 2 makes epoch 3 count again, and it costs less).
+    assert after_change == per_epoch
+    assert after_change[1] == after_change[0] > after_change[2] > 0
+    assert (counted_per_epoch, len(opened)) == (3, 2)
+
+
 # ---- the training steps: FLOPs counted exactly by hand -------------------------------------------------
 
 

@@ -252,3 +252,21 @@ def test_compare_reports_ignores_timings_ids_paths_and_arrival_order_only(
     write_report_json(tmp_path / "b", b)
     assert compare.main([str(p) for p in paths]) == 1
     assert capsys.readouterr().out.splitlines()[0] == "tasks.smile.params: 50 in A, 51 in B"
+
+
+def test_strategy_table_says_which_trainer_ran_and_skips_unevaluated_epochs(tmp_path: Path) -> None:
+    # Prepare: the hand report's finetune ran on Ray Train, chosen by auto; scratch's epoch 1 not evaluated.
+    report = hand_report()
+    strategies = report["cloud"]["rounds"][0]["strategies"]
+    strategies["finetune"]["chosen_by"] = "cloud.trainer: auto (3e+12 estimated FLOPs per strategy > 2e+11)"
+    strategies["scratch"]["test_loss"] = [None, 0.8]
+    # Execute
+    markdown = write_report_markdown(write_report_json(tmp_path, report)).read_text()
+    # Assert: one row per strategy with its runner and the reason; scratch's curve starts at epoch 2.
+    assert (
+        "| finetune | 0 | 0.9000 | 2 | 0.5000 | 7000 FLOP | 1.0 | "
+        "ray_train (cloud.trainer: auto (3e+12 estimated FLOPs per strategy > 2e+11)) |"
+    ) in markdown
+    assert (
+        "| scratch | 2 | 0.8000 | 2 | 0.8000 | 5000 FLOP | 2.0 | local (cloud.trainer: local) |" in markdown
+    )
