@@ -9,6 +9,8 @@ first, so whoever sees a new task model version (Serve follows `task/<task>`) fi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -45,16 +47,19 @@ def publish_task_models(
     batch_size: int,
     seed: int,
     task_model_budget: float | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, PublishedTaskModel]:
-    """Decompose each task of `baim` (the registry's `baim@baim_version`), check each task model against the
-    BAIM on the task's test images, measure its test loss, publish its generation-only artifact as
-    `generation/<task>@baim_version` and itself as `task/<task>@baim_version`. `task_model_budget` (the
-    scenario's) is only recorded: the limit each task model was pruned to."""
+    """Decompose each task of `baim` (the registry's `baim@baim_version`; `only` these tasks when given),
+    check each task model against the BAIM on the task's test images, measure its test loss, publish its
+    generation-only artifact as `generation/<task>@baim_version` and itself as `task/<task>@baim_version`.
+    `task_model_budget` (the scenario's) is only recorded: the limit each task model was pruned to."""
     baim.eval()
     limits = budget_limits(baim.config, task_model_budget) if task_model_budget is not None else {}
     published: dict[str, PublishedTaskModel] = {}
     for task_id, task in enumerate(baim.config.tasks):
-        model = decompose(baim, task).eval()  # inference routing, as the BAIM here
+        if only is not None and task not in only:
+            continue
+        model = decompose(baim, task).eval()  # as the BAIM: inference routing (top K), not training's
         test = FaceDataset(source, test_indices[task], resolution)
         max_diff, total, count = 0.0, 0.0, 0
         for batch_index, images in enumerate(DataLoader(test, batch_size=batch_size)):

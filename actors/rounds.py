@@ -30,6 +30,9 @@ class RoundRequest:
     source: DataSource
     partitions: Partitions
     registry_uri: str
+    # A continual gate_only round: the learners an earlier round trained, kept fixed (None: train as the
+    # first round did).
+    frozen_learners: list[str] | None = None
 
 
 @dataclass

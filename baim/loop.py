@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from baim.compaction import Batch, PruningSchedule, prune_on_schedule
-from baim.continual import admit
+from baim.continual import admit, freeze_for_continual
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
 from baim.training import FlopCounting, Strategy, apply_strategy, make_optimizer, train_steps
@@ -102,10 +102,22 @@ def on_cadence(epoch: int, every: int, last_epoch: int) -> bool:
     return epoch % every == 0 or epoch == last_epoch
 
 
-def start_strategy(baim: BAIM, strategy: Strategy, seed: int) -> None:
-    """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy."""
+def start_strategy(
+    baim: BAIM, strategy: Strategy, seed: int, frozen_learners: Sequence[str] | None = None
+) -> None:
+    """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy.
+
+    `frozen_learners` (a continual gate_only round): those learners and the connections among them stay
+    fixed; the gates and the rest train (the other learners only with finetune). Scratch would re-initialise
+    what the round keeps, so it is refused there.
+    """
     admit(baim)
-    apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
+    if frozen_learners is None:
+        apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
+        return
+    if strategy == "scratch":
+        raise ValueError("strategy: a continual round keeps its learners; scratch would re-initialise them")
+    freeze_for_continual(baim, frozen_learners, train_new_learners=strategy == "finetune")
 
 
 def train_strategy(

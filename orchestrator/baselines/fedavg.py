@@ -47,6 +47,7 @@ from orchestrator.core.scenario import (
     Event,
     FedAvgConfig,
     JoinEvent,
+    NewTaskEvent,
     Scenario,
     format_validation_error,
 )
@@ -596,6 +597,10 @@ class FedAvgRun:
         where = f"timeline.{index}"
         if isinstance(event, CoordinatorCrashEvent):
             self._record(event.kind, where=where, applied=False, note="FedAvg's server is the driver")
+            return
+        if isinstance(event, NewTaskEvent):  # FedAvg's one global model has no per-task part to add
+            self._record(event.kind, task=event.task.name, where=where, applied=False,
+                         note="FedAvg trains one global model for every task")  # fmt: skip
             return
         if isinstance(event, JoinEvent):
             client = self.clients[event.edge_id()]

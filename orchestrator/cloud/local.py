@@ -157,7 +157,7 @@ def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) 
     scores = score_batches(train_set, tasks, cloud.prune_score_images, cloud.batch_size)
     for strategy in request.strategies:
         model = load_module(request.baim, BAIM, artifact_id=f"baim round {request.round_index}")
-        start_strategy(model, strategy, seed)
+        start_strategy(model, strategy, seed, request.frozen_learners)
         order = torch.Generator().manual_seed(seed + request.round_index)
         hooks = LocalHooks(
             model,

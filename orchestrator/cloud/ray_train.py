@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
 from baim.compaction import Batch, PruningSchedule
+from baim.continual import freeze_for_continual
 from baim.costs import count_params
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, on_cadence, start_strategy, train_strategy
 from baim.model import BAIM
@@ -141,6 +142,13 @@ class TrainRoundConfig(StrictModel):
         default=1, ge=1, description="Measure the test loss after every this many epochs and after the last."
     )
     crash: WorkerCrash | None = Field(default=None, description="Fault injection: a worker dies once.")
+    frozen_learners: list[str] | None = Field(
+        default=None,
+        description=(
+            "A continual gate_only round: learners (and the connections among them) kept fixed; None: the "
+            "strategy decides what trains."
+        ),
+    )
 
     @field_validator("cloud_indices")
     @classmethod
@@ -422,7 +430,7 @@ def _load_start(cfg: TrainRoundConfig, registry: Registry) -> tuple[BAIM, dict[s
             f"kld_weight: the round asks for {cfg.kld_weight} but BAIM {artifact_id} computes its loss with "
             f"{baim.config.kld_weight}; fuse the BAIM with the scenario's kld_weight"
         )
-    start_strategy(baim, cfg.strategy, cfg.seed)
+    start_strategy(baim, cfg.strategy, cfg.seed, cfg.frozen_learners)
     progress: dict[str, Any] = {
         "round_id": cfg.round_id,
         "strategy": cfg.strategy,
@@ -450,7 +458,10 @@ def _load_checkpoint(
             f"{progress.get('round_id')} / {progress.get('strategy')}"
         )
     baim = load_checkpoint_baim(folder)
-    apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    if cfg.frozen_learners is None:
+        apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    else:
+        freeze_for_continual(baim, cfg.frozen_learners, train_new_learners=cfg.strategy == "finetune")
     return baim, progress, load_file(str(folder / OPTIMIZER_FILE))
 
 
@@ -937,7 +948,7 @@ def ray_train_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> Ro
         baim_owner=FUSED_BAIM_OWNER,
         baim_version=put_fused_snapshot(registry, request.round_index, request.baim),
         strategy=request.strategies[0],
-    )
+    ).model_copy(update={"frozen_learners": request.frozen_learners})
     cloud = request.scenario.cloud
     results = run_strategies(
         cfg,

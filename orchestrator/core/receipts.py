@@ -105,6 +105,20 @@ class RayTrainStrategyRun(StrictModel):
 StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]
 
 
+class ContinualRound(StrictModel):
+    """A round after the first: what it kept fixed and what it did to the tasks that existed before it."""
+
+    mode: Literal["gate_only", "finetune_all"] = Field(description="cloud.continual of the round.")
+    frozen_learners: list[str] = Field(description="Learners kept fixed (gate_only: the trained ones).")
+    new_learners: list[str] = Field(description="Learners the round admitted (untrained before it).")
+    trainable_parameters: int = Field(ge=0, description="Parameters the kept strategy trained.")
+    test_loss_before: dict[str, float] = Field(description="Per existing task: test loss before the round.")
+    test_loss_after: dict[str, float] = Field(description="Per existing task: test loss after the round.")
+    forgetting: dict[str, float] = Field(
+        description="Per existing task: after - before (above 0: the round made the task worse)."
+    )
+
+
 class RoundRecord(StrictModel):
     """One trained round."""
 
@@ -124,6 +138,64 @@ class RoundRecord(StrictModel):
         default=None,
         description="Per strategy: mean loss on the cloud's held-out images (measured when keep is best).",
     )
+    continual: ContinualRound | None = Field(
+        default=None, description="A round after the first: frozen learners and forgetting (None: first)."
+    )
+
+
+class CloudOnlyVAE(StrictModel):
+    """The baseline of a few-shot task: one VAE trained in the cloud on the same k images alone."""
+
+    widths: list[int] = Field(description="Its encoder widths (the scenario's largest edge model).")
+    latent_dim: int = Field(description="Its latent size.")
+    params: int = Field(ge=0, description="Its parameters.")
+    steps: int = Field(ge=1, description="Optimiser steps, each over all k images.")
+    test_loss: float = Field(description="Its mean test loss on the new task's test images.")
+
+
+class NewTaskRecord(StrictModel):
+    """A task that appeared with k shots: its few-shot LSGate over the existing learners, and the baseline."""
+
+    task: str = Field(description="The new task's name.")
+    expression: str = Field(description="Its attribute expression.")
+    shots: int = Field(ge=1, description="Images of it the cloud had (k).")
+    members: list[str] = Field(description="Existing learners its new squad selects from.")
+    steps: int = Field(ge=1, description="Optimiser steps of the LSGate, each over all k images.")
+    gate_parameters: int = Field(ge=0, description="Parameters trained: the new LSGate's alone.")
+    test_images: int = Field(ge=0, description="Test images of the new task.")
+    test_loss_untrained_gate: float = Field(description="Its task model's test loss before the gate trained.")
+    test_loss: float | None = Field(description="The published few-shot task model's test loss.")
+    cloud_only_vae: CloudOnlyVAE = Field(description="A VAE trained in the cloud on the same k images.")
+    baim_version: str = Field(description="The BAIM version that holds the new squad (owner baim).")
+    artifact: str = Field(description="The published task model, owner@version.")
+    other_tasks_unchanged: bool = Field(
+        description="Every other task's test loss is the same before and after (only the new gate trained)."
+    )
+    seconds: float = Field(ge=0, description="Wall-clock seconds of the few-shot adaptation and publishing.")
+
+
+class RemovedLearner(StrictModel):
+    """A learner model-level pruning took out of its squads."""
+
+    learner: str = Field(description="The learner.")
+    task: str = Field(description="The task of the edge that uploaded it.")
+    selection_rate: float = Field(description="Its LSGate selection rate on the cloud's common data.")
+    kept_as_feeder: bool = Field(
+        description="It still feeds other learners: kept, cut after the last stage they read."
+    )
+
+
+class LearnerPruning(StrictModel):
+    """Model-level pruning before decomposition (cloud.min_selection_rate)."""
+
+    threshold: float = Field(description="cloud.min_selection_rate.")
+    from_version: str = Field(description="The trained BAIM that was pruned (owner baim).")
+    baim_version: str = Field(description="The BAIM the task models were decomposed from (owner baim).")
+    images: int = Field(ge=0, description="Cloud images the selection rates were measured on.")
+    selection_rates: dict[str, float] = Field(description="Per learner: its selection rate.")
+    removed: list[RemovedLearner] = Field(description="The learners taken out of their squads.")
+    params_before: int = Field(ge=0, description="BAIM parameters before pruning.")
+    params_after: int = Field(ge=0, description="BAIM parameters after pruning.")
 
 
 class RoundError(StrictModel):
@@ -207,3 +279,9 @@ class CoordinatorSummary(StrictModel):
     restarts: int = Field(ge=0, description="How often this coordinator was restarted from its state.")
     ledger: LedgerSnapshot = Field(description="The coordinator's cost ledger.")
     tasks: dict[str, PublishedTaskModel] = Field(description="Published task models per task (finish only).")
+    new_tasks: list[NewTaskRecord] = Field(
+        default_factory=list, description="Tasks that appeared with a few shots (new_task events)."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="Model-level pruning before decomposition (None: not configured, not run)."
+    )

@@ -19,6 +19,8 @@ from pydantic import (
 )
 
 from orchestrator.core.receipts import (
+    LearnerPruning,
+    NewTaskRecord,
     PublishedTaskModel,
     RoundError,
     RoundRecord,
@@ -211,6 +213,12 @@ class CloudReport(ReportModel):
     learners: list[str] = Field(description="Learners in the BAIM.")
     untrained_learners: list[str] = Field(description="Learners no successful round trained.")
     coordinator_restarts: int = Field(description="How often the coordinator resumed from its checkpoint.")
+    new_tasks: list[NewTaskRecord] = Field(
+        default_factory=list, description="Tasks that appeared with a few shots (new_task events)."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="Model-level pruning before decomposition (None: not configured)."
+    )
 
 
 class UploadCounts(ReportModel):
@@ -247,6 +255,7 @@ EventKind = Literal[
     "client_up",
     "clients_still_starting",
     "fedavg_started",
+    "new_task",
 ]
 
 
@@ -257,6 +266,7 @@ class RunEvent(SparseReportModel):
     kind: EventKind = Field(description="What happened.")
     edge: str | None = Field(default=None, description="The edge it concerns.")
     edges: str | None = Field(default=None, description="Comma-separated edges it concerns.")
+    task: str | None = Field(default=None, description="The task it concerns (a new_task event).")
     reason: str | None = Field(default=None, description="Why an edge was spawned.")
     status: str | None = Field(default=None, description="The edge's status after it.")
     round: int | None = Field(default=None, description="The cloud round it concerns.")

@@ -643,6 +643,36 @@ class CloudConfig(StrictModel):
             "this many seconds for them (cluster.yaml's GPU nodes start at min_workers 0: use e.g. 900)."
         ),
     )
+    continual: Literal["gate_only", "finetune_all"] = Field(
+        default="finetune_all",
+        description=(
+            "How a round after the first (triggered by new arrivals) trains. gate_only: the learners a "
+            "previous round trained stay frozen, and so do the connections between them; the gates, the "
+            "new learners' connections and (with strategy finetune; not with freeze) the new learners "
+            "train, in one run of the first strategy. finetune_all: every round trains as the first did. "
+            "Either way every task's test loss is measured before and after the round (forgetting)."
+        ),
+    )
+    min_selection_rate: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description=(
+            "Model-level pruning before decomposition: a learner whose LSGate selection rate on the cloud's "
+            "common data (the share of the samples routed to its squads that select it) is below this is "
+            "taken out of its squads; one that still feeds other learners is kept as a cut feeder. Unset: "
+            "no learner is pruned."
+        ),
+    )
+    few_shot_steps: int = Field(
+        default=200,
+        ge=1,
+        le=100_000,
+        description=(
+            "Optimiser steps of a `new_task` event's few-shot training (the new LSGate alone, and the "
+            "cloud-only VAE it is compared with), each over all k shots."
+        ),
+    )
     fusion: FusionPolicy = Field(
         default_factory=FusionPolicy, description="When fused arrivals trigger training."
     )
@@ -664,6 +694,11 @@ class CloudConfig(StrictModel):
             raise ValueError(
                 f"keep: {self.keep!r} is not one of the strategies that run ({', '.join(self.strategies)}); "
                 "name one of them or use best"
+            )
+        if self.continual == "gate_only" and self.strategies[0] == "scratch":
+            raise ValueError(
+                "continual: gate_only continues from the first strategy, and strategies[0] is scratch, which "
+                "re-initialises the learners gate_only keeps; put finetune or freeze first"
             )
         if self.task_model_budget is not None and self.prune_interval > self.epochs - self.recovery_epochs:
             raise ValueError(
@@ -753,12 +788,53 @@ class CoordinatorCrashEvent(EventBase):
     )
 
 
+class NewTaskConfig(StrictModel):
+    """A task that appears while the system runs (a `new_task` event): it has no edges, only k shots."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Task name, unused by every other task.")
+    expression: str = Field(
+        description="Which images belong to the task, as for `tasks[].expression` (CelebA attribute names)."
+    )
+    test_size: int | None = Field(
+        default=None, ge=1, description="Test images of the new task; unset: `data.test_per_task`."
+    )
+
+    @field_validator("expression")
+    @classmethod
+    def _expression_parses(cls, value: str) -> str:
+        parse_task_expression(value)
+        return value
+
+    def parsed(self) -> TaskExpr:
+        return parse_task_expression(self.expression)
+
+
+class NewTaskEvent(EventBase):
+    kind: Literal["new_task"] = Field(
+        description=(
+            "A new task appears with only a few samples: the cloud draws `shots` images of it from its "
+            "common data, trains a new LSGate over the existing learners on them alone, decomposes and "
+            "publishes the task model (a running `baim serve` deploys it beside the others), and compares "
+            "it with a cloud-only VAE trained on the same images."
+        )
+    )
+    task: NewTaskConfig = Field(description="The new task.")
+    shots: int = Field(ge=1, le=100_000, description="How many images of the new task the cloud has (k).")
+
+
 Event = Annotated[
-    JoinEvent | LeaveEvent | CrashEvent | SlowEvent | LinkEvent | PoisonEvent | CoordinatorCrashEvent,
+    JoinEvent
+    | LeaveEvent
+    | CrashEvent
+    | SlowEvent
+    | LinkEvent
+    | PoisonEvent
+    | CoordinatorCrashEvent
+    | NewTaskEvent,
     Field(discriminator="kind"),
 ]
 EVENT_MODELS: tuple[type[EventBase], ...] = (
-    JoinEvent, LeaveEvent, CrashEvent, SlowEvent, LinkEvent, PoisonEvent, CoordinatorCrashEvent,
+    JoinEvent, LeaveEvent, CrashEvent, SlowEvent, LinkEvent, PoisonEvent, CoordinatorCrashEvent, NewTaskEvent,
 )  # fmt: skip
 
 
@@ -1099,7 +1175,11 @@ class Scenario(StrictModel):
             squads[edge.task].append(edge.id)
         return squads
 
-    def test_size(self, task: TaskConfig) -> int | Literal["all"]:
+    def new_tasks(self) -> list[NewTaskEvent]:
+        """The timeline's `new_task` events, in file order."""
+        return [event for event in self.timeline if isinstance(event, NewTaskEvent)]
+
+    def test_size(self, task: TaskConfig | NewTaskConfig) -> int | Literal["all"]:
         return self.data.test_per_task if task.test_size is None else task.test_size
 
     def cloud_size(self, task: TaskConfig) -> int:
@@ -1225,8 +1305,9 @@ class Scenario(StrictModel):
                     f"{first_path[edge_id]}.start: edge {edge_id!r} has `start: false` but no join event"
                 )
 
+        problems += self._new_task_problems()
         for e, event in enumerate(self.timeline):
-            if isinstance(event, JoinEvent | CoordinatorCrashEvent):
+            if isinstance(event, JoinEvent | CoordinatorCrashEvent | NewTaskEvent):
                 continue
             edge_id = event.edge
             if edge_id not in starts:
@@ -1237,6 +1318,23 @@ class Scenario(StrictModel):
                     f"timeline.{e}.at_seconds: {event.kind} of edge {edge_id!r} at {event.at_seconds}s "
                     f"comes before it joins at {join_times[edge_id]}s"
                 )
+        return problems
+
+    def _new_task_problems(self) -> list[str]:
+        """A new task's name is new (not a declared task, not an earlier new task); no edge trains it."""
+        problems: list[str] = []
+        seen = {name: "tasks" for name in self.task_names()}
+        for e, event in enumerate(self.timeline):
+            if not isinstance(event, NewTaskEvent):
+                continue
+            name = event.task.name
+            if name in seen:
+                problems.append(
+                    f"timeline.{e}.task.name: task {name!r} exists already (in {seen[name]}); a new_task "
+                    "event names a task that is not there yet"
+                )
+            else:
+                seen[name] = f"timeline.{e}"
         return problems
 
 
@@ -1367,6 +1465,7 @@ def scenario_reference_markdown() -> str:
         ("cloud.fusion", FusionPolicy),
         ("cloud.uploads", UploadLimits),
         *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
+        ("timeline[].task (kind: new_task)", NewTaskConfig),
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
         ("placement", PlacementConfig),

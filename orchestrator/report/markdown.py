@@ -27,6 +27,7 @@ from orchestrator.core.reports import (
     RunReport,
 )
 from orchestrator.core.scenario import format_validation_error
+from orchestrator.report.lifecycle import lifecycle_section
 from orchestrator.report.scale import EDGE_TABLE_LIMIT, EDGES_PARQUET, edges_summary, write_edges_parquet
 
 logger = logging.getLogger(__name__)
@@ -744,6 +745,7 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         ("Personalisation", _personalisation_section(report)),
         ("Relay: adapters back to the cloud", _relay_section(report)),
         ("Placements of end users' requests", _placements_section(report)),
+        ("Lifecycle: continual rounds, new tasks, pruned learners", lifecycle_section(report)),
     ]
     for title, body in sections:
         lines += [f"## {title}", "", *body, ""]

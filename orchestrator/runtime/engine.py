@@ -46,6 +46,7 @@ from orchestrator.core.scenario import (
     EdgeConfig,
     Event,
     JoinEvent,
+    NewTaskEvent,
     Scenario,
     format_validation_error,
 )
@@ -560,6 +561,15 @@ class Engine:
             ray.kill(self.coordinator, no_restart=False)  # Ray restarts it; __init__ resumes
             self._record("coordinator_crash", at=event.at_seconds, where=where)
             self._say(f"{where}: coordinator killed (Ray restarts it from its checkpoint)")
+            return
+        if isinstance(event, NewTaskEvent):
+            # The coordinator queues it and answers at once; the adaptation runs once a trained BAIM exists.
+            ray.get(
+                self.coordinator.new_task.remote(event.model_dump(mode="json")),
+                timeout=self.options.startup_timeout_s,
+            )
+            self._record("new_task", task=event.task.name, at=event.at_seconds, where=where)
+            self._say(f"{where}: new task {event.task.name!r} with {event.shots} shots")
             return
         if isinstance(event, JoinEvent):
             track = self.edges[event.edge_id()]

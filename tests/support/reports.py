@@ -202,6 +202,8 @@ def bare_report() -> dict[str, Any]:
             "learners": [],
             "untrained_learners": [],
             "coordinator_restarts": 0,
+            "new_tasks": [],
+            "learner_pruning": None,
         },
         "tasks": {},
         "totals": {
@@ -261,6 +263,7 @@ def hand_report() -> dict[str, Any]:
                 },
                 "kept": "finetune",
                 "holdout_loss": None,
+                "continual": None,
             }
         ],
         baim_version="v000001",
