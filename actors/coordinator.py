@@ -28,6 +28,7 @@ from actors.coordinator_state import (
 )
 from actors.edge import learner_name
 from actors.fusion import LiveBAIM, RoundPolicy
+from actors.lifecycle import ContinualStart, FewShotPublisher, prune_and_record, start_continual
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
 from actors.uploads import RejectionBook, UploadRejected, UploadValidator, upload_key, validation_slots
@@ -39,15 +40,18 @@ from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES, edge_owner, version_name
 from orchestrator.core.receipts import (
+    ContinualRound,
     CoordinatorStatus,
     CoordinatorSummary,
+    LearnerPruning,
+    NewTaskRecord,
     PublishedTaskModel,
     RoundRecord,
     UploadReceipt,
     echo,
 )
 from orchestrator.core.registry import ArtifactNotFound, Registry
-from orchestrator.core.scenario import Scenario
+from orchestrator.core.scenario import NewTaskEvent, Scenario
 from orchestrator.data.partitions import Partitions, make_partitions
 from orchestrator.data.sources import DataSource, resolve_source
 
@@ -109,6 +113,10 @@ class CloudCoordinator:
         self.log = RoundLog([], [])
         self.baim_version: str | None = None  # last trained BAIM in the registry
         self.restarts = 0
+        self.new_tasks: list[NewTaskRecord] = []  # few-shot tasks added (actors.lifecycle)
+        self.queued_new_tasks: list[NewTaskEvent] = []  # received, waiting for a trained BAIM
+        self.learner_pruning: LearnerPruning | None = None  # what finish()'s model-level pruning did
+        self._new_task_run: asyncio.Task[None] | None = None
         # Set by finish(): from then on rounds start only from finish() itself, never from the policy timer
         # or summary(), so the report of a failed finish() describes a coordinator that is not training.
         self._finishing = False
@@ -162,6 +170,25 @@ class CloudCoordinator:
             round_errors=self.log.errors,
         ).model_dump()
 
+    async def new_task(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Queue a `new_task` event (NewTaskEvent as JSON); it is adapted once a trained BAIM exists and no
+        round runs. Returns at once: {"task", "state": "queued" | "done"}. Idempotent per task name."""
+        parsed = NewTaskEvent.model_validate(event)
+        name = parsed.task.name
+        if any(record.task == name for record in self.new_tasks):
+            return {"task": name, "state": "done"}
+        if any(queued.task.name == name for queued in self.queued_new_tasks):
+            return {"task": name, "state": "queued"}
+        if name in self.scenario.task_names() or name not in self.partitions.cloud:
+            raise ValueError(
+                f"task.name: {name!r} is a scenario task, or no new_task event of the scenario declares it "
+                "(its shots are drawn with the partitions)"
+            )
+        self.queued_new_tasks.append(parsed)
+        await self._checkpoint()
+        self._start_new_tasks()
+        return {"task": name, "state": "queued"}
+
     async def finish(self) -> dict[str, Any]:
         """Train whatever is still untrained, decompose every task, publish the task models; the summary.
 
@@ -181,6 +208,10 @@ class CloudCoordinator:
             if failed is None:  # cannot happen; say so if it does
                 raise RoundFailed(self.log.next_round, "no round was started", 0, pending)
             raise RoundFailed(failed.round, failed.error, failed.attempts, pending)
+        await self._adapt_new_tasks()
+        await self._wait_for_rounds()  # none starts (finishing); a round that did start ends first
+        if self.cloud.min_selection_rate is not None and self.baim_version is not None:
+            await self._prune_learners(self.cloud.min_selection_rate, self.baim_version)
         tasks = await asyncio.to_thread(self._publish_task_models)
         return self._summary(tasks).model_dump()
 
@@ -326,25 +357,36 @@ class CloudCoordinator:
                 return
             self._round_members = set(self.live.learners)  # from now on no upload displaces them
             baim = await asyncio.to_thread(self.live.canonical, self._last_trained)
+            # A round after a trained one is continual: gate_only keeps the trained learners and runs the
+            # strategy it continues from alone (scratch would re-initialise them; schema-checked).
+            continual = self.baim_version is not None
+            gate_only = continual and self.cloud.continual == "gate_only"
             request = RoundRequest(
                 round_index=self.log.next_round,
                 baim=await asyncio.to_thread(pack_module, baim, baim.spec()),
-                strategies=list(self.cloud.strategies),
+                strategies=list(self.cloud.strategies[:1] if gate_only else self.cloud.strategies),
                 scenario=self.scenario,
                 source=self.source,
                 partitions=self.partitions,
                 registry_uri=self.registry_uri,
+                frozen_learners=sorted(self.live.trained) if gate_only else None,
             )
             members = list(baim.config.learner_names)
             self.ledger.record_event("round_started", round=request.round_index, learners=len(members))
-            self._round_task = asyncio.ensure_future(self._run_round(request, members))
+            self._round_task = asyncio.ensure_future(self._run_round(request, members, continual))
 
-    async def _run_round(self, request: RoundRequest, members: list[str]) -> None:
+    async def _run_round(self, request: RoundRequest, members: list[str], continual: bool) -> None:
         logger.info(
             "round %d: training %d learners (%s)", request.round_index, len(members), request.strategies
         )
         started = time.perf_counter()
         try:
+            # A continual round: every task's test loss before it (the fused BAIM computes the trained one's)
+            before: ContinualStart | None = None
+            if continual:
+                before = await asyncio.to_thread(
+                    start_continual, request, sorted(self.live.trained), self.cloud.continual
+                )
             result = await asyncio.to_thread(self.round_runner, request)
         except Exception as err:  # a failed round loses nothing: its learners stay pending
             self._round_members = set()
@@ -358,9 +400,12 @@ class CloudCoordinator:
             await self._checkpoint()
             return
         seconds = time.perf_counter() - started
+        trained = await asyncio.to_thread(load_module, result.trained, BAIM, artifact_id="trained BAIM")
+        continual_record: ContinualRound | None = None
+        if before is not None:
+            continual_record = await asyncio.to_thread(before.finish, trained)
         async with self._lock:
             version = await asyncio.to_thread(publish_baim, self.registry, result.trained)
-            trained = await asyncio.to_thread(load_module, result.trained, BAIM, artifact_id="trained BAIM")
             await asyncio.to_thread(self.live.trained_round, trained, members)
             self._round_members = set()
             self.baim_version = version
@@ -375,12 +420,54 @@ class CloudCoordinator:
                     baim_version=version,
                     seconds=seconds,
                     strategies=result.strategies,
+                    kept=result.kept,
+                    holdout_loss=result.holdout_loss,
+                    continual=continual_record,
                 )
             )
             self.ledger.record_event("round_finished", round=request.round_index, baim_version=version)
             await self._checkpoint()
         logger.info("round %d done in %.1fs: BAIM %s", request.round_index, seconds, version)
+        self._start_new_tasks()
         await self._maybe_start_round()
+
+    # ---- few-shot tasks and model-level pruning (actors.lifecycle) -----------------------------------
+
+    def _start_new_tasks(self) -> None:
+        """Adapt the queued new tasks in the background (finish() waits for them)."""
+        if self.queued_new_tasks and (self._new_task_run is None or self._new_task_run.done()):
+            self._new_task_run = asyncio.ensure_future(self._adapt_new_tasks())
+
+    async def _adapt_new_tasks(self) -> None:
+        """Each queued new task, in order, once a trained BAIM exists and no round runs: its few-shot squad
+        joins the trained BAIM, which is published as the next `baim` version with the task's model."""
+        while self.queued_new_tasks:
+            async with self._lock:  # a round starts under the lock: none can start while this adapts
+                if not self.queued_new_tasks:  # another caller adapted it while this one waited
+                    return
+                round_running = self._round_task is not None and not self._round_task.done()
+                if self.baim_version is None or round_running:
+                    return  # the round's end starts this again
+                event = self.queued_new_tasks[0]
+                publisher = FewShotPublisher(self.registry, self.scenario, self.source, self.partitions)
+                trained, record = await asyncio.to_thread(publisher.run, event, self._last_trained())
+                await asyncio.to_thread(self.live.trained_round, trained, sorted(self.live.trained))
+                self.baim_version = record.baim_version
+                self.new_tasks.append(record)
+                self.queued_new_tasks.pop(0)
+                self.ledger.record_event("new_task", task=record.task, baim_version=record.baim_version)
+                await self._checkpoint()
+
+    async def _prune_learners(self, threshold: float, trained_version: str) -> None:
+        """Model-level pruning of the last trained BAIM, once per trained version (finish() may repeat)."""
+        if self.learner_pruning is not None and self.learner_pruning.from_version == trained_version:
+            return
+        async with self._lock:
+            self.learner_pruning = await asyncio.to_thread(
+                prune_and_record, self.registry, self._last_trained(), trained_version, threshold,
+                self.scenario, self.source, self.partitions,
+            )  # fmt: skip
+            await self._checkpoint()
 
     async def _wait_for_rounds(self) -> None:
         """Until no round runs (a round that ends may start the next one for late arrivals)."""
@@ -420,6 +507,9 @@ class CloudCoordinator:
             trained_learners=sorted(self.live.trained),
             restarts=self.restarts,
             ledger=self.ledger.snapshot(),
+            new_tasks=self.new_tasks,
+            queued_new_tasks=self.queued_new_tasks,
+            learner_pruning=self.learner_pruning,
         )
 
     def _resume(self) -> None:
@@ -436,6 +526,9 @@ class CloudCoordinator:
         self.log = RoundLog(state.rounds, state.round_errors)
         self.ledger = Ledger.from_snapshot(state.ledger)
         self.baim_version = state.baim_version
+        self.new_tasks = list(state.new_tasks)
+        self.queued_new_tasks = list(state.queued_new_tasks)  # adapted after the next round or in finish()
+        self.learner_pruning = state.learner_pruning
         if self.baim_version is not None:
             self.live.baim = self._last_trained()
             self.live.trained = set(state.trained_learners)
@@ -486,15 +579,21 @@ class CloudCoordinator:
     def _publish_task_models(self) -> dict[str, PublishedTaskModel]:
         if self.live.baim is None:
             return {}
+        baim, version = self.live.baim, self.baim_version or version_name(0)
+        pruning = self.learner_pruning
+        if pruning is not None and pruning.from_version == self.baim_version:
+            version = pruning.baim_version  # the pruned BAIM (the trained one when nothing was removed)
+            baim = self.registry.load_module(BAIM_OWNER, version, BAIM)
         return publish_task_models(
             self.registry,
-            self.live.baim,
-            self.baim_version or version_name(0),
+            baim,
+            version,
             source=self.source,
             test_indices=self.partitions.test,
             resolution=self.scenario.data.resolution,
             batch_size=self.cloud.batch_size,
             seed=self.scenario.seed,
+            task_model_budget=self.cloud.task_model_budget,
         )
 
     def _summary(self, tasks: dict[str, PublishedTaskModel]) -> CoordinatorSummary:
@@ -511,4 +610,6 @@ class CloudCoordinator:
             restarts=self.restarts,
             ledger=self.ledger.snapshot(),
             tasks=tasks,
+            new_tasks=self.new_tasks,
+            learner_pruning=self.learner_pruning,
         )

@@ -15,9 +15,15 @@ from pydantic import Field
 from actors.uploads import upload_key
 from orchestrator.core.metrics import LedgerSnapshot
 from orchestrator.core.names import EDGE_OWNER_PREFIX, version_number
-from orchestrator.core.receipts import RoundError, RoundRecord, UploadReceipt
+from orchestrator.core.receipts import (
+    LearnerPruning,
+    NewTaskRecord,
+    RoundError,
+    RoundRecord,
+    UploadReceipt,
+)
 from orchestrator.core.registry import Registry
-from orchestrator.core.scenario import StrictModel
+from orchestrator.core.scenario import NewTaskEvent, StrictModel
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,13 @@ class CoordinatorState(StrictModel):
     trained_learners: list[str] = Field(description="Learners inside that BAIM, sorted.")
     restarts: int = Field(default=0, ge=0, description="How often the coordinator resumed from this state.")
     ledger: LedgerSnapshot = Field(description="The coordinator's cost ledger.")
+    new_tasks: list[NewTaskRecord] = Field(default_factory=list, description="Few-shot tasks added so far.")
+    queued_new_tasks: list[NewTaskEvent] = Field(
+        default_factory=list, description="new_task events received, waiting for a trained BAIM."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="The model-level pruning finish() did (None: none yet)."
+    )
 
 
 class RoundLog:

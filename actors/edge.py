@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from baim.config import LearnerSpec
-from baim.costs import forward_backward_flops
+from baim.costs import count_flops, forward_backward_flops
 from baim.learners import VAELearner
 from baim.seeding import derive_seed
 from baim.training import evaluate, train_epoch, vae_batch_loss
@@ -72,6 +72,27 @@ def edge_device(num_gpus: float, cuda_available: bool) -> torch.device:
 def link_delay_seconds(nbytes: int, bandwidth_mbps: float, latency_ms: float, time_scale: float) -> float:
     """Simulated transfer time of `nbytes` over a link: time_scale * (latency + bits / bandwidth)."""
     return time_scale * (latency_ms / 1000.0 + nbytes * 8 / (bandwidth_mbps * 1e6))
+
+
+def validation_split(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) positions of a shard of `size` images: a seeded draw of round(fraction * size)
+    images (at least 1, leaving at least 1 to train on) for validation, both lists sorted."""
+    if size < 2:
+        raise ValueError(f"size: expected >= 2 images to split, received {size}")
+    count = min(size - 1, max(1, round(fraction * size)))
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def epochs_without_improvement(losses: list[float], min_delta: float) -> int:
+    """Epochs since the best validation loss so far, where an epoch improves on the best by > min_delta."""
+    best, since = float("inf"), 0
+    for loss in losses:
+        if loss < best - min_delta:
+            best, since = loss, 0
+        else:
+            since += 1
+    return since
 
 
 def poison_state(
@@ -165,6 +186,8 @@ class EdgeNode:
         self.epoch = 0
         self.steps = 0
         self.train_loss: float | None = None
+        self.validation_loss: list[float] = []  # per epoch, with early stopping
+        self.best_epoch: int | None = None
         self.receipt: dict[str, Any] | None = None
         self.error: str | None = None
         logger.info(
@@ -231,29 +254,67 @@ class EdgeNode:
         model = VAELearner(self.spec).to(self.device)  # drawn on the CPU, then moved: same initial weights
         optimizer = torch.optim.Adam(model.parameters(), lr=self.edge.lr)
         loss_fn = vae_batch_loss(self.kld_weight)  # moves each batch to the model's device
+        stopping = self.edge.early_stopping
+        train_set: Dataset[Any] = self.dataset
+        validation: DataLoader[Any] | None = None
+        validation_flops = 0
+        if stopping is not None:
+            train_part, validation_part = validation_split(
+                len(self.dataset), stopping.validation_fraction, derive_seed("validation", self.seed)
+            )
+            train_set = Subset(self.dataset, train_part)
+            validation_set = Subset(self.dataset, validation_part)
+            validation = DataLoader(validation_set, batch_size=self.edge.batch_size)
+            validation_flops = self._forward_flops(model, validation_set)
         order = torch.Generator().manual_seed(self.seed)
-        loader = DataLoader(self.dataset, batch_size=self.edge.batch_size, shuffle=True, generator=order)
+        loader = DataLoader(train_set, batch_size=self.edge.batch_size, shuffle=True, generator=order)
 
-        flops_per_epoch = self._epoch_flops(model, loss_fn)
+        flops_per_epoch = self._epoch_flops(model, loss_fn, train_set) + validation_flops
+        best_state: dict[str, torch.Tensor] | None = None
         for epoch in range(self.edge.local_epochs):
             self._check_leave()
             with self.ledger.phase("edge_train", edge=self.edge_id):
                 self.train_loss = train_epoch(model, self._paced(loader), optimizer, loss_fn)
+                if validation is not None:
+                    self.validation_loss.append(evaluate(model, validation, loss_fn, seed=0))
             self.ledger.record_edge_flops(self.edge_id, flops_per_epoch)
             self.epoch = epoch + 1
             logger.info("edge %s epoch %d/%d loss %.5f", self.edge_id, self.epoch, self.edge.local_epochs,
                         self.train_loss)  # fmt: skip
+            if stopping is not None:
+                since_best = epochs_without_improvement(self.validation_loss, stopping.min_delta)
+                if since_best == 0:
+                    best_state, self.best_epoch = _cpu_state(model), self.epoch
+                elif since_best >= stopping.patience:
+                    logger.info("edge %s converged at epoch %d (best %d)", self.edge_id, self.epoch,
+                                self.best_epoch)  # fmt: skip
+                    break
+        if stopping is not None and best_state is not None:
+            model.load_state_dict(best_state)  # the best validation epoch's weights are what is uploaded
         self._check_leave()
         self.model = model
         self.eval_loss = evaluate(model, DataLoader(self.dataset, batch_size=self.edge.batch_size), loss_fn)
 
-    def _epoch_flops(self, model: VAELearner, loss_fn: Any) -> int:
+    def _forward_flops(self, model: VAELearner, dataset: Dataset[Any]) -> int:
+        """Forward FLOPs of one pass over `dataset` (a validation), counted on one full and one last batch."""
+        size, batch = len(dataset), self.edge.batch_size  # type: ignore[arg-type]
+        full, rest = divmod(size, batch)
+        total = 0
+        with torch.random.fork_rng(), torch.no_grad():
+            for n, count in ((batch, full), (rest, 1)):
+                if n and count:
+                    example = torch.stack([_image(dataset[i]) for i in range(n)]).to(self.device)
+                    total += count * count_flops(model, example)
+        return total
+
+    def _epoch_flops(self, model: VAELearner, loss_fn: Any, dataset: Dataset[Any] | None = None) -> int:
         """FLOPs of one epoch, counted by FlopCounterMode on the real model and real batch shapes.
 
         FLOPs depend only on shapes, so one full batch and the last partial one are counted once each
         (inside a forked RNG, so counting does not shift the training's random stream).
         """
-        size = len(self.dataset)
+        dataset = self.dataset if dataset is None else dataset
+        size = len(dataset)  # type: ignore[arg-type]
         batch = self.edge.batch_size
         full, rest = divmod(size, batch)
         total = 0
@@ -261,7 +322,7 @@ class EdgeNode:
             for n, count in ((batch, full), (rest, 1)):
                 if n == 0 or count == 0:
                     continue
-                example = torch.stack([_image(self.dataset[i]) for i in range(n)])
+                example = torch.stack([_image(dataset[i]) for i in range(n)])
                 total += count * forward_backward_flops(model, example, loss_fn).total
         return total
 
@@ -392,6 +453,8 @@ class EdgeNode:
             epochs=self.edge.local_epochs,
             steps=self.steps,
             train_loss=self.train_loss,
+            validation_loss=self.validation_loss,
+            best_epoch=self.best_epoch,
             shard_size=len(self.dataset),
             receipt=self.receipt,
             error=self.error,

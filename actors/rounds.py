@@ -30,12 +30,17 @@ class RoundRequest:
     source: DataSource
     partitions: Partitions
     registry_uri: str
+    # A continual gate_only round: the learners an earlier round trained, kept fixed (None: train as the
+    # first round did).
+    frozen_learners: list[str] | None = None
 
 
 @dataclass
 class RoundResult:
-    trained: ArtifactPayload  # the BAIM the first strategy produced: the coordinator continues from it
+    trained: ArtifactPayload  # the kept strategy's trained BAIM: the coordinator continues from it
     strategies: dict[str, StrategyRun] = field(default_factory=dict)  # per strategy: curves, FLOPs, seconds
+    kept: str | None = None  # the strategy whose BAIM `trained` is (cloud.keep); None: the first
+    holdout_loss: dict[str, float] | None = None  # per strategy, when cloud.keep is best
 
 
 RoundRunner = Callable[[RoundRequest], RoundResult]  # blocking; the coordinator calls it in a thread

@@ -61,6 +61,26 @@ def continual_parameters(baim: BAIM, new_learners: Sequence[str]) -> list[nn.Par
     return params
 
 
+def freeze_for_continual(baim: BAIM, frozen_learners: Sequence[str], train_new_learners: bool) -> int:
+    """A continual round's trainable set, in place: the gates, every connection touching a learner not in
+    `frozen_learners` and, with `train_new_learners`, those learners themselves; every other parameter gets
+    requires_grad=False (its .grad cleared). Returns the number of trainable parameters."""
+    unknown = sorted(set(frozen_learners) - set(baim.config.learner_names))
+    if unknown:
+        raise ValueError(f"frozen_learners: unknown learners {unknown}")
+    new = [name for name in baim.config.learner_names if name not in set(frozen_learners)]
+    trainable = {id(p) for p in continual_parameters(baim, new)}
+    if train_new_learners:
+        trainable |= {id(p) for name in new for p in baim.learner(name).parameters()}
+    for p in baim.parameters():
+        p.requires_grad_(id(p) in trainable)
+        if id(p) not in trainable:
+            p.grad = None
+    count = sum(p.numel() for p in baim.parameters() if p.requires_grad)
+    logger.info("continual round: %d trainable parameters, learners %s frozen", count, list(frozen_learners))
+    return count
+
+
 def add_task(baim: BAIM, task: str, members: Sequence[str] | None = None) -> None:
     """A new squad for `task` over existing full learners (all of them, in arrival order, by default)."""
     if task in baim.config.tasks:

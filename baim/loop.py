@@ -1,24 +1,26 @@
 """The one cloud training loop: per epoch, train, prune on the schedule, evaluate, hand the epoch to hooks.
 
 Every runner (in-process, Ray Train worker) calls `train_strategy` with its own `TrainingHooks`: where the
-batches come from, the loss (its noise), what follows a pruning (e.g. a new DDP wrapper), how the test loss
-is measured, and what an epoch's end does (report, checkpoint). docs/design/training.md says why.
+batches come from (and the fixed batches pruning scores connections on), the loss (its noise), what follows a
+pruning (e.g. a new DDP wrapper), how the test loss is measured, and what an epoch's end does (report,
+checkpoint). Pruning is `baim.compaction.prune_on_schedule`: scored on data, and with a task-model budget it
+reaches the budget by the last pruning epoch, recovery epochs following. docs/design/training.md says why.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from baim.continual import admit
+from baim.compaction import Batch, PruningSchedule, prune_on_schedule
+from baim.continual import admit, freeze_for_continual
 from baim.model import BAIM
 from baim.model_config import ConnectionSpec
-from baim.pruning import prune_connections
 from baim.training import FlopCounting, Strategy, apply_strategy, make_optimizer, train_steps
 
 # FlopCounting per epoch, or "after_change": count the first step of the run and the first step after each
@@ -34,9 +36,9 @@ class LoopSchedule:
 
     epochs: int  # the last epoch (1-based) to train
     lr: float  # Adam learning rate; the optimiser rebuilt after a pruning keeps it
-    prune_interval: int  # prune after the training of every prune_interval-th epoch ...
-    prune_ratio: float  # ... removing floor(prune_ratio * surviving) connections (0: never)
+    pruning: PruningSchedule  # when and how much to prune (interval, ratio, task-model budget, recovery)
     flop_counting: LoopFlopCounting = "every_batch"
+    score_seed: int = 0  # connection scores draw their noise from noise_for(..., score_seed + batch index)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,13 @@ class TrainingHooks(Protocol):
         """The scalar training loss of `model` (the BAIM or its wrapper) on `batch`."""
         ...
 
+    def score_batches(self) -> Sequence[Batch]:
+        """Fixed (images, task ids) batches pruning scores connections on; the same on every rank and call."""
+        ...
+
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
-        """Called after each pruning; returns the module to train from now on (the BAIM or a new wrapper)."""
+        """Called after each pruning that removed connections; returns the module to train from now on (the
+        BAIM or a new wrapper)."""
         ...
 
     def evaluate(self, epoch: int) -> Evaluation | None:
@@ -95,18 +102,22 @@ def on_cadence(epoch: int, every: int, last_epoch: int) -> bool:
     return epoch % every == 0 or epoch == last_epoch
 
 
-def start_strategy(baim: BAIM, strategy: Strategy, seed: int) -> None:
-    """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy."""
+def start_strategy(
+    baim: BAIM, strategy: Strategy, seed: int, frozen_learners: Sequence[str] | None = None
+) -> None:
+    """Prepare a fused BAIM for a round: pending learners compete from the first step, then the strategy.
+
+    `frozen_learners` (a continual gate_only round): those learners and the connections among them stay
+    fixed; the gates and the rest train (the other learners only with finetune). Scratch would re-initialise
+    what the round keeps, so it is refused there.
+    """
     admit(baim)
-    apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
-
-
-def prune_on_schedule(baim: BAIM, epoch: int, schedule: LoopSchedule) -> list[ConnectionSpec] | None:
-    """Prune after `epoch`'s training when the schedule says so: floor(ratio * surviving) connections every
-    prune_interval epochs. Returns the removed connections (maybe none), or None when no pruning was due."""
-    if schedule.prune_ratio > 0 and epoch % schedule.prune_interval == 0:
-        return prune_connections(baim, schedule.prune_ratio)
-    return None
+    if frozen_learners is None:
+        apply_strategy(baim, strategy, baim.learner_modules(), seed=seed)
+        return
+    if strategy == "scratch":
+        raise ValueError("strategy: a continual round keeps its learners; scratch would re-initialise them")
+    freeze_for_continual(baim, frozen_learners, train_new_learners=strategy == "finetune")
 
 
 def train_strategy(
@@ -120,10 +131,14 @@ def train_strategy(
 ) -> torch.optim.Optimizer:
     """Train epochs first_epoch..schedule.epochs of `baim` through `model` (the BAIM, or a wrapper of it).
 
-    Pruning deletes parameters, so after one the optimiser is rebuilt over the surviving trainable ones,
-    each survivor keeping its Adam state, and `hooks.pruned` gives the module to train next. Evaluation
-    follows pruning, so a test loss is that of the model the epoch ends with. Returns the last optimiser.
+    After the training of each pruning epoch (`schedule.pruning`), connections are scored on
+    `hooks.score_batches()` and removed. Pruning deletes parameters, so after one that removed any the
+    optimiser is rebuilt over the surviving trainable ones, each survivor keeping its Adam state, and
+    `hooks.pruned` gives the module to train next. Evaluation follows pruning, so a test loss is that of the
+    model the epoch ends with. Returns the last optimiser. Raises ValueError when a budget is set and the
+    schedule has no pruning epoch.
     """
+    pruning_epochs = set(schedule.pruning.pruning_epochs(schedule.epochs))
     per_sample_flops: float | None = None  # "after_change": the counted step's, until the next pruning
     for epoch in range(first_epoch, schedule.epochs + 1):
         started = time.perf_counter()
@@ -138,10 +153,18 @@ def train_strategy(
                 per_sample_flops = totals.flops / totals.samples
             else:
                 flops = round(per_sample_flops * totals.samples)
-        removed = prune_on_schedule(baim, epoch, schedule)
-        if removed is not None:
+        removed: list[ConnectionSpec] = []
+        if epoch in pruning_epochs:
+            removed = prune_on_schedule(
+                baim,
+                epoch,
+                schedule.epochs,
+                schedule.pruning,
+                hooks.score_batches(),
+                seed=schedule.score_seed,
+            )
+        if removed:
             per_sample_flops = None  # connections went: count the next step again
-        if removed is not None:
             optimizer = make_optimizer(baim, schedule.lr, previous=optimizer)
             del model  # a DDP wrapper's gradient hooks go with it, before the next one registers its own
             model = hooks.pruned(epoch, removed)
@@ -153,7 +176,7 @@ def train_strategy(
             flops=flops,
             train_seconds=train_seconds,
             seconds=time.perf_counter() - started,
-            pruned=removed or [],
+            pruned=removed,
             evaluation=evaluation,
         )
         hooks.epoch_done(outcome, optimizer)

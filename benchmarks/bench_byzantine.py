@@ -35,19 +35,23 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from actors.coordinator import CloudCoordinator, RoundFailed
-from actors.edge import EdgeNode, poison_state, upload_spec
+from actors.edge import EdgeNode, learner_name, poison_state, upload_spec
+from actors.lifecycle import task_test_losses
 from actors.uploads import PLAUSIBILITY_IMAGES, PLAUSIBILITY_SEED
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
+from baim.model import BAIM
 from baim.training import train_epoch, vae_batch_loss
 from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import Partitions, make_partitions
@@ -75,15 +79,20 @@ SCENARIO_BASE = {
     "baselines": {"fedavg": {"enabled": False}},
     "serving": {"enabled": False},
 }
-DEFENCES = ("none", "gate_default", "gate_relative")
-ATTACKS = ("sign_flip", "scale_x10", "scale_x1000", "noise_3std", "wrong_task_data", "noise_images")
+DEFENCES = ("none", "gate_default", "gate_relative", "route_around")
+ATTACKS = ("sign_flip", "scale_x10", "scale_x1000", "noise_1std", "noise_3std", "wrong_task_data",
+           "noise_images")  # fmt: skip
 TASK_PREFIXES = {"male": "m", "female": "f"}  # edge ids: m-0, m-1, ..., f-0, f-1 (the attacker), ...
 
 
-def build_scenario(edges_per_task: int, seed: int) -> Scenario:
+PROCEDURAL = {"root": "/nonexistent/celeba", "procedural": {"num_images": 4000, "native_size": 32}}
+
+
+def build_scenario(edges_per_task: int, seed: int, data: str = "auto") -> Scenario:
     """The benchmark's scenario with `edges_per_task` identical edges per task, male edges first.
 
-    `seed` draws the data splits and seeds every training (edges and cloud round).
+    `seed` draws the data splits and seeds every training (edges and cloud round). `data`: "auto" (the
+    shared CelebA when present) or "procedural".
 
     Shards are drawn in declaration order after the test, holdout and cloud splits, so those splits are the
     same at every size and the default size (2) gives the four edges the benchmark always had.
@@ -93,7 +102,10 @@ def build_scenario(edges_per_task: int, seed: int) -> Scenario:
         for task, prefix in TASK_PREFIXES.items()
         for index in range(edges_per_task)
     ]
-    return Scenario.model_validate(SCENARIO_BASE | {"edges": edges, "seed": seed})
+    document: dict[str, Any] = SCENARIO_BASE | {"edges": edges, "seed": seed}
+    if data == "procedural":  # the faces the plausibility gate cannot tell a sign flip on (see the tests)
+        document["data"] = {**document["data"], **PROCEDURAL}
+    return Scenario.model_validate(document)
 
 
 def train_edge(scenario: Scenario, source: DataSource, edge_id: str, indices: list[int]) -> VAELearner:
@@ -151,21 +163,33 @@ def norm_ratio(scenario: Scenario, edge_id: str, state: dict[str, torch.Tensor])
     return (total / reference) ** 0.5
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One pipeline's result: each task's test loss from the trained BAIM and after model-level pruning."""
+
+    unpruned: dict[str, float]  # the trained BAIM's task models (what a run without pruning publishes)
+    pruned: dict[str, float]  # the task models after cloud.min_selection_rate's pruning
+    rate: float | None  # the attacker's LSGate selection rate (None: not fused)
+    removed: list[str]  # learners the pruning removed
+
+
 def run_pipeline(
     scenario: Scenario,
     source: DataSource,
     partitions: Partitions,
     uploads: dict[str, ArtifactPayload],
-    cache: dict[tuple[str, ...], dict[str, float]],
-) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Every upload through a fresh CloudCoordinator, then finish(): receipts and per-task test loss.
+    cache: dict[tuple[str, ...], Outcome],
+) -> tuple[dict[str, dict[str, Any]], Outcome]:
+    """Every upload through a fresh CloudCoordinator, then finish() (which prunes by the scenario's
+    cloud.min_selection_rate before decomposing): receipts and the outcome.
 
-    Training is deterministic (seeded), so the same accepted uploads give the same losses: `cache` maps the
-    accepted uploads' sha256s to the losses and finish() runs once per distinct set. A cloud round that fails
-    (e.g. diverges on a poisoned model) publishes no task model: its losses are NaN.
+    Training is deterministic (seeded), so the same accepted uploads give the same outcome: `cache` maps the
+    accepted uploads' sha256s to it and finish() runs once per distinct set. The unpruned losses are the
+    trained BAIM's, measured with the noise the published task models are measured with (decomposition is
+    exact). A cloud round that fails (e.g. diverges on a poisoned model) publishes no task model: NaN.
     """
 
-    async def go(coordinator: CloudCoordinator) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    async def go(coordinator: CloudCoordinator) -> tuple[dict[str, dict[str, Any]], Outcome]:
         receipts = {}
         for edge_id, payload in uploads.items():
             receipts[edge_id] = await coordinator.upload(
@@ -177,12 +201,27 @@ def run_pipeline(
             )
         key = tuple(sorted(receipt["sha256"] for receipt in receipts.values() if receipt["accepted"]))
         if key not in cache:
+            tasks = [task.name for task in scenario.tasks]
             try:
-                summary = await coordinator.finish()
-                cache[key] = {task: s["test_loss"] for task, s in summary["tasks"].items()}
+                summary = CoordinatorSummary.model_validate(await coordinator.finish())
+                pruning = summary.learner_pruning
+                assert pruning is not None  # the scenario sets cloud.min_selection_rate
+                trained = coordinator.registry.load_module("baim", pruning.from_version, BAIM)
+                unpruned = task_test_losses(
+                    trained, tasks, source=source, test_indices=partitions.test,
+                    resolution=scenario.data.resolution, batch_size=scenario.cloud.batch_size,
+                    seed=scenario.seed,
+                )  # fmt: skip
+                cache[key] = Outcome(
+                    unpruned=unpruned,
+                    pruned={task: float(summary.tasks[task].test_loss or "nan") for task in tasks},
+                    rate=pruning.selection_rates.get(learner_name(ATTACKER)),
+                    removed=[r.learner for r in pruning.removed],
+                )
             except RoundFailed as err:
                 print(f"  cloud round failed, no task model published: {err.error}")
-                cache[key] = {task.name: float("nan") for task in scenario.tasks}
+                nan = {task: float("nan") for task in tasks}
+                cache[key] = Outcome(nan, nan, None, [])
         return receipts, cache[key]
 
     with tempfile.TemporaryDirectory(prefix="bench-byzantine-") as registry:
@@ -192,10 +231,12 @@ def run_pipeline(
         return asyncio.run(go(coordinator))
 
 
-def with_gate(scenario: Scenario, limits: dict[str, float]) -> Scenario:
-    """The scenario with `cloud.uploads` fields overridden (the coordinator reads its checks from there)."""
+def with_defence(scenario: Scenario, limits: dict[str, float], min_selection_rate: float) -> Scenario:
+    """The scenario with `cloud.uploads` fields overridden (the coordinator reads its checks from there) and
+    `cloud.min_selection_rate` set (0: every rate measured, no learner removed)."""
     document = scenario.model_dump(mode="json")
     document["cloud"]["uploads"].update(limits)
+    document["cloud"]["min_selection_rate"] = min_selection_rate
     return Scenario.model_validate(document)
 
 
@@ -232,34 +273,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(DEFENCES)} (default all)",
     )
     parser.add_argument(
-        "--seed",
-        type=int,
-        default=11,
-        help="the scenario's seed: data splits, edge and cloud training (default 11: today's numbers)",
+        "--seeds",
+        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        default=[11],
+        help="comma-separated scenario seeds (data splits, edge and cloud training); the table averages "
+        "over them (default 11: today's numbers)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=("auto", "procedural"),
+        default="auto",
+        help="auto: the shared CelebA subset when present, else procedural faces; procedural: always them",
+    )
+    parser.add_argument(
+        "--min-selection-rate",
+        type=float,
+        default=None,
+        help="cloud.min_selection_rate of the route_around defence (default: half a member's uniform share, "
+        "0.5 / edges-per-task)",
     )
     args = parser.parse_args(argv)
     if args.edges_per_task < 2:
         parser.error(
             f"--edges-per-task: the attacker is {ATTACKER}, so at least 2; received {args.edges_per_task}"
         )
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds: expected distinct seeds >= 0, received {args.seeds}")
+    if args.min_selection_rate is None:
+        args.min_selection_rate = 0.5 / args.edges_per_task
     return args
 
 
-def main() -> None:
-    args = parse_args()
+# attack, defence, attacker accepted, test loss per task, the attacker's selection rate, learners pruned
+Row = tuple[str, str, bool, dict[str, float], float | None, list[str]]
+
+
+def run_seed(args: argparse.Namespace, seed: int, started: float) -> tuple[dict[str, float], list[Row]]:
+    """One seed: the clean losses and a row per (attack, defence)."""
     chosen_attacks: list[str] = args.attacks
     chosen_defences: list[str] = args.defences
-    logging.basicConfig(level=logging.ERROR)
-    started = time.perf_counter()
-    scenario = build_scenario(args.edges_per_task, args.seed)
+    scenario = build_scenario(args.edges_per_task, seed, args.data)
     edge_count = len(scenario.all_edges())
     source = resolve_source(scenario.data)
     partitions = make_partitions(source, scenario)
     tasks = [task.name for task in scenario.tasks]
-    print(f"data: {source.kind} ({source.root}), resolution {scenario.data.resolution}, "
-          f"seed {scenario.seed}, edges {[e.id for e in scenario.all_edges()]}, "
-          f"attacker {ATTACKER} (task female, 1 of {edge_count} edges); "
-          f"attacks {chosen_attacks}, defences {chosen_defences}")  # fmt: skip
+    print(f"\n=== seed {seed}: data {source.kind} ({source.root}), resolution {scenario.data.resolution}, "
+          f"edges {[e.id for e in scenario.all_edges()]}, attacker {ATTACKER} (task female, 1 of "
+          f"{edge_count} edges); attacks {chosen_attacks}, defences {chosen_defences}")  # fmt: skip
 
     # 1. Honest local training (the attacker's honest model is the clean run's f-1).
     honest = {
@@ -272,9 +332,10 @@ def main() -> None:
         "sign_flip": lambda: poison_state(attacker_state, "sign_flip", 1.0, seed=1),
         "scale_x10": lambda: poison_state(attacker_state, "scale", 10.0, seed=1),
         "scale_x1000": lambda: poison_state(attacker_state, "scale", 1000.0, seed=1),
+        "noise_1std": lambda: poison_state(attacker_state, "noise", 1.0, seed=1),
         "noise_3std": lambda: poison_state(attacker_state, "noise", 3.0, seed=1),
         "wrong_task_data": lambda: train_edge(
-            scenario, source, ATTACKER, partitions.edges["m-0"]
+            scenario, source, ATTACKER, partitions.edges[f"{TASK_PREFIXES['male']}-0"]
         ).state_dict(),
         "noise_images": lambda: train_on_noise_images(
             scenario, ATTACKER, len(partitions.edges[ATTACKER])
@@ -287,20 +348,25 @@ def main() -> None:
     holdouts = {task: holdout_images(scenario, source, partitions, task) for task in tasks}
     constant = {task: float(((h - h.mean(0, keepdim=True)) ** 2).mean()) for task, h in holdouts.items()}
     relative_limit = 1.25 * max(constant.values())
+    off = {"max_plausibility_loss": 1e30, "max_loss_ratio": 1e30, "max_weight_norm_ratio": 1e30}
+    # Upload limits of each defence; every run prunes by --min-selection-rate before decomposing, and
+    # route_around is gate_default's run read after that pruning (the others are read before it).
     limits: dict[str, dict[str, float]] = {
-        "none": {"max_plausibility_loss": 1e30, "max_loss_ratio": 1e30, "max_weight_norm_ratio": 1e30},
+        "none": off,
         "gate_default": {},
         "gate_relative": {"max_plausibility_loss": relative_limit},
+        "route_around": {},
     }
     print(f"constant-predictor loss per task {({t: round(v, 5) for t, v in constant.items()})}; "
-          f"gate_relative limit {relative_limit:.5f}")  # fmt: skip
+          f"gate_relative limit {relative_limit:.5f}; route_around: the shipped upload checks, then "
+          f"cloud.min_selection_rate {args.min_selection_rate:g}")  # fmt: skip
 
     def loss_of(edge_id: str, state: dict[str, torch.Tensor]) -> float:
         learner = VAELearner(declared_spec(scenario, edge_id))
         learner.load_state_dict(state)
         return plausibility_loss(scenario, learner, holdouts[scenario.edge(edge_id).task])
 
-    print("\nupload checks (plausibility loss on the task's holdout; norm over a fresh init's):")
+    print("upload checks (plausibility loss on the task's holdout; norm over a fresh init's):")
     for edge_id, state in honest.items():
         ratio = norm_ratio(scenario, edge_id, state)
         print(f"  honest {edge_id:<16} loss {loss_of(edge_id, state):10.5g}  norm x{ratio:.2f}")
@@ -309,46 +375,79 @@ def main() -> None:
               f"norm x{norm_ratio(scenario, ATTACKER, state):.2f}")  # fmt: skip
 
     # 3. The pipeline per (attack, defence).
-    cache: dict[tuple[str, ...], dict[str, float]] = {}
+    cache: dict[tuple[str, ...], Outcome] = {}
+    pruning_scenario = with_defence(scenario, {}, args.min_selection_rate)
 
-    def run(uploads: dict[str, ArtifactPayload], defence: str) -> tuple[bool, dict[str, float]]:
-        gated = with_gate(scenario, limits[defence])
-        receipts, losses = run_pipeline(gated, source, partitions, uploads, cache)
-        return bool(receipts[ATTACKER]["accepted"]), losses
+    def run(uploads: dict[str, ArtifactPayload], defence: str) -> tuple[bool, Outcome]:
+        gated = with_defence(scenario, limits[defence], args.min_selection_rate)
+        receipts, outcome = run_pipeline(gated, source, partitions, uploads, cache)
+        return bool(receipts[ATTACKER]["accepted"]), outcome
+
+    def row(name: str, defence: str, accepted: bool, outcome: Outcome) -> Row:
+        losses = outcome.pruned if defence == "route_around" else outcome.unpruned
+        return (name, defence, accepted, losses, outcome.rate if accepted else None, outcome.removed)
 
     clean_uploads = {edge_id: payload_of(scenario, edge_id, state) for edge_id, state in honest.items()}
     _, clean = run(clean_uploads, "none")
+    rows: list[Row] = [row("clean", "none", True, clean), row("clean", "route_around", True, clean)]
     # What the honest edges achieve alone: the best any defence can do once the attacker's model is out.
     without_attacker = {e: p for e, p in clean_uploads.items() if e != ATTACKER}
-    honest_only = run_pipeline(scenario, source, partitions, without_attacker, cache)[1]
-    rows = []
+    honest_only = run_pipeline(pruning_scenario, source, partitions, without_attacker, cache)[1]
+    rows.append(row("honest_only", "none", False, honest_only))
     for name, state in attacks.items():
         uploads = clean_uploads | {ATTACKER: payload_of(scenario, ATTACKER, state)}
         for defence in chosen_defences:
-            accepted, losses = run(uploads, defence)
-            rows.append((name, defence, accepted, losses))
-            print(f"  ran {name} / {defence}: attacker {'accepted' if accepted else 'rejected'} "
+            accepted, outcome = run(uploads, defence)
+            rows.append(row(name, defence, accepted, outcome))
+            rate = rows[-1][4]
+            print(f"  ran {name} / {defence}: attacker {'accepted' if accepted else 'rejected'}"
+                  f"{'' if rate is None else f', selection rate {rate:.3f}'}"
+                  f"{f', pruned {outcome.removed}' if defence == 'route_around' else ''} "
                   f"({time.perf_counter() - started:.0f}s)")  # fmt: skip
+    return clean.unpruned, rows
 
-    # 4. The table: each loss over the clean run's (all edges honest) and over the honest edges alone.
-    clean_line = ", ".join(f"{t} {clean[t]:.5f}" for t in tasks)
-    print(f"\nclean test loss (all {edge_count} edges honest): {clean_line}")
-    print(f"honest edges only ({ATTACKER} absent): " + ", ".join(f"{t} {honest_only[t]:.5f}" for t in tasks))
-    header = f"{'attack':<16} {'defence':<14} {'attacker':<9}" + "".join(
-        f" {t + ' loss':>12} {'/clean':>7} {'/honest':>8}" for t in tasks
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    started = time.perf_counter()
+    per_seed = {seed: run_seed(args, seed, started) for seed in args.seeds}
+    tasks = list(next(iter(per_seed.values()))[0])
+
+    # The table: each loss over the same seed's clean run (all edges honest), then averaged over seeds.
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    keys = [(row[0], row[1]) for row in next(iter(per_seed.values()))[1]]
+    header = f"{'attack':<16} {'defence':<14} {'accepted':>8} {'pruned':>6} {'rate':>18}" + "".join(
+        f" {t + ' /clean':>14}" for t in tasks
     )
+    print(f"\nmean over seeds {args.seeds} ({args.edges_per_task} edges per task; accepted / pruned: seeds "
+          f"in which the attacker passed the upload checks / was removed by the pruning; rate: its LSGate "
+          f"selection rate on the cloud's common data, mean [min, max] over the seeds it was accepted in; a "
+          f"member's uniform share is {1 / args.edges_per_task:.3f}; /clean: over the same seed's clean run "
+          "without pruning)")  # fmt: skip
     print(header + "  goal")
     print("-" * len(header) + "------")
-    for name, defence, accepted, losses in rows:
-        cells = "".join(
-            f" {losses[t]:12.5f} {losses[t] / clean[t]:6.3f}x {losses[t] / honest_only[t]:7.3f}x"
-            for t in tasks
-        )
-        worst = max(losses[t] / clean[t] - 1 for t in tasks)
-        verdict = "" if defence == "none" else ("ok" if worst <= GOAL else "MISSED")
-        print(f"{name:<16} {defence:<14} {'accepted' if accepted else 'rejected':<9}{cells}  {verdict}")
-    print(f"\ngoal: defended loss within {GOAL:.0%} of clean (/clean <= {1 + GOAL:.2f}x); /honest: over the "
-          "honest edges alone, the best a defence that rejects can do; "
+    attacker = learner_name(ATTACKER)
+    for attack, defence in keys:
+        matching = [
+            next(r for r in seed_rows if (r[0], r[1]) == (attack, defence))
+            for _, seed_rows in per_seed.values()
+        ]
+        cleans = [clean for clean, _ in per_seed.values()]
+        ratios = {t: mean([r[3][t] / c[t] for r, c in zip(matching, cleans, strict=True)]) for t in tasks}
+        rates = [r[4] for r in matching if r[4] is not None]
+        rate = f"{mean(rates):.3f} [{min(rates):.2f},{max(rates):.2f}]" if rates else "-"
+        accepted = sum(r[2] for r in matching)
+        pruned = sum(r[2] and attacker in r[5] for r in matching) if defence == "route_around" else "-"
+        worst = max(ratios[t] - 1 for t in tasks)
+        judged = attack not in ("clean", "honest_only") and defence != "none"
+        verdict = ("ok" if worst <= GOAL else "MISSED") if judged else ""
+        cells = "".join(f" {ratios[t]:13.3f}x" for t in tasks)
+        print(f"{attack:<16} {defence:<14} {accepted:>4}/{len(matching):<3} {pruned!s:>6} {rate:>18}{cells}"
+              f"  {verdict}")  # fmt: skip
+    print(f"\ngoal: defended loss within {GOAL:.0%} of clean (/clean <= {1 + GOAL:.2f}x, mean over seeds); "
           f"{time.perf_counter() - started:.0f}s")  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from baim.decompose import decompose  # noqa: E402
 from baim.learners import VAELearner  # noqa: E402
 from baim.model import BAIM  # noqa: E402
 from orchestrator.core.artifacts import pack_module  # noqa: E402
+from orchestrator.core.names import DownloadKind  # noqa: E402
 from orchestrator.core.registry import Registry  # noqa: E402
 from orchestrator.core.scenario import ServingConfig  # noqa: E402
 from serve.app import AppNames, application_specs, deployment_name, start_http  # noqa: E402
@@ -125,7 +126,7 @@ class BareBackend:
             pending = [await self._queue.get()]
             while len(pending) < self._max_batch_size and not self._queue.empty():
                 pending.append(self._queue.get_nowait())
-            model = self._model.current[0]
+            model = self._model.current.model
             results = await asyncio.to_thread(generate_and_encode, model, [request for request, _ in pending])
             for (_, future), result in zip(pending, results, strict=True):
                 future.set_result(result)
@@ -139,10 +140,10 @@ class BareBackend:
         return await future
 
     async def info(self) -> dict[str, Any]:
-        return self._model.current[0].info()
+        return self._model.current.info()
 
-    async def artifact(self) -> dict[str, Any]:
-        return model_artifact(self._model.current)
+    async def artifact(self, kind: DownloadKind = "full") -> dict[str, Any]:
+        return model_artifact(self._model.current, kind)
 
 
 def run_bare_server(registry_uri: str, port: int, max_batch_size: int) -> None:

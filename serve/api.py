@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.core.errors import UnknownTask
 from orchestrator.core.metrics import GENERATION_SECONDS, METRICS_CONTENT_TYPE, render_latest
+from orchestrator.core.names import DownloadKind
 from serve.guard import RequestGuard
 
 API_TOKEN_ENV = "BAIM_API_TOKEN"  # noqa: S105 (the variable name, not a secret)  # nosec B105
@@ -84,6 +85,16 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="n base64-encoded PNG images.")
 
 
+class GeneratingModel(BaseModel):
+    kind: str = Field(
+        description='Artifact kind that generates: "generation_model" (no encoders), "task_model" or '
+        '"learner".'
+    )
+    parameter_count: int = Field(description="Its parameters.")
+    sha256: str = Field(description="Its artifact's sha256 (GET /model?kind=generation downloads it).")
+    nbytes: int = Field(description="Its download size in bytes.")
+
+
 class SplitResponse(BaseModel):
     task: str = Field(description="The task the images were generated for.")
     model_version: str = Field(description="The registry version of the task model that ran the tail.")
@@ -94,9 +105,16 @@ class SplitResponse(BaseModel):
 class TaskInfo(BaseModel):
     task: str = Field(description="Task name.")
     model_version: str = Field(description="Registry version being served.")
-    kind: str = Field(description='Artifact kind: "task_model" (decomposed BAIM) or "learner".')
-    parameter_count: int = Field(description="Parameters of the served model.")
-    sha256: str = Field(description="sha256 of the artifact (spec + weights), as in the registry.")
+    kind: str = Field(
+        description='The full task model\'s artifact kind: "task_model" (decomposed BAIM) or "learner".'
+    )
+    parameter_count: int = Field(description="Parameters of the full task model.")
+    sha256: str = Field(
+        description="sha256 of the full task model's artifact (spec + weights), as in the registry."
+    )
+    generates_with: GeneratingModel = Field(
+        description="The model POST /generate runs: the generation-only artifact when the version has one."
+    )
 
 
 class TasksResponse(BaseModel):
@@ -133,6 +151,10 @@ MODEL_HEADERS = {
     "X-Task": {"description": "The task.", "schema": {"type": "string"}},
     "X-Model-Version": {"description": "The registry version.", "schema": {"type": "string"}},
     "X-Model-Sha256": {"description": "sha256 of the body.", "schema": {"type": "string"}},
+    "X-Model-Kind": {
+        "description": "The download's kind: full (task model) or generation (generation-only artifact).",
+        "schema": {"type": "string"},
+    },
 }
 
 
@@ -143,15 +165,16 @@ class TaskBackend(Protocol):
     """What runs a task's model: the task replica itself, or a handle to it (the index's fallback).
 
     `generate` returns {"model_version", "images" (base64 PNGs), "generation_seconds"}; `info` returns
-    TaskInfo's fields; `artifact` returns {"model_version", "sha256", "body"} (the download body);
-    `generate_split` returns what `generate` does, or {"status", "detail"} for a request it refuses.
+    TaskInfo's fields; `artifact(kind)` returns {"model_version", "sha256", "body", "kind", "artifact_kind"}
+    (the download body of kind "full" or "generation"); `generate_split` returns what `generate` does, or
+    {"status", "detail"} for a request it refuses.
     """
 
     async def generate(self, n: int, seed: int) -> dict[str, Any]: ...
 
     async def info(self) -> dict[str, Any]: ...
 
-    async def artifact(self) -> dict[str, Any]: ...
+    async def artifact(self, kind: DownloadKind = "full") -> dict[str, Any]: ...
 
     async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]: ...
 
@@ -280,28 +303,35 @@ def add_task_routes(
     )
     async def download_model(
         target: Annotated[ResolvedTask, Depends(resolve)],
+        kind: Annotated[
+            DownloadKind,
+            Query(
+                description="full: the task model (reconstruction, personalisation); generation: the "
+                "generation-only artifact (no encoders; the full model when the version has none)."
+            ),
+        ] = "full",
         if_none_match: str | None = Header(
             default=None, description='"<sha256>" of a cached copy: 304 (empty body) if it is still current'
         ),
     ) -> Response:
         cached = (if_none_match or "").strip('"')
-        if cached:
-            info = await target.backend.info()
-            # The sha256 is public (GET /tasks lists it): a plain comparison. hmac.compare_digest raised
-            # TypeError on a non-ASCII header value, a 500 (found by tests/integration/test_openapi_fuzz.py).
-            if cached == info["sha256"]:
-                headers = model_headers(target.task, info["model_version"], cached)
-                return Response(status_code=304, headers=headers)
-        artifact = await target.backend.artifact()
-        return Response(
-            content=artifact["body"],
-            media_type="application/octet-stream",
-            headers=model_headers(target.task, artifact["model_version"], artifact["sha256"]),
-        )
+        artifact = await target.backend.artifact(kind)
+        # The sha256 is public (GET /tasks lists it): a plain comparison. hmac.compare_digest raised
+        # TypeError on a non-ASCII header value, a 500 (found by tests/integration/test_openapi_fuzz.py).
+        headers = model_headers(target.task, artifact["model_version"], artifact["sha256"], artifact["kind"])
+        if cached and cached == artifact["sha256"]:
+            return Response(status_code=304, headers=headers)
+        return Response(content=artifact["body"], media_type="application/octet-stream", headers=headers)
 
 
-def model_headers(task: str, model_version: str, sha256: str) -> dict[str, str]:
-    return {"ETag": f'"{sha256}"', "X-Task": task, "X-Model-Version": model_version, "X-Model-Sha256": sha256}
+def model_headers(task: str, model_version: str, sha256: str, kind: str = "full") -> dict[str, str]:
+    return {
+        "ETag": f'"{sha256}"',
+        "X-Task": task,
+        "X-Model-Version": model_version,
+        "X-Model-Sha256": sha256,
+        "X-Model-Kind": kind,
+    }
 
 
 # ---- the two apps -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.core.names import TASK_OWNER_PREFIX
+from orchestrator.core.names import TASK_OWNER_PREFIX, DownloadKind
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import NAME_PATTERN, ServingConfig
 from serve.api import (
@@ -291,18 +291,18 @@ class TaskModelDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _generate_batched(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
-        model, _ = self._model.current
+        model = self._model.current.model
         # The forward and the PNG encoding run off the event loop, so the next batch keeps filling meanwhile.
         return await asyncio.to_thread(generate_and_encode, model, requests)
 
     async def info(self) -> dict[str, Any]:
-        return self._model.current[0].info()
+        return self._model.current.info()
 
-    async def artifact(self) -> dict[str, Any]:
-        return model_artifact(self._model.current)
+    async def artifact(self, kind: DownloadKind = "full") -> dict[str, Any]:
+        return model_artifact(self._model.current, kind)
 
     async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]:
-        model, _ = self._model.current
+        model = self._model.current.model
         return await asyncio.to_thread(
             generate_split_and_encode,
             model,
@@ -361,8 +361,8 @@ class HandleBackend:
         result: dict[str, Any] = await self._call("info")
         return result
 
-    async def artifact(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("artifact")
+    async def artifact(self, kind: DownloadKind = "full") -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("artifact", kind)
         return result
 
     async def generate_split(self, cut: int, body: bytes, model_version: str | None) -> dict[str, Any]:

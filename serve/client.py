@@ -4,7 +4,12 @@ personalised on a local shard.
     toolbox = Toolbox(cache_dir, endpoint="http://127.0.0.1:8000")  # or registry="/path/to/registry"
     fetched = toolbox.fetch("smiling")  # FetchResult: model, version, sha256, bytes_received, cache_hit
     before, after = personalise(fetched.model, loader, epochs=2, lr=1e-3)
+    generator = toolbox.fetch("smiling", kind="generation").model  # generation only: no encoders
     split = toolbox.generate_split("smiling", n=4, cut=1, seed=7)  # head here, tail on a Serve replica
+
+Kinds. `kind="full"` (the default) is the task model, which reconstructs and can be personalised;
+`kind="generation"` is the version's generation-only artifact (`generation/<task>`), smaller, bit-identical
+images, or the full model when the version has none. `FetchResult.download` says which kind arrived.
 
 Cache. `cache_dir/<sha256>.artifact` holds the download body (`spec_json + b"\\n" + weights`, see
 serve.models), so its sha256 is its name; `cache_dir/index.json` maps each task to the version and sha256
@@ -47,8 +52,14 @@ from baim.learners import VAELearner
 from baim.split import generate_head, split_state_to_bytes
 from baim.training import LossFn, evaluate, train_epoch, vae_batch_loss
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
-from orchestrator.core.names import TASK_OWNER_PREFIX, task_owner
-from orchestrator.core.registry import Registry
+from orchestrator.core.names import (
+    DOWNLOAD_KINDS,
+    TASK_OWNER_PREFIX,
+    DownloadKind,
+    generation_owner,
+    task_owner,
+)
+from orchestrator.core.registry import ArtifactNotFound, Registry
 from serve.models import (
     LoadedModel,
     artifact_body,
@@ -72,7 +83,8 @@ class FetchResult:
     model_version: str
     sha256: str
     model: nn.Module  # a fresh copy, in eval mode, safe to fine-tune
-    kind: str
+    kind: str  # the artifact's spec kind: "task_model", "generation_model" or "learner"
+    download: DownloadKind  # what arrived: "full" or "generation"
     parameter_count: int
     bytes_received: int  # body bytes that crossed the link for this fetch (0 on a cache hit)
     cache_hit: bool
@@ -121,17 +133,24 @@ class Toolbox:
 
     # ---- public -----------------------------------------------------------------------------------
 
-    def fetch(self, task: str) -> FetchResult:
-        """The newest model of `task`, from the cache when it is current. Raises UnknownTask,
-        ArtifactRejected (a body that fails verification) or ConnectionError (endpoint unreachable)."""
-        result = self._fetch_http(task) if self.endpoint is not None else self._fetch_registry(task)
+    def fetch(self, task: str, kind: DownloadKind = "full") -> FetchResult:
+        """The newest model of `task` of `kind` (module docstring), from the cache when it is current.
+        Raises UnknownTask, ArtifactRejected (a body that fails verification) or ConnectionError (endpoint
+        unreachable)."""
+        if kind not in DOWNLOAD_KINDS:
+            raise ValueError(f"kind: expected one of {list(DOWNLOAD_KINDS)}, received {kind!r}")
+        if self.endpoint is not None:
+            result = self._fetch_http(task, kind)
+        else:
+            result = self._fetch_registry(task, kind)
         self.fetches += 1
         self.cache_hits += int(result.cache_hit)
         self.bytes_received += result.bytes_received
-        self._remember(task, result.model_version, result.sha256)
+        self._remember(_index_key(task, kind), result.model_version, result.sha256)
         logger.info(
-            "toolbox: %s %s (%s) from %s, %d bytes received%s",
+            "toolbox: %s %s %s (%s) from %s, %d bytes received%s",
             task,
+            result.download,
             result.model_version,
             result.sha256[:12],
             result.source,
@@ -183,10 +202,10 @@ class Toolbox:
 
     # ---- sources ----------------------------------------------------------------------------------
 
-    def _fetch_http(self, task: str) -> FetchResult:
+    def _fetch_http(self, task: str, kind: DownloadKind) -> FetchResult:
         assert self.endpoint is not None
-        url = f"{self.endpoint}/tasks/{urllib.parse.quote(task, safe='')}/model"
-        known = self._index().get(task)
+        url = f"{self.endpoint}/tasks/{urllib.parse.quote(task, safe='')}/model?kind={kind}"
+        known = self._index().get(_index_key(task, kind))
         known_sha = known["sha256"] if known and self._read_cache(known["sha256"]) is not None else None
         headers = {"Accept": "application/octet-stream"}
         if known_sha:
@@ -199,9 +218,11 @@ class Toolbox:
                 body = response.read()
                 sha256 = response.headers.get("X-Model-Sha256", "")
                 version = response.headers.get("X-Model-Version", "")
+                arrived = _download_kind(response.headers.get("X-Model-Kind", "full"))
         except urllib.error.HTTPError as err:
             if err.code == 304 and known_sha and known:
-                return self._from_cache(task, known["model_version"], known_sha, "http")
+                arrived = _download_kind(err.headers.get("X-Model-Kind", "full"))
+                return self._from_cache(task, kind, arrived, known["model_version"], known_sha, "http")
             detail = err.read()[:500].decode(errors="replace")
             if err.code == 404:
                 raise UnknownTask(task) from None
@@ -218,35 +239,49 @@ class Toolbox:
             payload_from_body(body, sha256, artifact_id=artifact_id), task=task, model_version=version
         )
         self._write_cache(sha256, body)
-        return _result(loaded, bytes_received=len(body), cache_hit=False, source="http")
+        return _result(loaded, arrived, bytes_received=len(body), cache_hit=False, source="http")
 
-    def _fetch_registry(self, task: str) -> FetchResult:
+    def _fetch_registry(self, task: str, kind: DownloadKind) -> FetchResult:
         assert self.registry is not None
-        owner = task_owner(task)
-        version = self.registry.latest(owner)
+        version = self.registry.latest(task_owner(task))  # the task model's version names both kinds
         if version is None:
             known_tasks = [o[len(TASK_OWNER_PREFIX) :] for o in self.registry.owners(TASK_OWNER_PREFIX)]
             raise UnknownTask(task, known_tasks)
+        owner, arrived = task_owner(task), "full"
+        if kind == "generation":
+            try:
+                self.registry.ref(generation_owner(task), version)
+                owner, arrived = generation_owner(task), "generation"
+            except ArtifactNotFound:
+                pass  # a version without a generation artifact: the full model generates too
         sha256 = self.registry.ref(owner, version).sha256
         if self._read_cache(sha256) is not None:
-            return self._from_cache(task, version, sha256, "registry")
+            return self._from_cache(task, kind, _download_kind(arrived), version, sha256, "registry")
         payload = self.registry.get(owner, version)
         loaded = load_model(payload, task=task, model_version=version)
         self._write_cache(payload.sha256, artifact_body(payload))
-        return _result(loaded, bytes_received=payload.nbytes, cache_hit=False, source="registry")
+        return _result(
+            loaded, _download_kind(arrived), bytes_received=payload.nbytes, cache_hit=False, source="registry"
+        )
 
     def _from_cache(
-        self, task: str, version: str, sha256: str, source: Literal["http", "registry"]
+        self,
+        task: str,
+        kind: DownloadKind,
+        arrived: DownloadKind,
+        version: str,
+        sha256: str,
+        source: Literal["http", "registry"],
     ) -> FetchResult:
         body = self._read_cache(sha256)
         if body is None:  # deleted or corrupted since the check: fetch it again, without the cache
-            self._forget(task)
-            return self._fetch_http(task) if source == "http" else self._fetch_registry(task)
+            self._forget(_index_key(task, kind))
+            return self._fetch_http(task, kind) if source == "http" else self._fetch_registry(task, kind)
         artifact_id = f"{task_owner(task)}@{version}"
         loaded = load_model(
             payload_from_body(body, sha256, artifact_id=artifact_id), task=task, model_version=version
         )
-        return _result(loaded, bytes_received=0, cache_hit=True, source=source)
+        return _result(loaded, arrived, bytes_received=0, cache_hit=True, source=source)
 
     # ---- cache files ------------------------------------------------------------------------------
 
@@ -282,19 +317,37 @@ class Toolbox:
             return {}
         return index if isinstance(index, dict) else {}
 
-    def _remember(self, task: str, version: str, sha256: str) -> None:
+    def _remember(self, key: str, version: str, sha256: str) -> None:
         index = self._index()
-        index[task] = {"model_version": version, "sha256": sha256}
+        index[key] = {"model_version": version, "sha256": sha256}
         _write_atomic(self.cache_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True).encode())
 
-    def _forget(self, task: str) -> None:
+    def _forget(self, key: str) -> None:
         index = self._index()
-        if index.pop(task, None) is not None:
+        if index.pop(key, None) is not None:
             _write_atomic(self.cache_dir / INDEX_FILE, json.dumps(index, indent=1, sort_keys=True).encode())
 
 
+def _index_key(task: str, kind: DownloadKind) -> str:
+    """The cache index's key: the task for a full model (as before kinds existed), `<task>#generation`."""
+    return task if kind == "full" else f"{task}#{kind}"
+
+
+def _download_kind(value: str) -> DownloadKind:
+    if value not in DOWNLOAD_KINDS:
+        raise ArtifactRejected(
+            "download", f"X-Model-Kind: expected one of {list(DOWNLOAD_KINDS)}, got {value!r}"
+        )
+    return "full" if value == "full" else "generation"
+
+
 def _result(
-    loaded: LoadedModel, *, bytes_received: int, cache_hit: bool, source: Literal["http", "registry"]
+    loaded: LoadedModel,
+    download: DownloadKind,
+    *,
+    bytes_received: int,
+    cache_hit: bool,
+    source: Literal["http", "registry"],
 ) -> FetchResult:
     return FetchResult(
         task=loaded.task,
@@ -302,6 +355,7 @@ def _result(
         sha256=loaded.sha256,
         model=loaded.module,
         kind=loaded.kind,
+        download=download,
         parameter_count=loaded.parameter_count,
         bytes_received=bytes_received,
         cache_hit=cache_hit,

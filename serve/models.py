@@ -2,8 +2,13 @@
 generation, PNG encoding, and the byte format of a model download. No Ray: Serve replicas, the edge toolbox
 and a bare HTTP server (benchmarks/bench_serve.py) use the same code.
 
-Two artifact kinds generate images and can be served: `"task_model"` (a decomposed BAIM task model) and
-`"learner"` (a lone edge VAE, served as is, e.g. before the first decomposition).
+Three artifact kinds generate images and can be served: `"generation_model"` (a task model's generation-only
+artifact, `generation/<task>`: no encoders), `"task_model"` (a decomposed BAIM task model, the full exact one,
+`task/<task>`) and `"learner"` (a lone edge VAE, served as is, e.g. before the first decomposition). A replica
+follows `task/<task>`; for each version it generates with that version's generation artifact when the
+registry holds one (bit-identical images, fewer parameters), else with the task model itself. Downloads come
+in two kinds: `full` (the task model: what an edge needs to reconstruct and to personalise) and `generation`
+(the generation artifact when there is one, else the full one, which generates too).
 
 Determinism. A request is (n, seed). Its noise is exactly what the model's own `generate(n, seed)` draws,
 from its own generators (never from a shared RNG), and Serve's batching only concatenates the requests' noise
@@ -42,18 +47,24 @@ import torch
 from PIL import Image
 from torch import nn
 
-from baim.decompose import OneTaskModel, TaskModel
+from baim.decompose import OneTaskModel
 from baim.gates import GATE_NOISE_KEY
 from baim.learners import VAELearner, noise_for
 from baim.split import check_cut, generate_tail, split_state_from_bytes
 from orchestrator.core.artifacts import ArtifactPayload, load_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
-from orchestrator.core.names import MAX_MODEL_BYTES, task_owner
-from orchestrator.core.registry import Registry
+from orchestrator.core.names import (
+    DOWNLOAD_KINDS,
+    MAX_MODEL_BYTES,
+    DownloadKind,
+    generation_owner,
+    task_owner,
+)
+from orchestrator.core.registry import ArtifactNotFound, Registry
 
 logger = logging.getLogger(__name__)
 
-SERVABLE_KINDS = ("task_model", "learner")
+SERVABLE_KINDS = ("generation_model", "task_model", "learner")
 DEFAULT_POLL_SECONDS = 5.0  # how often a follower looks for a newer version in the registry
 
 
@@ -105,14 +116,84 @@ def load_model(payload: ArtifactPayload, *, task: str, model_version: str) -> Lo
     )
 
 
+@dataclass(frozen=True)
+class Download:
+    """One downloadable artifact of a served version: the exact bytes its sha256 covers."""
+
+    kind: DownloadKind
+    artifact_kind: str  # the spec kind: "task_model", "generation_model" or "learner"
+    model_version: str
+    sha256: str
+    body: bytes
+    parameter_count: int
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """What a replica holds for one version: the model it generates with and the downloads it answers."""
+
+    model: LoadedModel  # generates: the generation artifact when there is one, else the full model
+    downloads: dict[DownloadKind, Download]
+
+    def info(self) -> dict[str, Any]:
+        """GET /tasks's entry: the full task model (kind, parameters, sha256), and what generates."""
+        full = self.downloads["full"]
+        return {
+            "task": self.model.task,
+            "model_version": self.model.model_version,
+            "kind": full.artifact_kind,
+            "parameter_count": full.parameter_count,
+            "sha256": full.sha256,
+            "generates_with": {
+                "kind": self.model.kind,
+                "parameter_count": self.model.parameter_count,
+                "sha256": self.model.sha256,
+                "nbytes": len(self.downloads["generation"].body),
+            },
+        }
+
+
+def _download(kind: DownloadKind, loaded: LoadedModel, payload: ArtifactPayload) -> Download:
+    return Download(
+        kind=kind,
+        artifact_kind=loaded.kind,
+        model_version=loaded.model_version,
+        sha256=payload.sha256,
+        body=artifact_body(payload),
+        parameter_count=loaded.parameter_count,
+    )
+
+
+def load_version(registry: Registry, task: str, version: str) -> ServedVersion:
+    """Verify and load `task/<task>@version` and, when the registry holds it, `generation/<task>@version`
+    (module docstring). Only the generating model stays built; the full model is verified, then dropped."""
+    payload = registry.get(task_owner(task), version)
+    full = load_model(payload, task=task, model_version=version)
+    downloads: dict[DownloadKind, Download] = {"full": _download("full", full, payload)}
+    try:
+        generation_payload = registry.get(generation_owner(task), version)
+    except ArtifactNotFound:
+        downloads["generation"] = downloads["full"]  # the full model generates too
+        return ServedVersion(model=full, downloads=downloads)
+    generator = load_model(generation_payload, task=task, model_version=version)
+    if generator.kind != "generation_model":
+        raise ArtifactRejected(
+            f"{generation_owner(task)}@{version}",
+            f"expected kind generation_model, received {generator.kind}",
+        )
+    downloads["generation"] = _download("generation", generator, generation_payload)
+    return ServedVersion(model=generator, downloads=downloads)
+
+
 # ---- following the registry ---------------------------------------------------------------------------
 
 
 class TaskModelFollower:
     """The newest good version of one task's model, followed in the registry (see the module docstring).
 
-    `current` is (model, download body), replaced as one reference so that a caller always sees a matching
-    pair. `poll_seconds=0` or a `pinned_version` never follows. `stop()` ends the polling thread.
+    `current` is a `ServedVersion` (the generating model and the downloads), replaced as one reference so
+    that a caller always sees a matching set. `poll_seconds=0` or a `pinned_version` never follows. `stop()`
+    ends the polling thread.
     """
 
     def __init__(
@@ -128,7 +209,7 @@ class TaskModelFollower:
         self._registry = Registry(registry_uri)
         self.task = task
         self._rejected: set[str] = set()
-        self.current: tuple[LoadedModel, bytes] = (
+        self.current: ServedVersion = (
             self._load(pinned_version) if pinned_version else self._load_newest_good()
         )
         self._stop = threading.Event()
@@ -140,11 +221,10 @@ class TaskModelFollower:
     def stop(self) -> None:
         self._stop.set()
 
-    def _load(self, version: str) -> tuple[LoadedModel, bytes]:
-        payload = self._registry.get(task_owner(self.task), version)
-        return load_model(payload, task=self.task, model_version=version), artifact_body(payload)
+    def _load(self, version: str) -> ServedVersion:
+        return load_version(self._registry, self.task, version)
 
-    def _load_newest_good(self) -> tuple[LoadedModel, bytes]:
+    def _load_newest_good(self) -> ServedVersion:
         """The newest version that passes verification (a corrupt newest one must not stop a replica)."""
         versions = self._registry.versions(task_owner(self.task))
         for version in reversed(versions):
@@ -167,7 +247,7 @@ class TaskModelFollower:
     def poll(self) -> bool:
         """Load the newest version if it is new and verifies; whether the model changed."""
         latest = self._registry.latest(task_owner(self.task))
-        current = self.current[0].model_version
+        current = self.current.model.model_version
         if latest is None or latest == current or latest in self._rejected:
             return False
         try:
@@ -189,14 +269,14 @@ def request_noise(model: LoadedModel, request: GenerationRequest) -> dict[str, t
     """The noise the model's own generate draws for (n, seed), by noise key.
 
     A learner: `VAELearner.generate(n, torch.Generator().manual_seed(seed))` draws (n, latent_dim) under the
-    key "z". A task model: `TaskModel.generate(n, seed)` draws `noise_for(key, seed, n, dim)` for the gate
-    code ("@gate") and for every learner (by name).
+    key "z". A task model or generation model: `generate(n, seed)` draws `noise_for(key, seed, n, dim)` for
+    the gate code ("@gate") and for every learner (by name).
     """
     module = model.module
     if isinstance(module, VAELearner):
         generator = torch.Generator().manual_seed(request.seed)
         return {"z": torch.randn(request.n, module.spec.latent_dim, generator=generator)}
-    assert isinstance(module, TaskModel)
+    assert isinstance(module, OneTaskModel)
     dims = {GATE_NOISE_KEY: module.config.gate_code_dim}
     dims.update({entry.name: entry.spec.latent_dim for entry in module.config.learners})
     return {key: noise_for(key, request.seed, request.n, dim) for key, dim in dims.items()}
@@ -218,7 +298,7 @@ def generate_batch(model: LoadedModel, requests: Sequence[GenerationRequest]) ->
     if isinstance(module, VAELearner):
         images = module.generate(sum(counts), eps=eps["z"])
     else:
-        assert isinstance(module, TaskModel)
+        assert isinstance(module, OneTaskModel)
         images = module.generate(sum(counts), eps=eps)
     return list(images.split(counts))
 
@@ -274,10 +354,18 @@ def generate_split_and_encode(
     return {"model_version": model.model_version, "images": png_base64(images), "generation_seconds": seconds}
 
 
-def model_artifact(current: tuple[LoadedModel, bytes]) -> dict[str, Any]:
-    """The download of `current`: {"model_version", "sha256", "body"}."""
-    model, body = current
-    return {"model_version": model.model_version, "sha256": model.sha256, "body": body}
+def model_artifact(current: ServedVersion, kind: DownloadKind = "full") -> dict[str, Any]:
+    """The `kind` download of `current`: {"model_version", "sha256", "body", "kind", "artifact_kind"}."""
+    if kind not in DOWNLOAD_KINDS:
+        raise ValueError(f"kind: expected one of {list(DOWNLOAD_KINDS)}, received {kind!r}")
+    download = current.downloads[kind]
+    return {
+        "model_version": download.model_version,
+        "sha256": download.sha256,
+        "body": download.body,
+        "kind": download.kind,
+        "artifact_kind": download.artifact_kind,
+    }
 
 
 # ---- encoding -----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import torch
@@ -25,7 +25,7 @@ from baim.costs import count_params
 from baim.learners import VAELearner
 from baim.seeding import derive_seed
 from baim.training import evaluate, vae_batch_loss
-from orchestrator.baselines.fedavg_math import weighted_average
+from orchestrator.baselines.fedavg_math import AGGREGATIONS, aggregate
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_state
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.metrics import Ledger
@@ -45,7 +45,9 @@ from orchestrator.core.scenario import (
     CoordinatorCrashEvent,
     EdgeConfig,
     Event,
+    FedAvgConfig,
     JoinEvent,
+    NewTaskEvent,
     Scenario,
     format_validation_error,
 )
@@ -126,6 +128,8 @@ class FedAvgBaseline:
         accept_failures: aggregate a round even when some selected clients failed (default True); with
             False, any failure keeps the previous global model.
         max_update_bytes: updates larger than this are rejected unread (default 1 GiB).
+        aggregation: mean (FedAvg), median, trimmed_mean or krum (`fedavg_math.aggregate`), with
+            trim_proportion, krum_num_malicious and krum_to_keep as their parameters.
     """
 
     def __init__(
@@ -137,7 +141,15 @@ class FedAvgBaseline:
         min_fit_clients: int = 1,
         accept_failures: bool = True,
         max_update_bytes: int = MAX_MODEL_BYTES,
+        aggregation: str = "mean",
+        trim_proportion: float = 0.1,
+        krum_num_malicious: int = 0,
+        krum_to_keep: int = 0,
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation: expected one of {', '.join(AGGREGATIONS)}, received {aggregation!r}"
+            )
         if not 0 < fraction_fit <= 1:
             raise ValueError(f"fraction_fit: expected a value in (0, 1], received {fraction_fit}")
         if min_fit_clients < 1:
@@ -148,6 +160,10 @@ class FedAvgBaseline:
         self.min_fit_clients = min_fit_clients
         self.accept_failures = accept_failures
         self.max_update_bytes = max_update_bytes
+        self.aggregation = aggregation
+        self.trim_proportion = trim_proportion
+        self.krum_num_malicious = krum_num_malicious
+        self.krum_to_keep = krum_to_keep
 
     def initialize_parameters(self) -> dict[str, torch.Tensor]:
         """The initial global model: a fresh VAELearner drawn from the seed (the caller's RNG untouched)."""
@@ -178,8 +194,9 @@ class FedAvgBaseline:
         current: Mapping[str, torch.Tensor],
     ) -> RoundAggregate:
         """Verify every update (sha256, safetensors, dtypes, finite values, the same spec and shapes as the
-        global model), then average the good ones weighted by shard size, in client-id order (so the result
-        does not depend on the order updates arrived in).
+        global model), then combine the good ones with the configured aggregation (mean: weighted by shard
+        size) in client-id order, so the result does not depend on the order updates arrived in.
+        `aggregated` lists the clients whose update the rule used (Krum: only the chosen ones).
 
         An update that fails verification becomes a failure with reason "rejected". With no usable update,
         or with failures and accept_failures=False, the current global model is kept.
@@ -199,7 +216,15 @@ class FedAvgBaseline:
             aggregated.append(result.client_id)
         if not states or (failures and not self.accept_failures):
             return RoundAggregate({k: v.clone() for k, v in current.items()}, [], failures, updated=False)
-        return RoundAggregate(weighted_average(states, weights), aggregated, failures, updated=True)
+        combined, used = aggregate(
+            self.aggregation,
+            states,
+            weights,
+            trim_proportion=self.trim_proportion,
+            num_malicious=self.krum_num_malicious,
+            to_keep=self.krum_to_keep,
+        )
+        return RoundAggregate(combined, [aggregated[i] for i in used], failures, updated=True)
 
     def _verified_state(
         self, server_round: int, result: FitResult, current: Mapping[str, torch.Tensor]
@@ -269,6 +294,42 @@ def loss_text(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.5f}"
 
 
+def stop_reason(losses: Sequence[float | None], config: FedAvgConfig) -> Literal["target", "plateau"] | None:
+    """Why FedAvg stops after the last of these per-round test losses: "target" (at or below
+    `target_loss`), "plateau" (no improvement beyond `plateau_min_delta` for `plateau_patience` rounds), or
+    None to go on (the round cap is the caller's loop)."""
+    if not losses or losses[-1] is None:
+        return None
+    if config.target_loss is not None and losses[-1] <= config.target_loss:
+        return "target"
+    patience = config.plateau_patience
+    if patience is not None:
+        known = [loss for loss in losses if loss is not None]
+        best, since = float("inf"), 0
+        for loss in known:
+            if loss < best - config.plateau_min_delta:
+                best, since = loss, 0
+            else:
+                since += 1
+        if since >= patience:
+            return "plateau"
+    return None
+
+
+@dataclass
+class RoundCosts:
+    """One round's measured costs per client: bytes sent (updates), received (global model), FLOPs."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)
+
+    def add(self, client: str, *, sent: int = 0, received: int = 0, flops: int = 0) -> None:
+        for table, amount in ((self.sent, sent), (self.received, received), (self.flops, flops)):
+            if amount:
+                table[client] = table.get(client, 0) + amount
+
+
 # --------------------------------------------------------------------------------------------------------
 # The Ray driver
 
@@ -319,8 +380,15 @@ class FedAvgRun:
         self.progress = progress
         self.spec = homogeneous_spec(scenario)
         self.strategy = FedAvgBaseline(
-            spec=self.spec, seed=scenario.seed, fraction_fit=self.config.client_fraction
+            spec=self.spec,
+            seed=scenario.seed,
+            fraction_fit=self.config.client_fraction,
+            aggregation=self.config.aggregation,
+            trim_proportion=self.config.trim_proportion,
+            krum_num_malicious=self.config.krum_num_malicious,
+            krum_to_keep=self.config.krum_to_keep,
         )
+        self.round_costs = RoundCosts()  # the current round's bytes and FLOPs per client
         self.clients = {edge.id: Client(edge) for edge in scenario.all_edges()}
         self.fleet = EdgeFleet(scenario, source, partitions)
         self.timeline = Timeline(scenario.timeline)
@@ -359,7 +427,9 @@ class FedAvgRun:
             model, self.source, self.partitions, tasks, resolution=resolution, kld_weight=kld_weight
         )
         rounds: list[FedAvgRound] = []
+        self.stop_reason: Literal["round_cap", "target", "plateau"] = "round_cap"
         for server_round in range(1, self.config.rounds + 1):
+            self.round_costs = RoundCosts()
             self._fire_due()
             self._check_starts()
             round_started = time.perf_counter()
@@ -375,10 +445,12 @@ class FedAvgRun:
                 )  # fmt: skip
                 inflight[ref] = cid
                 self.ledger.record_bytes(cid, "received", payload.nbytes)
+                self.round_costs.add(cid, received=payload.nbytes)
             results, failures = self._collect(server_round, inflight)
             with FlopCounterMode(display=False) as counter:  # the real aggregation call, counted
                 aggregate = self.strategy.aggregate_fit(server_round, results, failures, state)
-            self.ledger.record_cloud_flops(BASELINE_NAME, int(counter.get_total_flops()))
+            aggregation_flops = int(counter.get_total_flops())
+            self.ledger.record_cloud_flops(BASELINE_NAME, aggregation_flops)
             state = aggregate.state
             for cid in aggregate.aggregated:
                 self.clients[cid].rounds.append(server_round)
@@ -406,13 +478,22 @@ class FedAvgRun:
                     test_loss_per_task=losses,
                     test_loss=mean_test_loss(losses, self.partitions),
                     seconds=seconds,
+                    bytes_sent=self.round_costs.sent,
+                    bytes_received=self.round_costs.received,
+                    flops=self.round_costs.flops,
+                    aggregation_flops=aggregation_flops,
                 )
             )
             self._say(
                 f"fedavg round {server_round}/{self.config.rounds}: {len(aggregate.aggregated)}/"
-                f"{len(selected)} updates averaged, test loss {loss_text(rounds[-1].test_loss)} "
-                f"({seconds:.1f}s)"
+                f"{len(selected)} updates {self.config.aggregation}, test loss "
+                f"{loss_text(rounds[-1].test_loss)} ({seconds:.1f}s)"
             )
+            reason = stop_reason([r.test_loss for r in rounds], self.config)
+            if reason is not None:
+                self.stop_reason = reason
+                self._say(f"fedavg: stopping after round {server_round} ({reason.replace('_', ' ')})")
+                break
         for index, event in self.timeline.rest():  # events after the last round never happened to it
             self._record(event.kind, where=f"timeline.{index}", applied=False, note="after the last round")
         report = self._report(rounds, initial_losses, params)
@@ -468,6 +549,7 @@ class FedAvgRun:
         except ValidationError as err:
             return FitFailure(cid, "rejected", f"report_json: {format_validation_error(err)[0]}")
         self.ledger.record_edge_flops(cid, report.flops)
+        self.round_costs.add(cid, flops=report.flops)
         client.train_seconds += report.train_seconds
         self.ledger.record_seconds("fedavg_edge_train", report.train_seconds, edge=cid)
         if report.status == "left":
@@ -475,6 +557,7 @@ class FedAvgRun:
             return FitFailure(cid, "left", "the edge left during the round")
         payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
         self.ledger.record_bytes(cid, "sent", payload.nbytes)
+        self.round_costs.add(cid, sent=payload.nbytes)
         return FitResult(cid, payload, num_examples=len(self.partitions.edges[cid]))
 
     # ---- clients and the timeline ----------------------------------------------------------------------
@@ -514,6 +597,10 @@ class FedAvgRun:
         where = f"timeline.{index}"
         if isinstance(event, CoordinatorCrashEvent):
             self._record(event.kind, where=where, applied=False, note="FedAvg's server is the driver")
+            return
+        if isinstance(event, NewTaskEvent):  # FedAvg's one global model has no per-task part to add
+            self._record(event.kind, task=event.task.name, where=where, applied=False,
+                         note="FedAvg trains one global model for every task")  # fmt: skip
             return
         if isinstance(event, JoinEvent):
             client = self.clients[event.edge_id()]
@@ -556,12 +643,14 @@ class FedAvgRun:
         final = rounds[-1] if rounds else None
         return FedAvgReport(
             enabled=True,
+            aggregation=self.config.aggregation,
+            stop_reason=self.stop_reason,
             model=LearnerModel(kind="learner", **self.spec.to_dict()),
             params=params,
             rounds_planned=self.config.rounds,
             local_epochs=self.config.local_epochs,
             client_fraction=self.config.client_fraction,
-            weighting="shard size",
+            weighting="shard size" if self.config.aggregation in ("mean", "krum") else "none",
             initial_test_loss_per_task=initial_losses,
             initial_test_loss=initial_loss,
             rounds=rounds,

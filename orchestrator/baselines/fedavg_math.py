@@ -112,6 +112,39 @@ def krum(
     return weighted_average([states[i] for i in chosen], [weights[i] for i in chosen]), chosen
 
 
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum")
+
+
+def aggregate(
+    method: str,
+    states: Sequence[State],
+    weights: Sequence[float],
+    *,
+    trim_proportion: float = 0.1,
+    num_malicious: int = 0,
+    to_keep: int = 0,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One server aggregation by name: (the new state, indices of the states it used).
+
+    mean: `weighted_average`; median: `coordinate_median`; trimmed_mean: `trimmed_mean` with
+    `trim_proportion`; krum: `krum` with `num_malicious` and `to_keep` (capped at the number of states, since
+    failed clients make a round smaller than planned; a single state is returned as it is).
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"method: expected one of {', '.join(AGGREGATIONS)}, received {method!r}")
+    everyone = list(range(len(states)))
+    if method == "mean":
+        return weighted_average(states, weights), everyone
+    if method == "median":
+        return coordinate_median(states), everyone
+    if method == "trimmed_mean":
+        return trimmed_mean(states, trim_proportion), everyone
+    _check_states(states)
+    if len(states) == 1:
+        return {name: t.detach().to("cpu").clone() for name, t in states[0].items()}, [0]
+    return krum(states, weights, num_malicious, min(to_keep, len(states)))
+
+
 def _stacked(states: Sequence[State], name: str) -> torch.Tensor:
     return torch.stack([state[name].detach().to("cpu", torch.float64) for state in states])
 

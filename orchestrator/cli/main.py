@@ -97,15 +97,23 @@ def add_schema_parser(subparsers: Any) -> None:
         description="Print the scenario reference (Markdown, or JSON Schema with --json) or write it.",
     )
     parser.add_argument("--json", action="store_true", help="JSON Schema instead of Markdown")
+    parser.add_argument(
+        "--comparison",
+        action="store_true",
+        help="the comparison.json schema (baim compare's output) instead of the scenario's",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
     parser.set_defaults(func=cmd_schema)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from orchestrator.core.comparison import Comparison, comparison_reference_markdown
+
+    model = Comparison if args.comparison else Scenario
     if args.json:
-        text = json.dumps(Scenario.model_json_schema(), indent=2) + "\n"
+        text = json.dumps(model.model_json_schema(), indent=2) + "\n"
     else:
-        text = scenario_reference_markdown()
+        text = comparison_reference_markdown() if args.comparison else scenario_reference_markdown()
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -599,6 +607,96 @@ def write_serve_config(path: Path, registry_uri: str, serving: ServingConfig, po
 
 
 # --------------------------------------------------------------------------------------------------------
+# compare
+
+
+def add_compare_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="every method on the same edges, shards and test set: comparison.json, report.md, report.html",
+        description=(
+            "Run the BAIM (each strategy, an epoch sweep), FedAvg (a point per round, until a plateau or the "
+            "round cap), FedAvg + cloud fine-tuning, cloud-only (scratch), each edge alone and a centralised "
+            "reference (privacy-violating upper bound) on the same edges, shards and test set, as the "
+            "scenario's `compare:` section says (defaults fill it). Writes DIR/comparison.json, "
+            "DIR/report.md, DIR/report.html (every image inlined), DIR/plots/, DIR/samples/ and the BAIM "
+            "run's own output under DIR/baim-run/. Exit 2 when DIR already holds a comparison."
+        ),
+    )
+    parser.add_argument("scenario", type=Path, help="scenario YAML file")
+    parser.add_argument("--out", type=Path, default=Path("compare-out"), help="output folder")
+    add_address_argument(parser)
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local embedded Ray (default: all cores)"
+    )
+    parser.add_argument(
+        "--cloud-trainer",
+        choices=("auto", "ray_train", "local"),
+        default=None,
+        help="how the BAIM's cloud rounds train: Ray Train jobs, in the coordinator's process, or auto by "
+        "the round's estimated FLOPs (default: the scenario's cloud.trainer)",
+    )
+    parser.add_argument(
+        "--fid-samples", type=int, default=None, help="override compare.fid_samples (0: no FID/KID)"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="use this CelebA folder instead of data.root"
+    )
+    parser.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.evaluation.compare import BAIM_RUN_DIR, CompareOptions, run_compare
+    from orchestrator.report.comparison import write_comparison_report
+
+    scenario = _load(args)
+    if args.fid_samples is not None:
+        if args.fid_samples < 0:
+            print(f"--fid-samples: expected >= 0, received {args.fid_samples}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        compare = scenario.compare.model_copy(update={"fid_samples": args.fid_samples})
+        scenario = scenario.model_copy(update={"compare": compare})
+    if (args.out / "comparison.json").exists() or (args.out / BAIM_RUN_DIR).exists():
+        print(f"--out {args.out} already holds a comparison; pick a new --out or delete it", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    address_problem = stale_ray_address(args.address)
+    if address_problem is not None:
+        print(address_problem, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    options = CompareOptions(
+        cloud_trainer=args.cloud_trainer,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        progress=lambda line: print(line, flush=True),
+    )
+    try:
+        comparison = run_compare(scenario, args.out, options)
+    except Exception as exc:  # the run itself failed: one line, exit 1 (details in the log)
+        logger.exception("compare failed")
+        print(f"compare failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    markdown, page = write_comparison_report(args.out, comparison)
+    table = comparison.time_to_quality
+    if table is not None:
+        print(f"\ntime to quality (target test loss {table.target_loss:.5f}, {table.target_source}):")
+        rows = [
+            [
+                row.label,
+                f"{row.step_name} {row.step}" if row.reached else f"not reached within cap {row.cap}",
+                f"{row.bytes_per_edge / 1e6:.3f} MB" if row.bytes_per_edge is not None else "",
+                f"{row.edge_flops_per_edge / 1e9:.2f} GFLOP" if row.edge_flops_per_edge is not None else "",
+                f"{row.wall_seconds:.1f} s" if row.wall_seconds is not None else "",
+            ]
+            for row in table.rows
+        ]
+        print(_table(["method", "reached at", "bytes/edge", "edge FLOPs/edge", "seconds"], rows))
+    if comparison.goal is not None:
+        print(f"goal: {comparison.goal.text}")
+    print(f"wrote {args.out / 'comparison.json'}, {markdown}, {page}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -636,6 +734,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_schema_parser,
     add_demo_parser,
     add_run_parser,
+    add_compare_parser,
     add_serve_parser,
     add_report_parser,
     add_traces_parser,

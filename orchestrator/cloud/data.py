@@ -25,6 +25,13 @@ class CachedFaces(Dataset):
         ]
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
+    def positions(self) -> dict[str, list[int]]:
+        """The dataset positions of each task's items, in order."""
+        found: dict[str, list[int]] = {task: [] for task in self.faces}
+        for position, (task, _, _) in enumerate(self.items):
+            found[task].append(position)
+        return found
+
     def __len__(self) -> int:
         return len(self.items)
 

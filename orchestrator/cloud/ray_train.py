@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from actors.publishing import publish_baim, publish_task_models
 from actors.rounds import RoundRequest, RoundResult
+from baim.compaction import Batch, PruningSchedule
+from baim.continual import freeze_for_continual
 from baim.costs import count_params
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, on_cadence, start_strategy, train_strategy
 from baim.model import BAIM
@@ -38,9 +40,12 @@ from baim.serialization import from_files
 from baim.training import Strategy, apply_strategy, make_optimizer
 from orchestrator.cloud import IMPORT_STARTED_AT
 from orchestrator.cloud.data import CachedFaces
+from orchestrator.cloud.keep import holdout_loss, kept_strategy
+from orchestrator.cloud.pruning import pruning_schedule, score_batches, score_seed
 from orchestrator.cloud.resources import WORKER_GROUP_START_RETRIES, check_cluster_resources, failure_config
 from orchestrator.core.artifacts import ArtifactPayload, pack_module
 from orchestrator.core.names import BAIM_OWNER, FUSED_BAIM_OWNER, SPEC_FILE, WEIGHTS_FILE
+from orchestrator.core.progress import CloudEpochProgress, publish_epoch
 from orchestrator.core.receipts import PublishedTaskModel, RayTrainStrategyRun
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import CHECKPOINT_EVERY_DEFAULT, DataConfig, Scenario, StrictModel
@@ -96,7 +101,16 @@ class TrainRoundConfig(StrictModel):
     )
     prune_interval: int = Field(ge=1, description="Prune connections after every this many epochs.")
     prune_ratio: float = Field(
-        ge=0, lt=1, description="Fraction of surviving connections removed per pruning."
+        ge=0, lt=1, description="Fraction of surviving connections removed per pruning (without a budget)."
+    )
+    task_model_budget: float | None = Field(
+        default=None,
+        gt=1.0,
+        description="Largest task model / its squad's parameters, reached by the last pruning (None: none).",
+    )
+    recovery_epochs: int = Field(default=0, ge=0, description="Final epochs without pruning.")
+    prune_score_images: int = Field(
+        default=64, ge=1, description="Cloud images per task on which connections are scored."
     )
     seed: int = Field(
         ge=0, description="Seeds sampling order, training noise, evaluation noise and scratch init."
@@ -128,6 +142,13 @@ class TrainRoundConfig(StrictModel):
         default=1, ge=1, description="Measure the test loss after every this many epochs and after the last."
     )
     crash: WorkerCrash | None = Field(default=None, description="Fault injection: a worker dies once.")
+    frozen_learners: list[str] | None = Field(
+        default=None,
+        description=(
+            "A continual gate_only round: learners (and the connections among them) kept fixed; None: the "
+            "strategy decides what trains."
+        ),
+    )
 
     @field_validator("cloud_indices")
     @classmethod
@@ -146,7 +167,14 @@ class TrainRoundConfig(StrictModel):
                 f"crash.epoch: expected after the first checkpoint (epoch {first_checkpoint}, "
                 f"checkpoint_every {self.checkpoint_every}), received {self.crash.epoch}"
             )
+        self.pruning().pruning_epochs(self.epochs)  # a budget needs a pruning epoch (ValueError)
         return self
+
+    def pruning(self) -> PruningSchedule:
+        """The loop's pruning schedule."""
+        return pruning_schedule(
+            self.prune_interval, self.prune_ratio, self.task_model_budget, self.recovery_epochs
+        )
 
     def checkpoints_after(self, epoch: int) -> bool:
         """Whether `epoch` ends with a checkpoint: every checkpoint_every-th epoch and the last."""
@@ -257,6 +285,8 @@ class TrainRoundResult(StrictModel):
             checkpoint_uri=self.checkpoint_uri,
             fixed_seconds=self.fixed_costs.fixed,
             chosen_by=chosen_by,
+            flops_per_epoch=[e.flops for e in self.epochs],
+            seconds_per_epoch=[e.seconds for e in self.epochs],
         )
 
 
@@ -286,6 +316,9 @@ def round_config_from_scenario(
         kld_weight=cloud.kld_weight,
         prune_interval=cloud.prune_interval,
         prune_ratio=cloud.prune_ratio,
+        task_model_budget=cloud.task_model_budget,
+        recovery_epochs=cloud.recovery_epochs,
+        prune_score_images=cloud.prune_score_images,
         checkpoint_every=cloud.checkpoint_every,
         evaluate_every=cloud.evaluate_every,
         seed=scenario.seed,
@@ -397,7 +430,7 @@ def _load_start(cfg: TrainRoundConfig, registry: Registry) -> tuple[BAIM, dict[s
             f"kld_weight: the round asks for {cfg.kld_weight} but BAIM {artifact_id} computes its loss with "
             f"{baim.config.kld_weight}; fuse the BAIM with the scenario's kld_weight"
         )
-    start_strategy(baim, cfg.strategy, cfg.seed)
+    start_strategy(baim, cfg.strategy, cfg.seed, cfg.frozen_learners)
     progress: dict[str, Any] = {
         "round_id": cfg.round_id,
         "strategy": cfg.strategy,
@@ -425,7 +458,10 @@ def _load_checkpoint(
             f"{progress.get('round_id')} / {progress.get('strategy')}"
         )
     baim = load_checkpoint_baim(folder)
-    apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    if cfg.frozen_learners is None:
+        apply_strategy(baim, cfg.strategy, baim.learner_modules(), seed=cfg.seed, reinitialise=False)
+    else:
+        freeze_for_continual(baim, cfg.frozen_learners, train_new_learners=cfg.strategy == "finetune")
     return baim, progress, load_file(str(folder / OPTIMIZER_FILE))
 
 
@@ -508,10 +544,12 @@ class RayTrainHooks:
         loader: DataLoader[Any],
         sampler: DistributedSampler[Any],
         test_set: CachedFaces,
+        scores: Sequence[Batch],
         resumed: bool,
     ) -> None:
         self.cfg, self.baim, self.progress, self.ranks = cfg, baim, progress, ranks
         self.loader, self.sampler, self.test_set, self.resumed = loader, sampler, test_set, resumed
+        self.scores = scores
         self.epoch_started_at = math.nan
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -531,6 +569,9 @@ class RayTrainHooks:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, task_ids = batch
         return model(images, task_ids).loss
+
+    def score_batches(self) -> Sequence[Batch]:
+        return self.scores
 
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         # Scores come from identical weights, so every rank removes the same connections; checked anyway.
@@ -583,6 +624,12 @@ class RayTrainHooks:
                 cfg.round_id, cfg.strategy, outcome.epoch, cfg.epochs, metrics.train_loss, metrics.test_loss,
                 metrics.seconds, metrics.connections,
             )  # fmt: skip
+        if ranks.rank == 0:
+            progress = CloudEpochProgress(
+                round=cfg.round_id, strategy=cfg.strategy, epoch=outcome.epoch, epochs=cfg.epochs,
+                train_loss=metrics.train_loss, test_loss=metrics.test_loss, seconds=metrics.seconds,
+            )  # fmt: skip
+            publish_epoch(Registry(cfg.registry_uri), progress)
         if checkpoint:
             self._checkpoint(outcome.epoch, optimizer)
 
@@ -663,8 +710,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress["initial_test_loss"], progress["initial_test_loss_per_task"] = initial.loss, initial.per_task
     timeline["evaluated"] = time.time()
 
-    hooks = RayTrainHooks(cfg, baim, progress, ranks, loader, sampler, test_set, resumed)
-    schedule = LoopSchedule(cfg.epochs, cfg.lr, cfg.prune_interval, cfg.prune_ratio, cfg.flop_counting)
+    # Every rank scores connections on the same images (the first of each task's shard) with the same noise.
+    scores = score_batches(train_set, tasks, cfg.prune_score_images, cfg.batch_size)
+    hooks = RayTrainHooks(cfg, baim, progress, ranks, loader, sampler, test_set, scores, resumed)
+    schedule = LoopSchedule(cfg.epochs, cfg.lr, cfg.pruning(), cfg.flop_counting, score_seed(cfg.seed))
     train_strategy(baim, model, optimizer, hooks, schedule, first_epoch=progress["epoch"] + 1)
 
 
@@ -814,6 +863,7 @@ def publish_result(
         resolution=cfg.data.resolution,
         batch_size=cfg.eval_batch_size,
         seed=cfg.seed,
+        task_model_budget=cfg.task_model_budget,
     )
     return version, tasks
 
@@ -883,7 +933,8 @@ def put_fused_snapshot(registry: Registry, round_id: int, payload: ArtifactPaylo
 
 def ray_train_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> RoundResult:
     """The round runner: every strategy of the request as Ray Train jobs, launched from the coordinator's
-    thread that waits for them; the first strategy's trained BAIM is what the coordinator continues from.
+    thread that waits for them; the strategy `cloud.keep` chooses (for best: the lowest loss of the trained
+    BAIMs on the cloud's held-out images, measured here) is what the coordinator continues from.
     Scaling (num_workers, use_gpu, cpus_per_worker) comes from the scenario's cloud settings; `chosen_by`
     (why Ray Train runs the round) goes into each strategy's record."""
     tasks = {squad["task"] for squad in json.loads(request.baim.spec_json)["squads"]}
@@ -897,7 +948,7 @@ def ray_train_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> Ro
         baim_owner=FUSED_BAIM_OWNER,
         baim_version=put_fused_snapshot(registry, request.round_index, request.baim),
         strategy=request.strategies[0],
-    )
+    ).model_copy(update={"frozen_learners": request.frozen_learners})
     cloud = request.scenario.cloud
     results = run_strategies(
         cfg,
@@ -907,8 +958,19 @@ def ray_train_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) -> Ro
         cpus_per_worker=cloud.cpus_per_worker,
         wait_for_nodes_s=cloud.wait_for_nodes_s,
     )
-    trained = load_trained_baim(results[request.strategies[0]])
+    losses: dict[str, float] | None = None
+    if cloud.keep == "best":
+        order = sorted(tasks)
+        holdout = CachedFaces(request.source, request.partitions.holdout, order, cfg.data.resolution)
+        losses = {
+            strategy: holdout_loss(load_trained_baim(result), holdout, cfg.eval_batch_size, cfg.seed)
+            for strategy, result in results.items()
+        }
+    kept = kept_strategy(cloud.keep, list(request.strategies), losses)
+    trained = load_trained_baim(results[kept])
     return RoundResult(
         trained=pack_module(trained, trained.spec()),
         strategies={name: result.summary(chosen_by) for name, result in results.items()},
+        kept=kept,
+        holdout_loss=losses,
     )

@@ -1,19 +1,28 @@
 """Registry naming and size limits: the one definition of each, used by every layer above.
 
 Owners name what a registry version holds: `edge/<edge_id>` (accepted uploads), `baim` (trained BAIMs),
-`baim-fused` (a round's untrained input), `task/<task>` (decomposed task models). Versions are `v000001`..
+`baim-fused` (a round's untrained input), `task/<task>` (decomposed task models: the full, exact ones),
+`generation/<task>` (each task model's generation-only artifact, same version). Versions are `v000001`..
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 EDGE_OWNER_PREFIX = "edge/"
 TASK_OWNER_PREFIX = "task/"
+GENERATION_OWNER_PREFIX = "generation/"
 BAIM_OWNER = "baim"
 FUSED_BAIM_OWNER = "baim-fused"
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 SHA256_FILE = "sha256"
+
+# What an edge downloads for a task: "full" (task/<task>: reconstruction, personalisation) or "generation"
+# (generation/<task>: generation only, no encoders).
+DownloadKind = Literal["full", "generation"]
+DOWNLOAD_KINDS: tuple[DownloadKind, ...] = ("full", "generation")
 
 MAX_VERSION = 999_999  # version names are v000001 .. v999999
 
@@ -28,6 +37,10 @@ def edge_owner(edge_id: str) -> str:
 
 def task_owner(task: str) -> str:
     return f"{TASK_OWNER_PREFIX}{task}"
+
+
+def generation_owner(task: str) -> str:
+    return f"{GENERATION_OWNER_PREFIX}{task}"
 
 
 def version_name(version: int) -> str:

@@ -74,6 +74,13 @@ class LocalStrategyRun(StrictModel):
     connections: list[int] = Field(description="Surviving linear projection connections after each epoch.")
     runner: Literal["local"] = Field(description="Which runner trained it.")
     chosen_by: str = Field(description=CHOSEN_BY)
+    test_loss_per_task: list[dict[str, float]] = Field(
+        default_factory=list, description="Mean test loss per task, per epoch ({}: not evaluated after it)."
+    )
+    flops_per_epoch: list[int] = Field(default_factory=list, description="Training FLOPs of each epoch.")
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch (train, prune, evaluate)."
+    )
 
 
 class RayTrainStrategyRun(StrictModel):
@@ -102,9 +109,29 @@ class RayTrainStrategyRun(StrictModel):
         description="Seconds of the job outside its epochs: start-up (workers, imports, data) and teardown."
     )
     chosen_by: str = Field(description=CHOSEN_BY)
+    flops_per_epoch: list[int] = Field(
+        default_factory=list, description="Training FLOPs of each epoch, all ranks."
+    )
+    seconds_per_epoch: list[float] = Field(
+        default_factory=list, description="Wall-clock seconds of each epoch, slowest rank."
+    )
 
 
 StrategyRun = Annotated[LocalStrategyRun | RayTrainStrategyRun, Field(discriminator="runner")]
+
+
+class ContinualRound(StrictModel):
+    """A round after the first: what it kept fixed and what it did to the tasks that existed before it."""
+
+    mode: Literal["gate_only", "finetune_all"] = Field(description="cloud.continual of the round.")
+    frozen_learners: list[str] = Field(description="Learners kept fixed (gate_only: the trained ones).")
+    new_learners: list[str] = Field(description="Learners the round admitted (untrained before it).")
+    trainable_parameters: int = Field(ge=0, description="Parameters the kept strategy trained.")
+    test_loss_before: dict[str, float] = Field(description="Per existing task: test loss before the round.")
+    test_loss_after: dict[str, float] = Field(description="Per existing task: test loss after the round.")
+    forgetting: dict[str, float] = Field(
+        description="Per existing task: after - before (above 0: the round made the task worse)."
+    )
 
 
 class RoundRecord(StrictModel):
@@ -115,6 +142,75 @@ class RoundRecord(StrictModel):
     baim_version: str = Field(description="Registry version of the trained BAIM (owner baim).")
     seconds: float = Field(ge=0, description="Wall-clock seconds of the round, as the coordinator waited.")
     strategies: dict[str, StrategyRun] = Field(description="Per strategy: curves, FLOPs, seconds.")
+    kept: str | None = Field(
+        default=None,
+        description=(
+            "The strategy whose trained BAIM baim_version holds (cloud.keep); None in records written before "
+            "cloud.keep existed, which kept the first strategy."
+        ),
+    )
+    holdout_loss: dict[str, float] | None = Field(
+        default=None,
+        description="Per strategy: mean loss on the cloud's held-out images (measured when keep is best).",
+    )
+    continual: ContinualRound | None = Field(
+        default=None, description="A round after the first: frozen learners and forgetting (None: first)."
+    )
+
+
+class CloudOnlyVAE(StrictModel):
+    """The baseline of a few-shot task: one VAE trained in the cloud on the same k images alone."""
+
+    widths: list[int] = Field(description="Its encoder widths (the scenario's largest edge model).")
+    latent_dim: int = Field(description="Its latent size.")
+    params: int = Field(ge=0, description="Its parameters.")
+    steps: int = Field(ge=1, description="Optimiser steps, each over all k images.")
+    test_loss: float = Field(description="Its mean test loss on the new task's test images.")
+
+
+class NewTaskRecord(StrictModel):
+    """A task that appeared with k shots: its few-shot LSGate over the existing learners, and the baseline."""
+
+    task: str = Field(description="The new task's name.")
+    expression: str = Field(description="Its attribute expression.")
+    shots: int = Field(ge=1, description="Images of it the cloud had (k).")
+    members: list[str] = Field(description="Existing learners its new squad selects from.")
+    steps: int = Field(ge=1, description="Optimiser steps of the LSGate, each over all k images.")
+    gate_parameters: int = Field(ge=0, description="Parameters trained: the new LSGate's alone.")
+    test_images: int = Field(ge=0, description="Test images of the new task.")
+    test_loss_untrained_gate: float = Field(description="Its task model's test loss before the gate trained.")
+    test_loss: float | None = Field(description="The published few-shot task model's test loss.")
+    cloud_only_vae: CloudOnlyVAE = Field(description="A VAE trained in the cloud on the same k images.")
+    baim_version: str = Field(description="The BAIM version that holds the new squad (owner baim).")
+    artifact: str = Field(description="The published task model, owner@version.")
+    other_tasks_unchanged: bool = Field(
+        description="Every other task's test loss is the same before and after (only the new gate trained)."
+    )
+    seconds: float = Field(ge=0, description="Wall-clock seconds of the few-shot adaptation and publishing.")
+
+
+class RemovedLearner(StrictModel):
+    """A learner model-level pruning took out of its squads."""
+
+    learner: str = Field(description="The learner.")
+    task: str = Field(description="The task of the edge that uploaded it.")
+    selection_rate: float = Field(description="Its LSGate selection rate on the cloud's common data.")
+    kept_as_feeder: bool = Field(
+        description="It still feeds other learners: kept, cut after the last stage they read."
+    )
+
+
+class LearnerPruning(StrictModel):
+    """Model-level pruning before decomposition (cloud.min_selection_rate)."""
+
+    threshold: float = Field(description="cloud.min_selection_rate.")
+    from_version: str = Field(description="The trained BAIM that was pruned (owner baim).")
+    baim_version: str = Field(description="The BAIM the task models were decomposed from (owner baim).")
+    images: int = Field(ge=0, description="Cloud images the selection rates were measured on.")
+    selection_rates: dict[str, float] = Field(description="Per learner: its selection rate.")
+    removed: list[RemovedLearner] = Field(description="The learners taken out of their squads.")
+    params_before: int = Field(ge=0, description="BAIM parameters before pruning.")
+    params_after: int = Field(ge=0, description="BAIM parameters after pruning.")
 
 
 class RoundError(StrictModel):
@@ -124,6 +220,20 @@ class RoundError(StrictModel):
     attempts: int = Field(ge=1, description="How many times this round was tried.")
     learners: list[str] = Field(description="The learners the last attempt was to train.")
     error: str = Field(description="The last attempt's error: `Type: message`, cut.")
+
+
+class PublishedGenerationModel(StrictModel):
+    """A task model's generation-only artifact (owner generation/<task>): what Serve generates with and an
+    edge downloads to generate; no encoders."""
+
+    artifact: str = Field(description="Registry artifact, owner@version (the task model's version).")
+    sha256: str = Field(description="Artifact sha256.")
+    params: int = Field(ge=0, description="Parameters of the generation-only model.")
+    nbytes: int = Field(ge=0, description="Its serialized size (weights + spec).")
+    max_abs_diff: float = Field(
+        description="Largest |task model - generation model| over generate(n, seed) images, same n and seed."
+    )
+    images_checked: int = Field(ge=0, description="Images generated for that comparison.")
 
 
 class PublishedTaskModel(StrictModel):
@@ -139,6 +249,20 @@ class PublishedTaskModel(StrictModel):
     )
     artifact: str = Field(description="Registry artifact, owner@version (the BAIM's version).")
     sha256: str = Field(description="Artifact sha256.")
+    nbytes: int | None = Field(
+        default=None, ge=0, description="Serialized size of the full task model (weights + spec)."
+    )
+    squad_params: int | None = Field(
+        default=None, ge=0, description="Parameters of the task's own squad (its members' whole learners)."
+    )
+    budget_params: int | None = Field(
+        default=None,
+        ge=0,
+        description="The largest task model cloud.task_model_budget allows (None: no budget).",
+    )
+    generation: PublishedGenerationModel | None = Field(
+        default=None, description="The generation-only artifact published beside it (None: not published)."
+    )
 
 
 class CoordinatorStatus(StrictModel):
@@ -170,3 +294,9 @@ class CoordinatorSummary(StrictModel):
     restarts: int = Field(ge=0, description="How often this coordinator was restarted from its state.")
     ledger: LedgerSnapshot = Field(description="The coordinator's cost ledger.")
     tasks: dict[str, PublishedTaskModel] = Field(description="Published task models per task (finish only).")
+    new_tasks: list[NewTaskRecord] = Field(
+        default_factory=list, description="Tasks that appeared with a few shots (new_task events)."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="Model-level pruning before decomposition (None: not configured, not run)."
+    )

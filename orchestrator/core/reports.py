@@ -20,6 +20,8 @@ from pydantic import (
 
 from orchestrator.core.receipts import (
     Admission,
+    LearnerPruning,
+    NewTaskRecord,
     PublishedTaskModel,
     RoundError,
     RoundRecord,
@@ -77,6 +79,13 @@ class EdgeReport(ReportModel):
     epochs: int = Field(ge=0, description="Local epochs planned.")
     steps: int = Field(ge=0, description="Training steps taken.")
     train_loss: float | None = Field(description="Mean training loss of the last epoch; None before one.")
+    validation_loss: list[float] = Field(
+        default_factory=list,
+        description="Loss on the held-out part of the edge's own shard after each epoch (early stopping).",
+    )
+    best_epoch: int | None = Field(
+        default=None, description="The epoch whose weights were uploaded (early stopping), else None."
+    )
     shard_size: int = Field(ge=0, description="Images in the edge's private shard.")
     receipt: dict[str, JsonValue] | None = Field(
         description="The coordinator's receipt of the upload; None before one arrived."
@@ -143,6 +152,13 @@ class EdgeRow(ReportModel):
     shard_size: int = Field(description="Images in the edge's private shard.")
     epochs_done: int = Field(description="Local epochs finished.")
     local_epochs: int = Field(description="Local epochs planned.")
+    validation_loss: list[float] = Field(
+        default_factory=list,
+        description="Loss on the held-out part of the edge's own shard after each epoch (early stopping).",
+    )
+    best_epoch: int | None = Field(
+        default=None, description="The epoch whose weights were uploaded (early stopping), else None."
+    )
     bytes_sent: int = Field(description="Serialized bytes the edge sent (every upload attempt).")
     bytes_received: int = Field(description="Bytes the edge received during the run.")
     flops: int = Field(description="Training FLOPs at the edge (FlopCounterMode).")
@@ -214,6 +230,12 @@ class CloudReport(ReportModel):
     learners: list[str] = Field(description="Learners in the BAIM.")
     untrained_learners: list[str] = Field(description="Learners no successful round trained.")
     coordinator_restarts: int = Field(description="How often the coordinator resumed from its checkpoint.")
+    new_tasks: list[NewTaskRecord] = Field(
+        default_factory=list, description="Tasks that appeared with a few shots (new_task events)."
+    )
+    learner_pruning: LearnerPruning | None = Field(
+        default=None, description="Model-level pruning before decomposition (None: not configured)."
+    )
 
 
 class UploadCounts(ReportModel):
@@ -250,6 +272,7 @@ EventKind = Literal[
     "client_up",
     "clients_still_starting",
     "fedavg_started",
+    "new_task",
 ]
 
 
@@ -260,6 +283,7 @@ class RunEvent(SparseReportModel):
     kind: EventKind = Field(description="What happened.")
     edge: str | None = Field(default=None, description="The edge it concerns.")
     edges: str | None = Field(default=None, description="Comma-separated edges it concerns.")
+    task: str | None = Field(default=None, description="The task it concerns (a new_task event).")
     reason: str | None = Field(default=None, description="Why an edge was spawned.")
     status: str | None = Field(default=None, description="The edge's status after it.")
     round: int | None = Field(default=None, description="The cloud round it concerns.")
@@ -300,6 +324,16 @@ class FedAvgRound(ReportModel):
     test_loss_per_task: dict[str, float] = Field(description="The new global model's test loss per task.")
     test_loss: float | None = Field(description="Test-image-weighted mean over tasks.")
     seconds: float = Field(description="Wall-clock seconds of the round.")
+    bytes_sent: dict[str, int] = Field(
+        default_factory=dict, description="Per client: serialized bytes of the update it sent this round."
+    )
+    bytes_received: dict[str, int] = Field(
+        default_factory=dict, description="Per client: serialized bytes of the global model it received."
+    )
+    flops: dict[str, int] = Field(default_factory=dict, description="Per client: training FLOPs this round.")
+    aggregation_flops: int = Field(
+        default=0, description="Cloud FLOPs of this round's aggregation (FlopCounterMode: matmuls, convs)."
+    )
 
 
 class ClientFailure(ReportModel):
@@ -333,7 +367,11 @@ class FedAvgReport(ReportModel):
     enabled: Literal[True] = Field(description="The baseline ran.")
     model: LearnerModel = Field(description="The one homogeneous model every client trains.")
     params: int = Field(description="Its parameters.")
-    rounds_planned: int = Field(description="Server rounds planned.")
+    aggregation: str = Field(default="mean", description="mean, median, trimmed_mean or krum.")
+    stop_reason: Literal["round_cap", "target", "plateau"] = Field(
+        default="round_cap", description="Why the rounds ended: the cap, the target loss, or a plateau."
+    )
+    rounds_planned: int = Field(description="Server rounds planned (the cap).")
     local_epochs: int = Field(description="Local epochs per round.")
     client_fraction: float = Field(description="Fraction of clients sampled per round.")
     weighting: str = Field(description="What the average is weighted by.")
@@ -380,11 +418,24 @@ class Baselines(ReportModel):
 
 class Download(ReportModel):
     artifact: str = Field(description="Registry artifact, owner@version.")
+    kind: Literal["full", "generation", "baim"] = Field(
+        description=(
+            "full: the exact task model (reconstruction, personalisation); generation: its generation-only "
+            "artifact (no encoders; what Serve generates with); baim: the whole trained BAIM."
+        )
+    )
     nbytes: int = Field(description="Its serialized size: what an edge downloads.")
+    params: int | None = Field(default=None, description="Its parameters.")
 
 
 class Downloads(ReportModel):
-    task_models: dict[str, Download] = Field(description="Per task: the published task model.")
+    task_models: dict[str, Download] = Field(
+        description="Per task: the published task model (kind full): what a personalising edge downloads."
+    )
+    generation_models: dict[str, Download] = Field(
+        default_factory=dict,
+        description="Per task: the generation-only artifact (kind generation), what a generating edge gets.",
+    )
     baim: Download | None = Field(description="The whole trained BAIM.")
     strategy_models: dict[str, str] = Field(description="Per strategy: where its trained BAIM was found.")
 
@@ -392,7 +443,11 @@ class Downloads(ReportModel):
 class PersonalisedEdge(ReportModel):
     task: str = Field(description="The edge's task.")
     model_version: str = Field(description="The task model version downloaded.")
-    kind: str = Field(description="The downloaded artifact's kind.")
+    kind: str = Field(description="The downloaded artifact's spec kind (task_model or learner).")
+    download: Literal["full", "generation"] = Field(
+        default="full",
+        description="Which download: full (the task model, which personalisation fine-tunes) or generation.",
+    )
     params: int = Field(description="Its parameters.")
     bytes_received: int = Field(description="Bytes downloaded into the toolbox.")
     epochs: int = Field(description="Personalisation epochs.")

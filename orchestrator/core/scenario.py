@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -354,6 +355,24 @@ class LinkConfig(StrictModel):
     latency_ms: float = Field(default=20.0, ge=0, description="One-way latency in milliseconds (simulated).")
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop an edge's local training when its own validation loss stops improving."""
+
+    patience: int = Field(
+        default=3, ge=1, le=10_000, description="Epochs without improvement before training stops."
+    )
+    validation_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the edge's own shard held out (seeded) to measure convergence; at least "
+        "one image, and at least one left to train on.",
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0, description="An epoch improves when the validation loss drops by more than this."
+    )
+
+
 class UsersConfig(StrictModel):
     count: int = Field(ge=1, le=1_000_000, description="End users behind the edge.")
     requests_per_second: float = Field(
@@ -385,7 +404,15 @@ class EdgeFields(StrictModel):
         default_factory=dict, description="Custom Ray resources the edge actor needs, e.g. {edge_site: 1}."
     )
     local_epochs: int = Field(
-        default=1, ge=1, le=10_000, description="Epochs of local training before the upload."
+        default=1,
+        ge=1,
+        le=10_000,
+        description="Epochs of local training before the upload (the cap, with `early_stopping`).",
+    )
+    early_stopping: EarlyStoppingConfig | None = Field(
+        default=None,
+        description="Stop on convergence of a validation split of the edge's own shard and upload the best "
+        "epoch's weights; unset: train exactly `local_epochs` on the whole shard.",
     )
     batch_size: int = Field(default=32, ge=1, description="Local training batch size.")
     lr: float = Field(default=1e-3, gt=0, le=10, description="Local learning rate (Adam).")
@@ -616,6 +643,36 @@ class CloudConfig(StrictModel):
             "this many seconds for them (cluster.yaml's GPU nodes start at min_workers 0: use e.g. 900)."
         ),
     )
+    continual: Literal["gate_only", "finetune_all"] = Field(
+        default="finetune_all",
+        description=(
+            "How a round after the first (triggered by new arrivals) trains. gate_only: the learners a "
+            "previous round trained stay frozen, and so do the connections between them; the gates, the "
+            "new learners' connections and (with strategy finetune; not with freeze) the new learners "
+            "train, in one run of the first strategy. finetune_all: every round trains as the first did. "
+            "Either way every task's test loss is measured before and after the round (forgetting)."
+        ),
+    )
+    min_selection_rate: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description=(
+            "Model-level pruning before decomposition: a learner whose LSGate selection rate on the cloud's "
+            "common data (the share of the samples routed to its squads that select it) is below this is "
+            "taken out of its squads; one that still feeds other learners is kept as a cut feeder. Unset: "
+            "no learner is pruned."
+        ),
+    )
+    few_shot_steps: int = Field(
+        default=200,
+        ge=1,
+        le=100_000,
+        description=(
+            "Optimiser steps of a `new_task` event's few-shot training (the new LSGate alone, and the "
+            "cloud-only VAE it is compared with), each over all k shots."
+        ),
+    )
     fusion: FusionPolicy = Field(
         default_factory=FusionPolicy, description="When fused arrivals trigger training."
     )
@@ -654,6 +711,11 @@ class CloudConfig(StrictModel):
             raise ValueError(
                 f"max_learners_per_task: {self.max_learners_per_task} is below top_k {self.top_k}; a task's "
                 "gates select top_k of its learners, so admit at least that many"
+            )
+        if self.continual == "gate_only" and self.strategies[0] == "scratch":
+            raise ValueError(
+                "continual: gate_only continues from the first strategy, and strategies[0] is scratch, which "
+                "re-initialises the learners gate_only keeps; put finetune or freeze first"
             )
         if self.task_model_budget is not None and self.prune_interval > self.epochs - self.recovery_epochs:
             raise ValueError(
@@ -743,12 +805,53 @@ class CoordinatorCrashEvent(EventBase):
     )
 
 
+class NewTaskConfig(StrictModel):
+    """A task that appears while the system runs (a `new_task` event): it has no edges, only k shots."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Task name, unused by every other task.")
+    expression: str = Field(
+        description="Which images belong to the task, as for `tasks[].expression` (CelebA attribute names)."
+    )
+    test_size: int | None = Field(
+        default=None, ge=1, description="Test images of the new task; unset: `data.test_per_task`."
+    )
+
+    @field_validator("expression")
+    @classmethod
+    def _expression_parses(cls, value: str) -> str:
+        parse_task_expression(value)
+        return value
+
+    def parsed(self) -> TaskExpr:
+        return parse_task_expression(self.expression)
+
+
+class NewTaskEvent(EventBase):
+    kind: Literal["new_task"] = Field(
+        description=(
+            "A new task appears with only a few samples: the cloud draws `shots` images of it from its "
+            "common data, trains a new LSGate over the existing learners on them alone, decomposes and "
+            "publishes the task model (a running `baim serve` deploys it beside the others), and compares "
+            "it with a cloud-only VAE trained on the same images."
+        )
+    )
+    task: NewTaskConfig = Field(description="The new task.")
+    shots: int = Field(ge=1, le=100_000, description="How many images of the new task the cloud has (k).")
+
+
 Event = Annotated[
-    JoinEvent | LeaveEvent | CrashEvent | SlowEvent | LinkEvent | PoisonEvent | CoordinatorCrashEvent,
+    JoinEvent
+    | LeaveEvent
+    | CrashEvent
+    | SlowEvent
+    | LinkEvent
+    | PoisonEvent
+    | CoordinatorCrashEvent
+    | NewTaskEvent,
     Field(discriminator="kind"),
 ]
 EVENT_MODELS: tuple[type[EventBase], ...] = (
-    JoinEvent, LeaveEvent, CrashEvent, SlowEvent, LinkEvent, PoisonEvent, CoordinatorCrashEvent,
+    JoinEvent, LeaveEvent, CrashEvent, SlowEvent, LinkEvent, PoisonEvent, CoordinatorCrashEvent, NewTaskEvent,
 )  # fmt: skip
 
 
@@ -767,6 +870,105 @@ class FedAvgConfig(StrictModel):
         default=None,
         description="The one homogeneous model; unset: the largest edge model (by parameter count).",
     )
+    aggregation: Literal["mean", "median", "trimmed_mean", "krum"] = Field(
+        default="mean",
+        description="How the server combines updates: mean (FedAvg, weighted by shard size), median "
+        "(coordinate-wise), trimmed_mean (coordinate-wise, `trim_proportion` cut from each end) or krum "
+        "(Krum / Multi-Krum with `krum_num_malicious` and `krum_to_keep`); Flower's definitions.",
+    )
+    trim_proportion: float = Field(
+        default=0.1, ge=0, lt=0.5, description="trimmed_mean: fraction of updates cut from each end."
+    )
+    krum_num_malicious: int = Field(
+        default=0, ge=0, description="krum: the number of malicious clients assumed (f)."
+    )
+    krum_to_keep: int = Field(
+        default=0,
+        ge=0,
+        description="krum: 0 picks one update (Krum); k > 0 averages the k best (Multi-Krum).",
+    )
+    target_loss: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after the first round whose global test loss is at or below this; `rounds` is "
+        "the cap.",
+    )
+    plateau_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop when the global test loss has not improved by more than `plateau_min_delta` "
+        "for this many rounds; unset: no plateau stop.",
+    )
+    plateau_min_delta: float = Field(
+        default=0.0, ge=0, description="The improvement a round must make to reset the plateau count."
+    )
+
+
+CompareMethod = Literal["baim", "fedavg", "fedavg_finetune", "cloud_only", "edge_alone", "centralised"]
+COMPARE_METHODS: tuple[CompareMethod, ...] = get_args(CompareMethod)
+
+
+class CompareConfig(StrictModel):
+    """What `baim compare` runs and its budgets. The defaults are small so that any scenario can be compared;
+    a scenario whose curves must flatten sets larger ones."""
+
+    methods: list[CompareMethod] = Field(
+        default_factory=lambda: list(COMPARE_METHODS),
+        min_length=1,
+        description="Methods to run: baim (each cloud strategy but scratch), fedavg, fedavg_finetune "
+        "(FedAvg, then fine-tuning on the cloud's data), cloud_only (the scratch strategy: the BAIM "
+        "architecture from random weights on the cloud's data), edge_alone (each edge's own model), "
+        "centralised (one VAE on every shard and the cloud data: the privacy-violating upper bound).",
+    )
+    baim_epochs: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(
+        default_factory=lambda: [1, 2, 4],
+        min_length=1,
+        description="The BAIM epoch sweep: cloud training runs max(baim_epochs) epochs (replacing "
+        "cloud.epochs) and each listed epoch is a point of the curve.",
+    )
+    fedavg_rounds: int = Field(default=10, ge=1, le=100_000, description="FedAvg's round cap.")
+    fedavg_plateau_patience: int | None = Field(
+        default=3,
+        ge=1,
+        description="FedAvg stops when its test loss has not improved (by fedavg_plateau_min_delta) for this "
+        "many rounds; null: only the cap (and baselines.fedavg.target_loss) stop it.",
+    )
+    fedavg_plateau_min_delta: float = Field(
+        default=0.0, ge=0, description="The improvement that resets FedAvg's plateau count."
+    )
+    finetune_epochs: int = Field(
+        default=2, ge=1, le=10_000, description="Epochs of cloud fine-tuning after FedAvg (fedavg_finetune)."
+    )
+    finetune_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Adam learning rate of the fine-tuning after FedAvg; unset: the edges' mean `lr` (what "
+        "FedAvg's model was trained with: cloud.lr is tuned for the BAIM and knocks a converged model back).",
+    )
+    centralised_epochs: int = Field(
+        default=4, ge=1, le=10_000, description="Epochs of the centralised reference."
+    )
+    fid_samples: int = Field(
+        default=32,
+        ge=0,
+        description="Generated and real images per FID/KID set, for each method's final model (0: no FID).",
+    )
+    grid_samples: int = Field(default=16, ge=1, le=256, description="Images in each method's sample grid.")
+    target_loss: float | None = Field(
+        default=None,
+        gt=0,
+        description="Time-to-quality target test loss; unset: the best BAIM task models' loss.",
+    )
+
+    @model_validator(mode="after")
+    def _sorted_sweep(self) -> CompareConfig:
+        if len(set(self.baim_epochs)) != len(self.baim_epochs):
+            raise ValueError(f"baim_epochs: expected distinct epochs, received {self.baim_epochs}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: expected distinct methods, received {self.methods}")
+        self.baim_epochs = sorted(self.baim_epochs)
+        return self
 
 
 class BaselinesConfig(StrictModel):
@@ -943,6 +1145,9 @@ class Scenario(StrictModel):
         default_factory=PersonalisationConfig,
         description="How edges personalise downloaded task models (end-of-run evaluation).",
     )
+    compare: CompareConfig = Field(
+        default_factory=CompareConfig, description="Methods and budgets of `baim compare`."
+    )
 
     # ----- derived facts
 
@@ -987,7 +1192,11 @@ class Scenario(StrictModel):
             squads[edge.task].append(edge.id)
         return squads
 
-    def test_size(self, task: TaskConfig) -> int | Literal["all"]:
+    def new_tasks(self) -> list[NewTaskEvent]:
+        """The timeline's `new_task` events, in file order."""
+        return [event for event in self.timeline if isinstance(event, NewTaskEvent)]
+
+    def test_size(self, task: TaskConfig | NewTaskConfig) -> int | Literal["all"]:
         return self.data.test_per_task if task.test_size is None else task.test_size
 
     def cloud_size(self, task: TaskConfig) -> int:
@@ -1019,12 +1228,22 @@ class Scenario(StrictModel):
                 first_path[edge.id] = path
             if edge.task not in task_names:
                 problems.append(f"{path}.task: unknown task {edge.task!r}; tasks: {', '.join(task_names)}")
+            if edge.early_stopping is not None and edge.shard_size < 2:
+                problems.append(
+                    f"{path}.early_stopping: needs shard_size >= 2 (one image to validate on, one to train "
+                    f"on), received {edge.shard_size}"
+                )
             downsampling = 2 ** len(edge.model.widths)
             if resolution % downsampling != 0:
                 problems.append(
                     f"{path}.model.widths: data.resolution {resolution} is not divisible by "
                     f"2**len(widths) = {downsampling}"
                 )
+        if self.cloud.keep == "best" and all(self.holdout_size(task) == 0 for task in self.tasks):
+            problems.append(
+                "cloud.keep: best chooses by the loss on the cloud's held-out images, but every task has "
+                "0 (set data.holdout_per_task or a task's holdout_size above 0)"
+            )
         fedavg_model = self.baselines.fedavg.model
         if fedavg_model is not None and resolution % 2 ** len(fedavg_model.widths) != 0:
             problems.append(
@@ -1103,8 +1322,9 @@ class Scenario(StrictModel):
                     f"{first_path[edge_id]}.start: edge {edge_id!r} has `start: false` but no join event"
                 )
 
+        problems += self._new_task_problems()
         for e, event in enumerate(self.timeline):
-            if isinstance(event, JoinEvent | CoordinatorCrashEvent):
+            if isinstance(event, JoinEvent | CoordinatorCrashEvent | NewTaskEvent):
                 continue
             edge_id = event.edge
             if edge_id not in starts:
@@ -1115,6 +1335,23 @@ class Scenario(StrictModel):
                     f"timeline.{e}.at_seconds: {event.kind} of edge {edge_id!r} at {event.at_seconds}s "
                     f"comes before it joins at {join_times[edge_id]}s"
                 )
+        return problems
+
+    def _new_task_problems(self) -> list[str]:
+        """A new task's name is new (not a declared task, not an earlier new task); no edge trains it."""
+        problems: list[str] = []
+        seen = {name: "tasks" for name in self.task_names()}
+        for e, event in enumerate(self.timeline):
+            if not isinstance(event, NewTaskEvent):
+                continue
+            name = event.task.name
+            if name in seen:
+                problems.append(
+                    f"timeline.{e}.task.name: task {name!r} exists already (in {seen[name]}); a new_task "
+                    "event names a task that is not there yet"
+                )
+            else:
+                seen[name] = f"timeline.{e}"
         return problems
 
 
@@ -1238,17 +1475,20 @@ def scenario_reference_markdown() -> str:
         ("tasks[]", TaskConfig),
         ("edges[]", EdgeConfig),
         ("edge_groups[]", EdgeGroupConfig),
+        ("early_stopping (edges, edge_groups)", EarlyStoppingConfig),
         ("model (edges, edge_groups, baselines.fedavg)", ModelSpecConfig),
         ("link (edges, edge_groups)", LinkConfig),
         ("cloud", CloudConfig),
         ("cloud.fusion", FusionPolicy),
         ("cloud.uploads", UploadLimits),
         *[(f"timeline[], kind: {get_args(m.model_fields['kind'].annotation)[0]}", m) for m in EVENT_MODELS],
+        ("timeline[].task (kind: new_task)", NewTaskConfig),
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
         ("placement", PlacementConfig),
         ("virtual_time", VirtualTimeConfig),
         ("traces", TracesConfig),
+        ("compare", CompareConfig),
     ]
     lines = [
         "# Scenario reference",
@@ -1269,6 +1509,12 @@ def scenario_reference_markdown() -> str:
         "(`baim demo`, `baim run`), since it depends on the data found.",
         "",
     ]
+    return "\n".join(lines + model_field_tables(sections))
+
+
+def model_field_tables(sections: Sequence[tuple[str, type[BaseModel]]]) -> list[str]:
+    """One Markdown table per (title, model): every field's type, default, bounds and description."""
+    lines: list[str] = []
     for title, model in sections:
         lines += [
             f"## {title}",
@@ -1287,4 +1533,4 @@ def scenario_reference_markdown() -> str:
             cells.append(field.description or "")
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines

@@ -237,6 +237,23 @@ def make_partitions(source: DataSource, scenario: Scenario) -> Partitions:
             partitions.edges[edge.id] = sorted(int(i) for i in chosen)
         else:
             partitions.edges[edge.id] = draw(what, pool, edge.shard_size)
+    # Tasks that appear later (`new_task` events) are drawn last, so that they change no other shard: their
+    # test split, and the k shots the cloud holds of them (their cloud shard; no holdout, no edges).
+    for event in scenario.new_tasks():
+        new = event.task
+        missing = sorted(expression_attributes(new.parsed()) - set(source.attr_names))
+        if missing:
+            raise ScenarioError(
+                f"new task {new.name!r}: attribute(s) {', '.join(missing)} not in the {source.kind} data at "
+                f"{source.root}; valid names: {', '.join(source.attr_names)}"
+            )
+        mask = source.matching(new.expression)
+        partitions.test[new.name] = draw(
+            f"new task {new.name!r} test split ({new.expression})", mask & test_pool, scenario.test_size(new)
+        )
+        partitions.cloud[new.name] = draw(
+            f"new task {new.name!r} shots ({new.expression})", mask & training_pool, event.shots
+        )
     logger.info(
         "partitions: %d test, %d holdout, %d cloud, %d edge images (seed %d)",
         *(sum(len(v) for v in shards.values()) for shards in partitions.groups().values()),

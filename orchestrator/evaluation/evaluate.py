@@ -265,19 +265,20 @@ class RunEvaluation:
 
     def _strategy_baims(self) -> dict[str, tuple[BAIM, str]]:
         """Each strategy's trained BAIM of the last round, where the run kept it: the coordinator keeps the
-        first strategy's (registry `baim@<round version>`); a Ray Train round also leaves every strategy's
-        final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
+        round's `kept` strategy's (registry `baim@<round version>`); a Ray Train round also leaves every
+        strategy's final checkpoint (`checkpoint_uri` in the round's per-strategy summary)."""
         rounds = self.report.cloud.rounds
         if not rounds:
             return {}
         last = rounds[-1]
+        kept = last.kept or next(iter(last.strategies), None)  # records before cloud.keep kept the first
         found: dict[str, tuple[BAIM, str]] = {}
-        for index, (strategy, summary) in enumerate(last.strategies.items()):
-            if index == 0 and last.baim_version:
+        for strategy, summary in last.strategies.items():
+            if strategy == kept and last.baim_version:
                 baim = self._load_baim(BAIM_OWNER, last.baim_version)
                 found[strategy] = (baim, f"{BAIM_OWNER}@{last.baim_version}")
             elif isinstance(summary, RayTrainStrategyRun) and summary.checkpoint_uri:
-                found[strategy] = (_baim_from_checkpoint(summary.checkpoint_uri), summary.checkpoint_uri)
+                found[strategy] = (baim_from_checkpoint(summary.checkpoint_uri), summary.checkpoint_uri)
         return found
 
     def _strategy_sets(self) -> Downloads:
@@ -287,13 +288,30 @@ class RunEvaluation:
         whole: Download | None = None
         if self.report.cloud.baim_version:
             ref = self.registry.ref(BAIM_OWNER, self.report.cloud.baim_version)
-            whole = Download(artifact=f"{BAIM_OWNER}@{ref.version}", nbytes=ref.nbytes)
+            whole = Download(
+                artifact=f"{BAIM_OWNER}@{ref.version}",
+                kind="baim",
+                nbytes=ref.nbytes,
+                params=self.report.cloud.baim_params,
+            )
         task_models: dict[str, Download] = {}
+        generation_models: dict[str, Download] = {}
         for task, info in self.report.tasks.items():
             owner, version = _parse_artifact(info.artifact)
             task_models[task] = Download(
-                artifact=info.artifact, nbytes=self.registry.ref(owner, version).nbytes
+                artifact=info.artifact,
+                kind="full",
+                nbytes=self.registry.ref(owner, version).nbytes,
+                params=info.params,
             )
+            if info.generation is not None:
+                owner, version = _parse_artifact(info.generation.artifact)
+                generation_models[task] = Download(
+                    artifact=info.generation.artifact,
+                    kind="generation",
+                    nbytes=self.registry.ref(owner, version).nbytes,
+                    params=info.generation.params,
+                )
         baims = self._strategy_baims()
         for strategy, (baim, where) in baims.items():
             for task in baim.config.tasks:
@@ -303,7 +321,12 @@ class RunEvaluation:
                     grid = baim.generate(task, self.options.grid_samples, seed=GENERATION_SEED)
                     save_samples(samples / "baim" / f"{task}.safetensors", grid, phase="baim", source=where)
         strategy_models = {strategy: where for strategy, (_, where) in baims.items()}
-        return Downloads(task_models=task_models, baim=whole, strategy_models=strategy_models)
+        return Downloads(
+            task_models=task_models,
+            generation_models=generation_models,
+            baim=whole,
+            strategy_models=strategy_models,
+        )
 
     # ---- personalisation -----------------------------------------------------------------------------
 
@@ -316,7 +339,7 @@ class RunEvaluation:
                 continue
             edge = self.scenario.edge(edge_id)
             toolbox = Toolbox(self.out_dir / "toolbox" / edge_id, registry=self.registry)
-            fetched = toolbox.fetch(edge.task)
+            fetched = toolbox.fetch(edge.task, kind="full")  # fine-tuning needs the encoders
             model = fetched.model
             loss_fn = model_loss_fn(model, self.scenario.cloud.kld_weight)
             shard = FaceDataset(self.source, self.partitions.edges[edge_id], self.resolution)
@@ -351,6 +374,7 @@ class RunEvaluation:
                 task=edge.task,
                 model_version=fetched.model_version,
                 kind=fetched.kind,
+                download=fetched.download,
                 params=count_params(model) - sum(p.numel() for p in trainable or []),
                 bytes_received=fetched.bytes_received,
                 epochs=self.options.personalise_epochs,
@@ -582,7 +606,7 @@ class RunEvaluation:
             self.progress(line)
 
 
-def _baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
+def baim_from_checkpoint(checkpoint_uri: str) -> BAIM:
     """A trained BAIM from a Ray Train checkpoint (safetensors weights + JSON spec; no pickle)."""
     import ray.train
 

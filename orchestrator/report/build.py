@@ -92,6 +92,8 @@ def build_report(
             learners=coordinator.learners,
             untrained_learners=coordinator.untrained_learners,
             coordinator_restarts=coordinator.restarts,
+            new_tasks=coordinator.new_tasks,
+            learner_pruning=coordinator.learner_pruning,
         ),
         tasks=coordinator.tasks,
         totals=Totals(

@@ -28,6 +28,7 @@ from orchestrator.core.reports import (
     RunReport,
 )
 from orchestrator.core.scenario import format_validation_error
+from orchestrator.report.lifecycle import lifecycle_section
 from orchestrator.report.scale import EDGE_TABLE_LIMIT, EDGES_PARQUET, edges_summary, write_edges_parquet
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,12 @@ def quality_of(report: RunReport) -> ImageQuality | None:
 
 
 def kept_strategy(report: RunReport) -> str | None:
-    """The strategy whose BAIM the run kept and published its task models from (the first of the round)."""
+    """The strategy whose BAIM the run kept and published its task models from (the last round's `kept`;
+    records written before cloud.keep existed kept the first strategy)."""
     rounds = report.cloud.rounds
-    strategies = list(rounds[-1].strategies) if rounds else []
-    return strategies[0] if strategies else None
+    if not rounds:
+        return None
+    return rounds[-1].kept or next(iter(rounds[-1].strategies), None)
 
 
 def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
@@ -85,6 +88,7 @@ def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
     and FLOPs (local training, plus personalisation)."""
     downloads = report.downloads
     task_models = downloads.task_models if downloads is not None else {}
+    generation_models = downloads.generation_models if downloads is not None else {}
     whole = downloads.baim.nbytes if downloads is not None and downloads.baim is not None else None
     personalised = personalised_of(report)
     rows: dict[str, dict[str, Any]] = {}
@@ -92,6 +96,8 @@ def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
         if row.upload.outcome != "accepted":
             continue
         task_bytes = task_models[row.task].nbytes if row.task in task_models else None
+        generation = generation_models.get(row.task)
+        generation_bytes = generation.nbytes if generation is not None else task_bytes  # else: full generates
         base = row.bytes_sent + row.bytes_received
         rows[edge_id] = {
             "task": row.task,
@@ -100,6 +106,8 @@ def baim_edge_rows(report: RunReport) -> dict[str, dict[str, Any]]:
             "task_model_bytes": task_bytes,
             "baim_bytes": whole,
             "bytes_with_task_model": None if task_bytes is None else base + task_bytes,
+            "generation_model_bytes": generation_bytes,
+            "bytes_with_generation_model": None if generation_bytes is None else base + generation_bytes,
             "bytes_with_baim": None if whole is None else base + whole,
             "train_flops": row.flops,
             "personalise_flops": personalised[edge_id].flops if edge_id in personalised else None,
@@ -140,6 +148,7 @@ def headline(report: RunReport) -> dict[str, Any]:
     baim_upload = mean_of(baim_rows, "bytes_sent")
     baim_task = mean_of(baim_rows, "bytes_with_task_model")
     baim_whole = mean_of(baim_rows, "bytes_with_baim")
+    baim_generation = mean_of(baim_rows, "bytes_with_generation_model")
     fedavg_bytes = _mean([row.bytes_sent + row.bytes_received for row in fedavg_rows.values()])
     baim_flops = mean_of(baim_rows, "train_flops")
     personalise_flops = mean_of(baim_rows, "personalise_flops")
@@ -160,9 +169,11 @@ def headline(report: RunReport) -> dict[str, Any]:
             "baim_upload_only": baim_upload,
             "baim_with_task_model": baim_task,
             "baim_with_whole_baim": baim_whole,
+            "baim_with_generation_model": baim_generation,
             "fedavg": fedavg_bytes,
             "ratio_fedavg_over_baim_task_model": _ratio(fedavg_bytes, baim_task),
             "ratio_fedavg_over_baim_whole_baim": _ratio(fedavg_bytes, baim_whole),
+            "ratio_fedavg_over_baim_generation_model": _ratio(fedavg_bytes, baim_generation),
         },
         "edge_flops_per_edge": {
             "baim_training": baim_flops,
@@ -466,6 +477,9 @@ def _headline_section(numbers: dict[str, Any]) -> list[str]:
     rows = [
         ["bytes per edge, BAIM upload + task-model download", _fmt_bytes(b["baim_with_task_model"]),
          _fmt_bytes(b["fedavg"]), _fmt_ratio(b["ratio_fedavg_over_baim_task_model"])],
+        ["bytes per edge, BAIM upload + generation-artifact download",
+         _fmt_bytes(b["baim_with_generation_model"]), _fmt_bytes(b["fedavg"]),
+         _fmt_ratio(b["ratio_fedavg_over_baim_generation_model"])],
         ["bytes per edge, BAIM upload + whole-BAIM download", _fmt_bytes(b["baim_with_whole_baim"]),
          _fmt_bytes(b["fedavg"]), _fmt_ratio(b["ratio_fedavg_over_baim_whole_baim"])],
         ["edge FLOPs per edge (training)", _fmt_flops(f["baim_training"]), _fmt_flops(f["fedavg"]),
@@ -538,13 +552,36 @@ def _tasks_section(report: RunReport) -> list[str]:
     if not report.tasks:
         return [NOT_MEASURED + " (no task models were published)"]
     rows = [
-        [task, f"{info.params:,}", f"{info.baim_params:,}", _fmt(info.test_loss),
+        [task, f"{info.params:,}", f"{info.baim_params:,}", _fmt_share(info.params, info.baim_params),
+         _fmt_share(info.params, info.squad_params), _fmt_count(info.budget_params), _fmt(info.test_loss),
          f"{info.decomposition_max_abs_diff:.2e}", ", ".join(info.learners)]
         for task, info in report.tasks.items()
     ]  # fmt: skip
-    return _table(
-        ["task", "params", "BAIM params", "test loss", "decomposition max abs diff", "learners"], rows
-    )
+    lines = _table(
+        ["task", "params", "BAIM params", "/ BAIM", "/ squad", "budget (params)", "test loss",
+         "decomposition max abs diff", "learners"],
+        rows,
+    )  # fmt: skip
+    downloads = report.downloads
+    if downloads is not None:
+        kinds = [*downloads.task_models.values(), *downloads.generation_models.values()]
+        if downloads.baim is not None:
+            kinds.append(downloads.baim)
+        lines += ["", "What an edge downloads (kind: full to reconstruct and personalise, generation to "
+                  "generate):", ""]  # fmt: skip
+        lines += _table(
+            ["artifact", "kind", "bytes", "params"],
+            [[d.artifact, d.kind, _fmt_bytes(d.nbytes), _fmt_count(d.params)] for d in kinds],
+        )
+    return lines
+
+
+def _fmt_share(part: int, whole: int | None) -> str:
+    return "n/a" if not whole else f"{part / whole:.3f}"
+
+
+def _fmt_count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
 
 
 def _strategies_section(report: RunReport) -> list[str]:
@@ -728,6 +765,7 @@ def build_markdown(out_dir: Path, report: RunReport) -> str:
         ("Personalisation", _personalisation_section(report)),
         ("Relay: adapters back to the cloud", _relay_section(report)),
         ("Placements of end users' requests", _placements_section(report)),
+        ("Lifecycle: continual rounds, new tasks, pruned learners", lifecycle_section(report)),
     ]
     for title, body in sections:
         lines += [f"## {title}", "", *body, ""]

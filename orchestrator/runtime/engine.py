@@ -29,6 +29,7 @@ from orchestrator.cloud.auto import auto_training_round
 from orchestrator.cloud.local import local_training_round
 from orchestrator.cloud.ray_train import ray_train_round
 from orchestrator.core.metrics import Ledger
+from orchestrator.core.progress import read_epochs
 from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.registry import Registry
 from orchestrator.core.reports import (
@@ -45,6 +46,7 @@ from orchestrator.core.scenario import (
     EdgeConfig,
     Event,
     JoinEvent,
+    NewTaskEvent,
     Scenario,
     format_validation_error,
 )
@@ -177,6 +179,7 @@ class Engine:
         self._status_ref: Any = None  # an outstanding coordinator status() call
         self._round_errors_said: set[tuple[int, int]] = set()  # (round, attempt) already printed
         self.simulation: Simulation | None = None  # time: virtual, once played
+        self._epochs_said: set[tuple[int, str, int]] = set()  # cloud (round, strategy, epoch) printed
 
     def check_registry_is_free(self) -> None:
         """Raise RegistryHeldByAnotherRun when the registry already holds a run's coordinator state.
@@ -252,7 +255,7 @@ class Engine:
 
         failure: RoundFailed | None = None
         try:
-            summary = ray.get(self.coordinator.finish.remote(), timeout=self.options.finish_timeout_s)
+            summary = self._finish()
         except RoundFailed as err:  # Ray raises an error that is also an instance of the actor's error
             failure = err
             summary = ray.get(self.coordinator.summary.remote(), timeout=self.options.finish_timeout_s)
@@ -380,6 +383,20 @@ class Engine:
             if now - last_progress >= PROGRESS_EVERY_SECONDS:
                 last_progress = now
 
+    def _finish(self) -> Any:
+        """The coordinator's finish() (its last round, decomposition, publishing), printing the cloud's
+        epochs while it trains; raises Ray's GetTimeoutError after finish_timeout_s."""
+        finishing = self.coordinator.finish.remote()
+        deadline = time.monotonic() + self.options.finish_timeout_s
+        while not ray.wait([finishing], timeout=min(PROGRESS_EVERY_SECONDS, self.options.finish_timeout_s))[
+            0
+        ]:
+            self._say_cloud_epochs()
+            if time.monotonic() > deadline:
+                break
+        self._say_cloud_epochs()
+        return ray.get(finishing, timeout=max(0.0, deadline - time.monotonic()))
+
     # ---- edges ---------------------------------------------------------------------------------------
 
     def _spawn(self, track: EdgeTrack, reason: str) -> None:
@@ -470,8 +487,14 @@ class Engine:
                     continue  # progress only; a malformed final report fails the edge
                 if track.report is None or report.epoch != track.report.epoch:
                     epochs = f"{report.epoch}/{report.epochs}"
+                    loss = "n/a" if report.train_loss is None else f"{report.train_loss:.5f}"
+                    validation = (
+                        f", validation loss {report.validation_loss[-1]:.5f}"
+                        if report.validation_loss
+                        else ""
+                    )
                     self._say(
-                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {report.train_loss}"
+                        f"edge {track.config.id}: {report.status} epoch {epochs} loss {loss}{validation}"
                     )
                 track.report = report
         if ask and self.fleet.polls_progress:
@@ -498,6 +521,16 @@ class Engine:
                     self._say_round_errors([RoundError.model_validate(e) for e in status["round_errors"]])
         if ask and self._status_ref is None and self.coordinator is not None:
             self._status_ref = self.coordinator.status.remote()
+        if ask:
+            self._say_cloud_epochs()
+
+    def _say_cloud_epochs(self) -> None:
+        """Print every cloud epoch that finished since the last look (the runners record them live)."""
+        for progress in read_epochs(Registry(self.registry_uri)):
+            key = (progress.round, progress.strategy, progress.epoch)
+            if key not in self._epochs_said:
+                self._epochs_said.add(key)
+                self._say(progress.line())
 
     def _say_round_errors(self, round_errors: list[RoundError]) -> None:
         for entry in round_errors:
@@ -528,6 +561,15 @@ class Engine:
             ray.kill(self.coordinator, no_restart=False)  # Ray restarts it; __init__ resumes
             self._record("coordinator_crash", at=event.at_seconds, where=where)
             self._say(f"{where}: coordinator killed (Ray restarts it from its checkpoint)")
+            return
+        if isinstance(event, NewTaskEvent):
+            # The coordinator queues it and answers at once; the adaptation runs once a trained BAIM exists.
+            ray.get(
+                self.coordinator.new_task.remote(event.model_dump(mode="json")),
+                timeout=self.options.startup_timeout_s,
+            )
+            self._record("new_task", task=event.task.name, at=event.at_seconds, where=where)
+            self._say(f"{where}: new task {event.task.name!r} with {event.shots} shots")
             return
         if isinstance(event, JoinEvent):
             track = self.edges[event.edge_id()]
@@ -571,6 +613,8 @@ class Engine:
             shard_size=len(self.partitions.edges[edge_id]),
             epochs_done=report.epoch if report is not None else 0,
             local_epochs=track.config.local_epochs,
+            validation_loss=report.validation_loss if report is not None else [],
+            best_epoch=report.best_epoch if report is not None else None,
             bytes_sent=costs.get("bytes_sent", 0),
             bytes_received=costs.get("bytes_received", 0),
             flops=costs.get("flops", 0),

@@ -44,6 +44,7 @@ from orchestrator.core.scenario import (
     JoinEvent,
     LeaveEvent,
     LinkEvent,
+    NewTaskEvent,
     PoisonEvent,
     Scenario,
     SlowEvent,
@@ -209,6 +210,11 @@ class _Clock:
         if isinstance(event, CoordinatorCrashEvent):
             self.coordinator_crashes.append(self.now)
             self.log(event.kind, where=where)
+            return
+        if isinstance(event, NewTaskEvent):  # the cloud's few-shot step: no edge's clock changes
+            self.log(
+                event.kind, where=where, applied=False, note="a cloud step; the virtual clock has no cloud"
+            )
             return
         edge_id = event.edge_id() if isinstance(event, JoinEvent) else event.edge
         edge = self.edges[edge_id]

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from actors.coordinator import CloudCoordinator
+from actors.edge import poison_state, upload_spec
+from baim.config import LearnerSpec
+from baim.learners import VAELearner
 from orchestrator.cloud.local import local_training_round
-from orchestrator.core.artifacts import ArtifactPayload
+from orchestrator.core.artifacts import ArtifactPayload, pack_state
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
@@ -41,3 +46,15 @@ def upload_kwargs(edge_id: str, payload: ArtifactPayload, version: int = 1) -> d
         "spec_json": payload.spec_json,
         "sha256": payload.sha256,
     }
+
+
+def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: Any) -> ArtifactPayload:
+    """The upload of a freshly initialised learner of the edge's declared architecture (optionally poisoned:
+    `mode=..., scale=...`)."""
+    edge = scenario.edge(edge_id)
+    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
+    torch.manual_seed(seed)
+    state = VAELearner(spec).state_dict()
+    if poison:
+        state = poison_state(state, poison["mode"], poison.get("scale", 10.0), seed)
+    return pack_state(state, upload_spec(edge, spec))

@@ -34,6 +34,8 @@ def edge_row(bytes_sent: int, flops: int, *, status: str = "accepted") -> dict[s
         "shard_size": 10,
         "epochs_done": 1,
         "local_epochs": 1,
+        "validation_loss": [],
+        "best_epoch": None,
         "bytes_sent": bytes_sent,
         "bytes_received": 0,
         "flops": flops,
@@ -62,6 +64,9 @@ def local_result(test_loss: list[float]) -> dict[str, Any]:
         "connections": [1] * len(test_loss),
         "runner": "local",
         "chosen_by": "cloud.trainer: local",
+        "test_loss_per_task": [{"smile": loss} for loss in test_loss],
+        "flops_per_epoch": [1] + [0] * (len(test_loss) - 1),
+        "seconds_per_epoch": [1.0 / len(test_loss)] * len(test_loss),
     }
 
 
@@ -84,6 +89,8 @@ def ray_train_result(initial: float, test_loss: list[float]) -> dict[str, Any]:
         "checkpoint_uri": "/registry/ray_train/round-0001-finetune/epoch-0002",
         "fixed_seconds": 1.0,
         "chosen_by": "cloud.trainer: ray_train",
+        "flops_per_epoch": [1] + [0] * (len(test_loss) - 1),
+        "seconds_per_epoch": [1.0 / len(test_loss)] * len(test_loss),
     }
 
 
@@ -114,6 +121,10 @@ def fedavg_round(server_round: int, aggregated: list[str], test_loss: float) -> 
         "test_loss_per_task": {"smile": test_loss},
         "test_loss": test_loss,
         "seconds": 1.0,
+        "bytes_sent": {e: 9_000 for e in aggregated},
+        "bytes_received": {"e0": 10_000, "e1": 10_000},
+        "flops": {e: 100 for e in aggregated},
+        "aggregation_flops": 0,
     }
 
 
@@ -136,6 +147,7 @@ def personalised_edge(test_loss_after: float, flops: int) -> dict[str, Any]:
         "task": "smile",
         "model_version": "v000001",
         "kind": "task_model",
+        "download": "full",
         "params": 50,
         "bytes_received": 2_000,
         "epochs": 1,
@@ -191,6 +203,8 @@ def bare_report() -> dict[str, Any]:
             "learners": [],
             "untrained_learners": [],
             "coordinator_restarts": 0,
+            "new_tasks": [],
+            "learner_pruning": None,
         },
         "tasks": {},
         "totals": {
@@ -222,6 +236,17 @@ def hand_report() -> dict[str, Any]:
             "decomposition_max_abs_diff": 0.0,
             "artifact": "task/smile@v000001",
             "sha256": "cd" * 32,
+            "nbytes": 2_000,
+            "squad_params": 40,
+            "budget_params": 46,
+            "generation": {
+                "artifact": "generation/smile@v000001",
+                "sha256": "ef" * 32,
+                "params": 20,
+                "nbytes": 800,
+                "max_abs_diff": 0.0,
+                "images_checked": 8,
+            },
         }
     }
     report["cloud"].update(
@@ -237,6 +262,9 @@ def hand_report() -> dict[str, Any]:
                     "finetune": ray_train_result(0.9, [0.7, 0.5]),
                     "scratch": local_result([1.2, 0.8]),
                 },
+                "kept": "finetune",
+                "holdout_loss": None,
+                "continual": None,
             }
         ],
         baim_version="v000001",
@@ -244,8 +272,11 @@ def hand_report() -> dict[str, Any]:
         learners=["e0", "e1"],
     )
     report["downloads"] = {
-        "task_models": {"smile": {"artifact": "task/smile@v000001", "nbytes": 2_000}},
-        "baim": {"artifact": "baim@v000001", "nbytes": 6_000},
+        "task_models": {"smile": {"artifact": "task/smile@v000001", "kind": "full", "nbytes": 2_000}},
+        "generation_models": {
+            "smile": {"artifact": "generation/smile@v000001", "kind": "generation", "nbytes": 800}
+        },
+        "baim": {"artifact": "baim@v000001", "kind": "baim", "nbytes": 6_000},
         "strategy_models": {"finetune": "baim@v000001"},
     }
     report["baselines"] = {
@@ -253,6 +284,8 @@ def hand_report() -> dict[str, Any]:
             "enabled": True,
             "model": {"kind": "learner", "widths": [4], "latent_dim": 2, "resolution": 8, "in_channels": 3},
             "params": 40,
+            "aggregation": "mean",
+            "stop_reason": "round_cap",
             "rounds_planned": 2,
             "local_epochs": 1,
             "client_fraction": 1.0,

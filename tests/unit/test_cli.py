@@ -109,6 +109,14 @@ def test_checked_in_scenario_reference_is_up_to_date(tmp_path: Path):
     assert "| `top_k` |" in committed and "kind: poison" in committed
 
 
+def test_checked_in_comparison_schema_is_up_to_date(tmp_path: Path):
+    out = tmp_path / "comparison.md"
+    assert main(["schema", "--comparison", "--out", str(out)]) == 0
+    committed = (REPO_ROOT / "docs" / "comparison.md").read_text()
+    assert out.read_text() == committed, "regenerate with `baim schema --comparison --out docs/comparison.md`"
+    assert "| `bytes_sent_per_edge` |" in committed and "## time_to_quality.rows[]" in committed
+
+
 def test_schema_json_is_a_json_schema(capsys: pytest.CaptureFixture[str]):
     assert main(["schema", "--json"]) == 0
     schema = json.loads(capsys.readouterr().out)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.coordinator import STATE_KEY, CloudCoordinator, RegistryHeldByAnotherRun
-from actors.edge import poison_state, upload_spec
+from actors.edge import upload_spec
 from actors.rounds import RoundFailed, RoundRequest, RoundResult
 from actors.uploads import fresh_learner_rms, largest_rms_ratio, validation_slots
 from baim.config import LearnerSpec
@@ -22,19 +22,9 @@ from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, compute_sha256, pack_state
 from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, UploadLimits
-from tests.support.coordinator import make_coordinator, upload_kwargs
+from tests.support.coordinator import learner_payload, make_coordinator, upload_kwargs
 from tests.support.loop import LoopThread
 from tests.support.scenarios import tiny_scenario
-
-
-def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: Any) -> ArtifactPayload:
-    edge = scenario.edge(edge_id)
-    spec = LearnerSpec(tuple(edge.model.widths), edge.model.latent_dim, scenario.data.resolution)
-    torch.manual_seed(seed)
-    state = VAELearner(spec).state_dict()
-    if poison:
-        state = poison_state(state, poison["mode"], poison.get("scale", 10.0), seed)
-    return pack_state(state, upload_spec(edge, spec))
 
 
 def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop: LoopThread) -> None:

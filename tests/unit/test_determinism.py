@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from actors.coordinator import CloudCoordinator
@@ -35,6 +36,8 @@ from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from orchestrator.cloud.local import local_training_round
 from orchestrator.core.artifacts import ArtifactPayload, pack_state
+from orchestrator.core.progress import read_epochs
+from orchestrator.core.registry import Registry
 from orchestrator.core.scenario import Scenario, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -277,6 +280,29 @@ def test_local_round_prunes_on_the_scenario_schedule(tmp_path: Path) -> None:
     assert result.strategies["finetune"].connections == expected
     assert len(json.loads(result.trained.spec_json)["connections"]) == expected[-1]
     assert local_training_round(pruning).trained.sha256 == result.trained.sha256  # still deterministic
+
+
+def test_local_round_records_its_epochs_per_task_and_as_live_progress(tmp_path: Path) -> None:
+    # Prepare: one round's request, replayed with 2 epochs
+    request, _ = first_round(tmp_path)
+    document = request.scenario.model_dump(mode="json")
+    document["cloud"].update(epochs=2)
+    two = dataclasses.replace(request, scenario=Scenario.model_validate(document))
+
+    # Execute
+    run = local_training_round(two).strategies["finetune"]
+
+    # Assert: per-epoch FLOPs sum to the total; the mean test loss is the test-image-weighted per-task mean
+    assert len(run.flops_per_epoch) == len(run.seconds_per_epoch) == len(run.test_loss_per_task) == 2
+    assert sum(run.flops_per_epoch) == run.flops
+    sizes = {task: len(indices) for task, indices in two.partitions.test.items() if indices}
+    for mean, per_task in zip(run.test_loss, run.test_loss_per_task, strict=True):
+        assert set(per_task) == set(sizes)
+        weighted = sum(per_task[t] * sizes[t] for t in sizes) / sum(sizes.values())
+        assert mean == pytest.approx(weighted, rel=1e-12)
+    progress = {(p.round, p.strategy): p for p in read_epochs(Registry(two.registry_uri))}
+    newest = progress[(two.round_index, "finetune")]
+    assert (newest.epoch, newest.epochs, newest.test_loss) == (2, 2, run.test_loss[-1])
 
 
 def main() -> None:

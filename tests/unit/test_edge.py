@@ -9,8 +9,19 @@ from typing import Any
 import pytest
 import torch
 
-from actors.edge import EdgeNode, edge_device, link_delay_seconds
-from orchestrator.core.scenario import Scenario
+from actors.edge import (
+    EdgeNode,
+    edge_device,
+    epochs_without_improvement,
+    link_delay_seconds,
+    validation_split,
+)
+from baim.learners import VAELearner
+from baim.seeding import derive_seed
+from baim.training import evaluate, vae_batch_loss
+from orchestrator.core.artifacts import ArtifactPayload, load_module
+from orchestrator.core.names import MAX_MODEL_BYTES
+from orchestrator.core.scenario import EarlyStoppingConfig, Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from tests.support.coordinator import SyncCoordinator, make_coordinator
@@ -175,3 +186,67 @@ def test_slow_link_delays_the_upload_by_its_simulated_transfer_time(tmp_path: Pa
     nbytes = report["ledger"]["edges"]["edge-1"]["bytes_sent"]
     expected = link_delay_seconds(nbytes, 1.0, 100.0, 1.0)  # ~0.36 s for ~32 kB
     assert report["ledger"]["edges"]["edge-1"]["seconds"]["edge_upload"] >= expected
+
+
+# ---- early stopping --------------------------------------------------------------------------------------
+
+
+def test_validation_split_is_seeded_disjoint_and_keeps_one_image_each_side() -> None:
+    train, validation = validation_split(10, 0.3, seed=5)
+    assert len(validation) == 3 and len(train) == 7
+    assert sorted(train + validation) == list(range(10))
+    assert validation_split(10, 0.3, seed=5) == (train, validation)
+    assert len(validation_split(2, 0.01, seed=0)[1]) == 1  # at least one to validate on
+    assert len(validation_split(2, 0.99, seed=0)[0]) == 1  # at least one to train on
+    with pytest.raises(ValueError, match="size"):
+        validation_split(1, 0.5, seed=0)
+
+
+def test_epochs_without_improvement_counts_from_the_best_beyond_min_delta() -> None:
+    assert epochs_without_improvement([], 0.0) == 0
+    assert epochs_without_improvement([3.0, 2.0, 1.0], 0.0) == 0
+    assert epochs_without_improvement([3.0, 2.0, 2.5, 2.0], 0.0) == 2  # 2.0 again is no improvement
+    assert epochs_without_improvement([3.0, 2.0, 1.95], 0.1) == 1  # 0.05 < min_delta
+
+
+def test_edge_stops_on_its_validation_loss_and_uploads_the_best_epoch(tmp_path: Path) -> None:
+    # Prepare: a learning rate so large that the validation loss stops improving long before the cap
+    scenario = never(tmp_path)
+    edges = [
+        edge.model_copy(
+            update={
+                "local_epochs": 40,
+                "lr": 0.05,
+                "early_stopping": EarlyStoppingConfig(patience=2, validation_fraction=0.25),
+            }
+        )
+        if edge.id == "edge-0"
+        else edge
+        for edge in scenario.edges
+    ]
+    scenario = scenario.model_copy(update={"edges": edges})
+    edge = make_edge(scenario, "edge-0")
+    recorder = Recorder()
+
+    # Execute
+    report = json.loads(edge.run(recorder))
+
+    # Assert: stopped `patience` epochs after the best, before the cap; the best epoch's weights went up
+    losses = report["validation_loss"]
+    assert report["epoch"] == len(losses) < 40
+    best = report["best_epoch"]
+    assert losses[best - 1] == min(losses)
+    assert report["epoch"] - best == 2
+    assert report["steps"] == report["epoch"] * 3  # 36 of 48 images train, batch 16
+    sent = recorder.received[0]
+    uploaded = load_module(
+        ArtifactPayload(sent["weights"], sent["spec_json"], sent["sha256"]),
+        VAELearner,
+        artifact_id="upload",
+        max_bytes=MAX_MODEL_BYTES,
+    )
+    positions = validation_split(48, 0.25, derive_seed("validation", edge.seed))[1]
+    validation = torch.utils.data.Subset(edge.dataset, positions)
+    loss_fn = vae_batch_loss(scenario.cloud.kld_weight)
+    again = evaluate(uploaded, torch.utils.data.DataLoader(validation, batch_size=16), loss_fn, seed=0)
+    assert again == pytest.approx(losses[best - 1], rel=1e-5)

@@ -20,9 +20,10 @@ from orchestrator.baselines.fedavg import (
     global_spec,
     homogeneous_spec,
     loss_text,
+    stop_reason,
 )
 from orchestrator.core.artifacts import ArtifactPayload, canonical_json, pack_state
-from orchestrator.core.scenario import Scenario
+from orchestrator.core.scenario import FedAvgConfig, Scenario
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from tests.support.scenarios import tiny_scenario
@@ -212,3 +213,52 @@ def test_progress_loss_text_survives_a_loss_measured_on_nothing() -> None:
     # mean_test_loss is None when no task has test images; the progress line used to raise TypeError.
     assert loss_text(None) == "n/a"
     assert loss_text(0.123456789) == "0.12346"
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "options", "expected", "used"),
+    [
+        ("median", {}, 2.0, ["a", "b", "c"]),  # median of 1, 2, 100
+        ("trimmed_mean", {"trim_proportion": 0.34}, 2.0, ["a", "b", "c"]),  # int(0.34 * 3) = 1 cut each end
+        # Krum with f = 0: n - f - 2 = 1 neighbour; scores |1-2|^2, |2-1|^2, |100-2|^2 per coordinate: a, b
+        # tie, the earlier wins
+        ("krum", {"krum_num_malicious": 0}, 1.0, ["a"]),
+        # Multi-Krum keeping 2: a and b averaged by shard size (10 * 1 + 30 * 2) / 40 = 1.75
+        ("krum", {"krum_num_malicious": 0, "krum_to_keep": 2}, 1.75, ["a", "b"]),
+    ],
+)
+def test_robust_aggregations_ignore_an_outlier_update(
+    aggregation: str, options: dict[str, float], expected: float, used: list[str]
+) -> None:
+    # Prepare: client c sends every weight x100 the others'
+    strategy = FedAvgBaseline(spec=SPEC, aggregation=aggregation, **options)  # type: ignore[arg-type]
+    results = [
+        update("a", constant_state(1.0), 10),
+        update("b", constant_state(2.0), 30),
+        update("c", constant_state(100.0), 20),
+    ]
+
+    # Execute
+    aggregate = strategy.aggregate_fit(1, results, [], constant_state(0.0))
+
+    # Assert
+    assert aggregate.aggregated == used
+    for name, tensor in aggregate.state.items():
+        assert torch.allclose(tensor, torch.full_like(tensor, expected)), name
+
+
+def test_an_unknown_aggregation_is_named() -> None:
+    with pytest.raises(ValueError, match="aggregation: expected one of mean, median, trimmed_mean, krum"):
+        FedAvgBaseline(spec=SPEC, aggregation="mode")
+
+
+def test_fedavg_stops_at_the_target_or_on_a_plateau_else_goes_on() -> None:
+    target = FedAvgConfig(target_loss=0.5)
+    assert stop_reason([0.9, 0.6], target) is None
+    assert stop_reason([0.9, 0.5], target) == "target"
+    plateau = FedAvgConfig(plateau_patience=2, plateau_min_delta=0.01)
+    assert stop_reason([0.9, 0.6, 0.595], plateau) is None  # one round without a 0.01 improvement
+    assert stop_reason([0.9, 0.6, 0.595, 0.61], plateau) == "plateau"
+    assert stop_reason([0.9, 0.6, 0.595, 0.5], plateau) is None
+    assert stop_reason([], plateau) is None
+    assert stop_reason([0.1, 0.1, 0.1], FedAvgConfig()) is None  # neither configured: only the cap

@@ -3,13 +3,14 @@ pruning schedule, the optimiser kept across a pruning, resuming at an epoch, exa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from baim.compaction import Batch, PruningSchedule, budget_limits, task_model_params
 from baim.config import LearnerSpec
 from baim.learners import VAELearner
 from baim.loop import EpochOutcome, Evaluation, LoopSchedule, start_strategy, train_strategy
@@ -55,6 +56,10 @@ class RecordingHooks:
         images, task_ids = batch
         return model(images, task_ids, seed=0).loss
 
+    def score_batches(self) -> Sequence[Batch]:
+        self.calls.append(("score_batches", 0))
+        return self.data
+
     def pruned(self, epoch: int, removed: list[ConnectionSpec]) -> nn.Module:
         self.calls.append(("pruned", epoch))
         return self.baim
@@ -77,12 +82,14 @@ def test_each_epoch_trains_prunes_on_the_schedule_evaluates_then_hands_over() ->
     initial = len(baim.connections.specs)
 
     # Execute
-    train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(3, 0.01, 2, 0.5))
+    train_strategy(
+        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(3, 0.01, PruningSchedule(2, 0.5))
+    )
 
     # Assert
     assert hooks.calls == [
         ("batches", 1), ("evaluate", 1), ("epoch_done", 1),
-        ("batches", 2), ("pruned", 2), ("evaluate", 2), ("epoch_done", 2),
+        ("batches", 2), ("score_batches", 0), ("pruned", 2), ("evaluate", 2), ("epoch_done", 2),
         ("batches", 3), ("evaluate", 3), ("epoch_done", 3),
     ]  # fmt: skip
     first, second, third = hooks.outcomes
@@ -99,7 +106,9 @@ def test_the_optimiser_rebuilt_after_pruning_keeps_the_survivors_adam_state() ->
     start_strategy(baim, "finetune", seed=0)
     hooks = RecordingHooks(baim, batches(count=1, size=4), skip=set())
 
-    last = train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(2, 0.01, 1, 0.5))
+    last = train_strategy(
+        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(2, 0.01, PruningSchedule(1, 0.5))
+    )
 
     before, after = hooks.optimizers
     assert after is last and after is not before  # rebuilt after each pruning
@@ -115,11 +124,44 @@ def test_training_resumes_at_the_first_epoch_given() -> None:
     hooks = RecordingHooks(baim, batches(count=1, size=2), skip=set())
 
     train_strategy(
-        baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(4, 0.01, 2, 0.0), first_epoch=4
+        baim,
+        baim,
+        make_optimizer(baim, 0.01),
+        hooks,
+        LoopSchedule(4, 0.01, PruningSchedule(2, 0.0)),
+        first_epoch=4,
     )
 
     assert [o.epoch for o in hooks.outcomes] == [4]
-    assert ("pruned", 4) not in hooks.calls  # prune_ratio 0: never due
+    assert ("pruned", 4) not in hooks.calls  # prune_ratio 0 without a budget: nothing removed
+
+
+def test_a_budget_is_reached_at_the_last_pruning_epoch_then_recovery_epochs_train_without_pruning() -> None:
+    # 5 epochs, pruning every epoch up to 5 - 2 recovery epochs: the budget is met after epoch 3.
+    baim = two_task_baim()
+    start_strategy(baim, "finetune", seed=0)
+    hooks = RecordingHooks(baim, batches(count=2, size=4), skip=set())
+    budget = 2.0  # these learners are tiny: the gate encoder alone is 0.58x a squad
+    limits = budget_limits(baim.config, budget)
+    assert any(task_model_params(baim.config, t) > limits[t] for t in baim.config.tasks)  # over at the start
+
+    pruning = PruningSchedule(1, 0.1, budget=budget, recovery_epochs=2)
+    train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(5, 0.01, pruning))
+
+    assert all(task_model_params(baim.config, t) <= limits[t] for t in baim.config.tasks)
+    pruned_per_epoch = [len(o.pruned) for o in hooks.outcomes]
+    assert sum(pruned_per_epoch[:3]) > 0 and pruned_per_epoch[3:] == [0, 0]
+    assert ("pruned", 4) not in hooks.calls and ("pruned", 5) not in hooks.calls
+
+
+def test_a_budget_without_a_pruning_epoch_is_refused_before_training() -> None:
+    baim = two_task_baim()
+    hooks = RecordingHooks(baim, batches(count=1, size=2), skip=set())
+    pruning = PruningSchedule(3, 0.1, budget=1.2, recovery_epochs=1)
+
+    with pytest.raises(ValueError, match="needs at least one pruning epoch"):
+        train_strategy(baim, baim, make_optimizer(baim, 0.01), hooks, LoopSchedule(3, 0.01, pruning))
+    assert hooks.calls == []
 
 
 def test_start_strategy_admits_pending_learners_then_applies_the_strategy() -> None:
@@ -152,7 +194,7 @@ def test_after_change_counts_the_first_step_and_the_first_after_each_pruning(
         model = two_task_baim()
         start_strategy(model, "finetune", seed=0)
         hooks = RecordingHooks(model, batches(count=2, size=4), skip=set())
-        schedule = LoopSchedule(3, 0.01, 2, 0.5, counting)  # type: ignore[arg-type]
+        schedule = LoopSchedule(3, 0.01, PruningSchedule(2, 0.5), counting)  # type: ignore[arg-type]
         train_strategy(model, model, make_optimizer(model, 0.01), hooks, schedule)
         return [o.flops for o in hooks.outcomes]
 

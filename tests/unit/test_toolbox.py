@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from actors.publishing import publish_generation_model
 from baim.config import LearnerSpec
-from baim.decompose import TaskModel, decompose
+from baim.decompose import GenerationModel, TaskModel, decompose
 from baim.learners import VAELearner
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.errors import ArtifactRejected, UnknownTask
@@ -26,6 +27,8 @@ from serve.models import (
     decode_png_base64,
     generate_batch,
     load_model,
+    load_version,
+    model_artifact,
     payload_from_body,
     png_base64,
     to_uint8,
@@ -220,3 +223,75 @@ def test_personalise_rejects_bad_arguments(registry: Registry, tmp_path: Path) -
         personalise(model, shard(1), epochs=1, lr=0.0)
     with pytest.raises(TypeError, match="TaskModel or a VAELearner"):
         personalise(torch.nn.Linear(2, 2), shard(1), epochs=1, lr=1e-3)
+
+
+# ---- the two download kinds ---------------------------------------------------------------------------
+
+
+def test_a_served_version_generates_with_its_generation_artifact_and_offers_both_downloads(
+    registry: Registry,
+) -> None:
+    # Prepare: a task model and its generation-only artifact, as the publish path stores them
+    model = publish(registry, "smiling", "v000001").eval()
+    generation = publish_generation_model(registry, model, "v000001", seed=3)
+
+    # Execute
+    served = load_version(registry, "smiling", "v000001")
+    (images,) = generate_batch(served.model, [GenerationRequest(4, 9)])
+
+    # Assert: it generates with the generation model, the same images as the task model's own generate
+    assert isinstance(served.model.module, GenerationModel)
+    assert generation.max_abs_diff == 0.0 and generation.images_checked > 0
+    assert torch.allclose(images, model.generate(4, seed=9), atol=1e-5)
+    full, gen = model_artifact(served, "full"), model_artifact(served, "generation")
+    assert (full["kind"], full["artifact_kind"]) == ("full", "task_model")
+    assert (gen["kind"], gen["artifact_kind"]) == ("generation", "generation_model")
+    assert full["sha256"] == registry.ref("task/smiling", "v000001").sha256
+    assert gen["sha256"] == generation.sha256 == registry.ref("generation/smiling", "v000001").sha256
+    assert len(gen["body"]) == generation.nbytes + 1 < len(full["body"])  # spec, newline, weights
+    info = served.info()
+    assert (info["kind"], info["sha256"]) == ("task_model", full["sha256"])
+    assert info["generates_with"]["kind"] == "generation_model"
+    assert info["generates_with"]["parameter_count"] == generation.params < info["parameter_count"]
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        model_artifact(served, "encoder")  # type: ignore[arg-type]
+
+
+def test_a_version_without_a_generation_artifact_is_served_and_downloaded_whole(registry: Registry) -> None:
+    publish(registry, "smiling", "v000001")
+
+    served = load_version(registry, "smiling", "v000001")
+
+    assert isinstance(served.model.module, TaskModel)
+    assert model_artifact(served, "generation")["kind"] == "full"
+    assert served.info()["generates_with"]["sha256"] == served.info()["sha256"]
+
+
+def test_toolbox_fetches_each_kind_and_says_which_arrived(registry: Registry, tmp_path: Path) -> None:
+    model = publish(registry, "smiling", "v000001").eval()
+    publish_generation_model(registry, model, "v000001", seed=0)
+    toolbox = Toolbox(tmp_path / "cache", registry=registry)
+
+    generation = toolbox.fetch("smiling", kind="generation")
+    full = toolbox.fetch("smiling", kind="full")
+    again = toolbox.fetch("smiling", kind="generation")
+
+    assert (generation.download, generation.kind) == ("generation", "generation_model")
+    assert isinstance(generation.model, GenerationModel)
+    assert generation.bytes_received == registry.ref("generation/smiling", "v000001").nbytes
+    assert (full.download, full.kind, full.cache_hit) == ("full", "task_model", False)
+    assert full.bytes_received == registry.ref("task/smiling", "v000001").nbytes > generation.bytes_received
+    assert (again.download, again.cache_hit, again.bytes_received) == ("generation", True, 0)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        toolbox.fetch("smiling", kind="encoder")  # type: ignore[arg-type]
+
+
+def test_toolbox_generation_fetch_of_a_version_without_one_gets_the_full_model(
+    registry: Registry, tmp_path: Path
+) -> None:
+    publish(registry, "smiling", "v000001")
+    toolbox = Toolbox(tmp_path / "cache", registry=registry)
+
+    fetched = toolbox.fetch("smiling", kind="generation")
+
+    assert (fetched.download, fetched.kind) == ("full", "task_model")
