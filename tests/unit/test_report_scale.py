@@ -78,3 +78,20 @@ def test_admissions_are_counted_per_task_and_written_per_edge(tmp_path: Path) ->
     admissions = pq.read_table(out / EDGES_PARQUET).to_pydict()["upload_admission"]
     assert admissions.count("admitted") == 30 and admissions.count("registry_only") == 870
     assert admissions.count(None) == 100  # the crashed edges uploaded nothing
+
+
+def test_a_few_edges_show_their_admissions_under_the_edge_table(tmp_path: Path) -> None:
+    report = many_edges_report(3)  # e0000 crashed; e0001 and e0002 accepted, unbounded
+    for edge_id in ("e0001", "e0002"):
+        report["uploads"].append({
+            "edge_id": edge_id, "version": 1, "accepted": True, "reason": "", "detail": "",
+            "sha256": "ab" * 32, "artifact": f"edge/{edge_id}@v000001", "holdout_loss": 0.5,
+            "admission": "admitted", "admission_detail": "",
+        })  # fmt: skip
+    out = tmp_path / "run"
+    write_report_json(out, report)
+
+    markdown = write_report_markdown(out).read_text()
+
+    assert "(cloud.max_learners_per_task: unbounded)" in markdown
+    assert "| smile | 2 | 0 |" in markdown
