@@ -170,6 +170,22 @@ class CloudEpoch:
     seconds: float
 
 
+def epoch_points(
+    epochs: list[CloudEpoch],
+    per_edge: Mapping[str, EdgeCost],
+    start_flops: int,
+    start_seconds: float,
+    sizes: Mapping[str, int],
+) -> list[CurvePoint]:
+    """Points 1..n of a cloud-side training: cloud FLOPs and seconds accumulate from the start's."""
+    points, flops, seconds = [], start_flops, start_seconds
+    for index, epoch in enumerate(epochs, start=1):
+        flops += epoch.flops
+        seconds += epoch.seconds
+        points.append(make_point(index, per_edge, flops, seconds, epoch.losses, sizes))
+    return points
+
+
 @dataclass
 class Generated:
     """A method's final model, as something that draws images, and the tasks to compare them with."""
@@ -441,11 +457,7 @@ class Comparer:
         epochs = self._train_in_cloud(
             model, cloud_indices, self.config.finetune_epochs, "fedavg+finetune", lr=lr
         )
-        flops, seconds = start_flops, start_seconds
-        for index, epoch in enumerate(epochs, start=1):
-            flops += epoch.flops
-            seconds += epoch.seconds
-            points.append(make_point(index, start_costs, flops, seconds, epoch.losses, self.sizes))
+        points += epoch_points(epochs, start_costs, start_flops, start_seconds, self.sizes)
         self.curves.append(
             MethodCurve(
                 name="fedavg_finetune",
@@ -489,11 +501,7 @@ class Comparer:
         points = [make_point(0, per_edge, 0, 0.0, self._losses(model, self.tasks), self.sizes)]
         epochs = self._train_in_cloud(model, edge_indices + cloud_indices, self.config.centralised_epochs,
                                       "centralised")  # fmt: skip
-        flops, seconds = 0, 0.0
-        for index, epoch in enumerate(epochs, start=1):
-            flops += epoch.flops
-            seconds += epoch.seconds
-            points.append(make_point(index, per_edge, flops, seconds, epoch.losses, self.sizes))
+        points += epoch_points(epochs, per_edge, 0, 0.0, self.sizes)
         self.curves.append(
             MethodCurve(
                 name="centralised",

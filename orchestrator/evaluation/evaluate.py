@@ -345,7 +345,7 @@ class RunEvaluation:
             shard = FaceDataset(self.source, self.partitions.edges[edge_id], self.resolution)
             order = torch.Generator().manual_seed(GENERATION_SEED)
             loader = DataLoader(shard, batch_size=edge.batch_size, shuffle=True, generator=order)
-            test = DataLoader(FaceDataset(self.source, self.partitions.test[edge.task], self.resolution), 64)
+            test = self._test_loader(edge.task)
             started = time.perf_counter()
             method = self.scenario.personalisation
             seed = edge_seed(self.scenario.seed, f"{edge_id} personalisation")
@@ -453,8 +453,11 @@ class RunEvaluation:
 
     def _task_loss(self, baim: BAIM, task: str) -> float:
         model = decompose(baim, task)
-        test = DataLoader(FaceDataset(self.source, self.partitions.test[task], self.resolution), 64)
-        return evaluate(model, test, model_loss_fn(model, self.scenario.cloud.kld_weight))
+        return evaluate(model, self._test_loader(task), model_loss_fn(model, self.scenario.cloud.kld_weight))
+
+    def _test_loader(self, task: str) -> DataLoader[Any]:
+        """The task's test images in batches of 64: what every test loss of the evaluation is measured on."""
+        return DataLoader(FaceDataset(self.source, self.partitions.test[task], self.resolution), 64)
 
     # ---- placements of end users' requests -----------------------------------------------------------
 
