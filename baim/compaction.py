@@ -22,8 +22,9 @@ feeder's encoder on the input). So compactness is decided by which cross-task co
 - Schedule (`prune_on_schedule`, one call per epoch): prune after every `interval`-th epoch up to
   `total_epochs - recovery_epochs`, then train without pruning (recovery). Without a budget each pruning
   removes floor(ratio * surviving) connections, the lowest scores (the paper's schedule). With a budget the
-  targets shrink geometrically, each task's size / limit by the same factor per remaining pruning, and the
-  last pruning reaches the limit.
+  targets shrink on `PruningSchedule.shape`: "geometric", each task's size / limit by the same factor per
+  remaining pruning, or "cubic" (Zhu & Gupta 2017), the excess over the limit falling as (1 - progress)^3,
+  most of it in the first prunings; either way the last pruning reaches the limit.
 
 Everything is pure torch and deterministic: the same BAIM, batches and seed give the same removals, so every
 DDP rank that calls it with the same score batches removes the same connections. Decomposition stays exact:
@@ -37,6 +38,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -342,6 +344,10 @@ def _candidates(
 
 # ---- the schedule ---------------------------------------------------------------------------------------
 
+# How a budget's targets shrink from one pruning to the next (`step_targets`).
+PruningShape = Literal["geometric", "cubic"]
+PRUNING_SHAPES: tuple[str, ...] = get_args(PruningShape)
+
 
 @dataclass(frozen=True)
 class PruningSchedule:
@@ -353,6 +359,7 @@ class PruningSchedule:
     )
     budget: float | None = None  # largest task model / its squad's parameters (cloud.task_model_budget)
     recovery_epochs: int = 0  # final epochs without pruning (cloud.recovery_epochs)
+    shape: PruningShape = "geometric"  # how a budget's targets shrink per pruning (cloud.prune_shape)
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -371,6 +378,8 @@ class PruningSchedule:
             or self.recovery_epochs < 0
         ):
             raise ValueError(f"recovery_epochs: expected an int >= 0, received {self.recovery_epochs!r}")
+        if self.shape not in PRUNING_SHAPES:
+            raise ValueError(f"shape: expected one of {list(PRUNING_SHAPES)}, received {self.shape!r}")
 
     def pruning_epochs(self, total_epochs: int) -> list[int]:
         """The 1-based epochs after whose training pruning runs.
@@ -386,20 +395,33 @@ class PruningSchedule:
         return epochs
 
 
-def step_targets(sizes: dict[str, int], limits: dict[str, int], prunings_left: int) -> dict[str, int]:
-    """Per task, the size to reach at this pruning: size / limit shrinks by the same factor at each of the
-    `prunings_left` prunings (this one included), so the last one reaches the limit. Never above `sizes`."""
+def step_targets(
+    sizes: dict[str, int], limits: dict[str, int], prunings_left: int, shape: PruningShape = "geometric"
+) -> dict[str, int]:
+    """Per task, the size to reach at this pruning, one of `prunings_left` (this one included); the last one
+    reaches the limit, and a target is never above `sizes`.
+
+    "geometric": size / limit shrinks by the same factor at each pruning, target = limit * (size /
+    limit)^((r - 1) / r). "cubic" (Zhu & Gupta 2017, "To prune, or not to prune"): the excess over the limit
+    follows E0 * (1 - j / n)^3 over the n prunings, which from the current excess is target = limit +
+    (size - limit) * ((r - 1) / r)^3: most is removed early, while the network is most redundant, leaving
+    the later epochs to recover. Both depend only on the current sizes and r, so a run resumed from a
+    checkpoint continues the same schedule.
+    """
     if prunings_left < 1:
         raise ValueError(f"prunings_left: expected >= 1, received {prunings_left}")
+    if shape not in PRUNING_SHAPES:
+        raise ValueError(f"shape: expected one of {list(PRUNING_SHAPES)}, received {shape!r}")
+    remaining = (prunings_left - 1) / prunings_left
     targets = {}
     for task, size in sizes.items():
         limit = limits[task]
         if size <= limit:
             targets[task] = size
+        elif shape == "cubic":
+            targets[task] = limit + math.floor((size - limit) * remaining**3)
         else:
-            targets[task] = max(
-                limit, math.floor(limit * (size / limit) ** ((prunings_left - 1) / prunings_left))
-            )
+            targets[task] = max(limit, math.floor(limit * (size / limit) ** remaining))
     return targets
 
 
@@ -434,4 +456,4 @@ def prune_on_schedule(
         return []  # within the budget already: nothing to score
     prunings_left = sum(1 for e in epochs if e >= epoch)
     scores = connection_contributions(baim, score_batches, seed)
-    return prune_to_targets(baim, scores, step_targets(sizes, limits, prunings_left))
+    return prune_to_targets(baim, scores, step_targets(sizes, limits, prunings_left, schedule.shape))

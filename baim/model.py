@@ -460,18 +460,27 @@ class BAIM(nn.Module):
         eps: Noise | None = None,
         seed: int | None = None,
         probe: ConnectionEnergy | None = None,
+        target: torch.Tensor | None = None,
     ) -> BAIMOutput:
         """Reconstruct x (B, C, R, R) in [0, 1]; task_ids (B,) task indices (or one task name / index).
 
-        `probe` accumulates each connection's signal energy (for `baim.compaction`'s scores).
+        `probe` accumulates each connection's signal energy (for `baim.compaction`'s scores). `target`: what
+        the reconstruction loss compares with, x's shape (default x itself; distillation passes a mix of x
+        and a teacher's reconstruction, `baim.distill`).
         """
+        if target is None:
+            target = x
+        elif target.shape != x.shape:
+            raise ValueError(
+                f"target: expected the images' shape {tuple(x.shape)}, received {tuple(target.shape)}"
+            )
         gate = self.route(x, task_ids, eps, seed)
         need = self._needed_stages(gate.selected, generation=False)
         outputs, latents = self._run(x, x.shape[0], need, eps, seed, generation=False, probe=probe)
         recon = self._combine_images(outputs, gate.weights, gate.selected)
-        error, kld = self._weighted_losses(outputs, latents, gate, x)
+        error, kld = self._weighted_losses(outputs, latents, gate, target)
         # blend: the legacy loss of the blended image; sample: the expected loss over the mixture
-        recon_loss = F.mse_loss(recon, x) if self.config.mixture == "blend" else error.mean()
+        recon_loss = F.mse_loss(recon, target) if self.config.mixture == "blend" else error.mean()
         kld_mean = kld.mean()
         gate_kld = gate.kld.mean()
         loss = recon_loss + self.config.kld_weight * (kld_mean + gate_kld)

@@ -19,6 +19,7 @@ difference. Numbers are printed whether or not a goal is met. Asserts nothing.
 
 Run: nice -n 10 .venv/bin/python benchmarks/bench_decomposition.py [--budgets 1.15,1.5] [--skip-paper]
      [--quickstart-epochs 12 --quickstart-recovery 4]
+     [--skip-quickstart --paper-batches 1 --paper-batch-size 2 --paper-lr 0.0005]
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from inprocess_baim import (
     fuse,
     load_data,
     quickstart,
-    schedule_of,
     test_loss,
     train_cloud,
     train_edges,
@@ -177,7 +177,9 @@ def quickstart_part(budgets: list[float], epochs: int | None, recovery: int, squ
         flush=True,
     )
     cloud = scenario.cloud
-    plain, plain_logs, plain_seconds = run_variant("unbudgeted", start, data, schedule_of(scenario), epochs)
+    # the paper's schedule, whatever budget the scenario sets: the reference the budgets are compared with
+    unbudgeted = PruningSchedule(cloud.prune_interval, cloud.prune_ratio)
+    plain, plain_logs, plain_seconds = run_variant("unbudgeted", start, data, unbudgeted, epochs)
     budgeted, logs, seconds_of = {}, {"unbudgeted": plain_logs}, [f"{plain_seconds:.0f}s"]
     for budget in budgets:
         schedule = PruningSchedule(cloud.prune_interval, cloud.prune_ratio, budget, recovery_epochs=recovery)
@@ -189,7 +191,7 @@ def quickstart_part(budgets: list[float], epochs: int | None, recovery: int, squ
         # The compact structure from the start: only connections within a squad, the paper's schedule
         start_squad = fuse(data, learners, mixture="sample", connection_scope="squad")
         rows, logs["squad connections only"], seconds = run_variant(
-            "squad connections only", start_squad, data, schedule_of(scenario), epochs
+            "squad connections only", start_squad, data, unbudgeted, epochs
         )
         budgeted[0.0] = rows  # printed as "budget 0": no budget, no cross-task connection to begin with
         seconds_of.append(f"{seconds:.0f}s")
@@ -219,8 +221,12 @@ def paper_scenario(batch_size: int, score_images: int, test_images: int) -> Scen
     return Scenario.model_validate(document)
 
 
-def paper_part(budgets: list[float], batches: int, batch_size: int) -> None:
-    scenario = paper_scenario(batch_size, score_images=16, test_images=64)
+def paper_part(
+    budgets: list[float], batches: int, batch_size: int, lr: float | None, score_images: int, test_images: int
+) -> None:
+    scenario = paper_scenario(batch_size, score_images=score_images, test_images=test_images)
+    if lr is not None:  # randomly initialised learners diverge at the paper's 0.005 on batches this small
+        scenario = scenario.model_copy(update={"cloud": scenario.cloud.model_copy(update={"lr": lr})})
     size = scenario.data.resolution
     print(f"\n== paper structure: {len(scenario.all_edges())} learners, K = {scenario.cloud.top_k}, "
           f"h = {scenario.cloud.connection_height}, {size}x{size}", flush=True)  # fmt: skip
@@ -237,10 +243,12 @@ def paper_part(budgets: list[float], batches: int, batch_size: int) -> None:
     start = fuse(data, learners, mixture="sample")
     epochs = scenario.cloud.epochs
     print(f"   data: {data.source_kind}; BAIM {count_params(start):,} params, {len(start.connections.specs)} "
-          f"connections; {epochs} epochs of {batches} x {batch_size} images", flush=True)  # fmt: skip
+          f"connections; {epochs} epochs of {batches} x {batch_size} images, lr {scenario.cloud.lr:g}; "
+          f"scores on {score_images} images per task, test loss on {test_images}", flush=True)  # fmt: skip
     cloud = scenario.cloud
     options: dict[str, Any] = {"max_batches": batches, "test_every_epoch": False}
-    plain, _, plain_seconds = run_variant("unbudgeted", start, data, schedule_of(scenario), epochs, **options)
+    unbudgeted = PruningSchedule(cloud.prune_interval, cloud.prune_ratio)
+    plain, _, plain_seconds = run_variant("unbudgeted", start, data, unbudgeted, epochs, **options)
     budgeted, seconds_of = {}, [f"{plain_seconds:.0f}s"]
     for budget in budgets:
         # recovery: the last prune_interval epochs, so the budget is reached at epoch epochs - prune_interval
@@ -269,6 +277,11 @@ def main() -> None:
     parser.add_argument("--paper-batches", type=int, default=1, help="batches per short epoch")
     parser.add_argument("--paper-batch-size", type=int, default=8)
     parser.add_argument(
+        "--paper-lr", type=float, default=None, help="cloud lr of the paper part (default: the scenario's)"
+    )
+    parser.add_argument("--paper-score-images", type=int, default=16, help="per task, connection scores")
+    parser.add_argument("--paper-test-images", type=int, default=64, help="per task, test loss")
+    parser.add_argument(
         "--squad-scope-baseline",
         action="store_true",
         help="quickstart also trains a BAIM with connections only within squads (connection_scope: squad)",
@@ -281,7 +294,14 @@ def main() -> None:
     if not args.skip_quickstart:
         quickstart_part(budgets, args.quickstart_epochs, args.quickstart_recovery, args.squad_scope_baseline)
     if not args.skip_paper:
-        paper_part(budgets, args.paper_batches, args.paper_batch_size)
+        paper_part(
+            budgets,
+            args.paper_batches,
+            args.paper_batch_size,
+            args.paper_lr,
+            args.paper_score_images,
+            args.paper_test_images,
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from baim.compaction import PruningSchedule, prune_on_schedule
 from baim.config import LearnerSpec
+from baim.distill import Distillation
 from baim.learners import VAELearner
 from baim.model import BAIM
 from baim.training import apply_strategy, make_optimizer, train_epoch, vae_batch_loss
@@ -150,11 +151,13 @@ def train_cloud(
     report: Callable[[EpochLog], None] | None = None,
     max_batches: int | None = None,
     test_every_epoch: bool = True,
+    distill_weight: float = 0.0,
 ) -> list[EpochLog]:
     """Finetune `baim` on the cloud shard for `epochs`, pruning on `schedule`; per-epoch logs.
 
     `max_batches` cuts every epoch short (a structural run of a long schedule); without `test_every_epoch`
-    the test loss is measured after the last epoch only (empty elsewhere).
+    the test loss is measured after the last epoch only (empty elsewhere). `distill_weight` > 0: from the
+    first pruning on, distil from the BAIM as it was just before it (`baim.distill`).
     """
     scenario = data.scenario
     cloud = scenario.cloud
@@ -163,12 +166,21 @@ def train_cloud(
     order = torch.Generator().manual_seed(scenario.seed)
     loader = DataLoader(data.cloud_batches(), batch_size=cloud.batch_size, shuffle=True, generator=order)
     score_batches = data.score_batches(cloud.prune_score_images, cloud.batch_size)
+    pruning_epochs = schedule.pruning_epochs(epochs)
+    distillation: Distillation | None = None
+
+    def loss(model: torch.nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        target = None if distillation is None else distillation.target(b[0], b[1])
+        return model(b[0], b[1], target=target).loss
+
     logs = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         torch.manual_seed(scenario.seed * 7919 + epoch)  # training noise
         batches = list(loader)[:max_batches]
-        train_loss = train_epoch(baim, batches, optimizer, lambda model, b: model(b[0], b[1]).loss)
+        train_loss = train_epoch(baim, batches, optimizer, loss)
+        if distill_weight > 0 and distillation is None and epoch in pruning_epochs:
+            distillation = Distillation.snapshot(baim, distill_weight)
         removed = prune_on_schedule(baim, epoch, epochs, schedule, score_batches, seed=scenario.seed)
         if removed:
             optimizer = make_optimizer(baim, cloud.lr, previous=optimizer)

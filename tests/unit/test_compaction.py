@@ -256,6 +256,52 @@ def test_step_targets_shrink_size_over_limit_geometrically_and_end_at_the_limit(
     assert step_targets(sizes, limits, 4) == {"t": 800, "u": 90}  # 100 * 16 ** (3/4)
 
 
+def test_cubic_step_targets_follow_the_cubic_excess_and_end_at_the_limit():
+    sizes, limits = {"t": 1100, "u": 90}, {"t": 100, "u": 100}
+
+    # excess 1000 over 4 prunings: E * (3/4)^3 = 421.875 left after the first; E * (1/2)^3 from 2 left
+    assert step_targets(sizes, limits, 4, "cubic") == {"t": 521, "u": 90}
+    assert step_targets(sizes, limits, 2, "cubic") == {"t": 225, "u": 90}
+    assert step_targets(sizes, limits, 1, "cubic") == {"t": 100, "u": 90}
+    # from any step, following the targets exactly lands on E0 * (1 - j / n)^3 and on the limit at the end
+    size = {"t": 1100}
+    for left in (4, 3, 2, 1):
+        size = step_targets(size, {"t": 100}, left, "cubic")
+        done = 4 - left + 1
+        assert size["t"] == pytest.approx(100 + 1000 * (1 - done / 4) ** 3, abs=1)
+    assert size == {"t": 100}
+    with pytest.raises(ValueError, match="shape: expected one of"):
+        step_targets(sizes, limits, 1, "linear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape: expected one of"):
+        PruningSchedule(interval=1, ratio=0.1, shape="linear")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", ["geometric", "cubic"])
+def test_each_shape_reaches_the_budget_exactly_at_its_last_pruning_and_stays_exact(shape: str):
+    baim = budgeted_baim()
+    schedule = PruningSchedule(interval=2, ratio=0.1, budget=1.3, recovery_epochs=2, shape=shape)  # type: ignore[arg-type]
+    batches = mixed_batches(baim, 2, 6, seed=4)
+    limits = budget_limits(baim.config, 1.3)
+
+    over_before_last = {}
+    for epoch in range(1, 9):
+        if epoch == 6:
+            over_before_last = {t: task_model_params(baim.config, t) > limits[t] for t in limits}
+        prune_on_schedule(baim, epoch, 8, schedule, batches, seed=5)
+
+    # some task was still over its limit before the last pruning (the schedule is gradual), all are within
+    # it after: the last pruning epoch (6) is where the budget is reached
+    assert any(over_before_last.values())
+    x, task_ids = images(4, 9), torch.tensor([0, 1, 0, 1])
+    baim.eval()
+    for task_id, task in enumerate(baim.config.tasks):
+        model = decompose(baim, task).eval()
+        assert count_params(model) <= limits[task]
+        rows = task_ids == task_id
+        expected = baim(x[rows], task_id, seed=3).recon
+        assert (model(x[rows], seed=3).recon - expected).abs().max() <= TOLERANCE
+
+
 def budgeted_baim(seed: int = 3) -> BAIM:
     """Two tasks of two learners each, every candidate connection, randomised; a small gate code."""
     spec, other = LearnerSpec((4, 8), 4, RESOLUTION), LearnerSpec((4,), 3, RESOLUTION)
