@@ -19,7 +19,9 @@ pruning every `prune_interval` epochs, once per variant:
 Every variant draws the same training noise and batches per epoch; the test loss is the task model's (the
 BAIM's on that task: decomposition is exact), eval mode, 200 test images per task, seeded noise. Printed:
 per task and variant, the task model's parameters / its squad's, the test loss and its change vs unbudgeted
-(goal: within 2%), and the mean over tasks. Asserts nothing.
+(goal: within 2%), the mean over tasks, and the last epoch's training loss (both tasks; against the
+distillation target where one is used), which tells a capacity gap (train and test loss both higher) from
+a generalisation one. Asserts nothing.
 
 Run: nice -n 10 .venv/bin/python benchmarks/bench_budget_gap.py [--epochs 10 --recovery 4 --budget 1.15]
      [--variants unbudgeted,geometric,cubic,...] [--distill-weights 0.5]
@@ -104,6 +106,7 @@ def main() -> None:
             "baim": count_params(baim),
             "loss": {t: test_loss(baim, data, t) for t in data.tasks},
             "curve": [sum(log.test_loss.values()) / len(log.test_loss) for log in logs],
+            "train_loss": logs[-1].train_loss,  # the last epoch's training steps (distillation: its target)
             "connections": len(baim.connections.specs),
             "seconds": time.perf_counter() - t0,
         }
@@ -117,8 +120,8 @@ def print_table(results: dict[str, dict[str, Any]], tasks: list[str], epochs: in
     reference = results.get("unbudgeted")
     print(f"\nquickstart, {epochs} cloud epochs, budget {budget:g}")
     header = " | ".join(f"{t}: params / squad, test loss, vs unbudgeted" for t in tasks)
-    print(f"| variant | {header} | mean test loss, vs unbudgeted |")
-    print("|---|" + "---|" * (len(tasks) + 1))
+    print(f"| variant | {header} | mean test loss, vs unbudgeted | last epoch's train loss |")
+    print("|---|" + "---|" * (len(tasks) + 2))
     for name, row in results.items():
         cells = []
         for t in tasks:
@@ -127,7 +130,7 @@ def print_table(results: dict[str, dict[str, Any]], tasks: list[str], epochs: in
         mean = sum(row["loss"].values()) / len(tasks)
         ref_mean = None if reference is None else sum(reference["loss"].values()) / len(tasks)
         change = "" if ref_mean is None else f"{mean / ref_mean - 1:+.1%}"
-        print(f"| {name} | " + " | ".join(cells) + f" | {mean:.5f}, {change} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {mean:.5f}, {change} | {row['train_loss']:.5f} |")
     print("\nmean test loss per epoch:")
     print("| epoch | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))

@@ -140,7 +140,11 @@ def local_training_round(request: RoundRequest, chosen_by: str = TRAINER_NAMED) 
     record."""
     cloud, seed = request.scenario.cloud, request.scenario.seed
     pruning = pruning_schedule(
-        cloud.prune_interval, cloud.prune_ratio, cloud.task_model_budget, cloud.recovery_epochs
+        cloud.prune_interval,
+        cloud.prune_ratio,
+        cloud.task_model_budget,
+        cloud.recovery_epochs,
+        cloud.prune_shape,
     )
     # FLOPs as the Ray Train runner counts them (a counted step costs about two uncounted ones).
     schedule = LoopSchedule(cloud.epochs, cloud.lr, pruning, "after_change", score_seed(seed))

@@ -1,26 +1,34 @@
 """What both round runners hand the one training loop for pruning: the schedule and the score batches.
 
 The schedule comes from the scenario's cloud settings (`prune_interval`, `prune_ratio`, `task_model_budget`,
-`recovery_epochs`); connections are scored on the first `prune_score_images` images of each task's common
-shard, in fixed batches, so every Ray Train rank (and a resumed attempt) scores on the same images and
-removes the same connections.
+`recovery_epochs`, `prune_shape`); connections are scored on the first `prune_score_images` images of each
+task's common shard, in fixed batches, so every Ray Train rank (and a resumed attempt) scores on the same
+images and removes the same connections.
 """
 
 from __future__ import annotations
 
 import torch
 
-from baim.compaction import Batch, PruningSchedule
+from baim.compaction import Batch, PruningSchedule, PruningShape
 from baim.seeding import noise_seed
 from orchestrator.cloud.data import CachedFaces
 
 
 def pruning_schedule(
-    prune_interval: int, prune_ratio: float, task_model_budget: float | None, recovery_epochs: int
+    prune_interval: int,
+    prune_ratio: float,
+    task_model_budget: float | None,
+    recovery_epochs: int,
+    prune_shape: PruningShape = "geometric",
 ) -> PruningSchedule:
     """The loop's pruning schedule from the cloud settings of the same names."""
     return PruningSchedule(
-        interval=prune_interval, ratio=prune_ratio, budget=task_model_budget, recovery_epochs=recovery_epochs
+        interval=prune_interval,
+        ratio=prune_ratio,
+        budget=task_model_budget,
+        recovery_epochs=recovery_epochs,
+        shape=prune_shape,
     )
 
 

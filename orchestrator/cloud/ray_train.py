@@ -109,6 +109,9 @@ class TrainRoundConfig(StrictModel):
         description="Largest task model / its squad's parameters, reached by the last pruning (None: none).",
     )
     recovery_epochs: int = Field(default=0, ge=0, description="Final epochs without pruning.")
+    prune_shape: Literal["geometric", "cubic"] = Field(
+        default="geometric", description="How the budget's targets shrink per pruning (cloud.prune_shape)."
+    )
     prune_score_images: int = Field(
         default=64, ge=1, description="Cloud images per task on which connections are scored."
     )
@@ -173,7 +176,11 @@ class TrainRoundConfig(StrictModel):
     def pruning(self) -> PruningSchedule:
         """The loop's pruning schedule."""
         return pruning_schedule(
-            self.prune_interval, self.prune_ratio, self.task_model_budget, self.recovery_epochs
+            self.prune_interval,
+            self.prune_ratio,
+            self.task_model_budget,
+            self.recovery_epochs,
+            self.prune_shape,
         )
 
     def checkpoints_after(self, epoch: int) -> bool:
@@ -318,6 +325,7 @@ def round_config_from_scenario(
         prune_ratio=cloud.prune_ratio,
         task_model_budget=cloud.task_model_budget,
         recovery_epochs=cloud.recovery_epochs,
+        prune_shape=cloud.prune_shape,
         prune_score_images=cloud.prune_score_images,
         checkpoint_every=cloud.checkpoint_every,
         evaluate_every=cloud.evaluate_every,

@@ -575,6 +575,15 @@ class CloudConfig(StrictModel):
             "prune_interval epochs up to epochs - recovery_epochs."
         ),
     )
+    prune_shape: Literal["geometric", "cubic"] = Field(
+        default="geometric",
+        description=(
+            "How a task_model_budget is approached over the pruning epochs: geometric (each task model's "
+            "size / limit shrinks by the same factor at every pruning) or cubic (Zhu & Gupta 2017: the "
+            "excess over the limit falls as (1 - progress)^3, most of it at the first prunings). Either way "
+            "the last pruning epoch reaches the budget. Not used without a budget."
+        ),
+    )
     prune_score_images: int = Field(
         default=64,
         ge=1,

@@ -159,6 +159,7 @@ BAD_INPUTS = [
     ("top_k too big", "cloud.top_k", 4, "cloud.top_k:", "larger than the squad of task 'male'"),
     ("prune ratio 1", "cloud.prune_ratio", 1.0, "cloud.prune_ratio:", "less than 1"),
     ("budget 1", "cloud.task_model_budget", 1.0, "cloud.task_model_budget:", "greater than 1"),
+    ("bad prune shape", "cloud.prune_shape", "linear", "cloud.prune_shape:", "'geometric' or 'cubic'"),
     # epochs 1 < prune_interval 10: the budget could never be reached
     ("budget unreachable", "cloud.task_model_budget", 1.5, "cloud:", "task_model_budget: needs at least one"),
     ("keep not run", "cloud.keep", "freeze", "cloud:", "keep: 'freeze' is not one of the strategies"),
