@@ -298,6 +298,16 @@ def _measure(scenario: Scenario, source: DataSource, partitions: Partitions) -> 
     }
 
 
+def continual_strategy(keep: str, strategies: Sequence[str], last_kept: str | None) -> str:
+    """The one strategy a gate_only round runs: the one whose BAIM it continues from (`cloud.keep`; for
+    `best`, the one the last round kept). A BAIM scratch trained continues as finetune: its learners are
+    trained now, and scratch would re-initialise what the round keeps."""
+    chosen = last_kept if keep == "best" else keep
+    if chosen is None:  # a round recorded before cloud.keep existed kept the first strategy
+        chosen = strategies[0]
+    return "finetune" if chosen == "scratch" else chosen
+
+
 def start_continual(
     request: RoundRequest, trained_learners: Sequence[str], mode: Literal["gate_only", "finetune_all"]
 ) -> ContinualStart:
