@@ -651,7 +651,8 @@ class CloudConfig(StrictModel):
             "new learners' connections and (with strategy finetune; not with freeze) the new learners "
             "train, in one run of the strategy whose BAIM the round continues from (cloud.keep; for best, "
             "the one the last round kept; a BAIM scratch trained continues as finetune). finetune_all: "
-            "every round trains as the first did. Either way every task's test loss is measured before and after the round (forgetting)."
+            "every round trains as the first did. Either way every task's test loss is measured before "
+            "and after the round (forgetting)."
         ),
     )
     min_selection_rate: float | None = Field(
