@@ -144,9 +144,9 @@ def test_a_report_of_another_format_version_says_so_before_any_field(tmp_path: P
         write_report_markdown(write_report_json(tmp_path, report))
 
     assert str(caught.value) == (
-        f"{tmp_path / 'report.json'}: report.json format_version {REPORT_FORMAT_VERSION - 1}, and this version "
-        f"reads {REPORT_FORMAT_VERSION}: rerun the scenario with this version (`baim run`) or read it with the "
-        "version that wrote it"
+        f"{tmp_path / 'report.json'}: report.json format_version {REPORT_FORMAT_VERSION - 1}, and this "
+        f"version reads {REPORT_FORMAT_VERSION}: rerun the scenario with this version (`baim run`) or read it "
+        "with the version that wrote it"
     )
 
 
