@@ -145,8 +145,8 @@ def test_a_report_of_another_format_version_says_so_before_any_field(tmp_path: P
 
     assert str(caught.value) == (
         f"{tmp_path / 'report.json'}: report.json format_version {REPORT_FORMAT_VERSION - 1}, and this "
-        f"version reads {REPORT_FORMAT_VERSION}: rerun the scenario with this version (`baim run`) or read it "
-        "with the version that wrote it"
+        f"version reads {REPORT_FORMAT_VERSION}: rerun the scenario with this version (`baim run`) or read "
+        "it with the version that wrote it"
     )
 
 
