@@ -20,7 +20,7 @@ def pruning_schedule(
     prune_ratio: float,
     task_model_budget: float | None,
     recovery_epochs: int,
-    prune_shape: PruningShape = "geometric",
+    prune_shape: PruningShape = "cubic",
 ) -> PruningSchedule:
     """The loop's pruning schedule from the cloud settings of the same names."""
     return PruningSchedule(

@@ -110,7 +110,7 @@ class TrainRoundConfig(StrictModel):
     )
     recovery_epochs: int = Field(default=0, ge=0, description="Final epochs without pruning.")
     prune_shape: Literal["geometric", "cubic"] = Field(
-        default="geometric", description="How the budget's targets shrink per pruning (cloud.prune_shape)."
+        default="cubic", description="How the budget's targets shrink per pruning (cloud.prune_shape)."
     )
     prune_score_images: int = Field(
         default=64, ge=1, description="Cloud images per task on which connections are scored."

@@ -576,12 +576,13 @@ class CloudConfig(StrictModel):
         ),
     )
     prune_shape: Literal["geometric", "cubic"] = Field(
-        default="geometric",
+        default="cubic",
         description=(
-            "How a task_model_budget is approached over the pruning epochs: geometric (each task model's "
-            "size / limit shrinks by the same factor at every pruning) or cubic (Zhu & Gupta 2017: the "
-            "excess over the limit falls as (1 - progress)^3, most of it at the first prunings). Either way "
-            "the last pruning epoch reaches the budget. Not used without a budget."
+            "How a task_model_budget is approached over the pruning epochs: cubic (Zhu & Gupta 2017: the "
+            "excess over the limit falls as (1 - progress)^3, most of it at the first prunings, leaving the "
+            "later epochs to recover; measured lower test loss than geometric, docs/results.md) or "
+            "geometric (each task model's size / limit shrinks by the same factor at every pruning). Either "
+            "way the last pruning epoch reaches the budget. Not used without a budget."
         ),
     )
     prune_score_images: int = Field(

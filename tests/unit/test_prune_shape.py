@@ -37,5 +37,5 @@ def test_the_scenarios_prune_shape_is_the_ray_train_rounds_schedule_shape(shape:
     assert config.pruning().budget == scenario.cloud.task_model_budget
 
 
-def test_the_default_prune_shape_is_geometric():
-    assert load_scenario(QUICKSTART).cloud.prune_shape == "geometric"
+def test_the_default_prune_shape_is_cubic():
+    assert load_scenario(QUICKSTART).cloud.prune_shape == "cubic"
