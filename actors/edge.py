@@ -236,7 +236,7 @@ class EdgeNode:
         """Train, pack, (poison,) wait out the link, upload; return the final report as JSON.
 
         `coordinator` is a Ray actor handle of CloudCoordinator, or (in unit tests) any object whose
-        `upload(...)` returns a receipt dict or an awaitable of one.
+        `receive(...)` and `outcome(key)` return what the coordinator's do, or awaitables of it.
         """
         try:
             self._train()
@@ -357,17 +357,26 @@ class EdgeNode:
                 self._check_leave()
                 self.ledger.record_bytes(self.edge_id, "sent", payload.nbytes)
                 try:
-                    receipt = _call_upload(
+                    receipt = _call(
                         coordinator,
+                        "receive",
                         edge_id=self.edge_id,
                         version=UPLOAD_VERSION,
                         weights=payload.weights,
                         spec_json=payload.spec_json,
                         sha256=payload.sha256,
                     )
+                    # Acknowledged as received (durable at the cloud): wait for the decision. None: a
+                    # restarted coordinator lost it before its acknowledgement was durable; send it again.
+                    while receipt is not None and receipt.get("status") == "received":
+                        receipt = _call(coordinator, "outcome", key=receipt["key"])
                 except Exception as err:  # unreachable coordinator: retry, the upload is idempotent
                     last_error = f"{type(err).__name__}: {err}"
                     logger.warning("edge %s upload attempt %d failed: %s", self.edge_id, attempt, last_error)
+                    continue
+                if receipt is None:
+                    last_error = "the coordinator had no record of the upload it acknowledged"
+                    logger.warning("edge %s upload attempt %d: %s", self.edge_id, attempt, last_error)
                     continue
             self.receipt = receipt
             self.status = "accepted" if receipt.get("accepted") else "rejected"
@@ -471,9 +480,9 @@ def _image(item: Any) -> torch.Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _call_upload(coordinator: Any, **kwargs: Any) -> dict[str, Any]:
-    """coordinator.upload(**kwargs) on a Ray actor handle (waits for the receipt) or a plain object."""
-    method = coordinator.upload
+def _call(coordinator: Any, name: str, **kwargs: Any) -> Any:
+    """coordinator.<name>(**kwargs) on a Ray actor handle (waits for its answer) or a plain object."""
+    method = getattr(coordinator, name)
     if hasattr(method, "remote"):
         import ray  # only when actually talking to an actor: unit tests run without Ray
 

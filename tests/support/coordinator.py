@@ -20,14 +20,18 @@ from tests.support.loop import LoopThread
 
 
 class SyncCoordinator:
-    """The coordinator behind a synchronous `upload(...)`, the way an edge calls it through Ray."""
+    """The coordinator behind synchronous `receive(...)` and `outcome(key)`, the way an edge calls them
+    through Ray."""
 
     def __init__(self, coordinator: CloudCoordinator, loop: LoopThread) -> None:
         self.coordinator = coordinator
         self.loop = loop
 
-    def upload(self, **kwargs: Any) -> dict[str, Any]:
-        return self.loop.run(self.coordinator.upload(**kwargs))
+    def receive(self, **kwargs: Any) -> dict[str, Any]:
+        return self.loop.run(self.coordinator.receive(**kwargs))
+
+    def outcome(self, key: str) -> dict[str, Any] | None:
+        return self.loop.run(self.coordinator.outcome(key))
 
 
 def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
