@@ -335,6 +335,7 @@ class Registry:
         folder = self._path("logs", key)
         with self._write_lock:
             if not self._is_local:  # objects are written whole: one new segment per append
+                self._fs.create_dir(folder, recursive=True)
                 self._write_atomic(f"{folder}/{self._next_segment(folder)}", data)
                 return
             segment = self._log_segments.get(key)
