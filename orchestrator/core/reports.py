@@ -26,6 +26,7 @@ from orchestrator.core.receipts import (
     RoundError,
     RoundRecord,
     StrategyRun,
+    UploadPhase,
     UploadReceipt,
 )
 from orchestrator.core.scenario import Scenario, StrictModel
@@ -136,9 +137,14 @@ class EdgeUpload(ReportModel):
     admission: Admission | None = Field(
         default=None,
         description=(
-            "The coordinator's last word on an accepted upload: admitted (its learner is in the BAIM) or "
-            "registry_only (cloud.max_learners_per_task, or its learner came in already); None: not accepted."
+            "The coordinator's last word on an accepted upload: admitted (its learner is in the BAIM), "
+            "registry_only (cloud.max_learners_per_task, or its learner came in already) or pruned (removed "
+            "by model-level pruning after the round); None: not accepted."
         ),
+    )
+    decision_seconds: float | None = Field(
+        default=None,
+        description="From received (bytes durable) to accepted or rejected, in seconds (None: not both).",
     )
 
 
@@ -182,10 +188,24 @@ class UploadRecord(ReportModel):
         default=None, description="The plausibility check's loss on the task's held-out images, or None."
     )
     admission: Admission | None = Field(
-        default=None, description="admitted or registry_only (accepted uploads); None when rejected."
+        default=None,
+        description="admitted, registry_only or pruned (accepted uploads); None when not accepted.",
     )
     admission_detail: str = Field(
-        default="", description="Why it was kept only in the registry, or whom it replaced."
+        default="", description="Why it was kept only in the registry or pruned, or whom it replaced."
+    )
+    status: UploadPhase | None = Field(
+        default=None,
+        description=(
+            "received (bytes durable, not decided: the run ended first), accepted or rejected; None in "
+            "reports written before two-phase receipts."
+        ),
+    )
+    received_at: float | None = Field(
+        default=None, description="Unix seconds when its bytes were durable (None: rejected before that)."
+    )
+    decided_at: float | None = Field(
+        default=None, description="Unix seconds when it was accepted or rejected (None: undecided)."
     )
 
     @classmethod

@@ -507,7 +507,8 @@ def _headline_section(numbers: dict[str, Any]) -> list[str]:
 
 
 def _admission_lines(report: RunReport) -> list[str]:
-    """Per task: the accepted uploads whose learner the BAIM admitted, and those kept only in the registry."""
+    """Per task: the accepted uploads whose learner the BAIM admitted, those kept only in the registry, and
+    those model-level pruning removed after the round."""
     counts: dict[str, collections.Counter[str]] = {}
     for record in report.uploads:
         row = report.edges.get(str(record.edge_id))
@@ -516,12 +517,12 @@ def _admission_lines(report: RunReport) -> list[str]:
     if not counts:
         return []
     bound = report.scenario.cloud.max_learners_per_task
-    rows = [[task, c["admitted"], c["registry_only"]] for task, c in sorted(counts.items())]
+    rows = [[task, c["admitted"], c["registry_only"], c["pruned"]] for task, c in sorted(counts.items())]
     return [
         "",
         f"Accepted uploads by admission into the BAIM (cloud.max_learners_per_task: {bound or 'unbounded'}):",
         "",
-        *_table(["task", "admitted", "kept only in the registry"], rows),
+        *_table(["task", "admitted", "kept only in the registry", "pruned after the round"], rows),
     ]
 
 

@@ -628,6 +628,7 @@ class Engine:
                 artifact=receipt.artifact if receipt is not None else None,
                 receipt_from=receipt_from,
                 admission=final.admission if final is not None else None,
+                decision_seconds=decision_seconds(receipt),
             ),
             costs_are_final=track.status not in ("crashed", "died", "timed_out"),
         )
@@ -650,6 +651,13 @@ class Engine:
         logger.info("%s", line)
         if self.options.progress is not None:
             self.options.progress(line)
+
+
+def decision_seconds(receipt: UploadRecord | None) -> float | None:
+    """Seconds from an upload's receipt (bytes durable) to its decision, when it has both."""
+    if receipt is None or receipt.received_at is None or receipt.decided_at is None:
+        return None
+    return receipt.decided_at - receipt.received_at
 
 
 def upload_record(receipt: Mapping[str, Any]) -> UploadRecord:

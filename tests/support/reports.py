@@ -49,6 +49,7 @@ def edge_row(bytes_sent: int, flops: int, *, status: str = "accepted") -> dict[s
             "artifact": "edge/e0@v000001" if accepted else None,
             "receipt_from": "edge" if accepted else "none",
             "admission": "admitted" if accepted else None,
+            "decision_seconds": 0.05 if accepted else None,
         },
         "costs_are_final": True,
     }
