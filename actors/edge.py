@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -190,6 +190,10 @@ class EdgeNode:
         self.best_epoch: int | None = None
         self.receipt: dict[str, Any] | None = None
         self.error: str | None = None
+        # Held from training to the upload's acknowledgement, not while waiting for the decision: a pool
+        # worker (actors.edge_worker) trains its next edge meanwhile. None: nothing to share.
+        self.compute_slot: ComputeSlot | None = None
+        self._holds_slot = False
         logger.info(
             "edge %s ready: %d images, spec %s, training on %s",
             edge.id,
@@ -238,6 +242,7 @@ class EdgeNode:
         `coordinator` is a Ray actor handle of CloudCoordinator, or (in unit tests) any object whose
         `receive(...)` and `outcome(key)` return what the coordinator's do, or awaitables of it.
         """
+        self._take_slot()
         try:
             self._train()
             payload = self._pack()
@@ -246,7 +251,19 @@ class EdgeNode:
             self.status = "left"
             self.ledger.record_event("edge_left", edge=self.edge_id, epoch=self.epoch)
             logger.info("edge %s left at epoch %d", self.edge_id, self.epoch)
+        finally:
+            self._give_slot()
         return self._report().model_dump_json()
+
+    def _take_slot(self) -> None:
+        if self.compute_slot is not None and not self._holds_slot:
+            self.compute_slot.acquire()
+            self._holds_slot = True
+
+    def _give_slot(self) -> None:
+        if self.compute_slot is not None and self._holds_slot:
+            self._holds_slot = False
+            self.compute_slot.release()
 
     def _train(self) -> None:
         self.status = "training"
@@ -368,6 +385,8 @@ class EdgeNode:
                     )
                     # Acknowledged as received (durable at the cloud): wait for the decision. None: a
                     # restarted coordinator lost it before its acknowledgement was durable; send it again.
+                    if receipt is not None and receipt.get("status") == "received":
+                        self._give_slot()
                     while receipt is not None and receipt.get("status") == "received":
                         receipt = _call(coordinator, "outcome", key=receipt["key"])
                 except Exception as err:  # unreachable coordinator: retry, the upload is idempotent
@@ -469,6 +488,14 @@ class EdgeNode:
             error=self.error,
             ledger=self.ledger.to_dict(),
         )
+
+
+class ComputeSlot(Protocol):
+    """What `EdgeNode.compute_slot` needs: lock-like acquire and release."""
+
+    def acquire(self) -> Any: ...
+
+    def release(self) -> Any: ...
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
