@@ -5,41 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from actors.coordinator import STATE_KEY, CloudCoordinator
+from actors.coordinator import STATE_KEY
 from actors.receipt_log import INBOX, RECEIPT_LOG_KEY, DecidedRecord, ReceiptLog, ReceivedRecord
 from orchestrator.core.registry import Registry
-from tests.support.coordinator import learner_payload, make_coordinator, upload_kwargs
+from tests.support.coordinator import hold_validation, learner_payload, make_coordinator, upload_kwargs
 from tests.support.loop import LoopThread
 from tests.support.scenarios import tiny_scenario
 
 NEVER = {"min_new_models": 10, "max_wait_seconds": 1000}
-
-
-class HeldValidation:
-    """Wraps the real `UploadValidator.validate`: each call waits until `release` is set, and `started`
-    counts the calls that began (so a test knows validation is under way, not finished)."""
-
-    def __init__(self, validate: Any) -> None:
-        self.validate = validate
-        self.release = threading.Event()
-        self.started = threading.Semaphore(0)
-
-    def __call__(self, *args: Any) -> Any:
-        self.started.release()
-        assert self.release.wait(timeout=60), "validation was never released"
-        return self.validate(*args)
-
-
-def hold_validation(coordinator: CloudCoordinator, monkeypatch: pytest.MonkeyPatch) -> HeldValidation:
-    held = HeldValidation(coordinator.validator.validate)
-    monkeypatch.setattr(coordinator.validator, "validate", held)
-    return held
 
 
 def records(registry_dir: Path) -> list[Any]:
