@@ -130,6 +130,7 @@ class CloudCoordinator:
         self.accepted: list[UploadReceipt] = []  # in the order they were decided
         self._accepted_index: dict[str, int] = {}  # key -> position in self.accepted
         self._received: dict[str, UploadReceipt] = {}  # received, not decided yet
+        self._received_records: dict[str, ReceivedRecord] = {}  # their log records (to decide them again)
         self._undecided: list[ReceivedRecord] = []  # received before a restart: decided once a loop runs
         self._decisions: dict[str, asyncio.Future[UploadReceipt]] = {}  # key -> its running decision
         self._receiving: dict[str, asyncio.Future[UploadReceipt]] = {}  # key -> its running receipt
@@ -186,6 +187,9 @@ class CloudCoordinator:
             return None
         if key in self._receiving:
             await asyncio.shield(self._receiving[key])
+        if key in self._received and key not in self._decisions:  # its decision failed: try again
+            self._undecided.append(self._received_records[key])
+            self._start_decisions()
         decision = self._decisions.get(key)
         if decision is not None:
             return (await asyncio.shield(decision)).model_dump()
@@ -311,6 +315,7 @@ class CloudCoordinator:
         assert isinstance(written, ReceivedRecord)
         receipt = self._received_receipt(written)
         self._received[key] = receipt
+        self._received_records[key] = written
         self._decisions[key] = asyncio.ensure_future(self._decide(written))
         logger.debug("received upload %s", key)
         return receipt
@@ -362,12 +367,15 @@ class CloudCoordinator:
                 except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
                     raise UploadRejected(err.code, err.reason) from None
             except UploadRejected as err:
-                return await self._reject(sent, err, received_at=record.received_at)
-            return await self._accept(record, valid.learner, valid.holdout_loss, f"{owner}@{vname}")
-        finally:
+                receipt = await self._reject(sent, err, received_at=record.received_at)
+            else:
+                receipt = await self._accept(record, valid.learner, valid.holdout_loss, f"{owner}@{vname}")
+        finally:  # a decision that failed (its log write, say) leaves the upload received: `outcome` retries
             self._decisions.pop(key, None)
-            if (blob := self.receipt_log.close(record)) is not None and key not in self._received:
-                await asyncio.to_thread(self.registry.delete_blob, blob)
+        self._received_records.pop(key, None)
+        if (blob := self.receipt_log.close(record)) is not None:  # its last undecided upload: not needed
+            await asyncio.to_thread(self.registry.delete_blob, blob)
+        return receipt
 
     async def _reject(
         self, sent: dict[str, Any], err: UploadRejected, *, received_at: float | None
@@ -725,6 +733,7 @@ class CloudCoordinator:
         # Received, never decided: validated again once the event loop runs (their bytes stay in the inbox).
         self._undecided = list(undecided.values())
         self._received = {key: self._received_receipt(record) for key, record in undecided.items()}
+        self._received_records = dict(undecided)
         self.receipt_log.track_open(self._undecided)
         self.ledger.record_event(
             "coordinator_resumed",

@@ -213,3 +213,30 @@ def test_the_state_document_stays_the_same_size_as_uploads_arrive(tmp_path: Path
         got = next(r for r in logged if isinstance(r, ReceivedRecord) and r.key == key)
         done = next(r for r in logged if isinstance(r, DecidedRecord) and r.receipt.key == key)
         assert position[id(got)] < position[id(done)]
+
+
+def test_a_decision_that_failed_is_tried_again_by_the_next_outcome_call(
+    tmp_path: Path, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the first artifact write fails (a full disk, say); the real registry writes the second.
+    scenario = tiny_scenario(tmp_path, fusion=NEVER)
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    put = coordinator.registry.put
+    failures = [OSError("No space left on device")]
+
+    def put_failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator.registry, "put", put_failing_once)
+    ack = loop.run(coordinator.receive(**upload_kwargs("edge-0", learner_payload(scenario, "edge-0"))))
+
+    # Execute / Assert: the first outcome call sees the failure, the upload stays received, the next decides.
+    with pytest.raises(OSError, match="No space left"):
+        loop.run(coordinator.outcome(ack["key"]))
+    assert loop.run(coordinator.status())["received"] == ["edge-0"]
+    final = loop.run(coordinator.outcome(ack["key"]))
+    assert (final["status"], final["received_at"]) == ("accepted", ack["received_at"])
+    assert [r.kind for r in records(tmp_path / "registry")] == ["received", "decided"]
+    assert Registry(str(tmp_path / "registry")).blobs(INBOX) == []
