@@ -25,6 +25,7 @@ Run: nice -n 10 .venv/bin/python benchmarks/bench_gaisnet.py   (a few minutes on
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -267,8 +268,93 @@ def split_table(model: TaskModel) -> None:
             )
 
 
+# Relay variants measured on one finished run's registry, all from the same relayed adapters:
+# (label, personalisation fields). The distil_weight 0 row is the control: the same training on the cloud's
+# data without teachers, so the difference to `distil` is what the edges' knowledge adds.
+RELAY_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("average, no gate training", {"relay_method": "average", "relay_gate_epochs": 0}),
+    ("average + 2 gate epochs", {"relay_method": "average", "relay_gate_epochs": 2}),
+    ("fold_own, no gate training", {"relay_method": "fold_own", "relay_gate_epochs": 0}),
+    ("fold_own + 2 gate epochs", {"relay_method": "fold_own", "relay_gate_epochs": 2}),
+    ("distil (learners + gates)", {"relay_method": "distil", "relay_student": "relaying_learners"}),
+    ("distil (whole BAIM)", {"relay_method": "distil", "relay_student": "baim"}),
+    ("control: cloud data, no teacher", {"relay_method": "distil", "relay_distil_weight": 0.0}),
+)
+
+
+def relay_table(run_dir: Path, personalise_epochs: int, variants: list[str] | None) -> None:
+    """Personalise every edge of a finished run (its evaluation's LoRA stage), then run each relay variant
+    on the run's kept BAIM from the same relayed adapters: per task the test loss before, of the candidate
+    and of what the guard kept, the held-out losses the guard compared, and the bytes relayed."""
+    from orchestrator.core.reports import Relay, RunReport
+    from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
+
+    report = RunReport.model_validate_json((run_dir / "report.json").read_text())
+    scenario = Scenario.model_validate(report.scenario)
+    source = resolve_source(scenario.data)
+    partitions = make_partitions(source, scenario)
+    options = EvaluationOptions(personalise_epochs=personalise_epochs, run_fedavg=False, image_quality=False)
+    evaluation = RunEvaluation(report, scenario, source, partitions, run_dir / "bench-relay", options)
+    started = time.perf_counter()
+    evaluation._personalise()
+    print(
+        f"\nRelay on {run_dir} (BAIM {report.cloud.baim_version}): {personalise_epochs} epochs of "
+        f"{scenario.personalisation.method} r{scenario.personalisation.rank} personalisation per edge "
+        f"({time.perf_counter() - started:.0f} s); each variant starts from the same adapters"
+    )
+    print(
+        f"  {'variant':<32} {'task':<15} {'bytes':>8} {'test before':>11} {'candidate':>9} {'kept':>8} "
+        f"{'held-out before':>15} {'after':>8} {'guard':>8} {'s':>5}"
+    )
+    for label, fields in RELAY_VARIANTS:
+        if variants and label.split()[0].rstrip(",:") not in variants:
+            continue
+        settings = scenario.personalisation.model_copy(update={"relay": True, "relay_guard": True, **fields})
+        evaluation.scenario = scenario.model_copy(update={"personalisation": settings})
+        started = time.perf_counter()
+        section = evaluation._relay()
+        seconds = time.perf_counter() - started
+        assert isinstance(section, Relay)
+        verdict = "accepted" if section.accepted else "rejected"
+        for task, row in section.tasks.items():
+            held_before = section.holdout_loss_before.get(task, math.nan)
+            held_after = section.holdout_loss_after.get(task, math.nan)
+            print(
+                f"  {label:<32} {task:<15} {row.upload_bytes:8d} {row.test_loss_before:11.5f} "
+                f"{row.candidate_test_loss or math.nan:9.5f} {row.test_loss_after:8.5f} "
+                f"{held_before:15.5f} {held_after:8.5f} {verdict:>8} {seconds:5.0f}"
+            )
+        if section.distillation_loss_before is not None:
+            print(
+                f"  {'':<32} distillation loss {section.distillation_loss_before:.5f} -> "
+                f"{section.distillation_loss_after or math.nan:.5f}"
+            )
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--relay-run",
+        type=Path,
+        help="a finished `baim run scenarios/gaisnet.yaml --no-evaluate` folder: print the relay rows on its "
+        "registry",
+    )
+    parser.add_argument("--relay-only", action="store_true", help="skip the personalisation and split tables")
+    parser.add_argument(
+        "--relay-variants", nargs="*", help="first words of the relay variants to run (default: all)"
+    )
+    parser.add_argument("--personalise-epochs", type=int, default=2, help="relay: personalisation epochs")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    if not args.relay_only:
+        tables()
+    if args.relay_run is not None:
+        relay_table(args.relay_run, args.personalise_epochs, args.relay_variants)
+    elif args.relay_only:
+        parser.error("--relay-only needs --relay-run DIR")
+
+
+def tables() -> None:
     scenario = load_scenario(SCENARIO)
     source = resolve_source(scenario.data)
     partitions = make_partitions(source, scenario)

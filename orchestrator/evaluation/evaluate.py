@@ -25,12 +25,11 @@ from baim.adapters import (
     adapter_bytes,
     adapter_from_bytes,
     adapter_to_bytes,
-    add_weight_deltas,
     apply_lora,
     lora_parameters,
     lora_weight_deltas,
+    merge_lora,
 )
-from baim.continual import train_only
 from baim.costs import count_params, forward_backward_flops, serialized_bytes
 from baim.decompose import OneTaskModel, decompose
 from baim.learners import VAELearner
@@ -43,6 +42,7 @@ from baim.placement import (
     placement_cost,
     transfer_seconds,
 )
+from baim.relay import RelayedAdapter, RelaySettings, RelayStats, guarded_update, relay_round
 from baim.training import evaluate
 from orchestrator.baselines.fedavg import run_fedavg
 from orchestrator.cloud.data import CachedFaces
@@ -90,7 +90,6 @@ from serve.models import png_base64
 logger = logging.getLogger(__name__)
 
 GENERATION_SEED = 1234  # the same images for the same model on every run
-GATE_PREFIX = "gate."  # the BAIM's gate module (its state_dict keys)
 
 
 @dataclass
@@ -157,16 +156,6 @@ def epoch_flops(model: nn.Module, dataset: Any, batch_size: int, loss_fn: Any) -
             example = torch.stack([dataset[i] for i in range(n)])
             total += count * forward_backward_flops(model, example, loss_fn).total
     return total
-
-
-def mean_learner_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per parameter, the mean delta over the edges that adapted it (FedAvg per parameter: a module two tasks'
-    models share, such as a feeder a connection pins, averages over both tasks' edges instead of summing).
-
-    Gate parameters are left out: each task's gate is retrained on the cloud's data after the fold.
-    """
-    keys = sorted({key for delta in deltas for key in delta if not key.startswith(GATE_PREFIX)})
-    return {key: torch.stack([d[key] for d in deltas if key in d]).mean(0) for key in keys}
 
 
 def _parse_artifact(artifact: str) -> tuple[str, str]:
@@ -393,12 +382,12 @@ class RunEvaluation:
     # ---- the relay: adapters back to the cloud -------------------------------------------------------
 
     def _relay(self) -> Relay | Disabled:
-        """Fold each task's relayed adapters into the kept BAIM, train its gates on the cloud's data, and
-        measure every relaying task's test loss before and after (GaisNet's cloud -> edge -> cloud loop).
+        """A relay round on the kept BAIM (GaisNet's cloud -> edge -> cloud loop): the relayed adapters are
+        validated, taken in by `personalisation.relay_method` (baim.relay) and, with `relay_guard`, the new
+        BAIM is kept only if no task's held-out loss rose. Every relaying task's test loss before and after.
 
         Each adapter is validated as an upload is (safetensors, spec, names, shapes, finiteness, merged
-        change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model;
-        the accepted deltas are averaged per parameter (`mean_learner_deltas`) and added to the BAIM.
+        change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model.
         """
         config = self.scenario.personalisation
         version = self.report.cloud.baim_version
@@ -407,49 +396,100 @@ class RunEvaluation:
         baim = self._load_baim(BAIM_OWNER, version)
         before = {task: self._task_loss(baim, task) for task in self.relay_uploads}
         relayed: dict[str, tuple[list[str], dict[str, str], int]] = {}
-        deltas: list[dict[str, torch.Tensor]] = []
+        adapters: list[RelayedAdapter] = []
         for task, uploads in self.relay_uploads.items():
             folded, rejected = [], {}
             for edge_id, weights, spec in uploads:
-                copy = decompose(baim, task)
                 try:
-                    adapter_from_bytes(copy, weights, spec, max_relative_delta=config.max_relative_delta)
+                    adapters.append(self._relayed_adapter(baim, task, edge_id, weights, spec))
                 except ValueError as error:
                     rejected[edge_id] = str(error)
                     continue
                 folded.append(edge_id)
-                # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
-                deltas.append({key.removeprefix("baim."): d for key, d in lora_weight_deltas(copy).items()})
             relayed[task] = (folded, rejected, sum(len(w) + len(s) for _, w, s in uploads))
-        if deltas:
-            add_weight_deltas(baim, mean_learner_deltas(deltas))
-        if config.relay_gate_epochs:
-            cloud = CachedFaces(self.source, self.partitions.cloud, list(baim.config.tasks), self.resolution)
-            order = torch.Generator().manual_seed(GENERATION_SEED)
-            loader = DataLoader(
-                cloud, batch_size=self.scenario.cloud.batch_size, shuffle=True, generator=order
-            )
-            batches = [(x, t) for _ in range(config.relay_gate_epochs) for x, t in loader]
-            train_only(baim, baim.gate_parameters(), batches, len(batches), self.scenario.cloud.lr)
+        settings = RelaySettings(
+            method=config.relay_method,
+            gate_epochs=config.relay_gate_epochs,
+            epochs=config.relay_epochs,
+            lr=config.relay_lr or self.scenario.cloud.lr,
+            distil_weight=config.relay_distil_weight,
+            student=config.relay_student,
+            seed=GENERATION_SEED,
+        )
+        tasks_order = list(baim.config.tasks)
+        stats = RelayStats()
+        candidate = baim
+
+        def relay(target: BAIM) -> None:
+            nonlocal stats, candidate
+            candidate = target
+            stats = relay_round(target, adapters, settings, lambda n: self._cloud_batches(tasks_order, n))
+
+        outcome = guarded_update(baim, relay, self._holdout_losses) if config.relay_guard else None
+        if outcome is None:
+            relay(baim)
+        kept = outcome.baim if outcome is not None else baim
         tasks = {}
         for task, (folded, rejected, nbytes) in relayed.items():
-            after = self._task_loss(baim.eval(), task)
+            candidate_loss = self._task_loss(candidate, task)
+            after = self._task_loss(kept, task)
             tasks[task] = RelayedTask(
                 folded=folded,
                 rejected=rejected,
                 upload_bytes=nbytes,
                 test_loss_before=before[task],
                 test_loss_after=after,
+                candidate_test_loss=candidate_loss,
             )
             self._say(
-                f"relay {task}: {len(folded)} adapters folded, test loss {before[task]:.5f} -> {after:.5f}"
+                f"relay {task} ({config.relay_method}): {len(folded)} adapters, test loss "
+                f"{before[task]:.5f} -> {candidate_loss:.5f} (candidate), {after:.5f} (kept)"
             )
         return Relay(
             enabled=True,
             where="driver process, on the kept BAIM",
-            gate_epochs=config.relay_gate_epochs,
+            method=config.relay_method,
+            gate_epochs=config.relay_gate_epochs if config.relay_method != "distil" else 0,
+            distil_epochs=config.relay_epochs if config.relay_method == "distil" else 0,
+            guarded=config.relay_guard,
+            accepted=outcome.accepted if outcome is not None else True,
+            holdout_loss_before=outcome.loss_before if outcome is not None else {},
+            holdout_loss_after=outcome.loss_after if outcome is not None else {},
+            distillation_loss_before=stats.distillation_before,
+            distillation_loss_after=stats.distillation_after,
             tasks=tasks,
         )
+
+    def _relayed_adapter(
+        self, baim: BAIM, task: str, edge_id: str, weights: bytes, spec: str
+    ) -> RelayedAdapter:
+        """One relayed adapter, validated against a fresh copy of `task`'s model: its BAIM-keyed merged
+        deltas and the personalised model it makes (base + merged adapter: a distillation teacher)."""
+        teacher = decompose(baim, task)
+        max_delta = self.scenario.personalisation.max_relative_delta
+        adapter_from_bytes(teacher, weights, spec, max_relative_delta=max_delta)
+        # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
+        deltas = {key.removeprefix("baim."): d for key, d in lora_weight_deltas(teacher).items()}
+        merge_lora(teacher)
+        return RelayedAdapter(edge_id, task, deltas, teacher.eval())
+
+    def _cloud_batches(self, tasks: list[str], epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`epochs` shuffled passes over the cloud's data of `tasks` (task ids index `tasks`)."""
+        cloud = CachedFaces(self.source, self.partitions.cloud, tasks, self.resolution)
+        order = torch.Generator().manual_seed(GENERATION_SEED)
+        loader = DataLoader(cloud, batch_size=self.scenario.cloud.batch_size, shuffle=True, generator=order)
+        return [(x, t) for _ in range(epochs) for x, t in loader]
+
+    def _holdout_losses(self, baim: BAIM) -> dict[str, float]:
+        """Per task with held-out images: the task model's loss on the cloud's held-out images (seeded)."""
+        losses = {}
+        for task in baim.config.tasks:
+            indices = self.partitions.holdout.get(task)
+            if indices:
+                model = decompose(baim, task)
+                loader = DataLoader(FaceDataset(self.source, indices, self.resolution), 64)
+                losses[task] = evaluate(model, loader, model_loss_fn(model, self.scenario.cloud.kld_weight))
+        return losses
 
     def _task_loss(self, baim: BAIM, task: str) -> float:
         model = decompose(baim, task)

@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 from baim.decompose import decompose
+from baim.relay import mean_deltas
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.names import BAIM_OWNER, task_owner
 from orchestrator.core.registry import Registry
@@ -17,7 +18,7 @@ from orchestrator.core.reports import RunReport
 from orchestrator.core.scenario import PersonalisationConfig, UsersConfig
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation, mean_learner_deltas
+from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
 from tests.support.models import tiny_baim
 from tests.support.reports import bare_report, edge_row
 from tests.support.scenarios import tiny_scenario
@@ -169,7 +170,7 @@ def test_relayed_deltas_average_per_parameter_and_leave_the_gate_out() -> None:
         {"learners.a.w": one, "learners.s.w": one, "gate.encoder.fc.weight": one},
         {"learners.b.w": two, "learners.s.w": two},
     ]
-    averaged = mean_learner_deltas(deltas)
+    averaged = mean_deltas(deltas)
     assert set(averaged) == {"learners.a.w", "learners.b.w", "learners.s.w"}
     assert torch.equal(averaged["learners.a.w"], one) and torch.equal(averaged["learners.b.w"], two)
     assert torch.equal(averaged["learners.s.w"], torch.full((2,), 2.0))  # shared: the mean, not the sum
