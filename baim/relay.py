@@ -92,6 +92,51 @@ def teacher_targets(
     return targets
 
 
+@torch.no_grad()
+def generated_batches(teachers: Mapping[int, Sequence[nn.Module]], settings: RelaySettings) -> list[Batch]:
+    """`settings.generated` images per teacher per epoch, drawn from its prior (generate(n, seed)), in
+    batches of (images, task index): the edges' data as their personalised models see it, without any of it
+    leaving the edge (GaisNet's data-free relay). One list of batches per epoch, concatenated."""
+    if settings.generated == 0:
+        return []
+    batches: list[Batch] = []
+    for epoch in range(settings.epochs):
+        images, tasks = [], []
+        for task, models in teachers.items():
+            for number, model in enumerate(models):
+                seed = settings.seed + 1000 * epoch + number
+                images.append(model.eval().generate(settings.generated, seed=seed))  # type: ignore[operator]
+                tasks.append(torch.full((settings.generated,), task, dtype=torch.long))
+        x, t = torch.cat(images), torch.cat(tasks)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(settings.seed + epoch))
+        size = settings.batch_size
+        batches += [(x[order[i : i + size]], t[order[i : i + size]]) for i in range(0, len(x), size)]
+    return batches
+
+
+def with_generated(
+    batches: list[Batch],
+    targets: list[torch.Tensor | None],
+    teachers: Mapping[int, Sequence[nn.Module]],
+    settings: RelaySettings,
+) -> tuple[list[Batch], list[torch.Tensor | None]]:
+    """The cloud batches (with their teacher targets) and, after each epoch's, that epoch's generated batches
+    (target None: the student learns to reconstruct them, its own loss only)."""
+    generated = generated_batches(teachers, settings)
+    if not generated:
+        return batches, targets
+    cloud_per_epoch, generated_per_epoch = len(batches) // settings.epochs, len(generated) // settings.epochs
+    out_batches: list[Batch] = []
+    out_targets: list[torch.Tensor | None] = []
+    for epoch in range(settings.epochs):
+        cloud = slice(epoch * cloud_per_epoch, (epoch + 1) * cloud_per_epoch)
+        out_batches += (
+            batches[cloud] + generated[epoch * generated_per_epoch : (epoch + 1) * generated_per_epoch]
+        )
+        out_targets += targets[cloud] + [None] * generated_per_epoch
+    return out_batches, out_targets
+
+
 def distillation_loss(recon: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """Mean squared difference to the teachers' reconstruction over rows that have one (0 if none)."""
     if target is None:
@@ -217,6 +262,8 @@ class RelaySettings:
     lr: float = 0.005  # Adam, for gate training and distillation
     distil_weight: float = 1.0  # distil: weight of the distillation term
     student: str = "relaying_learners"  # distil: "relaying_learners" (their learners + gates) or "baim"
+    generated: int = 0  # distil: images each teacher draws from its prior per epoch, added as training data
+    batch_size: int = 64  # distil: batch size of the generated images
     seed: int = 0  # noise of training and of the teachers' reconstructions
 
     def __post_init__(self) -> None:
@@ -255,6 +302,7 @@ def relay_round(
             teachers.setdefault(tasks.index(adapter.task), []).append(adapter.teacher)
         batches = cloud_batches(settings.epochs)
         targets = teacher_targets(teachers, batches, settings.seed)
+        train_batches, train_targets = with_generated(batches, targets, teachers, settings)
         if settings.student == "baim":
             params = list(baim.parameters())
         else:
@@ -263,8 +311,16 @@ def relay_round(
             params += baim.gate_parameters()
         stats.distillation_before = mean_distillation_loss(baim, batches, targets, settings.seed)
         baim.train()
+        steps = len(train_batches)
         distil(
-            baim, params, batches, targets, len(batches), settings.lr, settings.distil_weight, settings.seed
+            baim,
+            params,
+            train_batches,
+            train_targets,
+            steps,
+            settings.lr,
+            settings.distil_weight,
+            settings.seed,
         )
         stats.distillation_after = mean_distillation_loss(baim, batches, targets, settings.seed)
     else:

@@ -279,6 +279,13 @@ RELAY_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("distil (learners + gates)", {"relay_method": "distil", "relay_student": "relaying_learners"}),
     ("distil (whole BAIM)", {"relay_method": "distil", "relay_student": "baim"}),
     ("control: cloud data, no teacher", {"relay_method": "distil", "relay_distil_weight": 0.0}),
+    ("distil, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3}),
+    ("control, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3, "relay_distil_weight": 0.0}),
+    ("distil + 256 generated/teacher", {"relay_method": "distil", "relay_generated": 256}),
+    (
+        "generated only, no teacher term",
+        {"relay_method": "distil", "relay_generated": 256, "relay_distil_weight": 0.0},
+    ),
 )
 
 
@@ -307,7 +314,7 @@ def relay_table(run_dir: Path, personalise_epochs: int, variants: list[str] | No
         f"{'held-out before':>15} {'after':>8} {'guard':>8} {'s':>5}"
     )
     for label, fields in RELAY_VARIANTS:
-        if variants and label.split()[0].rstrip(",:") not in variants:
+        if variants and not any(part in label for part in variants):
             continue
         settings = scenario.personalisation.model_copy(update={"relay": True, "relay_guard": True, **fields})
         evaluation.scenario = scenario.model_copy(update={"personalisation": settings})
@@ -341,7 +348,7 @@ def main() -> None:
     )
     parser.add_argument("--relay-only", action="store_true", help="skip the personalisation and split tables")
     parser.add_argument(
-        "--relay-variants", nargs="*", help="first words of the relay variants to run (default: all)"
+        "--relay-variants", nargs="*", help="run only the relay variants whose label contains one of these"
     )
     parser.add_argument("--personalise-epochs", type=int, default=2, help="relay: personalisation epochs")
     args = parser.parse_args()

@@ -514,6 +514,12 @@ class Relay(ReportModel):
     distillation_loss_after: float | None = Field(
         default=None, description="Distil: the same for the candidate after the round."
     )
+    baim_version: str | None = Field(
+        default=None, description="The BAIM version the accepted round published (None: nothing published)."
+    )
+    task_versions: dict[str, str] = Field(
+        default_factory=dict, description="Per task: the task model artifact the accepted round published."
+    )
     tasks: dict[str, RelayedTask] = Field(description="Per task with at least one relayed adapter.")
 
 

@@ -1108,6 +1108,13 @@ class PersonalisationConfig(StrictModel):
         description="Relay, distil: what trains: the relaying edges' own learners and the gates, or every "
         "parameter of the BAIM.",
     )
+    relay_generated: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Relay, distil: images each personalised model draws from its prior per epoch; the BAIM "
+        "also learns to reconstruct them (a data-free relay of what the edge's data looks like).",
+    )
     relay_guard: bool = Field(
         default=True,
         description="Relay: keep the relay round's BAIM only if no task's loss on the cloud's held-out "

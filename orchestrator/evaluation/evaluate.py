@@ -20,15 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.edge import edge_seed
+from actors.relay import RelayDesk
 from baim.adapters import (
     LoRAConfig,
     adapter_bytes,
-    adapter_from_bytes,
     adapter_to_bytes,
     apply_lora,
     lora_parameters,
-    lora_weight_deltas,
-    merge_lora,
 )
 from baim.costs import count_params, forward_backward_flops, serialized_bytes
 from baim.decompose import OneTaskModel, decompose
@@ -42,10 +40,8 @@ from baim.placement import (
     placement_cost,
     transfer_seconds,
 )
-from baim.relay import RelayedAdapter, RelaySettings, RelayStats, guarded_update, relay_round
 from baim.training import evaluate
 from orchestrator.baselines.fedavg import run_fedavg
-from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.ray_train import load_checkpoint_baim
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES
 from orchestrator.core.receipts import RayTrainStrategyRun
@@ -189,8 +185,8 @@ class RunEvaluation:
         self.resolution = scenario.data.resolution
         self.tasks = [task.name for task in scenario.tasks]
         self.sets: list[GeneratedSet] = []
-        # Per task: (edge id, adapter weights, adapter spec) that personalisation would relay to the cloud.
-        self.relay_uploads: dict[str, list[tuple[str, bytes, str]]] = {}
+        # Per task: (edge id, task model version, adapter weights, spec) that personalisation relays back.
+        self.relay_uploads: dict[str, list[tuple[str, str, bytes, str]]] = {}
 
     def run(self) -> RunReport:
         seconds: dict[str, float] = {}
@@ -358,7 +354,8 @@ class RunEvaluation:
                     trainable=trainable,
                 )
             if trainable is not None:
-                self.relay_uploads.setdefault(edge.task, []).append((edge_id, *adapter_to_bytes(model)))
+                upload = (edge_id, fetched.model_version, *adapter_to_bytes(model))
+                self.relay_uploads.setdefault(edge.task, []).append(upload)
             edges[edge_id] = PersonalisedEdge(
                 task=edge.task,
                 model_version=fetched.model_version,
@@ -382,114 +379,59 @@ class RunEvaluation:
     # ---- the relay: adapters back to the cloud -------------------------------------------------------
 
     def _relay(self) -> Relay | Disabled:
-        """A relay round on the kept BAIM (GaisNet's cloud -> edge -> cloud loop): the relayed adapters are
-        validated, taken in by `personalisation.relay_method` (baim.relay) and, with `relay_guard`, the new
-        BAIM is kept only if no task's held-out loss rose. Every relaying task's test loss before and after.
-
-        Each adapter is validated as an upload is (safetensors, spec, names, shapes, finiteness, merged
-        change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model.
+        """A relay round on the run's last BAIM (GaisNet's cloud -> edge -> cloud loop), by the cloud's
+        relay desk (actors.relay) in the driver: every edge's adapters are validated as uploads are, taken
+        in by `personalisation.relay_method`, and, with `relay_guard`, the new BAIM is kept (and published
+        to the registry as the next version, with its task models) only if no task's held-out loss rose.
         """
         config = self.scenario.personalisation
-        version = self.report.cloud.baim_version
-        if not (config.relay and self.relay_uploads and version):
+        if not (config.relay and self.relay_uploads and self.report.cloud.baim_version):
             return Disabled(enabled=False)
-        baim = self._load_baim(BAIM_OWNER, version)
-        before = {task: self._task_loss(baim, task) for task in self.relay_uploads}
-        relayed: dict[str, tuple[list[str], dict[str, str], int]] = {}
-        adapters: list[RelayedAdapter] = []
-        for task, uploads in self.relay_uploads.items():
-            folded, rejected = [], {}
-            for edge_id, weights, spec in uploads:
-                try:
-                    adapters.append(self._relayed_adapter(baim, task, edge_id, weights, spec))
-                except ValueError as error:
-                    rejected[edge_id] = str(error)
-                    continue
-                folded.append(edge_id)
-            relayed[task] = (folded, rejected, sum(len(w) + len(s) for _, w, s in uploads))
-        settings = RelaySettings(
-            method=config.relay_method,
-            gate_epochs=config.relay_gate_epochs,
-            epochs=config.relay_epochs,
-            lr=config.relay_lr or self.scenario.cloud.lr,
-            distil_weight=config.relay_distil_weight,
-            student=config.relay_student,
-            seed=GENERATION_SEED,
-        )
-        tasks_order = list(baim.config.tasks)
-        stats = RelayStats()
-        candidate = baim
-
-        def relay(target: BAIM) -> None:
-            nonlocal stats, candidate
-            candidate = target
-            stats = relay_round(target, adapters, settings, lambda n: self._cloud_batches(tasks_order, n))
-
-        outcome = guarded_update(baim, relay, self._holdout_losses) if config.relay_guard else None
-        if outcome is None:
-            relay(baim)
-        kept = outcome.baim if outcome is not None else baim
+        desk = RelayDesk(self.registry, self.scenario, self.source, self.partitions)
+        receipts = {
+            task: [
+                desk.receive(edge, task, version, weights, spec) for edge, version, weights, spec in uploads
+            ]
+            for task, uploads in self.relay_uploads.items()
+        }
+        record = desk.run_round()
         tasks = {}
-        for task, (folded, rejected, nbytes) in relayed.items():
-            candidate_loss = self._task_loss(candidate, task)
-            after = self._task_loss(kept, task)
+        for task, answers in receipts.items():
+            row = record.tasks.get(task) if record is not None else None
+            if row is None:  # every adapter of this task was rejected: the round did not touch it
+                baim = self._load_baim(BAIM_OWNER, str(self.registry.latest(BAIM_OWNER)))
+                before = candidate = after = desk.test_loss(baim, task)
+            else:
+                before, candidate, after = row.test_loss_before, row.candidate_test_loss, row.test_loss_after
             tasks[task] = RelayedTask(
-                folded=folded,
-                rejected=rejected,
-                upload_bytes=nbytes,
-                test_loss_before=before[task],
+                folded=[str(r.edge_id) for r in answers if r.accepted],
+                rejected={str(r.edge_id): f"{r.reason}: {r.detail}" for r in answers if not r.accepted},
+                upload_bytes=sum(r.nbytes for r in answers),
+                test_loss_before=before,
                 test_loss_after=after,
-                candidate_test_loss=candidate_loss,
+                candidate_test_loss=candidate,
             )
             self._say(
-                f"relay {task} ({config.relay_method}): {len(folded)} adapters, test loss "
-                f"{before[task]:.5f} -> {candidate_loss:.5f} (candidate), {after:.5f} (kept)"
+                f"relay {task} ({config.relay_method}): {len(tasks[task].folded)} adapters, test loss "
+                f"{before:.5f} -> {candidate:.5f} (candidate), {after:.5f} (kept)"
             )
+        distil = config.relay_method == "distil"
         return Relay(
             enabled=True,
-            where="driver process, on the kept BAIM",
+            where="driver process, the cloud's relay desk on the run's last BAIM",
             method=config.relay_method,
-            gate_epochs=config.relay_gate_epochs if config.relay_method != "distil" else 0,
-            distil_epochs=config.relay_epochs if config.relay_method == "distil" else 0,
+            gate_epochs=0 if distil else config.relay_gate_epochs,
+            distil_epochs=config.relay_epochs if distil else 0,
             guarded=config.relay_guard,
-            accepted=outcome.accepted if outcome is not None else True,
-            holdout_loss_before=outcome.loss_before if outcome is not None else {},
-            holdout_loss_after=outcome.loss_after if outcome is not None else {},
-            distillation_loss_before=stats.distillation_before,
-            distillation_loss_after=stats.distillation_after,
+            accepted=record is not None and record.accepted,
+            holdout_loss_before=record.holdout_loss_before if record is not None else {},
+            holdout_loss_after=record.holdout_loss_after if record is not None else {},
+            distillation_loss_before=record.distillation_loss_before if record is not None else None,
+            distillation_loss_after=record.distillation_loss_after if record is not None else None,
+            baim_version=record.baim_version if record is not None else None,
+            task_versions=record.task_versions if record is not None else {},
             tasks=tasks,
         )
-
-    def _relayed_adapter(
-        self, baim: BAIM, task: str, edge_id: str, weights: bytes, spec: str
-    ) -> RelayedAdapter:
-        """One relayed adapter, validated against a fresh copy of `task`'s model: its BAIM-keyed merged
-        deltas and the personalised model it makes (base + merged adapter: a distillation teacher)."""
-        teacher = decompose(baim, task)
-        max_delta = self.scenario.personalisation.max_relative_delta
-        adapter_from_bytes(teacher, weights, spec, max_relative_delta=max_delta)
-        # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
-        deltas = {key.removeprefix("baim."): d for key, d in lora_weight_deltas(teacher).items()}
-        merge_lora(teacher)
-        return RelayedAdapter(edge_id, task, deltas, teacher.eval())
-
-    def _cloud_batches(self, tasks: list[str], epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over the cloud's data of `tasks` (task ids index `tasks`)."""
-        cloud = CachedFaces(self.source, self.partitions.cloud, tasks, self.resolution)
-        order = torch.Generator().manual_seed(GENERATION_SEED)
-        loader = DataLoader(cloud, batch_size=self.scenario.cloud.batch_size, shuffle=True, generator=order)
-        return [(x, t) for _ in range(epochs) for x, t in loader]
-
-    def _holdout_losses(self, baim: BAIM) -> dict[str, float]:
-        """Per task with held-out images: the task model's loss on the cloud's held-out images (seeded)."""
-        losses = {}
-        for task in baim.config.tasks:
-            indices = self.partitions.holdout.get(task)
-            if indices:
-                model = decompose(baim, task)
-                loader = DataLoader(FaceDataset(self.source, indices, self.resolution), 64)
-                losses[task] = evaluate(model, loader, model_loss_fn(model, self.scenario.cloud.kld_weight))
-        return losses
 
     def _task_loss(self, baim: BAIM, task: str) -> float:
         model = decompose(baim, task)
