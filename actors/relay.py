@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from actors.edge import learner_name
 from actors.publishing import publish_baim, publish_task_models
 from baim.adapters import adapter_from_bytes, lora_weight_deltas, merge_lora
 from baim.decompose import TaskModel, decompose
@@ -54,6 +55,7 @@ class RelayRejected(ValueError):  # noqa: N818 (reads as what happened)
 @dataclass
 class PendingRelay:
     adapter: RelayedAdapter
+    edge_id: str
     model_version: str
     nbytes: int
 
@@ -89,8 +91,8 @@ class RelayDesk:
             return RelayReceipt(
                 **sent, accepted=False, reason=rejected.code, detail=rejected.detail[:500], nbytes=sum(sizes)
             )
-        self.pending.pop(pending.adapter.learner, None)
-        self.pending[pending.adapter.learner] = pending
+        self.pending.pop(pending.edge_id, None)
+        self.pending[pending.edge_id] = pending
         return RelayReceipt(**sent, accepted=True, reason="", detail="", nbytes=pending.nbytes)
 
     def _validate(
@@ -129,7 +131,8 @@ class RelayDesk:
         # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
         deltas = {key.removeprefix("baim."): delta for key, delta in lora_weight_deltas(model).items()}
         merge_lora(model)
-        return PendingRelay(RelayedAdapter(edge_id, task, deltas, model.eval()), current, nbytes)
+        adapter = RelayedAdapter(learner_name(edge_id), task, deltas, model.eval())
+        return PendingRelay(adapter, edge_id, current, nbytes)
 
     # ---- a relay round -----------------------------------------------------------------------------
 
@@ -195,13 +198,14 @@ class RelayDesk:
                 batch_size=self.scenario.cloud.batch_size,
                 seed=self.scenario.seed,
                 task_model_budget=self.scenario.cloud.task_model_budget,
+                only=[task for task in kept.config.tasks if self.partitions.test.get(task)],
             )
             task_versions = {task: row.artifact for task, row in published.items()}
         records = {}
         for task in tasks:
             taken = [item for item in items if item.adapter.task == task]
             records[task] = RelayTaskRecord(
-                edges=[item.adapter.learner for item in taken],
+                edges=[item.edge_id for item in taken],
                 relay_bytes=sum(item.nbytes for item in taken),
                 test_loss_before=before[task],
                 candidate_test_loss=self.test_loss(candidate, task),

@@ -246,7 +246,7 @@ def guarded_update(
 class RelayedAdapter:
     """One validated relayed adapter, ready for a relay round."""
 
-    learner: str  # the learner its edge uploaded (its name in the BAIM is the edge's id)
+    learner: str  # the BAIM learner its edge uploaded (actors.edge.learner_name of the edge id)
     task: str
     deltas: dict[str, torch.Tensor]  # the adapter's merged weight changes, keyed like the BAIM's parameters
     teacher: nn.Module  # the personalised task model (base + merged adapter): forward(x, seed=...) -> .recon
@@ -306,7 +306,9 @@ def relay_round(
         if settings.student == "baim":
             params = list(baim.parameters())
         else:
-            learners = sorted({adapter.learner for adapter in adapters})
+            # An edge whose learner is not in the BAIM (kept in the registry only, or pruned) teaches the
+            # gates and its squad through the distillation term; no learner of its own trains.
+            learners = sorted({a.learner for a in adapters if a.learner in baim.learners})
             params = [p for name in learners for p in baim.learner(name).parameters()]
             params += baim.gate_parameters()
         stats.distillation_before = mean_distillation_loss(baim, batches, targets, settings.seed)

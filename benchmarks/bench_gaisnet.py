@@ -29,10 +29,13 @@ import argparse
 import copy
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -45,6 +48,7 @@ from baim.model import BAIM
 from baim.placement import Link, NodeSpeeds, measure_placements, placement_cost
 from baim.pruning import prune_connections
 from baim.training import evaluate, make_optimizer, train_epoch, vae_batch_loss
+from orchestrator.core.names import MAX_MODEL_BYTES
 from orchestrator.core.scenario import Scenario, load_scenario
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import make_partitions
@@ -269,30 +273,41 @@ def split_table(model: TaskModel) -> None:
 
 
 # Relay variants measured on one finished run's registry, all from the same relayed adapters:
-# (label, personalisation fields). The distil_weight 0 row is the control: the same training on the cloud's
-# data without teachers, so the difference to `distil` is what the edges' knowledge adds.
+# (label, personalisation fields). Each also runs with the same adapters zeroed (B = 0: a no-op adapter, the
+# teacher is the unpersonalised task model), the control that does the same cloud-side work without any
+# knowledge from the edges: the difference between the two rows is what the relay itself brings.
 RELAY_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("average, no gate training", {"relay_method": "average", "relay_gate_epochs": 0}),
     ("average + 2 gate epochs", {"relay_method": "average", "relay_gate_epochs": 2}),
     ("fold_own, no gate training", {"relay_method": "fold_own", "relay_gate_epochs": 0}),
     ("fold_own + 2 gate epochs", {"relay_method": "fold_own", "relay_gate_epochs": 2}),
-    ("distil (learners + gates)", {"relay_method": "distil", "relay_student": "relaying_learners"}),
-    ("distil (whole BAIM)", {"relay_method": "distil", "relay_student": "baim"}),
-    ("control: cloud data, no teacher", {"relay_method": "distil", "relay_distil_weight": 0.0}),
+    ("distil, lr 5e-3", {"relay_method": "distil", "relay_lr": 5e-3}),
     ("distil, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3}),
-    ("control, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3, "relay_distil_weight": 0.0}),
-    ("distil + 256 generated/teacher", {"relay_method": "distil", "relay_generated": 256}),
+    ("distil, whole BAIM, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3, "relay_student": "baim"}),
     (
-        "generated only, no teacher term",
-        {"relay_method": "distil", "relay_generated": 256, "relay_distil_weight": 0.0},
+        "generated 256/teacher, lr 1e-3",
+        {"relay_method": "distil", "relay_lr": 1e-3, "relay_generated": 256, "relay_distil_weight": 0.0},
+    ),
+    (
+        "generated 256/teacher, lr 5e-3",
+        {"relay_method": "distil", "relay_lr": 5e-3, "relay_generated": 256, "relay_distil_weight": 0.0},
     ),
 )
 
 
+def zeroed(weights: bytes) -> bytes:
+    """The same adapter with every B = 0: it changes nothing (baim.adapters' initialisation)."""
+    state = safetensors.torch.load(weights)
+    return safetensors.torch.save(
+        {key: torch.zeros_like(t) if key.endswith(".B") else t for key, t in state.items()}
+    )
+
+
 def relay_table(run_dir: Path, personalise_epochs: int, variants: list[str] | None) -> None:
     """Personalise every edge of a finished run (its evaluation's LoRA stage), then run each relay variant
-    on the run's kept BAIM from the same relayed adapters: per task the test loss before, of the candidate
-    and of what the guard kept, the held-out losses the guard compared, and the bytes relayed."""
+    on a copy of the run's registry from the same relayed adapters, and again with them zeroed: per task the
+    test loss before, of the candidate and of what the guard kept, the held-out losses it compared, and the
+    bytes relayed."""
+    from orchestrator.core.registry import Registry
     from orchestrator.core.reports import Relay, RunReport
     from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
 
@@ -301,41 +316,55 @@ def relay_table(run_dir: Path, personalise_epochs: int, variants: list[str] | No
     source = resolve_source(scenario.data)
     partitions = make_partitions(source, scenario)
     options = EvaluationOptions(personalise_epochs=personalise_epochs, run_fedavg=False, image_quality=False)
-    evaluation = RunEvaluation(report, scenario, source, partitions, run_dir / "bench-relay", options)
+    work = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+    evaluation = RunEvaluation(report, scenario, source, partitions, work / "out", options)
     started = time.perf_counter()
     evaluation._personalise()
+    uploads = evaluation.relay_uploads
+    controls = {
+        task: [(edge, version, zeroed(weights), spec) for edge, version, weights, spec in rows]
+        for task, rows in uploads.items()
+    }
     print(
         f"\nRelay on {run_dir} (BAIM {report.cloud.baim_version}): {personalise_epochs} epochs of "
         f"{scenario.personalisation.method} r{scenario.personalisation.rank} personalisation per edge "
-        f"({time.perf_counter() - started:.0f} s); each variant starts from the same adapters"
+        f"({time.perf_counter() - started:.0f} s); each variant starts from the run's BAIM and the same "
+        "adapters; 'zero' rows relay them with B = 0 (no edge knowledge, same cloud work)"
     )
     print(
-        f"  {'variant':<32} {'task':<15} {'bytes':>8} {'test before':>11} {'candidate':>9} {'kept':>8} "
-        f"{'held-out before':>15} {'after':>8} {'guard':>8} {'s':>5}"
+        f"  {'variant':<32} {'adapters':<8} {'task':<15} {'bytes':>8} {'test before':>11} {'candidate':>9} "
+        f"{'kept':>8} {'held-out before':>15} {'after':>8} {'guard':>8} {'s':>5}"
     )
     for label, fields in RELAY_VARIANTS:
         if variants and not any(part in label for part in variants):
             continue
         settings = scenario.personalisation.model_copy(update={"relay": True, "relay_guard": True, **fields})
         evaluation.scenario = scenario.model_copy(update={"personalisation": settings})
-        started = time.perf_counter()
-        section = evaluation._relay()
-        seconds = time.perf_counter() - started
-        assert isinstance(section, Relay)
-        verdict = "accepted" if section.accepted else "rejected"
-        for task, row in section.tasks.items():
-            held_before = section.holdout_loss_before.get(task, math.nan)
-            held_after = section.holdout_loss_after.get(task, math.nan)
-            print(
-                f"  {label:<32} {task:<15} {row.upload_bytes:8d} {row.test_loss_before:11.5f} "
-                f"{row.candidate_test_loss or math.nan:9.5f} {row.test_loss_after:8.5f} "
-                f"{held_before:15.5f} {held_after:8.5f} {verdict:>8} {seconds:5.0f}"
-            )
-        if section.distillation_loss_before is not None:
-            print(
-                f"  {'':<32} distillation loss {section.distillation_loss_before:.5f} -> "
-                f"{section.distillation_loss_after or math.nan:.5f}"
-            )
+        for kind, relayed in (("edges", uploads), ("zero", controls)):
+            # A copy of the registry per row: an accepted round publishes the next versions into it.
+            registry = work / f"registry-{len(list(work.iterdir()))}"
+            shutil.copytree(report.registry, registry)
+            evaluation.registry = Registry(str(registry), max_artifact_bytes=MAX_MODEL_BYTES)
+            evaluation.relay_uploads = relayed
+            started = time.perf_counter()
+            section = evaluation._relay()
+            seconds = time.perf_counter() - started
+            assert isinstance(section, Relay)
+            verdict = "accepted" if section.accepted else "rejected"
+            for task, row in section.tasks.items():
+                print(
+                    f"  {label:<32} {kind:<8} {task:<15} {row.upload_bytes:8d} {row.test_loss_before:11.5f} "
+                    f"{row.candidate_test_loss or math.nan:9.5f} {row.test_loss_after:8.5f} "
+                    f"{section.holdout_loss_before.get(task, math.nan):15.5f} "
+                    f"{section.holdout_loss_after.get(task, math.nan):8.5f} {verdict:>8} {seconds:5.0f}"
+                )
+            if section.distillation_loss_before is not None:
+                print(
+                    f"  {'':<32} {kind:<8} distillation loss {section.distillation_loss_before:.5f} -> "
+                    f"{section.distillation_loss_after or math.nan:.5f}"
+                )
+            shutil.rmtree(registry)
+    shutil.rmtree(work)
 
 
 def main() -> None:
