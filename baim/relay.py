@@ -256,7 +256,7 @@ class RelayedAdapter:
 class RelaySettings:
     """How a relay round takes the adapters in (scenario: personalisation.relay_*)."""
 
-    method: str = "distil"  # one of RELAY_METHODS
+    method: str = "fold_own"  # one of RELAY_METHODS
     gate_epochs: int = 2  # fold_own, average: epochs of gate training on the cloud's data after the fold
     epochs: int = 2  # distil: epochs over the cloud's data
     lr: float = 0.005  # Adam, for gate training and distillation

@@ -1076,13 +1076,14 @@ class PersonalisationConfig(StrictModel):
         "round), reporting each task's test loss before and after.",
     )
     relay_method: Literal["fold_own", "distil", "average"] = Field(
-        default="distil",
+        default="fold_own",
         description="Relay: how the cloud takes the adapters in (baim.relay). `distil`: the personalised "
         "models teach the BAIM on the cloud's data (its own loss + `relay_distil_weight` x the squared "
         "difference to the teachers' reconstructions); `fold_own`: each adapter's merged change is added to "
         "the learner its edge uploaded and nowhere else; `average`: every adapted parameter gets the mean "
-        "change of the edges that adapted it (feeders and other edges' learners too). The default was "
-        "chosen from measurements (docs/results.md, GaisNet part 2).",
+        "change of the edges that adapted it (feeders and other edges' learners too). fold_own is the "
+        "default: the only method whose gain over the same cloud work without the edges' adapters was "
+        "positive on every task measured (docs/results.md, GaisNet relay).",
     )
     relay_gate_epochs: int = Field(
         default=2,
