@@ -20,7 +20,14 @@ JSON and the response's JSON with base64 PNGs, encoded as the HTTP API encodes t
 of baim.placement for a slow and a fast link with declared edge and cloud speeds. Numbers only; it asserts
 nothing.
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_gaisnet.py   (a few minutes on 2 cores)
+The relay (`--relay-run RUN`, RUN a finished `baim run scenarios/gaisnet.yaml --no-evaluate` folder): every
+edge of the run personalises its task model with the scenario's LoRA settings, then each relay variant
+(RELAY_VARIANTS) runs through the cloud's relay desk on a copy of the run's registry, with the edges'
+adapters and with the same adapters zeroed (the control): per task the test loss before, of the candidate
+and of what the guard kept, the held-out losses it compared, and the bytes relayed.
+
+Run: nice -n 10 .venv/bin/python benchmarks/bench_gaisnet.py   (25 to 35 minutes on 2 loaded cores)
+     nice -n 5 .venv/bin/python benchmarks/bench_gaisnet.py --relay-run RUN --relay-only   (about 8 minutes)
 """
 
 from __future__ import annotations
