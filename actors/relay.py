@@ -116,6 +116,8 @@ class RelayDesk:
         if nbytes > limit or len(spec_json) > MAX_SPEC_CHARS:
             raise RelayRejected("too_large", f"{nbytes} bytes exceed cloud.uploads.max_upload_bytes {limit}")
         current = self.registry.latest(task_owner(task))
+        if current is None:
+            raise RelayRejected("stale", f"task: {task!r} has no published model yet")
         if model_version != current:
             raise RelayRejected(
                 "stale",

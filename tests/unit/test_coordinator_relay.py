@@ -1,4 +1,4 @@
-"""The coordinator's relay: relayed adapters validated like uploads, a relay round published as new versions."""
+"""The coordinator's relay: adapters validated like uploads, a relay round published as new versions."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def relaying_scenario(tmp_path: Path) -> Scenario:
 
 
 def personalised_adapter(scenario: Scenario, registry: Registry, edge_id: str) -> tuple[bytes, str]:
-    """What edge `edge_id` relays: rank-2 adapters on its downloaded task model, trained 1 epoch on its shard."""
+    """What `edge_id` relays: rank-2 adapters on its downloaded task model, trained 1 epoch on its shard."""
     task = scenario.edge(edge_id).task
     model = registry.load_module(task_owner(task), "v000001", TaskModel)
     source = resolve_source(scenario.data)
@@ -76,7 +76,11 @@ def test_relayed_adapters_are_validated_and_a_relay_round_publishes_only_when_ac
     # Assert: each bad relay rejected with its reason, the coordinator still answering
     assert answers["nan"]["reason"] == "invalid" and "non-finite" in str(answers["nan"]["detail"])
     assert answers["shape"]["reason"] == "invalid" and "of shape" in str(answers["shape"]["detail"])
-    assert [answers[k]["reason"] for k in ("stale", "task", "edge")] == ["stale", "wrong_task", "unknown_edge"]
+    assert [answers[k]["reason"] for k in ("stale", "task", "edge")] == [
+        "stale",
+        "wrong_task",
+        "unknown_edge",
+    ]
     assert answers["good"]["accepted"] and answers["good"]["nbytes"] == len(weights) + len(spec)
     # The round took the one good adapter in; the guard's verdict follows the held-out losses, and only an
     # accepted round publishes (the BAIM and every task model as v000002, the coordinator's BAIM with them)

@@ -47,9 +47,7 @@ def cloud_batches(baim: BAIM, n_batches: int = 2, seed: int = 0) -> list[tuple[t
     generator = torch.Generator().manual_seed(seed)
     shape = (8, 3, TINY_BAIM_RESOLUTION, TINY_BAIM_RESOLUTION)
     tasks = len(baim.config.tasks)
-    return [
-        (torch.rand(shape, generator=generator), torch.arange(8) % tasks) for _ in range(n_batches)
-    ]
+    return [(torch.rand(shape, generator=generator), torch.arange(8) % tasks) for _ in range(n_batches)]
 
 
 def test_fold_own_changes_only_the_relaying_edges_own_learner() -> None:
@@ -84,7 +82,7 @@ def test_average_moves_parameters_outside_the_edges_own_learner() -> None:
 def test_distil_lowers_the_students_distillation_loss_in_a_short_run() -> None:
     # Prepare: the teacher is e0's personalised smiling model; the student the BAIM it came from
     baim = tiny_baim()
-    deltas, teacher = personalised(baim, "smiling", seed=3)
+    _, teacher = personalised(baim, "smiling", seed=3)
     batches = cloud_batches(baim)
     targets = teacher_targets({baim.config.tasks.index("smiling"): [teacher]}, batches, seed=0)
     loss_before = mean_distillation_loss(baim, batches, targets)
