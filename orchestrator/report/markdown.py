@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 from safetensors.numpy import load_file
 
+from orchestrator.core.names import BAIM_OWNER
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.reports import (
     FedAvgEdgeRow,
@@ -678,6 +679,9 @@ def _relay_section(report: RunReport) -> list[str]:
         )
         verdict = "accepted" if section.accepted else "rejected (a held-out loss rose; the BAIM is unchanged)"
         lines.append(f"Guarded: {verdict}; held-out loss {held}.")
+    if section.baim_version is not None:
+        published = ", ".join(section.task_versions.values())
+        lines.append(f"Published as {BAIM_OWNER}@{section.baim_version} with {published}.")
     if section.distillation_loss_before is not None and section.distillation_loss_after is not None:
         lines.append(
             "Distillation loss (student vs teachers, cloud batches): "
