@@ -28,7 +28,13 @@ from actors.coordinator_state import (
 )
 from actors.edge import learner_name
 from actors.fusion import LiveBAIM, RoundPolicy
-from actors.lifecycle import ContinualStart, FewShotPublisher, prune_and_record, start_continual
+from actors.lifecycle import (
+    ContinualStart,
+    FewShotPublisher,
+    continual_strategy,
+    prune_and_record,
+    start_continual,
+)
 from actors.publishing import publish_baim, publish_task_models
 from actors.relay import RelayDesk
 from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
@@ -394,13 +400,17 @@ class CloudCoordinator:
             self._round_members = set(self.live.learners)  # from now on no upload displaces them
             baim = await asyncio.to_thread(self.live.canonical, self._last_trained)
             # A round after a trained one is continual: gate_only keeps the trained learners and runs the
-            # strategy it continues from alone (scratch would re-initialise them; schema-checked).
+            # strategy whose BAIM it continues from alone (actors.lifecycle.continual_strategy).
             continual = self.baim_version is not None
             gate_only = continual and self.cloud.continual == "gate_only"
+            strategies = list(self.cloud.strategies)
+            if gate_only:
+                last_kept = self.log.rounds[-1].kept if self.log.rounds else None
+                strategies = [continual_strategy(self.cloud.keep, strategies, last_kept)]
             request = RoundRequest(
                 round_index=self.log.next_round,
                 baim=await asyncio.to_thread(pack_module, baim, baim.spec()),
-                strategies=list(self.cloud.strategies[:1] if gate_only else self.cloud.strategies),
+                strategies=strategies,
                 scenario=self.scenario,
                 source=self.source,
                 partitions=self.partitions,

@@ -30,6 +30,7 @@ from baim.learners import VAELearner, noise_for
 from baim.loop import start_strategy
 from baim.model import BAIM
 from baim.pruning import prune_learners, selection_frequency
+from baim.training import Strategy
 from orchestrator.core.artifacts import load_module, pack_module
 from orchestrator.core.receipts import (
     CloudOnlyVAE,
@@ -296,6 +297,18 @@ def _measure(scenario: Scenario, source: DataSource, partitions: Partitions) -> 
         "batch_size": scenario.cloud.batch_size,
         "seed": scenario.seed,
     }
+
+
+def continual_strategy(keep: str, strategies: Sequence[Strategy], last_kept: str | None) -> Strategy:
+    """The one strategy a gate_only round runs: the one whose BAIM it continues from (`cloud.keep`; for
+    `best`, the one the last round kept). A BAIM scratch trained continues as finetune: its learners are
+    trained now, and scratch would re-initialise what the round keeps."""
+    chosen = last_kept if keep == "best" else keep
+    if chosen is None:  # a round recorded before cloud.keep existed kept the first strategy
+        chosen = strategies[0]
+    if chosen not in ("finetune", "freeze", "scratch"):
+        raise ValueError(f"continual_strategy: {chosen!r} is not a strategy")
+    return "freeze" if chosen == "freeze" else "finetune"
 
 
 def start_continual(

@@ -175,9 +175,7 @@ class Toolbox:
             body = split_state_to_bytes(generate_head(model, n, cut, seed=seed))
             query = urllib.parse.urlencode({"cut": cut, "model_version": fetched.model_version})
             url = f"{self.endpoint}/tasks/{urllib.parse.quote(task, safe='')}/generate/split?{query}"
-            headers = {"Content-Type": "application/octet-stream"}
-            if self.api_token:
-                headers["Authorization"] = f"Bearer {self.api_token}"
+            headers = self._headers({"Content-Type": "application/octet-stream"})
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310  # nosec B310
@@ -202,16 +200,20 @@ class Toolbox:
 
     # ---- sources ----------------------------------------------------------------------------------
 
+    def _headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` with the bearer token when the toolbox has one."""
+        if self.api_token:
+            return {**headers, "Authorization": f"Bearer {self.api_token}"}
+        return dict(headers)
+
     def _fetch_http(self, task: str, kind: DownloadKind) -> FetchResult:
         assert self.endpoint is not None
         url = f"{self.endpoint}/tasks/{urllib.parse.quote(task, safe='')}/model?kind={kind}"
         known = self._index().get(_index_key(task, kind))
         known_sha = known["sha256"] if known and self._read_cache(known["sha256"]) is not None else None
-        headers = {"Accept": "application/octet-stream"}
+        headers = self._headers({"Accept": "application/octet-stream"})
         if known_sha:
             headers["If-None-Match"] = f'"{known_sha}"'
-        if self.api_token:
-            headers["Authorization"] = f"Bearer {self.api_token}"
         request = urllib.request.Request(url, headers=headers, method="GET")  # noqa: S310 (http(s) checked)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310  # nosec B310

@@ -30,7 +30,8 @@ from orchestrator.core.receipts import (
 )
 from orchestrator.core.scenario import Scenario, StrictModel
 
-REPORT_FORMAT_VERSION = 1
+# 2: cloud-trainer choice and fixed start-up per strategy run, download kinds, personalisation methods.
+REPORT_FORMAT_VERSION = 2
 # The sections the end-of-run measurements add (orchestrator.evaluation); absent from report.json without.
 EVALUATION_SECTIONS = (
     "baselines",

@@ -649,8 +649,10 @@ class CloudConfig(StrictModel):
             "How a round after the first (triggered by new arrivals) trains. gate_only: the learners a "
             "previous round trained stay frozen, and so do the connections between them; the gates, the "
             "new learners' connections and (with strategy finetune; not with freeze) the new learners "
-            "train, in one run of the first strategy. finetune_all: every round trains as the first did. "
-            "Either way every task's test loss is measured before and after the round (forgetting)."
+            "train, in one run of the strategy whose BAIM the round continues from (cloud.keep; for best, "
+            "the one the last round kept; a BAIM scratch trained continues as finetune). finetune_all: "
+            "every round trains as the first did. Either way every task's test loss is measured before "
+            "and after the round (forgetting)."
         ),
     )
     min_selection_rate: float | None = Field(
@@ -711,11 +713,6 @@ class CloudConfig(StrictModel):
             raise ValueError(
                 f"max_learners_per_task: {self.max_learners_per_task} is below top_k {self.top_k}; a task's "
                 "gates select top_k of its learners, so admit at least that many"
-            )
-        if self.continual == "gate_only" and self.strategies[0] == "scratch":
-            raise ValueError(
-                "continual: gate_only continues from the first strategy, and strategies[0] is scratch, which "
-                "re-initialises the learners gate_only keeps; put finetune or freeze first"
             )
         if self.task_model_budget is not None and self.prune_interval > self.epochs - self.recovery_epochs:
             raise ValueError(

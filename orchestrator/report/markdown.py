@@ -7,6 +7,7 @@ state, no display); sample grids come from the uint8 safetensors the evaluation 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from safetensors.numpy import load_file
 from orchestrator.core.names import BAIM_OWNER
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.reports import (
+    REPORT_FORMAT_VERSION,
     FedAvgEdgeRow,
     FedAvgReport,
     ImageQuality,
@@ -810,8 +812,18 @@ def read_report(path: Path) -> RunReport:
     naming every problem by field path) when it is not a report."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no report.json in {path.parent} (run `baim run` first)")
+    raw = path.read_bytes()
     try:
-        return RunReport.model_validate_json(path.read_bytes())
+        version = json.loads(raw).get("format_version")
+    except (ValueError, AttributeError):
+        version = None  # not JSON, or not an object: the validation below names it
+    if isinstance(version, int) and version != REPORT_FORMAT_VERSION:
+        raise ReportInvalid(
+            f"{path}: report.json format_version {version}, and this version reads {REPORT_FORMAT_VERSION}: "
+            "rerun the scenario with this version (`baim run`) or read it with the version that wrote it"
+        )
+    try:
+        return RunReport.model_validate_json(raw)
     except ValidationError as err:
         problems = format_validation_error(err)
         raise ReportInvalid("\n".join([f"{path}: not a report.json of this version:", *problems])) from None

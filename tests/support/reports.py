@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.reports import REPORT_FORMAT_VERSION
 from orchestrator.core.scenario import Scenario
 
 HAND_SCENARIO: dict[str, Any] = {
@@ -176,7 +177,7 @@ def empty_ledger() -> dict[str, Any]:
 def bare_report() -> dict[str, Any]:
     """A BAIM run without measurements, no edge and no cloud round (valid)."""
     return {
-        "format_version": 1,
+        "format_version": REPORT_FORMAT_VERSION,
         "run_id": "20260101T000000Z-abcdef",
         "failure": None,
         "scenario": Scenario.model_validate(HAND_SCENARIO).model_dump(mode="json"),

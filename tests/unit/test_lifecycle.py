@@ -224,23 +224,32 @@ def test_a_bad_new_task_event_is_rejected_naming_the_field(
     assert any(problem.startswith(line) for problem in format_validation_error(caught.value)), caught.value
 
 
-def test_a_new_task_named_twice_and_gate_only_after_scratch_are_rejected(tmp_path: Path) -> None:
+def test_a_new_task_named_twice_is_rejected(tmp_path: Path) -> None:
     twice = lifecycle_scenario(tmp_path).model_dump(mode="json")
     twice["timeline"].append(NEW_TASK | {"at_seconds": 2.0})
-    after_scratch = lifecycle_scenario(tmp_path).model_dump(mode="json")
-    after_scratch["cloud"].update({"continual": "gate_only", "strategies": ["scratch", "finetune"]})
 
-    problems = []
-    for document in (twice, after_scratch):
-        with pytest.raises(ValidationError) as caught:
-            Scenario.model_validate(document)
-        problems.append(format_validation_error(caught.value))
+    with pytest.raises(ValidationError) as caught:
+        Scenario.model_validate(twice)
 
-    assert problems[0] == [
+    assert format_validation_error(caught.value) == [
         "timeline.2.task.name: task 'glasses' exists already (in timeline.1); a new_task event names a task "
         "that is not there yet"
     ]
-    assert problems[1][0].startswith("cloud: continual: gate_only continues from the first strategy")
+
+
+def test_a_gate_only_round_continues_with_the_kept_strategy_never_scratch(tmp_path: Path) -> None:
+    from actors.lifecycle import continual_strategy
+
+    strategies = ["scratch", "finetune", "freeze"]
+    assert continual_strategy("freeze", strategies, last_kept="freeze") == "freeze"
+    assert continual_strategy("best", strategies, last_kept="freeze") == "freeze"
+    assert continual_strategy("best", strategies, last_kept="scratch") == "finetune"
+    assert continual_strategy("scratch", strategies, last_kept="scratch") == "finetune"
+    assert continual_strategy("best", ["freeze", "finetune"], last_kept=None) == "freeze"
+    # scratch first no longer blocks gate_only: the round continues from what cloud.keep kept
+    after_scratch = lifecycle_scenario(tmp_path).model_dump(mode="json")
+    after_scratch["cloud"].update({"continual": "gate_only", "strategies": ["scratch", "finetune"]})
+    assert Scenario.model_validate(after_scratch).cloud.continual == "gate_only"
 
 
 def test_new_tasks_draw_their_shots_last_and_change_no_other_shard(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from orchestrator.cli.main import main
 from orchestrator.core.metrics import Ledger
 from orchestrator.core.receipts import CoordinatorSummary
-from orchestrator.core.reports import RunReport
+from orchestrator.core.reports import REPORT_FORMAT_VERSION, RunReport
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
 from orchestrator.evaluation.evaluate import save_samples
@@ -133,6 +133,21 @@ def test_a_report_that_does_not_fit_names_every_wrong_field(tmp_path: Path) -> N
     assert any(line.startswith("edges.e0.bytes_snt: ") for line in lines)
     assert any(line.startswith("totals.wall_seconds: ") for line in lines)
     assert any(line.startswith("tasks.smile.params: ") for line in lines)
+
+
+def test_a_report_of_another_format_version_says_so_before_any_field(tmp_path: Path) -> None:
+    report = hand_report()
+    report["format_version"] = REPORT_FORMAT_VERSION - 1
+    del report["totals"]["wall_seconds"]
+
+    with pytest.raises(ReportInvalid) as caught:
+        write_report_markdown(write_report_json(tmp_path, report))
+
+    assert str(caught.value) == (
+        f"{tmp_path / 'report.json'}: report.json format_version {REPORT_FORMAT_VERSION - 1}, and this "
+        f"version reads {REPORT_FORMAT_VERSION}: rerun the scenario with this version (`baim run`) or read "
+        "it with the version that wrote it"
+    )
 
 
 def test_report_json_round_trips_through_the_model(tmp_path: Path) -> None:
