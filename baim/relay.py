@@ -7,12 +7,18 @@ cloud has three ways to take that knowledge in (`RELAY_METHODS`):
   added to the BAIM. An edge's adapter covers its whole task model, so this also moves the feeders other
   squads read and the other edges' learners.
 - "fold_own": each edge's delta is added to the learner that edge uploaded (its own expert, keys
-  `learners.<edge>.`) and nowhere else (`own_learner_deltas`); shared feeders, connections, gates and other
-  learners keep their weights.
+  `learners.<its learner>.`) and nowhere else (`own_learner_deltas`); shared feeders, connections, gates
+  and other learners keep their weights.
 - "distil": no weights are copied. The personalised models (base + merged adapter) are teachers, the BAIM is
   the student, trained on the cloud's common data with its own loss plus `distil_weight` times the mean
   squared difference between its reconstruction and the mean reconstruction of the task's teachers
-  (`distil`). Rows of tasks without a teacher get the BAIM's own loss only.
+  (`distil`). Rows of tasks without a teacher get the BAIM's own loss only. With `generated`, each teacher
+  also draws images from its prior that the student learns to reconstruct (a data-free relay of what the
+  edge's data looks like).
+
+Measured (docs/results.md, "GaisNet relay"): fold_own is the only method whose gain over the same cloud work
+without the edges' adapters was positive on every task; distillation on the cloud's own images adds nothing
+that the BAIM's own loss on them does not, since the cloud has the images themselves.
 
 Whatever the method, `guarded_update` applies it to a copy and keeps the copy only if no task's held-out loss
 got worse: the cloud never publishes a BAIM that is worse on its held-out images than the one it had.
