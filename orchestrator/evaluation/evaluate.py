@@ -46,6 +46,7 @@ from orchestrator.cloud.ray_train import load_checkpoint_baim
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.registry import Registry
+from orchestrator.core.relay import RelayReceipt, RelayRoundRecord
 from orchestrator.core.reports import (
     Baselines,
     Disabled,
@@ -173,8 +174,11 @@ class RunEvaluation:
         out_dir: Path,
         options: EvaluationOptions,
         progress: Callable[[str], None] | None = None,
+        coordinator: Any = None,
     ) -> None:
         self.report = report
+        # The run's live CloudCoordinator actor (relay to it), or None (the same relay desk in this process).
+        self.coordinator = coordinator
         self.scenario = scenario
         self.source = source
         self.partitions = partitions
@@ -387,20 +391,18 @@ class RunEvaluation:
         config = self.scenario.personalisation
         if not (config.relay and self.relay_uploads and self.report.cloud.baim_version):
             return Disabled(enabled=False)
-        desk = RelayDesk(self.registry, self.scenario, self.source, self.partitions)
+        receive, run_round, where = self._relay_desk()
         receipts = {
-            task: [
-                desk.receive(edge, task, version, weights, spec) for edge, version, weights, spec in uploads
-            ]
+            task: [receive(edge, task, version, weights, spec) for edge, version, weights, spec in uploads]
             for task, uploads in self.relay_uploads.items()
         }
-        record = desk.run_round()
+        record = run_round()
         tasks = {}
         for task, answers in receipts.items():
             row = record.tasks.get(task) if record is not None else None
             if row is None:  # every adapter of this task was rejected: the round did not touch it
                 baim = self._load_baim(BAIM_OWNER, str(self.registry.latest(BAIM_OWNER)))
-                before = candidate = after = desk.test_loss(baim, task)
+                before = candidate = after = self._task_loss(baim, task)
             else:
                 before, candidate, after = row.test_loss_before, row.candidate_test_loss, row.test_loss_after
             tasks[task] = RelayedTask(
@@ -418,7 +420,7 @@ class RunEvaluation:
         distil = config.relay_method == "distil"
         return Relay(
             enabled=True,
-            where="driver process, the cloud's relay desk on the run's last BAIM",
+            where=where,
             method=config.relay_method,
             gate_epochs=0 if distil else config.relay_gate_epochs,
             distil_epochs=config.relay_epochs if distil else 0,
@@ -432,6 +434,28 @@ class RunEvaluation:
             task_versions=record.task_versions if record is not None else {},
             tasks=tasks,
         )
+
+    def _relay_desk(
+        self,
+    ) -> tuple[Callable[..., RelayReceipt], Callable[[], RelayRoundRecord | None], str]:
+        """(receive an adapter, run the relay round, where it ran): the run's live coordinator when there is
+        one, else the same relay desk (actors.relay) in this process."""
+        if self.coordinator is None:
+            desk = RelayDesk(self.registry, self.scenario, self.source, self.partitions)
+            where = "driver process, the cloud's relay desk on the run's last BAIM"
+            return desk.receive, desk.run_round, where
+        import ray
+
+        coordinator = self.coordinator
+
+        def receive(*args: Any) -> RelayReceipt:
+            return RelayReceipt.model_validate(ray.get(coordinator.relay.remote(*args)))
+
+        def run_round() -> RelayRoundRecord | None:
+            record = ray.get(coordinator.relay_round.remote())
+            return None if record is None else RelayRoundRecord.model_validate(record)
+
+        return receive, run_round, "run's coordinator actor (relay() and relay_round(), after its last round)"
 
     def _task_loss(self, baim: BAIM, task: str) -> float:
         model = decompose(baim, task)
@@ -607,12 +631,14 @@ def evaluate_run(
     out_dir: str | Path,
     options: EvaluationOptions | None = None,
     progress: Callable[[str], None] | None = None,
+    coordinator: Any = None,
 ) -> RunReport:
     """The report with `baselines`, `downloads`, `personalisation`, `image_quality` and `evaluation` added
     (see the module docstring). Ray must be running when the FedAvg baseline is on."""
     return RunEvaluation(
-        report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress
-    ).run()
+        report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress,
+        coordinator,
+    ).run()  # fmt: skip
 
 
 def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], RunReport]:
@@ -620,7 +646,8 @@ def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], RunR
 
     def measure(run: FinishedRun) -> RunReport:
         return evaluate_run(
-            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress
-        )
+            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress,
+            run.coordinator,
+        )  # fmt: skip
 
     return measure
