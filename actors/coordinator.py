@@ -39,6 +39,7 @@ from actors.lifecycle import (
 )
 from actors.publishing import publish_baim, publish_task_models
 from actors.receipt_log import AdmissionChange, DecidedRecord, PrunedRecord, ReceiptLog, ReceivedRecord
+from actors.relay import RelayDesk
 from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
 from actors.uploads import RejectionBook, UploadRejected, UploadValidator, upload_key, validation_slots
 from baim.costs import count_params
@@ -152,6 +153,7 @@ class CloudCoordinator:
         self._fusion_task: asyncio.Task[None] | None = None
         self._round_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
+        self.relay_desk = RelayDesk(self.registry, scenario, self.source, self.partitions)
         self._resume()
 
     @property
@@ -276,6 +278,40 @@ class CloudCoordinator:
         self._start_decisions()
         await self._fuse_queued()
         return self._summary({}).model_dump()
+
+    async def relay(
+        self, edge_id: str, task: str, model_version: str, weights: bytes, spec_json: str
+    ) -> dict[str, Any]:
+        """Validate an edge's relayed LoRA adapter (actors.relay); the receipt (RelayReceipt). Accepted
+        adapters wait for `relay_round`. Never raises for a bad adapter: the receipt says what was wrong."""
+        async with self._validation_slots:
+            receipt = await asyncio.to_thread(
+                self.relay_desk.receive, edge_id, task, model_version, weights, spec_json
+            )
+        self.ledger.record_event(
+            "relay_received", edge=str(receipt.edge_id), accepted=receipt.accepted, reason=receipt.reason
+        )
+        return receipt.model_dump()
+
+    async def relay_round(self) -> dict[str, Any] | None:
+        """A relay round on the last published BAIM once no training round runs (RelayRoundRecord, or None
+        when no adapter is pending). An accepted round's BAIM is published as the next version with every
+        task model (Serve follows them) and becomes the BAIM later rounds continue from."""
+        await self._wait_for_rounds()
+        async with self._lock:
+            record = await asyncio.to_thread(self.relay_desk.run_round)
+            if record is None:
+                return None
+            kept = self.relay_desk.last_kept
+            if record.accepted and kept is not None and self.live.baim is not None:
+                await asyncio.to_thread(self.live.trained_round, kept, sorted(self.live.trained))
+                self.baim_version = record.baim_version
+            self.ledger.record_event(
+                "relay_round", accepted=record.accepted, from_version=record.from_version,
+                baim_version=record.baim_version,
+            )  # fmt: skip
+            await self._checkpoint()
+        return record.model_dump()
 
     # ---- uploads -------------------------------------------------------------------------------------
 
