@@ -55,20 +55,26 @@ class Turns:
 
 class Turn:
     """One call's turn, lock-like: `acquire` waits for it, `release` (once; later calls do nothing) passes
-    it on."""
+    it on. A call that ends before its turn came (it failed early) still waits for it before passing it on,
+    so no later call computes beside an earlier one."""
 
     def __init__(self, turns: Turns, number: int) -> None:
         self.turns = turns
         self.number = number
+        self._acquired = False
         self._released = False
 
     def acquire(self) -> None:
         self.turns._wait(self.number)
+        self._acquired = True
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.turns._done()
+        if self._released:
+            return
+        if not self._acquired:
+            self.acquire()
+        self._released = True
+        self.turns._done()
 
     def __enter__(self) -> Turn:
         self.acquire()

@@ -51,6 +51,20 @@ def test_a_turn_released_twice_passes_on_once() -> None:
     assert came.wait(timeout=30)  # turn 1 came: the second release did not skip it
 
 
+def test_a_call_that_ends_before_its_turn_passes_it_on_only_when_it_came() -> None:
+    turns = Turns()
+    first = turns.slot(0)
+    first.acquire()
+    early = turns.slot(1)
+    threading.Thread(target=early.release, daemon=True).start()  # call 1 failed before its turn
+    third_came = threading.Event()
+    threading.Thread(target=lambda: (turns.slot(2).acquire(), third_came.set()), daemon=True).start()
+
+    assert not third_came.wait(timeout=0.5)  # call 0 still computes: call 2 must not start beside it
+    first.release()
+    assert third_came.wait(timeout=30)  # 0 done, 1 passed its turn on, 2 came
+
+
 def test_an_edge_gives_its_compute_slot_back_at_the_acknowledgement(
     tmp_path: Path, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
