@@ -55,14 +55,16 @@ def test_a_call_that_ends_before_its_turn_passes_it_on_only_when_it_came() -> No
     turns = Turns()
     first = turns.slot(0)
     first.acquire()
-    early = turns.slot(1)
-    threading.Thread(target=early.release, daemon=True).start()  # call 1 failed before its turn
-    third_came = threading.Event()
-    threading.Thread(target=lambda: (turns.slot(2).acquire(), third_came.set()), daemon=True).start()
+    early = turns.slot(2)
+    threading.Thread(target=early.release, daemon=True).start()  # call 2 failed before its turn
+    second_came, third_passed = threading.Event(), threading.Event()
+    threading.Thread(target=lambda: (turns.slot(1).acquire(), second_came.set()), daemon=True).start()
+    threading.Thread(target=lambda: (turns.slot(3).acquire(), third_passed.set()), daemon=True).start()
 
-    assert not third_came.wait(timeout=0.5)  # call 0 still computes: call 2 must not start beside it
+    assert not second_came.wait(timeout=0.5)  # call 0 still computes: call 1 must not start beside it
     first.release()
-    assert third_came.wait(timeout=30)  # 0 done, 1 passed its turn on, 2 came
+    assert second_came.wait(timeout=30)
+    assert not third_passed.wait(timeout=0.5)  # call 1 computes now; call 2 waits for it before passing on
 
 
 def test_an_edge_gives_its_compute_slot_back_at_the_acknowledgement(
