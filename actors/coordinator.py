@@ -3,8 +3,10 @@
 A plain class whose public methods are coroutines; the engine runs it as an async Ray actor and injects the
 round runner. The event loop does only cheap, structural work: validation, registry writes and fusion run in
 threads, and a round runs in a thread that only waits for it, so an upload is never queued behind a round.
-Its parts: `actors.uploads` (validation, rejected receipts), `actors.fusion` (live BAIM, policy),
-`actors.coordinator_state` (state document), `actors.publishing`. Design: docs/design/coordinator.md.
+An upload is acknowledged as `received` once its bytes are durable, then validated with bounded concurrency
+and decided (`accepted` or `rejected`); `outcome(key)` waits for the decision. Its parts: `actors.uploads`
+(validation, rejected receipts), `actors.receipt_log` (append-only receipts), `actors.fusion` (live BAIM,
+policy), `actors.coordinator_state` (state document), `actors.publishing`. Design: docs/design/coordinator.md.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from actors.lifecycle import (
     start_continual,
 )
 from actors.publishing import publish_baim, publish_task_models
+from actors.receipt_log import AdmissionChange, DecidedRecord, PrunedRecord, ReceiptLog, ReceivedRecord
+from actors.relay import RelayDesk
 from actors.rounds import RoundFailed, RoundRequest, RoundRunner, round_error_text
 from actors.uploads import RejectionBook, UploadRejected, UploadValidator, upload_key, validation_slots
 from baim.costs import count_params
@@ -43,7 +47,7 @@ from baim.learners import VAELearner
 from baim.model import BAIM
 from orchestrator.core.artifacts import ArtifactPayload, load_module, pack_module
 from orchestrator.core.errors import ArtifactRejected
-from orchestrator.core.metrics import Ledger
+from orchestrator.core.metrics import Ledger, UploadCounts
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES, edge_owner, version_name
 from orchestrator.core.receipts import (
     ContinualRound,
@@ -65,7 +69,15 @@ __all__ = ["STATE_KEY", "CloudCoordinator", "RegistryHeldByAnotherRun", "RoundFa
 
 logger = logging.getLogger(__name__)
 
+
+def _invalid(key: str, err: Exception) -> UploadRejected:
+    """Whatever else a malformed upload triggers while being checked is still a rejection (logged)."""
+    logger.exception("upload %s raised while being checked", key[:200])
+    return UploadRejected("invalid", f"validation failed: {type(err).__name__}: {err}"[:500])
+
+
 POLICY_TICK_SECONDS = 0.25  # how often the fusion policy's wait timer is checked
+INLINE_CHECK_BYTES = 1_000_000  # smaller uploads are checked (sha256) on the event loop: no thread hop
 
 
 class CloudCoordinator:
@@ -113,9 +125,16 @@ class CloudCoordinator:
         self.policy = RoundPolicy(self.cloud)
         self.squads = Squads(self.cloud.max_learners_per_task)  # which accepted uploads the BAIM holds
         self.store = StateStore(self.registry, run_id)
-        # State (what the checkpoint holds, with the rejected receipts and the live BAIM's trained set).
+        self.receipt_log = ReceiptLog(self.registry)
+        # State (the checkpoint holds the small part; receipts are in the receipt log).
         self.ledger = Ledger()
-        self.accepted: list[UploadReceipt] = []  # in arrival order
+        self.accepted: list[UploadReceipt] = []  # in the order they were decided
+        self._accepted_index: dict[str, int] = {}  # key -> position in self.accepted
+        self._received: dict[str, UploadReceipt] = {}  # received, not decided yet
+        self._received_records: dict[str, ReceivedRecord] = {}  # their log records (to decide them again)
+        self._undecided: list[ReceivedRecord] = []  # received before a restart: decided once a loop runs
+        self._decisions: dict[str, asyncio.Future[UploadReceipt]] = {}  # key -> its running decision
+        self._receiving: dict[str, asyncio.Future[UploadReceipt]] = {}  # key -> its running receipt
         self.log = RoundLog([], [])
         self.baim_version: str | None = None  # last trained BAIM in the registry
         self.restarts = 0
@@ -132,9 +151,9 @@ class CloudCoordinator:
         self._fused_keys: dict[str, str] = {}  # learner -> the key of the upload fused into the live BAIM
         self._round_members: set[str] = set()  # the learners the running round trains
         self._fusion_task: asyncio.Task[None] | None = None
-        self._inflight: dict[str, asyncio.Future[UploadReceipt]] = {}
         self._round_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
+        self.relay_desk = RelayDesk(self.registry, scenario, self.source, self.partitions)
         self._resume()
 
     @property
@@ -144,28 +163,58 @@ class CloudCoordinator:
 
     # ---- public API (coroutines) ------------------------------------------------------------------
 
+    async def receive(
+        self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
+    ) -> dict[str, Any]:
+        """Acknowledge an upload once its bytes are durable: its receipt with status `received` (validation
+        follows; `outcome` gives the decision), or its final receipt when it is decided already or fails
+        the checks made before storing it. Idempotent: the same upload gets the same receipt."""
+        self._start_policy_timer()
+        self._start_decisions()
+        key = upload_key(edge_id, version, sha256)
+        known = self._known(key)
+        if known is not None:
+            return known.model_dump()
+        if key not in self._receiving:
+            future = asyncio.ensure_future(self._receive(key, edge_id, version, weights, spec_json, sha256))
+            self._receiving[key] = future
+            future.add_done_callback(lambda _: self._receiving.pop(key, None))
+        return (await asyncio.shield(self._receiving[key])).model_dump()
+
+    async def outcome(self, key: str) -> dict[str, Any] | None:
+        """The final receipt of upload `key` (waits while it is validated); None when this coordinator
+        never received it (lost before its acknowledgement, or a key it never saw: send the upload again)."""
+        self._start_decisions()
+        if not isinstance(key, str):
+            return None
+        if key in self._receiving:
+            await asyncio.shield(self._receiving[key])
+        if key in self._received and key not in self._decisions:  # its decision failed: try again
+            self._undecided.append(self._received_records[key])
+            self._start_decisions()
+        decision = self._decisions.get(key)
+        if decision is not None:
+            return (await asyncio.shield(decision)).model_dump()
+        known = self._known(key)
+        return None if known is None else known.model_dump()
+
     async def upload(
         self, edge_id: str, version: int, weights: bytes, spec_json: str, sha256: str
     ) -> dict[str, Any]:
-        """Validate, store durably, fuse; return the receipt (idempotent for the same upload)."""
-        self._start_policy_timer()
-        key = upload_key(edge_id, version, sha256)
-        known = next((r for r in self.accepted if r.key == key), None) or self.rejected.get(key)
-        if known is not None:
-            return known.model_dump()
-        if key not in self._inflight:
-            future = asyncio.ensure_future(
-                self._handle_upload(key, edge_id, version, weights, spec_json, sha256)
-            )
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return (await asyncio.shield(self._inflight[key])).model_dump()
+        """`receive`, then wait for the decision: the final receipt (idempotent for the same upload)."""
+        receipt = await self.receive(edge_id, version, weights, spec_json, sha256)
+        if receipt["status"] != "received":
+            return receipt
+        final = await self.outcome(receipt["key"])
+        return final if final is not None else receipt
 
     async def status(self) -> dict[str, Any]:
         """A snapshot for progress displays and tests (after fusing what is queued)."""
+        self._start_decisions()
         await self._fuse_queued()
         return CoordinatorStatus(
             accepted=[r.edge_id for r in self.accepted],
+            received=[r.edge_id for r in self._received.values()],
             rejected={str(r.edge_id): r.reason for r in self.rejected.receipts()},
             learners=self.live.learners,
             pending=self.live.pending(),
@@ -203,6 +252,7 @@ class CloudCoordinator:
         Idempotent: called again it trains nothing new and republishes the same task models.
         """
         self._finishing = True
+        await self._wait_for_decisions()  # the last round trains every upload that was received
         await self._fuse_queued()
         await self._wait_for_rounds()
         if self.live.pending() and not self.policy.backing_off(self.live.pending()):
@@ -218,95 +268,246 @@ class CloudCoordinator:
         await self._wait_for_rounds()  # none starts (finishing); a round that did start ends first
         if self.cloud.min_selection_rate is not None and self.baim_version is not None:
             await self._prune_learners(self.cloud.min_selection_rate, self.baim_version)
+            if changes := self._apply_changes(self._pruned_changes()):
+                await self.receipt_log.append(PrunedRecord(kind="pruned", changes=changes))
         tasks = await asyncio.to_thread(self._publish_task_models)
         return self._summary(tasks).model_dump()
 
     async def summary(self) -> dict[str, Any]:
         """What `finish()` returns, without training or publishing (`tasks` is empty): for a failed run."""
+        self._start_decisions()
         await self._fuse_queued()
         return self._summary({}).model_dump()
 
+    async def relay(
+        self, edge_id: str, task: str, model_version: str, weights: bytes, spec_json: str
+    ) -> dict[str, Any]:
+        """Validate an edge's relayed LoRA adapter (actors.relay); the receipt (RelayReceipt). Accepted
+        adapters wait for `relay_round`. Never raises for a bad adapter: the receipt says what was wrong."""
+        async with self._validation_slots:
+            receipt = await asyncio.to_thread(
+                self.relay_desk.receive, edge_id, task, model_version, weights, spec_json
+            )
+        self.ledger.record_event(
+            "relay_received", edge=str(receipt.edge_id), accepted=receipt.accepted, reason=receipt.reason
+        )
+        return receipt.model_dump()
+
+    async def relay_round(self) -> dict[str, Any] | None:
+        """A relay round on the last published BAIM once no training round runs (RelayRoundRecord, or None
+        when no adapter is pending). An accepted round's BAIM is published as the next version with every
+        task model (Serve follows them) and becomes the BAIM later rounds continue from."""
+        await self._wait_for_rounds()
+        async with self._lock:
+            record = await asyncio.to_thread(self.relay_desk.run_round)
+            if record is None:
+                return None
+            kept = self.relay_desk.last_kept
+            if record.accepted and kept is not None and self.live.baim is not None:
+                await asyncio.to_thread(self.live.trained_round, kept, sorted(self.live.trained))
+                self.baim_version = record.baim_version
+            self.ledger.record_event(
+                "relay_round", accepted=record.accepted, from_version=record.from_version,
+                baim_version=record.baim_version,
+            )  # fmt: skip
+            await self._checkpoint()
+        return record.model_dump()
+
     # ---- uploads -------------------------------------------------------------------------------------
 
-    async def _handle_upload(
+    def _known(self, key: str) -> UploadReceipt | None:
+        """The receipt of upload `key` if this coordinator has one (received, accepted or kept rejected)."""
+        if key in self._received:
+            return self._received[key]
+        if key in self._accepted_index:
+            return self.accepted[self._accepted_index[key]]
+        return self.rejected.get(key)
+
+    async def _receive(
         self, key: str, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any
     ) -> UploadReceipt:
+        """Run the checks made before storing, store the bytes and the `received` record durably (group
+        commit), start the decision; the `received` receipt (or a rejection)."""
         # What the upload named, echoed in its receipt whatever it was (an actor call can carry any value).
         sent: dict[str, Any] = {"key": key, "edge_id": echo(edge_id), "version": echo(version)}
         sent["sha256"] = echo(sha256)
         try:
-            try:
-                async with self._validation_slots:  # bounds the memory of uploads being parsed at once
-                    valid = await asyncio.to_thread(
-                        self.validator.validate, edge_id, version, weights, spec_json, sha256
-                    )
-            except UploadRejected:
-                raise
-            except Exception as err:  # whatever else a malformed upload triggers is still a rejection
-                logger.exception("upload %s raised during validation", key[:200])
-                raise UploadRejected(
-                    "invalid", f"validation failed: {type(err).__name__}: {err}"[:500]
-                ) from None
-            owner, vname = edge_owner(edge_id), version_name(version)
-            try:
-                # verified=True: validation just checked these very bytes; the registry only re-checks their
-                # size and sha256 (cheap), then writes them durably before the acknowledgement.
-                payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
-                await asyncio.to_thread(self.registry.put, owner, vname, payload, verified=True)
-            except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
-                raise UploadRejected(err.code, err.reason) from None
+            if isinstance(weights, bytes) and len(weights) <= INLINE_CHECK_BYTES:
+                self.validator.check_receivable(edge_id, version, weights, spec_json, sha256)
+            else:
+                await asyncio.to_thread(
+                    self.validator.check_receivable, edge_id, version, weights, spec_json, sha256
+                )
         except UploadRejected as err:
-            rejected = UploadReceipt(
-                **sent, accepted=False, reason=err.code, detail=err.detail, learner=None, artifact=None
-            )
-            self.rejected.remember(rejected)
-            self.ledger.record_upload(
-                edge_id if isinstance(edge_id, str) and edge_id else "unknown",
-                "rejected",
-                reason=err.code,
-                version=version if isinstance(version, int) and version >= 0 else None,
-                detail=err.detail,
-            )
-            await self._checkpoint()
-            logger.warning("rejected upload %s: %s (%s)", key, err.code, err.detail)
-            return rejected
-        receipt = UploadReceipt(
-            **sent,
-            accepted=True,
-            reason="",
-            detail="",
-            learner=self.learner_names[edge_id],
-            artifact=f"{owner}@{vname}",
-        )
-        receipt = self._admit(receipt, valid.holdout_loss)
-        self.accepted.append(receipt)
-        self.ledger.record_upload(edge_id, "accepted", version=version)
-        await self._checkpoint()  # durable (registry + state document) before the acknowledgement
-        # Fusion follows the acknowledgement, in arrival order, off the event loop: its cost grows with the
-        # BAIM, and a restarted coordinator re-fuses from the registry anyway.
-        if receipt.admission == "admitted":
-            self._to_fuse.append((edge_id, key, valid.learner))
-        if self._fusion_task is None or self._fusion_task.done():
-            self._fusion_task = asyncio.ensure_future(self._fuse_queued())
-        logger.info("accepted upload %s as learner %s (%s)", key, receipt.learner, receipt.admission)
+            return await self._reject(sent, err, received_at=None)
+        except Exception as err:  # whatever else a malformed upload triggers is still a rejection
+            return await self._reject(sent, _invalid(key, err), received_at=None)
+        payload = ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256)
+        record = ReceivedRecord(  # the log fills in where in its inbox blob the bytes are
+            kind="received", key=key, edge_id=edge_id, version=version, sha256=sha256,
+            received_at=time.time(), blob="", offset=0, weights_bytes=0, spec_bytes=0,
+        )  # fmt: skip
+        written = await self.receipt_log.append(record, payload)
+        assert isinstance(written, ReceivedRecord)
+        receipt = self._received_receipt(written)
+        self._received[key] = receipt
+        self._received_records[key] = written
+        self._decisions[key] = asyncio.ensure_future(self._decide(written))
+        logger.debug("received upload %s", key)
         return receipt
 
-    def _admit(self, receipt: UploadReceipt, holdout_loss: float) -> UploadReceipt:
-        """`receipt` with its admission (actors.admission); the receipt of a learner it displaces says so."""
+    def _received_receipt(self, record: ReceivedRecord) -> UploadReceipt:
+        return UploadReceipt(
+            key=record.key, edge_id=record.edge_id, version=record.version, sha256=record.sha256,
+            status="received", accepted=False, reason="", detail="",
+            learner=self.learner_names[record.edge_id], artifact=None, received_at=record.received_at,
+        )  # fmt: skip
+
+    def _start_decisions(self) -> None:
+        """Decide the uploads a restarted coordinator found received but undecided (needs a running loop)."""
+        undecided, self._undecided = self._undecided, []
+        for record in undecided:
+            self._decisions[record.key] = asyncio.ensure_future(self._decide(record))
+
+    async def _wait_for_decisions(self) -> None:
+        """Until every upload received so far (and any received meanwhile) is decided."""
+        self._start_decisions()
+        while running := [*self._receiving.values(), *self._decisions.values()]:
+            await asyncio.gather(*(asyncio.shield(f) for f in running), return_exceptions=True)
+            self._start_decisions()
+
+    async def _decide(self, record: ReceivedRecord) -> UploadReceipt:
+        """Validate a received upload (at most `validation_slots` at once, its bytes read back from the
+        inbox), store its artifact, admit it; its final receipt, once durable in the receipt log."""
+        key = record.key
+        sent: dict[str, Any] = {"key": key, "edge_id": record.edge_id, "version": record.version}
+        sent["sha256"] = record.sha256
+        try:
+            try:
+                try:
+                    async with self._validation_slots:  # bounds the memory of uploads being parsed at once
+                        payload = await asyncio.to_thread(self.receipt_log.payload, record)
+                        valid = await asyncio.to_thread(
+                            self.validator.validate, record.edge_id, record.version, payload.weights,
+                            payload.spec_json, payload.sha256,
+                        )  # fmt: skip
+                except UploadRejected:
+                    raise
+                except Exception as err:
+                    raise _invalid(key, err) from None
+                owner, vname = edge_owner(record.edge_id), version_name(record.version)
+                try:
+                    # verified=True: validation just checked these very bytes; the registry only re-checks
+                    # their size and sha256 (cheap), then writes them durably.
+                    await asyncio.to_thread(self.registry.put, owner, vname, payload, verified=True)
+                except ArtifactRejected as err:  # e.g. version_conflict: the version holds another model
+                    raise UploadRejected(err.code, err.reason) from None
+            except UploadRejected as err:
+                receipt = await self._reject(sent, err, received_at=record.received_at)
+            else:
+                receipt = await self._accept(record, valid.learner, valid.holdout_loss, f"{owner}@{vname}")
+        finally:  # a decision that failed (its log write, say) leaves the upload received: `outcome` retries
+            self._decisions.pop(key, None)
+        self._received_records.pop(key, None)
+        if (blob := self.receipt_log.close(record)) is not None:  # its last undecided upload: not needed
+            await asyncio.to_thread(self.registry.delete_blob, blob)
+        return receipt
+
+    async def _reject(
+        self, sent: dict[str, Any], err: UploadRejected, *, received_at: float | None
+    ) -> UploadReceipt:
+        receipt = UploadReceipt(
+            **sent, status="rejected", accepted=False, reason=err.code, detail=err.detail, learner=None,
+            artifact=None, received_at=received_at, decided_at=time.time(),
+        )  # fmt: skip
+        await self.receipt_log.append(DecidedRecord(kind="decided", receipt=receipt))
+        self._received.pop(receipt.key, None)
+        self.rejected.remember(receipt)
+        self._record_in_ledger(receipt)
+        logger.warning("rejected upload %s: %s (%s)", receipt.key, err.code, err.detail)
+        return receipt
+
+    async def _accept(
+        self, record: ReceivedRecord, learner: VAELearner, holdout_loss: float, artifact: str
+    ) -> UploadReceipt:
+        receipt = self._received_receipt(record).model_copy(
+            update={"status": "accepted", "accepted": True, "artifact": artifact, "decided_at": time.time()}
+        )
+        # Admission in the event loop, with the receipt listed at once: the next decision sees this one.
+        receipt, changes = self._admit(receipt, holdout_loss)
+        self._accepted_index[receipt.key] = len(self.accepted)
+        self.accepted.append(receipt)
+        await self.receipt_log.append(DecidedRecord(kind="decided", receipt=receipt, changes=changes))
+        self._received.pop(receipt.key, None)
+        self._record_in_ledger(receipt)
+        # Fusion follows the decision, in decision order, off the event loop: its cost grows with the BAIM,
+        # and a restarted coordinator re-fuses from the registry anyway.
+        if receipt.admission == "admitted":
+            self._to_fuse.append((record.edge_id, receipt.key, learner))
+        if self._fusion_task is None or self._fusion_task.done():
+            self._fusion_task = asyncio.ensure_future(self._fuse_queued())
+        logger.info("accepted upload %s as learner %s (%s)", receipt.key, receipt.learner, receipt.admission)
+        return self.accepted[self._accepted_index[receipt.key]]
+
+    def _record_in_ledger(self, receipt: UploadReceipt) -> None:
+        edge_id, version = receipt.edge_id, receipt.version
+        self.ledger.record_upload(
+            edge_id if isinstance(edge_id, str) and edge_id else "unknown",
+            "accepted" if receipt.accepted else "rejected",
+            reason=receipt.reason,
+            version=version if isinstance(version, int) and not isinstance(version, bool) and version >= 0
+            else None,
+            detail=receipt.detail,
+            at=receipt.decided_at,
+        )  # fmt: skip
+
+    def _admit(
+        self, receipt: UploadReceipt, holdout_loss: float
+    ) -> tuple[UploadReceipt, list[AdmissionChange]]:
+        """`receipt` with its admission (actors.admission), and the receipts of learners it displaced (their
+        new admission, applied here)."""
         name, edge_id = str(receipt.learner), str(receipt.edge_id)
         fixed = self.live.trained | self._round_members
         decision = self.squads.decide(self.edges[edge_id].task, name, receipt.key, holdout_loss, fixed)
+        changes = []
         if decision.displaces is not None:
-            for position, other in enumerate(self.accepted):
+            for other in self.accepted:
                 if other.learner == decision.displaces and other.admission == "admitted":
                     detail = (
                         f"displaced by {name} (holdout loss {holdout_loss:.6g}) before any round trained it"
                     )
-                    displaced = {"admission": "registry_only", "admission_detail": detail}
-                    self.accepted[position] = other.model_copy(update=displaced)
+                    changes.append(AdmissionChange(key=other.key, admission="registry_only", detail=detail))
+        self._apply_changes(changes)
         admission = "admitted" if decision.admitted else "registry_only"
         decided = {"holdout_loss": holdout_loss, "admission": admission, "admission_detail": decision.detail}
-        return receipt.model_copy(update=decided)
+        return receipt.model_copy(update=decided), changes
+
+    def _apply_changes(self, changes: list[AdmissionChange]) -> list[AdmissionChange]:
+        """Apply admission changes to the accepted receipts they name; returns them."""
+        for change in changes:
+            position = self._accepted_index[change.key]
+            update = {"admission": change.admission, "admission_detail": change.detail}
+            self.accepted[position] = self.accepted[position].model_copy(update=update)
+        return changes
+
+    def _pruned_changes(self) -> list[AdmissionChange]:
+        """The admitted uploads whose learner the last model-level pruning removed, not yet marked."""
+        pruning = self.learner_pruning
+        if pruning is None:
+            return []
+        removed = {entry.learner: entry for entry in pruning.removed}
+        changes = []
+        for receipt in self.accepted:
+            entry = removed.get(str(receipt.learner))
+            if receipt.admission != "admitted" or entry is None:
+                continue
+            detail = (
+                f"removed by model-level pruning of BAIM {pruning.from_version}: selection rate "
+                f"{entry.selection_rate:.4g} below cloud.min_selection_rate {pruning.threshold}"
+                + (" (kept only as a feeder of other learners)" if entry.kept_as_feeder else "")
+            )
+            changes.append(AdmissionChange(key=receipt.key, admission="pruned", detail=detail))
+        return changes
 
     async def _fuse_queued(self) -> None:
         """Fuse every queued learner in arrival order (a thread does the work), then apply the policy.
@@ -507,23 +708,24 @@ class CloudCoordinator:
         await self.store.checkpoint(self._state)
 
     def _state(self) -> CoordinatorState:
+        # Upload records and counts come back from the receipt log: the document stays small.
+        no_uploads = {"uploads": [], "upload_counts": UploadCounts(accepted=0, rejected={})}
         return CoordinatorState(
             run_id=self.run_id,
-            accepted=self.accepted,
-            rejected=self.rejected.receipts(),
             rounds=self.log.rounds,
             round_errors=self.log.errors,
             baim_version=self.baim_version,
             trained_learners=sorted(self.live.trained),
             restarts=self.restarts,
-            ledger=self.ledger.snapshot(),
+            ledger=self.ledger.snapshot().model_copy(update=no_uploads),
             new_tasks=self.new_tasks,
             queued_new_tasks=self.queued_new_tasks,
             learner_pruning=self.learner_pruning,
         )
 
     def _resume(self) -> None:
-        """Rebuild from the last state document and the registry (a fresh registry: write the first one)."""
+        """Rebuild from the last state document, the receipt log and the registry (a fresh registry: write
+        the first state document)."""
         state = self.store.read()
         if state is None:  # a coordinator killed before any upload still restarts from a checkpoint
             self.store.write(self._state())
@@ -531,8 +733,6 @@ class CloudCoordinator:
         # The restart is recorded before anything else: a kill while resuming must not lose its count.
         self.restarts = state.restarts + 1
         self.store.write(state.model_copy(update={"restarts": self.restarts}))
-        for receipt in state.rejected:  # oldest first: the bound applies to an older, longer list too
-            self.rejected.remember(receipt)
         self.log = RoundLog(state.rounds, state.round_errors)
         self.ledger = Ledger.from_snapshot(state.ledger)
         self.baim_version = state.baim_version
@@ -542,36 +742,79 @@ class CloudCoordinator:
         if self.baim_version is not None:
             self.live.baim = self._last_trained()
             self.live.trained = set(state.trained_learners)
-        # Every accepted upload: those the state lists (arrival order), then any the registry holds that the
-        # state missed (stored, then the coordinator died before its checkpoint).
-        self.accepted = list(state.accepted)
-        listed = {receipt.key for receipt in self.accepted}
-        for receipt in stored_uploads(self.registry, self.learner_names):
-            if receipt.key not in listed:
-                self.accepted.append(receipt)
-                self.ledger.record_upload(str(receipt.edge_id), "accepted", version=int(receipt.version or 0))
-        # Replay the admissions in arrival order (a decision may rewrite an earlier receipt).
+        undecided = self._replay()
+        # Uploads the registry holds that the log does not list (stored outside this coordinator).
+        unlisted = [
+            receipt
+            for receipt in stored_uploads(self.registry, self.learner_names)
+            if receipt.key not in self._accepted_index and receipt.key not in undecided
+        ]
+        for receipt in unlisted:
+            self._accepted_index[receipt.key] = len(self.accepted)
+            self.accepted.append(receipt.model_copy(update={"decided_at": time.time()}))
+        # Seat the admitted learners in decision order (an undecided one is decided now, on its loss).
+        newly_decided: list[DecidedRecord | PrunedRecord] = []
         for position in range(len(self.accepted)):
-            self.accepted[position] = self._readmit(self.accepted[position])
+            receipt, changes = self._readmit(self.accepted[position])
+            self.accepted[position] = receipt
+            if receipt.key in {r.key for r in unlisted}:
+                newly_decided.append(DecidedRecord(kind="decided", receipt=receipt, changes=changes))
+                self._record_in_ledger(receipt)
+        if changes := self._apply_changes(self._pruned_changes()):
+            newly_decided.append(PrunedRecord(kind="pruned", changes=changes))
+        self.receipt_log.write_now(newly_decided)
         for receipt in self.accepted:
             if receipt.admission == "admitted" and receipt.learner not in self.live.learners:
                 self._fuse(str(receipt.edge_id), receipt.key, self._stored_learner(receipt))
-        self.ledger.record_event("coordinator_resumed", restarts=self.restarts, accepted=len(self.accepted))
+        # Received, never decided: validated again once the event loop runs (their bytes stay in the inbox).
+        self._undecided = list(undecided.values())
+        self._received = {key: self._received_receipt(record) for key, record in undecided.items()}
+        self._received_records = dict(undecided)
+        self.receipt_log.track_open(self._undecided)
+        self.ledger.record_event(
+            "coordinator_resumed",
+            restarts=self.restarts,
+            accepted=len(self.accepted),
+            received=len(undecided),
+        )
         logger.warning(
-            "coordinator resumed (restart %d): %d accepted uploads, BAIM %s, %d pending",
-            self.restarts, len(self.accepted), self.baim_version, len(self.live.pending()),
+            "coordinator resumed (restart %d): %d accepted uploads, %d received to decide again, BAIM %s, "
+            "%d pending",
+            self.restarts, len(self.accepted), len(undecided), self.baim_version, len(self.live.pending()),
         )  # fmt: skip
         self.store.write(self._state())
 
-    def _readmit(self, receipt: UploadReceipt) -> UploadReceipt:
-        """A resumed receipt's seat; one the state never decided (stored, then the coordinator died before
-        its checkpoint) is decided now, on its holdout loss measured again."""
+    def _replay(self) -> dict[str, ReceivedRecord]:
+        """Apply the receipt log (receipts, admission changes, the ledger's upload records); returns the
+        uploads received but not decided, by key, in the order they were received."""
+        undecided: dict[str, ReceivedRecord] = {}
+        for record in self.receipt_log.replay():
+            if isinstance(record, ReceivedRecord):
+                undecided[record.key] = record
+                continue
+            if isinstance(record, DecidedRecord):
+                receipt = record.receipt
+                undecided.pop(receipt.key, None)
+                if receipt.accepted:
+                    if receipt.key not in self._accepted_index:
+                        self._accepted_index[receipt.key] = len(self.accepted)
+                        self.accepted.append(receipt)
+                    self.accepted[self._accepted_index[receipt.key]] = receipt
+                else:  # oldest first: the bound applies to an older, longer list too
+                    self.rejected.remember(receipt)
+                self._record_in_ledger(receipt)
+            self._apply_changes(record.changes)
+        return undecided
+
+    def _readmit(self, receipt: UploadReceipt) -> tuple[UploadReceipt, list[AdmissionChange]]:
+        """A resumed receipt's seat; one never decided (stored outside this coordinator) is decided now, on
+        its holdout loss measured again."""
         task = self.edges[str(receipt.edge_id)].task
         if receipt.admission == "registry_only":
-            return receipt
-        if receipt.admission == "admitted" and receipt.holdout_loss is not None:
+            return receipt, []
+        if receipt.admission in ("admitted", "pruned") and receipt.holdout_loss is not None:
             self.squads.seat(task, str(receipt.learner), receipt.key, receipt.holdout_loss)
-            return receipt
+            return receipt, []
         loss = self.validator.plausibility_loss(self._stored_learner(receipt), task)
         return self._admit(receipt, loss)
 
@@ -610,6 +853,7 @@ class CloudCoordinator:
         return CoordinatorSummary(
             run_id=self.run_id,
             accepted=self.accepted,
+            received=list(self._received.values()),
             rejected=self.rejected.receipts(),
             learners=self.live.learners,
             untrained_learners=self.live.pending(),

@@ -53,17 +53,20 @@ def held_run_id(state: dict[str, Any]) -> str | None:
 
 
 class CoordinatorState(StrictModel):
-    """Everything a restarted coordinator needs besides the registry's artifacts."""
+    """Everything a restarted coordinator needs besides the registry's artifacts and its receipt log
+    (`actors.receipt_log`): only small things, so writing it costs the same at the first upload and the
+    thousandth. Uploads are not in it: their receipts (and the ledger's upload counts) are replayed from
+    the log."""
 
     run_id: str | None = Field(default=None, description="The run this state belongs to.")
-    accepted: list[UploadReceipt] = Field(description="Receipts of the accepted uploads, in arrival order.")
-    rejected: list[UploadReceipt] = Field(description="The kept rejected receipts, oldest first.")
     rounds: list[RoundRecord] = Field(description="The trained rounds.")
     round_errors: list[RoundError] = Field(default_factory=list, description="Failed round indices.")
     baim_version: str | None = Field(description="Registry version of the last trained BAIM (owner baim).")
     trained_learners: list[str] = Field(description="Learners inside that BAIM, sorted.")
     restarts: int = Field(default=0, ge=0, description="How often the coordinator resumed from this state.")
-    ledger: LedgerSnapshot = Field(description="The coordinator's cost ledger.")
+    ledger: LedgerSnapshot = Field(
+        description="The coordinator's cost ledger without its upload records and counts (from the log)."
+    )
     new_tasks: list[NewTaskRecord] = Field(default_factory=list, description="Few-shot tasks added so far.")
     queued_new_tasks: list[NewTaskEvent] = Field(
         default_factory=list, description="new_task events received, waiting for a trained BAIM."
@@ -147,7 +150,8 @@ class StateStore:
 
 def stored_uploads(registry: Registry, learner_names: dict[str, str]) -> list[UploadReceipt]:
     """An accepted receipt for every edge upload the registry holds (owner edge/<id>, oldest first);
-    `learner_names` maps the scenario's edge ids to their learners."""
+    `learner_names` maps the scenario's edge ids to their learners. A resuming coordinator accepts those its
+    receipt log does not list (stored by hand, or by a coordinator before receipt logs)."""
     receipts = []
     for owner in registry.owners(EDGE_OWNER_PREFIX):
         edge_id = owner.removeprefix(EDGE_OWNER_PREFIX)
@@ -160,6 +164,7 @@ def stored_uploads(registry: Registry, learner_names: dict[str, str]) -> list[Up
                     edge_id=edge_id,
                     version=version,
                     sha256=ref.sha256,
+                    status="accepted",
                     accepted=True,
                     reason="",
                     detail="",

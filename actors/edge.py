@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -190,6 +190,10 @@ class EdgeNode:
         self.best_epoch: int | None = None
         self.receipt: dict[str, Any] | None = None
         self.error: str | None = None
+        # Held from training to the upload's acknowledgement, not while waiting for the decision: a pool
+        # worker (actors.edge_worker) trains its next edge meanwhile. None: nothing to share.
+        self.compute_slot: ComputeSlot | None = None
+        self._holds_slot = False
         logger.info(
             "edge %s ready: %d images, spec %s, training on %s",
             edge.id,
@@ -236,8 +240,9 @@ class EdgeNode:
         """Train, pack, (poison,) wait out the link, upload; return the final report as JSON.
 
         `coordinator` is a Ray actor handle of CloudCoordinator, or (in unit tests) any object whose
-        `upload(...)` returns a receipt dict or an awaitable of one.
+        `receive(...)` and `outcome(key)` return what the coordinator's do, or awaitables of it.
         """
+        self._take_slot()
         try:
             self._train()
             payload = self._pack()
@@ -246,7 +251,19 @@ class EdgeNode:
             self.status = "left"
             self.ledger.record_event("edge_left", edge=self.edge_id, epoch=self.epoch)
             logger.info("edge %s left at epoch %d", self.edge_id, self.epoch)
+        finally:
+            self._give_slot()
         return self._report().model_dump_json()
+
+    def _take_slot(self) -> None:
+        if self.compute_slot is not None and not self._holds_slot:
+            self.compute_slot.acquire()
+            self._holds_slot = True
+
+    def _give_slot(self) -> None:
+        if self.compute_slot is not None and self._holds_slot:
+            self._holds_slot = False
+            self.compute_slot.release()
 
     def _train(self) -> None:
         self.status = "training"
@@ -357,17 +374,28 @@ class EdgeNode:
                 self._check_leave()
                 self.ledger.record_bytes(self.edge_id, "sent", payload.nbytes)
                 try:
-                    receipt = _call_upload(
+                    receipt = _call(
                         coordinator,
+                        "receive",
                         edge_id=self.edge_id,
                         version=UPLOAD_VERSION,
                         weights=payload.weights,
                         spec_json=payload.spec_json,
                         sha256=payload.sha256,
                     )
+                    # Acknowledged as received (durable at the cloud): wait for the decision. None: a
+                    # restarted coordinator lost it before its acknowledgement was durable; send it again.
+                    if receipt is not None and receipt.get("status") == "received":
+                        self._give_slot()
+                    while receipt is not None and receipt.get("status") == "received":
+                        receipt = _call(coordinator, "outcome", key=receipt["key"])
                 except Exception as err:  # unreachable coordinator: retry, the upload is idempotent
                     last_error = f"{type(err).__name__}: {err}"
                     logger.warning("edge %s upload attempt %d failed: %s", self.edge_id, attempt, last_error)
+                    continue
+                if receipt is None:
+                    last_error = "the coordinator had no record of the upload it acknowledged"
+                    logger.warning("edge %s upload attempt %d: %s", self.edge_id, attempt, last_error)
                     continue
             self.receipt = receipt
             self.status = "accepted" if receipt.get("accepted") else "rejected"
@@ -462,6 +490,14 @@ class EdgeNode:
         )
 
 
+class ComputeSlot(Protocol):
+    """What `EdgeNode.compute_slot` needs: lock-like acquire and release."""
+
+    def acquire(self) -> Any: ...
+
+    def release(self) -> Any: ...
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state on the CPU (what is packed and uploaded)."""
     return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
@@ -471,9 +507,9 @@ def _image(item: Any) -> torch.Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _call_upload(coordinator: Any, **kwargs: Any) -> dict[str, Any]:
-    """coordinator.upload(**kwargs) on a Ray actor handle (waits for the receipt) or a plain object."""
-    method = coordinator.upload
+def _call(coordinator: Any, name: str, **kwargs: Any) -> Any:
+    """coordinator.<name>(**kwargs) on a Ray actor handle (waits for its answer) or a plain object."""
+    method = getattr(coordinator, name)
     if hasattr(method, "remote"):
         import ray  # only when actually talking to an actor: unit tests run without Ray
 

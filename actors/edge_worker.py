@@ -6,9 +6,12 @@ edge's `EdgeNode` when the edge's call comes up and drops it afterwards, so the 
 a few small records, not a process. The edge's computation is the same `EdgeNode.run` / `fedavg_round` as
 in actor placement: the same seed, shard, batches and FLOPs, hence the same bytes and uploads.
 
-Threads: the edge fleet gives the worker two concurrency groups, `train` (one thread: the edge being
-trained) and `control` (events and queries, answered while an edge trains). Events for an edge that is not
-training yet are kept and replayed onto its node when it starts, in the order they arrived.
+Threads: the edge fleet gives the worker two concurrency groups, `train` (TRAIN_THREADS threads) and
+`control` (events and queries, answered while an edge trains). One edge computes at a time, in the order the
+fleet sent the calls (each carries its `turn`, numbered per worker): a `run` holds its turn from the start of
+training to its upload's acknowledgement (`EdgeNode.compute_slot`), not while it waits for the coordinator's
+decision, so the next edge trains meanwhile. Events for an edge that is not training yet are kept and
+replayed onto its node when it starts, in the order they arrived.
 """
 
 from __future__ import annotations
@@ -23,10 +26,62 @@ from orchestrator.data.sources import DataSource
 
 logger = logging.getLogger(__name__)
 
-TRAIN_GROUP = "train"  # one thread: the edge being trained
+TRAIN_GROUP = "train"  # the edge computing now and the one waiting for its upload's decision
+TRAIN_THREADS = 2
 CONTROL_GROUP = "control"  # events and queries while an edge trains
 CONTROL_THREADS = 2
 EVENT_METHODS = ("slow_down", "change_link", "poison", "leave")
+
+
+class Turns:
+    """Calls compute one at a time in the order of their turn numbers (0, 1, 2, ... per worker)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next = 0
+
+    def slot(self, turn: int) -> Turn:
+        return Turn(self, turn)
+
+    def _wait(self, turn: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._next == turn)
+
+    def _done(self) -> None:
+        with self._changed:
+            self._next += 1
+            self._changed.notify_all()
+
+
+class Turn:
+    """One call's turn, lock-like: `acquire` waits for it, `release` (once; later calls do nothing) passes
+    it on. A call that ends before its turn came (it failed early) still waits for it before passing it on,
+    so no later call computes beside an earlier one."""
+
+    def __init__(self, turns: Turns, number: int) -> None:
+        self.turns = turns
+        self.number = number
+        self._acquired = False
+        self._released = False
+
+    def acquire(self) -> None:
+        self.turns._wait(self.number)
+        self._acquired = True
+
+    def release(self) -> None:
+        if self._released:
+            return
+        if not self._acquired:
+            self.acquire()
+        self._released = True
+        self.turns._done()
+
+    def __enter__(self) -> Turn:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class EdgeWorker:
@@ -57,18 +112,33 @@ class EdgeWorker:
         }
         self.worker_id = worker_id
         self._lock = threading.Lock()
-        self._active: dict[str, EdgeNode] = {}  # the edge training now (at most one: the train group)
+        self._turns = Turns()  # one edge computes at a time, in call order (see the module docstring)
+        self._active: dict[str, EdgeNode] = {}  # the edges of the train group's calls (at most two)
         self._events: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}  # kept for later calls of an edge
         self._cancelled: set[str] = set()
-        self.history: list[str] = []  # edge ids in the order their calls ran
+        self.history: list[str] = []  # edge ids in the order their calls started
 
     # ---- train group ---------------------------------------------------------------------------------
 
-    def call_edge(self, edge: EdgeConfig, indices: list[int], method: str, *args: Any) -> Any:
-        """Build the edge's node, replay its events, run `method` (`run`, `fedavg_round` or `progress`)."""
-        if method not in ("run", "fedavg_round", "progress"):
-            raise ValueError(f"method: expected run, fedavg_round or progress, received {method!r}")
+    def call_edge(self, edge: EdgeConfig, indices: list[int], method: str, *args: Any, turn: int) -> Any:
+        """Build the edge's node, replay its events, run `method` (`run`, `fedavg_round` or `progress`) in
+        its `turn` (the fleet numbers each worker's calls 0, 1, 2, ...; every number must come)."""
+        slot = self._turns.slot(turn)
+        try:
+            if method not in ("run", "fedavg_round", "progress"):
+                raise ValueError(f"method: expected run, fedavg_round or progress, received {method!r}")
+            if method == "run":  # run holds its turn until its upload's acknowledgement
+                return self._call(edge, indices, method, args, slot)
+            with slot:
+                return self._call(edge, indices, method, args, None)
+        finally:
+            slot.release()  # also when the call failed before its turn came
+
+    def _call(
+        self, edge: EdgeConfig, indices: list[int], method: str, args: tuple[Any, ...], slot: Turn | None
+    ) -> Any:
         node = EdgeNode(edge, self.source, indices, **self.node_options)
+        node.compute_slot = slot
         with self._lock:
             if edge.id in self._cancelled:
                 node.leave()

@@ -13,7 +13,7 @@ import torch
 
 from baim.config import LearnerSpec
 from baim.learners import VAELearner, noise_for
-from orchestrator.core.artifacts import ArtifactPayload, load_module
+from orchestrator.core.artifacts import ArtifactPayload, check_payload_integrity, load_module
 from orchestrator.core.errors import ArtifactRejected
 from orchestrator.core.names import MAX_VERSION, edge_owner, version_name
 from orchestrator.core.receipts import UploadReceipt
@@ -89,8 +89,8 @@ def largest_rms_ratio(learner: VAELearner, fresh_rms: dict[str, float]) -> tuple
 
 
 def validation_slots(limits: UploadLimits) -> int:
-    """How many uploads may be validated at once: `limits.max_concurrent_validations`, or when that is None
-    one per CPU this process may use, at least 2 and at most MAX_DEFAULT_VALIDATIONS."""
+    """How many received uploads may be validated at once: `limits.max_concurrent_validations`, or when
+    that is None one per CPU this process may use, at least 2 and at most MAX_DEFAULT_VALIDATIONS."""
     if limits.max_concurrent_validations is not None:
         return limits.max_concurrent_validations
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -112,9 +112,9 @@ class UploadValidator:
         self.fresh_rms = {spec: fresh_learner_rms(spec) for spec in set(self.declared.values())}
         self._holdout: dict[str, torch.Tensor] = {}
 
-    def validate(self, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any) -> ValidUpload:
-        """The uploaded learner, loaded, with its holdout loss; raises UploadRejected naming the first check
-        that failed."""
+    def check_receivable(self, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any) -> None:
+        """The checks run before an upload's bytes are stored (cheap: no parsing): a scenario edge, a valid
+        version, the payload's types, its size and its sha256 over the bytes. Raises UploadRejected."""
         if not isinstance(edge_id, str) or edge_id not in self.edges:
             raise UploadRejected("unknown_edge", f"edge_id {edge_id!r} is not an edge of this scenario")
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
@@ -127,6 +127,19 @@ class UploadValidator:
             spec_json.encode()
         except UnicodeEncodeError as err:
             raise UploadRejected("bad_spec", f"spec_json is not encodable UTF-8 text: {err}") from None
+        try:
+            check_payload_integrity(
+                ArtifactPayload(weights=weights, spec_json=spec_json, sha256=sha256),
+                artifact_id=f"{edge_owner(edge_id)}@{version_name(version)}",
+                max_bytes=self.limits.max_upload_bytes,
+            )
+        except ArtifactRejected as err:
+            raise UploadRejected(err.code, err.reason) from None
+
+    def validate(self, edge_id: Any, version: Any, weights: Any, spec_json: Any, sha256: Any) -> ValidUpload:
+        """The uploaded learner, loaded, with its holdout loss; raises UploadRejected naming the first check
+        that failed (`check_receivable`'s first)."""
+        self.check_receivable(edge_id, version, weights, spec_json, sha256)
         edge = self.edges[edge_id]
         try:
             learner = load_module(
@@ -225,9 +238,9 @@ class UploadValidator:
 class RejectionBook:
     """Rejected receipts by upload key: the newest `per_edge` of each edge (re-sending one returns it).
 
-    Every kept receipt is in memory and in each state document write, so an edge sending distinct bad
-    uploads must not grow them without bound; edge ids not in the scenario are chosen by the sender, so they
-    share one allowance. The ledger still counts every rejection.
+    Every kept receipt is in memory, so an edge sending distinct bad uploads must not grow them without
+    bound (the receipt log keeps every one on disk); edge ids not in the scenario are chosen by the sender,
+    so they share one allowance. The ledger still counts every rejection.
     """
 
     def __init__(self, per_edge: int, known_edges: set[str]) -> None:

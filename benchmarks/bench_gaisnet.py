@@ -20,18 +20,29 @@ JSON and the response's JSON with base64 PNGs, encoded as the HTTP API encodes t
 of baim.placement for a slow and a fast link with declared edge and cloud speeds. Numbers only; it asserts
 nothing.
 
-Run: nice -n 10 .venv/bin/python benchmarks/bench_gaisnet.py   (a few minutes on 2 cores)
+The relay (`--relay-run RUN`, RUN a finished `baim run scenarios/gaisnet.yaml --no-evaluate` folder): every
+edge of the run personalises its task model with the scenario's LoRA settings, then each relay variant
+(RELAY_VARIANTS) runs through the cloud's relay desk on a copy of the run's registry, with the edges'
+adapters and with the same adapters zeroed (the control): per task the test loss before, of the candidate
+and of what the guard kept, the held-out losses it compared, and the bytes relayed.
+
+Run: nice -n 10 .venv/bin/python benchmarks/bench_gaisnet.py   (25 to 35 minutes on 2 loaded cores)
+     nice -n 5 .venv/bin/python benchmarks/bench_gaisnet.py --relay-run RUN --relay-only   (about 8 minutes)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -44,6 +55,7 @@ from baim.model import BAIM
 from baim.placement import Link, NodeSpeeds, measure_placements, placement_cost
 from baim.pruning import prune_connections
 from baim.training import evaluate, make_optimizer, train_epoch, vae_batch_loss
+from orchestrator.core.names import MAX_MODEL_BYTES
 from orchestrator.core.scenario import Scenario, load_scenario
 from orchestrator.data.datasets import FaceDataset
 from orchestrator.data.partitions import make_partitions
@@ -267,8 +279,130 @@ def split_table(model: TaskModel) -> None:
             )
 
 
+# Relay variants measured on one finished run's registry, all from the same relayed adapters:
+# (label, personalisation fields). Each also runs with the same adapters zeroed (B = 0: a no-op adapter, the
+# teacher is the unpersonalised task model), the control that does the same cloud-side work without any
+# knowledge from the edges: the difference between the two rows is what the relay itself brings (for the
+# folds and the generated images; distil's zero teacher is the unpersonalised model, so its fair control is
+# the "no teacher term" row).
+RELAY_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("average + 2 gate epochs", {"relay_method": "average", "relay_gate_epochs": 2}),
+    ("fold_own, no gate training", {"relay_method": "fold_own", "relay_gate_epochs": 0}),
+    ("fold_own + 2 gate epochs", {"relay_method": "fold_own", "relay_gate_epochs": 2}),
+    ("distil, lr 5e-3", {"relay_method": "distil", "relay_lr": 5e-3}),
+    ("distil, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3}),
+    ("distil, whole BAIM, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3, "relay_student": "baim"}),
+    # distil's fair control: the same training without the teacher term (its "zero" row pulls towards the
+    # unpersonalised model instead, which is not the same cloud work)
+    ("no teacher term, lr 1e-3", {"relay_method": "distil", "relay_lr": 1e-3, "relay_distil_weight": 0.0}),
+    (
+        "generated 256/teacher, lr 1e-3",
+        {"relay_method": "distil", "relay_lr": 1e-3, "relay_generated": 256, "relay_distil_weight": 0.0},
+    ),
+    (
+        "generated 256/teacher, lr 5e-3",
+        {"relay_method": "distil", "relay_lr": 5e-3, "relay_generated": 256, "relay_distil_weight": 0.0},
+    ),
+)
+
+
+def zeroed(weights: bytes) -> bytes:
+    """The same adapter with every B = 0: it changes nothing (baim.adapters' initialisation)."""
+    state = safetensors.torch.load(weights)
+    return safetensors.torch.save(
+        {key: torch.zeros_like(t) if key.endswith(".B") else t for key, t in state.items()}
+    )
+
+
+def relay_table(run_dir: Path, personalise_epochs: int, variants: list[str] | None) -> None:
+    """Personalise every edge of a finished run (its evaluation's LoRA stage), then run each relay variant
+    on a copy of the run's registry from the same relayed adapters, and again with them zeroed: per task the
+    test loss before, of the candidate and of what the guard kept, the held-out losses it compared, and the
+    bytes relayed."""
+    from orchestrator.core.registry import Registry
+    from orchestrator.core.reports import Relay, RunReport
+    from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
+
+    report = RunReport.model_validate_json((run_dir / "report.json").read_text())
+    scenario = Scenario.model_validate(report.scenario)
+    source = resolve_source(scenario.data)
+    partitions = make_partitions(source, scenario)
+    options = EvaluationOptions(personalise_epochs=personalise_epochs, run_fedavg=False, image_quality=False)
+    work = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+    evaluation = RunEvaluation(report, scenario, source, partitions, work / "out", options)
+    started = time.perf_counter()
+    evaluation._personalise()
+    uploads = evaluation.relay_uploads
+    controls = {
+        task: [(edge, version, zeroed(weights), spec) for edge, version, weights, spec in rows]
+        for task, rows in uploads.items()
+    }
+    print(
+        f"\nRelay on {run_dir} (BAIM {report.cloud.baim_version}): {personalise_epochs} epochs of "
+        f"{scenario.personalisation.method} r{scenario.personalisation.rank} personalisation per edge "
+        f"({time.perf_counter() - started:.0f} s); each variant starts from the run's BAIM and the same "
+        "adapters; 'zero' rows relay them with B = 0 (no edge knowledge, same cloud work)"
+    )
+    print(
+        f"  {'variant':<32} {'adapters':<8} {'task':<15} {'bytes':>8} {'test before':>11} {'candidate':>9} "
+        f"{'kept':>8} {'held-out before':>15} {'after':>8} {'guard':>8} {'s':>5}"
+    )
+    for label, fields in RELAY_VARIANTS:
+        if variants and not any(part in label for part in variants):
+            continue
+        settings = scenario.personalisation.model_copy(update={"relay": True, "relay_guard": True, **fields})
+        evaluation.scenario = scenario.model_copy(update={"personalisation": settings})
+        for kind, relayed in (("edges", uploads), ("zero", controls)):
+            # A copy of the registry per row: an accepted round publishes the next versions into it.
+            registry = work / f"registry-{len(list(work.iterdir()))}"
+            shutil.copytree(report.registry, registry)
+            evaluation.registry = Registry(str(registry), max_artifact_bytes=MAX_MODEL_BYTES)
+            evaluation.relay_uploads = relayed
+            started = time.perf_counter()
+            section = evaluation._relay()
+            seconds = time.perf_counter() - started
+            assert isinstance(section, Relay)
+            verdict = "accepted" if section.accepted else "rejected"
+            for task, row in section.tasks.items():
+                print(
+                    f"  {label:<32} {kind:<8} {task:<15} {row.upload_bytes:8d} {row.test_loss_before:11.5f} "
+                    f"{row.candidate_test_loss or math.nan:9.5f} {row.test_loss_after:8.5f} "
+                    f"{section.holdout_loss_before.get(task, math.nan):15.5f} "
+                    f"{section.holdout_loss_after.get(task, math.nan):8.5f} {verdict:>8} {seconds:5.0f}"
+                )
+            if section.distillation_loss_before is not None:
+                print(
+                    f"  {'':<32} {kind:<8} distillation loss {section.distillation_loss_before:.5f} -> "
+                    f"{section.distillation_loss_after or math.nan:.5f}"
+                )
+            shutil.rmtree(registry)
+    shutil.rmtree(work)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--relay-run",
+        type=Path,
+        help="a finished `baim run scenarios/gaisnet.yaml --no-evaluate` folder: print the relay rows on its "
+        "registry",
+    )
+    parser.add_argument("--relay-only", action="store_true", help="skip the personalisation and split tables")
+    parser.add_argument(
+        "--relay-variants", nargs="*", help="run only the relay variants whose label contains one of these"
+    )
+    parser.add_argument("--personalise-epochs", type=int, default=2, help="relay: personalisation epochs")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    if not args.relay_only:
+        tables()
+    if args.relay_run is not None:
+        relay_table(args.relay_run, args.personalise_epochs, args.relay_variants)
+    elif args.relay_only:
+        parser.error("--relay-only needs --relay-run DIR")
+
+
+def tables() -> None:
     scenario = load_scenario(SCENARIO)
     source = resolve_source(scenario.data)
     partitions = make_partitions(source, scenario)

@@ -3,8 +3,9 @@
 A real CloudCoordinator Ray actor (async, as the engine starts it) receives N uploads submitted at the same
 instant (default 100, each a different edge's valid learner, prepared beforehand so only the upload is
 timed) while a cloud training round runs (started first by `--warm` uploads that meet the fusion policy).
-Latency = from submitting `upload.remote(...)` to the receipt being available to the caller: validation,
-the durable registry write, the checkpoint and Ray's own overhead. Prints p50 / p90 / p99 / max and the
+Two latencies per upload, from submitting `receive.remote(...)`: to its acknowledgement (`received`: the
+bytes durable in the registry, Ray's own overhead) and to its decision (`outcome`: validation, the durable
+artifact write, the receipt log). Prints p50 / p90 / p99 / max and the
 ratio of p99 to an idle baseline (the same N uploads with no round running). Asserts nothing.
 
     .venv/bin/python benchmarks/bench_upload_latency.py [--uploads 100] [--trainer local|ray_train]
@@ -18,7 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 import torch
@@ -73,25 +74,42 @@ def payloads(scenario: Scenario) -> list[tuple[str, ArtifactPayload]]:
     return out
 
 
-def timed_uploads(coordinator: Any, batch: list[tuple[str, ArtifactPayload]]) -> list[float]:
-    """Submit every upload at once; return each one's latency in seconds."""
+class TwoPhase(NamedTuple):
+    """Seconds from submitting each upload to its acknowledgement (`received`) and to its decision."""
+
+    acks: list[float]
+    decided: list[float]
+
+
+def timed_uploads(coordinator: Any, batch: list[tuple[str, ArtifactPayload]]) -> TwoPhase:
+    """Submit every upload at once (`receive`); as each acknowledgement arrives, ask for its `outcome`.
+    Returns each upload's latency to both; raises when one was not accepted."""
     submitted = time.perf_counter()
     refs = {
-        coordinator.upload.remote(
+        coordinator.receive.remote(
             edge_id=edge_id, version=1, weights=p.weights, spec_json=p.spec_json, sha256=p.sha256
         ): edge_id
         for edge_id, p in batch
     }
-    latencies, pending = [], list(refs)
+    acks, decided = [], []
+    outcomes: dict[Any, str] = {}
+    pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        latencies.append(time.perf_counter() - submitted)
+        now = time.perf_counter()
         receipt = ray.get(ready[0])
-        if not receipt["accepted"]:
-            raise RuntimeError(
-                f"upload of {refs[ready[0]]} rejected: {receipt['reason']} {receipt['detail']}"
-            )
-    return latencies
+        if ready[0] in refs:
+            acks.append(now - submitted)
+            if receipt["status"] == "received":
+                outcome = coordinator.outcome.remote(receipt["key"])
+                outcomes[outcome] = refs[ready[0]]
+                pending.append(outcome)
+                continue
+        decided.append(now - submitted)
+        if receipt is None or not receipt["accepted"]:
+            edge_id = outcomes.get(ready[0]) or refs.get(ready[0])
+            raise RuntimeError(f"upload of {edge_id} not accepted: {receipt}")
+    return TwoPhase(acks, decided)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -137,12 +155,22 @@ def main() -> None:
     busy_latencies = timed_uploads(coordinator, prepared[args.warm :])
     status = ray.get(coordinator.status.remote())
 
-    idle_p, busy_p = percentiles(idle_latencies), percentiles(busy_latencies)
-    print(f"{args.uploads} simultaneous uploads, trainer {args.trainer}, {os.cpu_count()} CPUs")
-    print(f"{'':24} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for name, p in (("idle coordinator", idle_p), ("during a training round", busy_p)):
-        print(f"{name:24} " + " ".join(f"{p[k] * 1000:8.1f}" for k in ("p50", "p90", "p99", "max")))
-    print(f"p99 during a round / p99 idle: {busy_p['p99'] / idle_p['p99']:.2f}")
+    print(
+        f"{args.uploads} simultaneous uploads, trainer {args.trainer}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()}"
+    )
+    print(f"{'':36} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for phase in ("acks", "decided"):
+        idle_p, busy_p = (
+            percentiles(getattr(idle_latencies, phase)),
+            percentiles(getattr(busy_latencies, phase)),
+        )
+        for name, p in (
+            (f"{phase}, idle coordinator", idle_p),
+            (f"{phase}, during a training round", busy_p),
+        ):
+            print(f"{name:36} " + " ".join(f"{p[k] * 1000:8.1f}" for k in ("p50", "p90", "p99", "max")))
+        print(f"{phase}: p99 during a round / p99 idle: {busy_p['p99'] / idle_p['p99']:.2f}")
     print(f"round still running after the burst: {status['round_running']} (rounds done: {status['rounds']})")
     ray.shutdown()
 

@@ -368,9 +368,11 @@ class Ledger:
         reason: str = "",
         version: int | None = None,
         detail: str = "",
+        at: float | None = None,
     ) -> None:
         """An upload from `edge` was accepted, or rejected with `reason` (a short code such as
-        "sha256_mismatch"; free text goes in `detail`). Count its bytes with `record_bytes` separately."""
+        "sha256_mismatch"; free text goes in `detail`), at Unix time `at` (None: now). Count its bytes with
+        `record_bytes` separately."""
         _check_name("edge", edge)
         _check_outcome("", outcome, reason)
         if version is not None:
@@ -380,7 +382,7 @@ class Ledger:
         self._count_upload(outcome, reason, 1)
         self._uploads.append(
             {
-                "time": time.time(),
+                "time": time.time() if at is None else float(at),
                 "edge": edge,
                 "outcome": outcome,
                 "reason": reason,

@@ -17,7 +17,8 @@ from orchestrator.core.scenario import StrictModel
 # scalar as sent and anything else as its (cut) repr.
 Echo = str | int | float | bool | None
 ECHO_REPR_CHARS = 100
-Admission = Literal["admitted", "registry_only"]
+Admission = Literal["admitted", "registry_only", "pruned"]
+UploadPhase = Literal["received", "accepted", "rejected"]
 
 
 def echo(value: object) -> Echo:
@@ -28,13 +29,18 @@ def echo(value: object) -> Echo:
 
 
 class UploadReceipt(StrictModel):
-    """The coordinator's answer to one upload: a pure function of the upload and its outcome."""
+    """The coordinator's answer to one upload: a pure function of the upload and its outcome.
+
+    Two phases: `received` (its bytes are durable in the registry, validation follows) and then `accepted`
+    or `rejected`; an upload that fails the checks run before storing it (unknown edge, size, sha256) is
+    `rejected` at once, without having been received.
+    """
 
     key: str = Field(description="edge_id@version#sha256 of the upload (each part cut): its identity.")
     edge_id: Echo = Field(description="The edge id the upload named.")
     version: Echo = Field(description="The version the upload named (an int >= 1 when accepted).")
     sha256: Echo = Field(description="The sha256 the upload declared.")
-    accepted: bool = Field(description="True once the upload is durably in the registry and the state.")
+    accepted: bool = Field(description="True once the upload is validated and its artifact is durable.")
     reason: str = Field(description="Short rejection code (empty when accepted).")
     detail: str = Field(description="What was wrong, in words (empty when accepted).")
     learner: str | None = Field(description="The BAIM learner name of an accepted upload.")
@@ -46,12 +52,23 @@ class UploadReceipt(StrictModel):
     admission: Admission | None = Field(
         default=None,
         description=(
-            "What became of an accepted upload (None: rejected). admitted: its learner is in the BAIM. "
-            "registry_only: stored, not fused (cloud.max_learners_per_task, or its learner was in already)."
+            "What became of an accepted upload (None: not accepted). admitted: its learner is in the BAIM. "
+            "registry_only: stored, not fused (cloud.max_learners_per_task, or its learner was in already). "
+            "pruned: admitted and trained, then removed by model-level pruning (cloud.min_selection_rate)."
         ),
     )
     admission_detail: str = Field(
-        default="", description="Why it was kept only in the registry, or whom it replaced."
+        default="", description="Why it was kept only in the registry or pruned, or whom it replaced."
+    )
+    status: UploadPhase = Field(
+        description="received: bytes durable, not decided yet; then accepted or rejected (final).",
+    )
+    received_at: float | None = Field(
+        default=None,
+        description="Unix seconds when its bytes were durable (None: rejected before it was stored).",
+    )
+    decided_at: float | None = Field(
+        default=None, description="Unix seconds when it was accepted or rejected (None: not decided yet)."
     )
 
 
@@ -268,7 +285,8 @@ class PublishedTaskModel(StrictModel):
 class CoordinatorStatus(StrictModel):
     """A snapshot for progress displays and tests."""
 
-    accepted: list[Echo] = Field(description="Edge ids of the accepted uploads, in arrival order.")
+    accepted: list[Echo] = Field(description="Edge ids of the accepted uploads, in decision order.")
+    received: list[Echo] = Field(description="Edge ids of the uploads received and not decided yet.")
     rejected: dict[str, str] = Field(description="Edge id (as text) -> reason of its kept rejected receipts.")
     learners: list[str] = Field(description="Learners of the live BAIM, in fusion order.")
     pending: list[str] = Field(description="Learners not yet in a trained BAIM.")
@@ -283,7 +301,11 @@ class CoordinatorSummary(StrictModel):
     """What `finish()` returns (and `summary()`, with no tasks): the cloud's part of report.json."""
 
     run_id: str | None = Field(description="The run this coordinator belongs to.")
-    accepted: list[UploadReceipt] = Field(description="Receipts of the accepted uploads, in arrival order.")
+    accepted: list[UploadReceipt] = Field(description="Receipts of the accepted uploads, in decision order.")
+    received: list[UploadReceipt] = Field(
+        default_factory=list,
+        description="Receipts of uploads received and not decided yet (finish() decides every one first).",
+    )
     rejected: list[UploadReceipt] = Field(description="The kept rejected receipts (the newest per edge).")
     learners: list[str] = Field(description="Learners of the live BAIM, in fusion order.")
     untrained_learners: list[str] = Field(description="Learners not in the last trained BAIM.")

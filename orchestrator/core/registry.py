@@ -6,6 +6,8 @@ Layout under the root:
     artifacts/<owner>/<version>/spec.json
     artifacts/<owner>/<version>/sha256      # written last: its presence commits the version
     state/<key>.json                        # small JSON documents (checkpoints, coordinator state)
+    logs/<key>/<segment>.jsonl              # append-only logs of JSON lines (the coordinator's receipts)
+    blobs/<key>                             # opaque byte blobs (uploads received, not yet decided)
 
 Owners may contain '/' (`edge/edge-3`, `task/smiling`, `baim`). A version is committed by its sha256 file,
 written last (to a temporary name, then renamed into place), so a reader never sees a half-written version
@@ -15,6 +17,11 @@ data files are fsynced, then the folder (their entries), then the sha256 file an
 committed marker can never survive a crash without the files it commits (5 fsyncs per artifact). Only
 pyarrow.fs calls touch the store, so the same code runs against S3 on a cluster (the one exception is the
 fsync for local disks, which pyarrow does not expose; S3 objects are durable once written).
+
+Logs: a Registry instance appends to one new segment per log (local disks: appended and fsynced in place;
+stores without appends, such as S3: one new segment object per append). A crash mid-append can only leave a
+torn last line at the end of a segment, which `read_log` reports and skips; appends after a restart go to a
+fresh segment, so a torn tail is never followed by more records in its segment.
 
 Concurrency: one process may call a Registry from several threads. Writers in different processes must
 not write the same (owner, version); if they did, `get` would detect the mix by its sha256.
@@ -51,6 +58,23 @@ logger = logging.getLogger(__name__)
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _MAX_NAME_LENGTH = 256
 _VERSION_NUMBER = re.compile(r"v(\d+)")
+_SEGMENT_NAME = re.compile(r"(\d{8})\.jsonl")
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The bytes after the last newline of a log segment: a record whose append a crash cut short."""
+
+    segment: str  # the segment's path in the store
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LogContents:
+    """Every complete line of a log, oldest first, and the torn tails that were skipped."""
+
+    lines: list[bytes]
+    torn: list[TornTail]
 
 
 class ArtifactNotFound(LookupError):  # noqa: N818 (named like errors.ArtifactRejected)
@@ -111,6 +135,7 @@ class Registry:
         self._scheme = uri.split("://", 1)[0] if "://" in uri else ""
         self._is_local = isinstance(self._fs, pafs.LocalFileSystem)
         self._write_lock = threading.Lock()
+        self._log_segments: dict[str, str] = {}  # log key -> the segment this instance appends to (local)
         self._fs.create_dir(self._path("artifacts"), recursive=True)
         self._fs.create_dir(self._path("state"), recursive=True)
         logger.info("registry at %s (%s)", uri, type(self._fs).__name__)
@@ -295,6 +320,104 @@ class Registry:
             return json.loads(data)
         except ValueError as err:
             raise ValueError(f"state document {key!r} at {path} is not valid JSON: {err}") from None
+
+    # ---- append-only logs -------------------------------------------------------------------------
+
+    def append_log(self, key: str, lines: list[bytes]) -> None:
+        """Durably append `lines` (each without a newline) to the log at logs/<key>/; returns once they
+        are durable. One call is one write: a crash can cut only its end (a torn last line)."""
+        validate_name(key, "key", allow_slash=True)
+        if any(b"\n" in line for line in lines):
+            raise ValueError(f"log {key!r}: a line may not contain a newline")
+        if not lines:
+            return
+        data = b"".join(line + b"\n" for line in lines)
+        folder = self._path("logs", key)
+        with self._write_lock:
+            if not self._is_local:  # objects are written whole: one new segment per append
+                self._fs.create_dir(folder, recursive=True)
+                self._write_atomic(f"{folder}/{self._next_segment(folder)}", data)
+                return
+            segment = self._log_segments.get(key)
+            if segment is None:  # a fresh segment per instance: a torn tail of a crash stays at an end
+                self._fs.create_dir(folder, recursive=True)
+                segment = f"{folder}/{self._next_segment(folder)}"
+                self._log_segments[key] = segment
+            with open(segment, "ab") as stream:  # pyarrow has no fsync; this branch is local only
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            if os.path.getsize(segment) == len(data):  # created just now: its folder entry must persist
+                _fsync_local(folder)
+        logger.debug("appended %d lines to log %s", len(lines), key)
+
+    def read_log(self, key: str) -> LogContents:
+        """Every complete line of the log at logs/<key>/ (empty when there is none), segment by segment;
+        bytes after a segment's last newline (a crash mid-append) are skipped and reported in `torn`."""
+        validate_name(key, "key", allow_slash=True)
+        lines: list[bytes] = []
+        torn: list[TornTail] = []
+        for path in self._segments(self._path("logs", key)):
+            data = self._read(path)
+            complete, _, tail = data.rpartition(b"\n")
+            if tail:
+                torn.append(TornTail(segment=path, nbytes=len(tail)))
+            if complete or data.endswith(b"\n"):
+                lines.extend(complete.split(b"\n"))
+        return LogContents(lines=lines, torn=torn)
+
+    def _segments(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
+        found = [
+            info.path
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and _SEGMENT_NAME.fullmatch(info.base_name)
+        ]
+        return sorted(found)
+
+    def _next_segment(self, folder: str) -> str:
+        numbers = [int(path.rsplit("/", 1)[1][:8]) for path in self._segments(folder)]
+        return f"{max(numbers, default=-1) + 1:08d}.jsonl"
+
+    # ---- blobs ------------------------------------------------------------------------------------
+
+    def put_blob(self, key: str, data: bytes) -> None:
+        """Atomically and durably write the bytes `data` at blobs/<key> (overwrites)."""
+        validate_name(key, "key", allow_slash=True)
+        path = self._path("blobs", key)
+        with self._write_lock:
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            self._write_atomic(path, data)
+
+    def read_blob(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of blobs/<key> from `offset` (ArtifactNotFound: the blob is absent or shorter)."""
+        validate_name(key, "key", allow_slash=True)
+        path = self._path("blobs", key)
+        info = self._fs.get_file_info(path)
+        if info.type != pafs.FileType.File or int(info.size or 0) < offset + length:
+            raise ArtifactNotFound(f"blob {key!r} in registry {self.uri} is missing or shorter than expected")
+        with self._fs.open_input_file(path) as stream:
+            return bytes(stream.read_at(length, offset))
+
+    def blobs(self, prefix: str) -> list[str]:
+        """The keys of the blobs under blobs/<prefix>/, sorted."""
+        validate_name(prefix, "prefix", allow_slash=True)
+        folder = self._path("blobs", prefix)
+        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
+        root = self._path("blobs")
+        return sorted(
+            info.path[len(root) :].strip("/")
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and ".tmp-" not in info.base_name
+        )
+
+    def delete_blob(self, key: str) -> None:
+        """Remove blobs/<key> (no error when it is already gone)."""
+        validate_name(key, "key", allow_slash=True)
+        path = self._path("blobs", key)
+        with self._write_lock:
+            if self._fs.get_file_info(path).type == pafs.FileType.File:
+                self._fs.delete_file(path)
 
     # ---- internals --------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from orchestrator.core.receipts import (
     RoundError,
     RoundRecord,
     StrategyRun,
+    UploadPhase,
     UploadReceipt,
 )
 from orchestrator.core.scenario import Scenario, StrictModel
@@ -137,9 +138,14 @@ class EdgeUpload(ReportModel):
     admission: Admission | None = Field(
         default=None,
         description=(
-            "The coordinator's last word on an accepted upload: admitted (its learner is in the BAIM) or "
-            "registry_only (cloud.max_learners_per_task, or its learner came in already); None: not accepted."
+            "The coordinator's last word on an accepted upload: admitted (its learner is in the BAIM), "
+            "registry_only (cloud.max_learners_per_task, or its learner came in already) or pruned (removed "
+            "by model-level pruning after the round); None: not accepted."
         ),
+    )
+    decision_seconds: float | None = Field(
+        default=None,
+        description="From received (bytes durable) to accepted or rejected, in seconds (None: not both).",
     )
 
 
@@ -183,10 +189,24 @@ class UploadRecord(ReportModel):
         default=None, description="The plausibility check's loss on the task's held-out images, or None."
     )
     admission: Admission | None = Field(
-        default=None, description="admitted or registry_only (accepted uploads); None when rejected."
+        default=None,
+        description="admitted, registry_only or pruned (accepted uploads); None when not accepted.",
     )
     admission_detail: str = Field(
-        default="", description="Why it was kept only in the registry, or whom it replaced."
+        default="", description="Why it was kept only in the registry or pruned, or whom it replaced."
+    )
+    status: UploadPhase | None = Field(
+        default=None,
+        description=(
+            "received (bytes durable, not decided: the run ended first), accepted or rejected; None in "
+            "reports written before two-phase receipts."
+        ),
+    )
+    received_at: float | None = Field(
+        default=None, description="Unix seconds when its bytes were durable (None: rejected before that)."
+    )
+    decided_at: float | None = Field(
+        default=None, description="Unix seconds when it was accepted or rejected (None: undecided)."
     )
 
     @classmethod
@@ -475,13 +495,52 @@ class RelayedTask(ReportModel):
     rejected: dict[str, str] = Field(description="Edges whose adapters were rejected, with the reason.")
     upload_bytes: int = Field(description="Adapter bytes (weights + spec) received from this task's edges.")
     test_loss_before: float = Field(description="The task model's test loss before the relay round.")
-    test_loss_after: float = Field(description="The task model's test loss after folding and gate training.")
+    test_loss_after: float = Field(
+        description="The task model's test loss after the relay round: the candidate's if the round was "
+        "accepted, else the unchanged model's (equal to test_loss_before)."
+    )
+    candidate_test_loss: float | None = Field(
+        default=None,
+        description="The relay round's candidate BAIM's test loss for this task, kept or not (None in "
+        "reports from before the guard).",
+    )
 
 
 class Relay(ReportModel):
     enabled: Literal[True] = Field(description="Edges relayed their adapters back to the cloud.")
     where: str = Field(description="Which process did the work.")
+    method: Literal["fold_own", "distil", "average"] = Field(
+        default="average", description="How the adapters were taken in (personalisation.relay_method)."
+    )
     gate_epochs: int = Field(description="Epochs of gate training on the cloud's data after folding.")
+    distil_epochs: int = Field(default=0, description="Epochs of distillation on the cloud's data (distil).")
+    guarded: bool = Field(
+        default=False, description="The round's BAIM was kept only if no task's held-out loss rose."
+    )
+    accepted: bool = Field(
+        default=True, description="The round's BAIM replaced the previous one (always, when not guarded)."
+    )
+    holdout_loss_before: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per task with held-out images: the cloud's held-out loss before the round.",
+    )
+    holdout_loss_after: dict[str, float] = Field(
+        default_factory=dict, description="Per task: the candidate BAIM's held-out loss, kept or not."
+    )
+    distillation_loss_before: float | None = Field(
+        default=None,
+        description="Distil: the student's mean squared difference to its teachers on the cloud batches "
+        "before the round.",
+    )
+    distillation_loss_after: float | None = Field(
+        default=None, description="Distil: the same for the candidate after the round."
+    )
+    baim_version: str | None = Field(
+        default=None, description="The BAIM version the accepted round published (None: nothing published)."
+    )
+    task_versions: dict[str, str] = Field(
+        default_factory=dict, description="Per task: the task model artifact the accepted round published."
+    )
     tasks: dict[str, RelayedTask] = Field(description="Per task with at least one relayed adapter.")
 
 

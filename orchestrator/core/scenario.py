@@ -1082,8 +1082,52 @@ class PersonalisationConfig(StrictModel):
         description="LoRA: edges upload their adapters and the cloud folds them into the BAIM (a relay "
         "round), reporting each task's test loss before and after.",
     )
+    relay_method: Literal["fold_own", "distil", "average"] = Field(
+        default="fold_own",
+        description="Relay: how the cloud takes the adapters in (baim.relay). `distil`: the personalised "
+        "models teach the BAIM on the cloud's data (its own loss + `relay_distil_weight` x the squared "
+        "difference to the teachers' reconstructions); `fold_own`: each adapter's merged change is added to "
+        "the learner its edge uploaded and nowhere else; `average`: every adapted parameter gets the mean "
+        "change of the edges that adapted it (feeders and other edges' learners too). fold_own is the "
+        "default: the only method whose gain over the same cloud work without the edges' adapters was "
+        "positive on every task measured (docs/results.md, GaisNet relay).",
+    )
     relay_gate_epochs: int = Field(
-        default=2, ge=0, le=1000, description="Relay: epochs of gate training on cloud data after folding."
+        default=2,
+        ge=0,
+        le=1000,
+        description="Relay, fold_own and average: epochs of gate training on cloud data after folding.",
+    )
+    relay_epochs: int = Field(
+        default=2, ge=1, le=1000, description="Relay, distil: epochs over the cloud's data."
+    )
+    relay_lr: float | None = Field(
+        default=None, gt=0, le=10, description="Relay, distil: Adam learning rate; None: `cloud.lr`."
+    )
+    relay_distil_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1e6,
+        description="Relay, distil: weight of the distillation term (0: the cloud's own loss alone, the "
+        "control that shows what the teachers add).",
+    )
+    relay_student: Literal["relaying_learners", "baim"] = Field(
+        default="relaying_learners",
+        description="Relay, distil: what trains: the relaying edges' own learners and the gates, or every "
+        "parameter of the BAIM.",
+    )
+    relay_generated: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Relay, distil: images each personalised model draws from its prior per epoch; the BAIM "
+        "also learns to reconstruct them (a data-free relay of what the edge's data looks like).",
+    )
+    relay_guard: bool = Field(
+        default=True,
+        description="Relay: keep the relay round's BAIM only if no task's loss on the cloud's held-out "
+        "images (data.holdout_per_task) rose; otherwise the previous BAIM stays (the report says accepted "
+        "or rejected, with both losses).",
     )
     max_relative_delta: float = Field(
         default=5.0,
@@ -1250,6 +1294,13 @@ class Scenario(StrictModel):
             problems.append(
                 "cloud.keep: best chooses by the loss on the cloud's held-out images, but every task has "
                 "0 (set data.holdout_per_task or a task's holdout_size above 0)"
+            )
+        relay = self.personalisation
+        if relay.relay and relay.relay_guard and all(self.holdout_size(task) == 0 for task in self.tasks):
+            problems.append(
+                "personalisation.relay_guard: the guard compares losses on the cloud's held-out images, "
+                "but every task has 0 (set data.holdout_per_task or a task's holdout_size above 0, or "
+                "relay_guard: false)"
             )
         fedavg_model = self.baselines.fedavg.model
         if fedavg_model is not None and resolution % 2 ** len(fedavg_model.widths) != 0:
@@ -1485,6 +1536,7 @@ def scenario_reference_markdown() -> str:
         ("early_stopping (edges, edge_groups)", EarlyStoppingConfig),
         ("model (edges, edge_groups, baselines.fedavg)", ModelSpecConfig),
         ("link (edges, edge_groups)", LinkConfig),
+        ("edges[].users", UsersConfig),
         ("cloud", CloudConfig),
         ("cloud.fusion", FusionPolicy),
         ("cloud.uploads", UploadLimits),
@@ -1492,6 +1544,7 @@ def scenario_reference_markdown() -> str:
         ("timeline[].task (kind: new_task)", NewTaskConfig),
         ("baselines.fedavg", FedAvgConfig),
         ("serving", ServingConfig),
+        ("personalisation", PersonalisationConfig),
         ("placement", PlacementConfig),
         ("virtual_time", VirtualTimeConfig),
         ("traces", TracesConfig),

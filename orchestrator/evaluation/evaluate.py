@@ -20,17 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from actors.edge import edge_seed
+from actors.relay import RelayDesk
 from baim.adapters import (
     LoRAConfig,
     adapter_bytes,
-    adapter_from_bytes,
     adapter_to_bytes,
-    add_weight_deltas,
     apply_lora,
     lora_parameters,
-    lora_weight_deltas,
 )
-from baim.continual import train_only
 from baim.costs import count_params, forward_backward_flops, serialized_bytes
 from baim.decompose import OneTaskModel, decompose
 from baim.learners import VAELearner
@@ -45,11 +42,11 @@ from baim.placement import (
 )
 from baim.training import evaluate
 from orchestrator.baselines.fedavg import run_fedavg
-from orchestrator.cloud.data import CachedFaces
 from orchestrator.cloud.ray_train import load_checkpoint_baim
 from orchestrator.core.names import BAIM_OWNER, MAX_MODEL_BYTES
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.registry import Registry
+from orchestrator.core.relay import RelayReceipt, RelayRoundRecord
 from orchestrator.core.reports import (
     Baselines,
     Disabled,
@@ -90,7 +87,6 @@ from serve.models import png_base64
 logger = logging.getLogger(__name__)
 
 GENERATION_SEED = 1234  # the same images for the same model on every run
-GATE_PREFIX = "gate."  # the BAIM's gate module (its state_dict keys)
 
 
 @dataclass
@@ -159,16 +155,6 @@ def epoch_flops(model: nn.Module, dataset: Any, batch_size: int, loss_fn: Any) -
     return total
 
 
-def mean_learner_deltas(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per parameter, the mean delta over the edges that adapted it (FedAvg per parameter: a module two tasks'
-    models share, such as a feeder a connection pins, averages over both tasks' edges instead of summing).
-
-    Gate parameters are left out: each task's gate is retrained on the cloud's data after the fold.
-    """
-    keys = sorted({key for delta in deltas for key in delta if not key.startswith(GATE_PREFIX)})
-    return {key: torch.stack([d[key] for d in deltas if key in d]).mean(0) for key in keys}
-
-
 def _parse_artifact(artifact: str) -> tuple[str, str]:
     owner, _, version = artifact.rpartition("@")
     if not owner or not version:
@@ -188,8 +174,11 @@ class RunEvaluation:
         out_dir: Path,
         options: EvaluationOptions,
         progress: Callable[[str], None] | None = None,
+        coordinator: Any = None,
     ) -> None:
         self.report = report
+        # The run's live CloudCoordinator actor (relay to it), or None (the same relay desk in this process).
+        self.coordinator = coordinator
         self.scenario = scenario
         self.source = source
         self.partitions = partitions
@@ -200,8 +189,8 @@ class RunEvaluation:
         self.resolution = scenario.data.resolution
         self.tasks = [task.name for task in scenario.tasks]
         self.sets: list[GeneratedSet] = []
-        # Per task: (edge id, adapter weights, adapter spec) that personalisation would relay to the cloud.
-        self.relay_uploads: dict[str, list[tuple[str, bytes, str]]] = {}
+        # Per task: (edge id, task model version, adapter weights, spec) that personalisation relays back.
+        self.relay_uploads: dict[str, list[tuple[str, str, bytes, str]]] = {}
 
     def run(self) -> RunReport:
         seconds: dict[str, float] = {}
@@ -369,7 +358,8 @@ class RunEvaluation:
                     trainable=trainable,
                 )
             if trainable is not None:
-                self.relay_uploads.setdefault(edge.task, []).append((edge_id, *adapter_to_bytes(model)))
+                upload = (edge_id, fetched.model_version, *adapter_to_bytes(model))
+                self.relay_uploads.setdefault(edge.task, []).append(upload)
             edges[edge_id] = PersonalisedEdge(
                 task=edge.task,
                 model_version=fetched.model_version,
@@ -393,63 +383,79 @@ class RunEvaluation:
     # ---- the relay: adapters back to the cloud -------------------------------------------------------
 
     def _relay(self) -> Relay | Disabled:
-        """Fold each task's relayed adapters into the kept BAIM, train its gates on the cloud's data, and
-        measure every relaying task's test loss before and after (GaisNet's cloud -> edge -> cloud loop).
-
-        Each adapter is validated as an upload is (safetensors, spec, names, shapes, finiteness, merged
-        change at most `max_relative_delta` of each layer's norm) against a fresh copy of the task model;
-        the accepted deltas are averaged per parameter (`mean_learner_deltas`) and added to the BAIM.
+        """A relay round on the run's last BAIM (GaisNet's cloud -> edge -> cloud loop), by the cloud's
+        relay desk (actors.relay) in the driver: every edge's adapters are validated as uploads are, taken
+        in by `personalisation.relay_method`, and, with `relay_guard`, the new BAIM is kept (and published
+        to the registry as the next version, with its task models) only if no task's held-out loss rose.
         """
         config = self.scenario.personalisation
-        version = self.report.cloud.baim_version
-        if not (config.relay and self.relay_uploads and version):
+        if not (config.relay and self.relay_uploads and self.report.cloud.baim_version):
             return Disabled(enabled=False)
-        baim = self._load_baim(BAIM_OWNER, version)
-        before = {task: self._task_loss(baim, task) for task in self.relay_uploads}
-        relayed: dict[str, tuple[list[str], dict[str, str], int]] = {}
-        deltas: list[dict[str, torch.Tensor]] = []
-        for task, uploads in self.relay_uploads.items():
-            folded, rejected = [], {}
-            for edge_id, weights, spec in uploads:
-                copy = decompose(baim, task)
-                try:
-                    adapter_from_bytes(copy, weights, spec, max_relative_delta=config.max_relative_delta)
-                except ValueError as error:
-                    rejected[edge_id] = str(error)
-                    continue
-                folded.append(edge_id)
-                # A task model's BAIM names its modules as the whole BAIM does, below "baim.".
-                deltas.append({key.removeprefix("baim."): d for key, d in lora_weight_deltas(copy).items()})
-            relayed[task] = (folded, rejected, sum(len(w) + len(s) for _, w, s in uploads))
-        if deltas:
-            add_weight_deltas(baim, mean_learner_deltas(deltas))
-        if config.relay_gate_epochs:
-            cloud = CachedFaces(self.source, self.partitions.cloud, list(baim.config.tasks), self.resolution)
-            order = torch.Generator().manual_seed(GENERATION_SEED)
-            loader = DataLoader(
-                cloud, batch_size=self.scenario.cloud.batch_size, shuffle=True, generator=order
-            )
-            batches = [(x, t) for _ in range(config.relay_gate_epochs) for x, t in loader]
-            train_only(baim, baim.gate_parameters(), batches, len(batches), self.scenario.cloud.lr)
+        receive, run_round, where = self._relay_desk()
+        receipts = {
+            task: [receive(edge, task, version, weights, spec) for edge, version, weights, spec in uploads]
+            for task, uploads in self.relay_uploads.items()
+        }
+        record = run_round()
         tasks = {}
-        for task, (folded, rejected, nbytes) in relayed.items():
-            after = self._task_loss(baim.eval(), task)
+        for task, answers in receipts.items():
+            row = record.tasks.get(task) if record is not None else None
+            if row is None:  # every adapter of this task was rejected: the round did not touch it
+                baim = self._load_baim(BAIM_OWNER, str(self.registry.latest(BAIM_OWNER)))
+                before = candidate = after = self._task_loss(baim, task)
+            else:
+                before, candidate, after = row.test_loss_before, row.candidate_test_loss, row.test_loss_after
             tasks[task] = RelayedTask(
-                folded=folded,
-                rejected=rejected,
-                upload_bytes=nbytes,
-                test_loss_before=before[task],
+                folded=[str(r.edge_id) for r in answers if r.accepted],
+                rejected={str(r.edge_id): f"{r.reason}: {r.detail}" for r in answers if not r.accepted},
+                upload_bytes=sum(r.nbytes for r in answers),
+                test_loss_before=before,
                 test_loss_after=after,
+                candidate_test_loss=candidate,
             )
             self._say(
-                f"relay {task}: {len(folded)} adapters folded, test loss {before[task]:.5f} -> {after:.5f}"
+                f"relay {task} ({config.relay_method}): {len(tasks[task].folded)} adapters, test loss "
+                f"{before:.5f} -> {candidate:.5f} (candidate), {after:.5f} (kept)"
             )
+        distil = config.relay_method == "distil"
         return Relay(
             enabled=True,
-            where="driver process, on the kept BAIM",
-            gate_epochs=config.relay_gate_epochs,
+            where=where,
+            method=config.relay_method,
+            gate_epochs=0 if distil else config.relay_gate_epochs,
+            distil_epochs=config.relay_epochs if distil else 0,
+            guarded=config.relay_guard,
+            accepted=record is not None and record.accepted,
+            holdout_loss_before=record.holdout_loss_before if record is not None else {},
+            holdout_loss_after=record.holdout_loss_after if record is not None else {},
+            distillation_loss_before=record.distillation_loss_before if record is not None else None,
+            distillation_loss_after=record.distillation_loss_after if record is not None else None,
+            baim_version=record.baim_version if record is not None else None,
+            task_versions=record.task_versions if record is not None else {},
             tasks=tasks,
         )
+
+    def _relay_desk(
+        self,
+    ) -> tuple[Callable[..., RelayReceipt], Callable[[], RelayRoundRecord | None], str]:
+        """(receive an adapter, run the relay round, where it ran): the run's live coordinator when there is
+        one, else the same relay desk (actors.relay) in this process."""
+        if self.coordinator is None:
+            desk = RelayDesk(self.registry, self.scenario, self.source, self.partitions)
+            where = "driver process, the cloud's relay desk on the run's last BAIM"
+            return desk.receive, desk.run_round, where
+        import ray
+
+        coordinator = self.coordinator
+
+        def receive(*args: Any) -> RelayReceipt:
+            return RelayReceipt.model_validate(ray.get(coordinator.relay.remote(*args)))
+
+        def run_round() -> RelayRoundRecord | None:
+            record = ray.get(coordinator.relay_round.remote())
+            return None if record is None else RelayRoundRecord.model_validate(record)
+
+        return receive, run_round, "run's coordinator actor (relay() and relay_round(), after its last round)"
 
     def _task_loss(self, baim: BAIM, task: str) -> float:
         model = decompose(baim, task)
@@ -625,12 +631,14 @@ def evaluate_run(
     out_dir: str | Path,
     options: EvaluationOptions | None = None,
     progress: Callable[[str], None] | None = None,
+    coordinator: Any = None,
 ) -> RunReport:
     """The report with `baselines`, `downloads`, `personalisation`, `image_quality` and `evaluation` added
     (see the module docstring). Ray must be running when the FedAvg baseline is on."""
     return RunEvaluation(
-        report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress
-    ).run()
+        report, scenario, source, partitions, Path(out_dir), options or EvaluationOptions(), progress,
+        coordinator,
+    ).run()  # fmt: skip
 
 
 def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], RunReport]:
@@ -638,7 +646,8 @@ def evaluation_stage(options: EvaluationOptions) -> Callable[[FinishedRun], RunR
 
     def measure(run: FinishedRun) -> RunReport:
         return evaluate_run(
-            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress
-        )
+            run.report, run.scenario, run.source, run.partitions, run.out_dir, options, run.progress,
+            run.coordinator,
+        )  # fmt: skip
 
     return measure

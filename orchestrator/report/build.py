@@ -80,7 +80,10 @@ def build_report(
             }
         ),
         edges=edges,
-        uploads=[UploadRecord.from_receipt(r) for r in (*coordinator.accepted, *coordinator.rejected)],
+        uploads=[
+            UploadRecord.from_receipt(r)
+            for r in (*coordinator.accepted, *coordinator.rejected, *coordinator.received)
+        ],
         cloud=CloudReport(
             strategies=strategies,
             flops=cloud_flops,

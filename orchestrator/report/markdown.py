@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 from safetensors.numpy import load_file
 
+from orchestrator.core.names import BAIM_OWNER
 from orchestrator.core.receipts import RayTrainStrategyRun
 from orchestrator.core.reports import (
     REPORT_FORMAT_VERSION,
@@ -509,7 +510,8 @@ def _headline_section(numbers: dict[str, Any]) -> list[str]:
 
 
 def _admission_lines(report: RunReport) -> list[str]:
-    """Per task: the accepted uploads whose learner the BAIM admitted, and those kept only in the registry."""
+    """Per task: the accepted uploads whose learner the BAIM admitted, those kept only in the registry, and
+    those model-level pruning removed after the round."""
     counts: dict[str, collections.Counter[str]] = {}
     for record in report.uploads:
         row = report.edges.get(str(record.edge_id))
@@ -518,12 +520,12 @@ def _admission_lines(report: RunReport) -> list[str]:
     if not counts:
         return []
     bound = report.scenario.cloud.max_learners_per_task
-    rows = [[task, c["admitted"], c["registry_only"]] for task, c in sorted(counts.items())]
+    rows = [[task, c["admitted"], c["registry_only"], c["pruned"]] for task, c in sorted(counts.items())]
     return [
         "",
         f"Accepted uploads by admission into the BAIM (cloud.max_learners_per_task: {bound or 'unbounded'}):",
         "",
-        *_table(["task", "admitted", "kept only in the registry"], rows),
+        *_table(["task", "admitted", "kept only in the registry", "pruned after the round"], rows),
     ]
 
 
@@ -662,14 +664,33 @@ def _relay_section(report: RunReport) -> list[str]:
 
     rows = [
         [task, ", ".join(row.folded) or "none", rejected(row.rejected), _fmt_bytes(row.upload_bytes),
-         _fmt(row.test_loss_before), _fmt(row.test_loss_after)]
+         _fmt(row.test_loss_before, 5), _fmt(row.candidate_test_loss, 5), _fmt(row.test_loss_after, 5)]
         for task, row in section.tasks.items()
     ]  # fmt: skip
-    header = ["task", "adapters folded", "rejected (reason)", "bytes relayed", "test loss before", "after"]
-    where = (
-        f"Measured in the {section.where}; then {section.gate_epochs} epochs of gate training on cloud data."
+    header = ["task", "adapters taken in", "rejected (reason)", "bytes relayed", "test loss before",
+              "candidate", "kept"]  # fmt: skip
+    how = (
+        f"{section.distil_epochs} epochs of distillation on cloud data"
+        if section.method == "distil"
+        else f"then {section.gate_epochs} epochs of gate training on cloud data"
     )
-    return [where, "", *_table(header, rows)]
+    lines = [f"Method `{section.method}`, measured in the {section.where}; {how}."]
+    if section.guarded:
+        held = ", ".join(
+            f"{task} {_fmt(loss, 5)} -> {_fmt(section.holdout_loss_after.get(task), 5)}"
+            for task, loss in section.holdout_loss_before.items()
+        )
+        verdict = "accepted" if section.accepted else "rejected (a held-out loss rose; the BAIM is unchanged)"
+        lines.append(f"Guarded: {verdict}; held-out loss {held}.")
+    if section.baim_version is not None:
+        published = ", ".join(section.task_versions.values())
+        lines.append(f"Published as {BAIM_OWNER}@{section.baim_version} with {published}.")
+    if section.distillation_loss_before is not None and section.distillation_loss_after is not None:
+        lines.append(
+            "Distillation loss (student vs teachers, cloud batches): "
+            f"{_fmt(section.distillation_loss_before, 5)} -> {_fmt(section.distillation_loss_after, 5)}."
+        )
+    return [" ".join(lines), "", *_table(header, rows)]
 
 
 def _placements_section(report: RunReport) -> list[str]:

@@ -40,6 +40,7 @@ def edge_table(report: RunReport) -> pa.Table:
         "upload_reason": pa.array([r.upload.reason for _, r in rows], pa.string()),
         "upload_sha256": pa.array([r.upload.sha256 for _, r in rows], pa.string()),
         "upload_admission": pa.array([r.upload.admission for _, r in rows], pa.string()),
+        "upload_decision_seconds": pa.array([r.upload.decision_seconds for _, r in rows], pa.float64()),
         "fedavg_bytes_sent": pa.array([_fedavg(fedavg_edges, e, "bytes_sent") for e, _ in rows], pa.int64()),
         "fedavg_bytes_received": pa.array(
             [_fedavg(fedavg_edges, e, "bytes_received") for e, _ in rows], pa.int64()

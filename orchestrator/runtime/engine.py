@@ -134,6 +134,9 @@ class FinishedRun:
     partitions: Partitions
     out_dir: Path
     progress: Callable[[str], None]
+    # The live CloudCoordinator actor while the stage runs, when the scenario relays adapters back to the
+    # cloud (personalisation.relay): the stage sends them to its relay() and runs its relay_round().
+    coordinator: Any = None
 
 
 @dataclass
@@ -291,9 +294,18 @@ class Engine:
             self._say(f"wrote {write_report_markdown(self.out_dir)}")
             raise RunFailed(f"{failure_text} (report: {self.out_dir / 'report.md'})")
         if self.options.after_run is not None:
-            self._release_actors()  # the coordinator is done: its CPU goes to the baseline's clients
-            run = FinishedRun(report, self.scenario, self.source, self.partitions, self.out_dir, self._say)
-            report = self.options.after_run(run)
+            # The edges are done; the coordinator too, unless it takes relayed adapters in after the run.
+            # Otherwise its CPU goes to the baseline's clients.
+            relays = self.scenario.personalisation.relay
+            self._release_actors(keep_coordinator=relays)
+            run = FinishedRun(
+                report, self.scenario, self.source, self.partitions, self.out_dir, self._say,
+                coordinator=self.coordinator if relays else None,
+            )  # fmt: skip
+            try:
+                report = self.options.after_run(run)
+            finally:
+                self._release_actors()
             write_report(report, self.out_dir / "report.json")
         self._say(f"wrote {write_report_markdown(self.out_dir)} and {self.out_dir / 'plots'}")
         return report
@@ -628,13 +640,14 @@ class Engine:
                 artifact=receipt.artifact if receipt is not None else None,
                 receipt_from=receipt_from,
                 admission=final.admission if final is not None else None,
+                decision_seconds=decision_seconds(receipt),
             ),
             costs_are_final=track.status not in ("crashed", "died", "timed_out"),
         )
 
-    def _release_actors(self) -> None:
+    def _release_actors(self, keep_coordinator: bool = False) -> None:
         self.fleet.release_all()
-        if self.coordinator is not None:
+        if self.coordinator is not None and not keep_coordinator:
             ray.kill(self.coordinator, no_restart=True)
             self.coordinator = None
 
@@ -650,6 +663,13 @@ class Engine:
         logger.info("%s", line)
         if self.options.progress is not None:
             self.options.progress(line)
+
+
+def decision_seconds(receipt: UploadRecord | None) -> float | None:
+    """Seconds from an upload's receipt (bytes durable) to its decision, when it has both."""
+    if receipt is None or receipt.received_at is None or receipt.decided_at is None:
+        return None
+    return receipt.decided_at - receipt.received_at
 
 
 def upload_record(receipt: Mapping[str, Any]) -> UploadRecord:

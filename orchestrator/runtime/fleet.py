@@ -154,6 +154,7 @@ class EdgeFleet:
         self.partitions = partitions
         self.unschedulable_after_s = unschedulable_after_s
         self._members = {edge.id: _Member(edge) for edge in scenario.all_edges()}
+        self._turns: dict[Any, int] = {}  # per pool worker: the turn number of its next call
         self._source_ref: Any = None
         self.pooled = scenario.placement.mode == "pool"
         self._pool: EdgeWorkerPool | None = None
@@ -316,7 +317,9 @@ class EdgeFleet:
             raise ValueError(f"edge {edge_id}: a pooled edge answers run and fedavg_round, not {method!r}")
         indices = self.partitions.edges[edge_id]
         call = actor.call_edge.options(concurrency_group=TRAIN_GROUP)
-        member.busy_ref = call.remote(member.config, indices, method, *args)
+        turn = self._turns.get(actor, 0)  # the worker computes its calls in this order
+        self._turns[actor] = turn + 1
+        member.busy_ref = call.remote(member.config, indices, method, *args, turn=turn)
         return member.busy_ref
 
     def answer(self, edge_id: str, ref: Any) -> Any:

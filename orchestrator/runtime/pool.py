@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from actors.edge_worker import CONTROL_GROUP, CONTROL_THREADS, TRAIN_GROUP, EdgeWorker
+from actors.edge_worker import CONTROL_GROUP, CONTROL_THREADS, TRAIN_GROUP, TRAIN_THREADS, EdgeWorker
 from orchestrator.core.scenario import EdgeConfig
 
 Demand = tuple[tuple[str, float], ...]  # a resource request, sorted by name: hashable, printable
@@ -160,7 +160,7 @@ class EdgeWorkerPool:
         if demand:
             options["resources"] = demand
         name = "+".join(f"{k}={v:g}" for k, v in pool.demand)
-        groups = {TRAIN_GROUP: 1, CONTROL_GROUP: CONTROL_THREADS}
+        groups = {TRAIN_GROUP: TRAIN_THREADS, CONTROL_GROUP: CONTROL_THREADS}
         worker_cls = ray.remote(concurrency_groups=groups)(EdgeWorker).options(**options)  # type: ignore[call-overload]
         return worker_cls.remote(**self.worker_args, worker_id=f"{name}#{index}")
 

@@ -83,3 +83,39 @@ def test_failed_cloud_round_fails_the_run_with_a_report_and_out_is_not_reused(
     assert again == 2
     assert f"--out {out} already holds a run (id {report['run_id']}" in capsys.readouterr().err
     assert (out / "report.json").read_text() == before
+
+
+@pytest.mark.slow  # a whole tiny run with personalisation: about 2 minutes on 2 loaded cores
+@pytest.mark.usefixtures("ray_session")
+def test_a_relaying_run_sends_the_adapters_to_its_live_coordinator_which_publishes_the_round(
+    tmp_path: Path,
+) -> None:
+    # Prepare: tiny with LoRA personalisation and the relay (fold_own, guarded), the in-coordinator trainer
+    document = yaml.safe_load((REPO / "scenarios" / "tiny.yaml").read_text())
+    document["cloud"]["trainer"] = "local"
+    document["baselines"]["fedavg"]["enabled"] = False
+    document["personalisation"] = {"method": "lora", "rank": 2, "lr": 0.01, "relay": True}
+    scenario = tmp_path / "relay.yaml"
+    scenario.write_text(yaml.safe_dump(document))
+    out = tmp_path / "out"
+
+    # Execute
+    command = ["run", str(scenario), "--out", str(out), "--no-serve", "--fid-samples", "4"]
+    status = main([*command, "--personalise-epochs", "1"])
+
+    # Assert: the round ran in the coordinator actor; what it published is what the report says
+    assert status == 0
+    relay = json.loads((out / "report.json").read_text())["relay"]
+    assert relay["where"].startswith("run's coordinator actor") and relay["method"] == "fold_own"
+    assert {task: sorted(row["folded"]) for task, row in relay["tasks"].items()} == {
+        "male": ["edge-0", "edge-1"],
+        "female": ["edge-2", "edge-3"],
+    }
+    registry = Registry(str(out / "registry"))
+    before, after = relay["holdout_loss_before"], relay["holdout_loss_after"]
+    assert relay["accepted"] == all(after[task] <= before[task] for task in before)
+    if relay["accepted"]:
+        assert registry.latest("baim") == relay["baim_version"] == "v000002"
+        assert registry.latest("task/male") == "v000002"
+    else:
+        assert registry.latest("baim") == "v000001" and relay["baim_version"] is None

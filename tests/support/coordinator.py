@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from actors.coordinator import CloudCoordinator
@@ -20,14 +22,18 @@ from tests.support.loop import LoopThread
 
 
 class SyncCoordinator:
-    """The coordinator behind a synchronous `upload(...)`, the way an edge calls it through Ray."""
+    """The coordinator behind synchronous `receive(...)` and `outcome(key)`, the way an edge calls them
+    through Ray."""
 
     def __init__(self, coordinator: CloudCoordinator, loop: LoopThread) -> None:
         self.coordinator = coordinator
         self.loop = loop
 
-    def upload(self, **kwargs: Any) -> dict[str, Any]:
-        return self.loop.run(self.coordinator.upload(**kwargs))
+    def receive(self, **kwargs: Any) -> dict[str, Any]:
+        return self.loop.run(self.coordinator.receive(**kwargs))
+
+    def outcome(self, key: str) -> dict[str, Any] | None:
+        return self.loop.run(self.coordinator.outcome(key))
 
 
 def make_coordinator(scenario: Scenario, registry_dir: Path, **options: Any) -> CloudCoordinator:
@@ -58,3 +64,24 @@ def learner_payload(scenario: Scenario, edge_id: str, seed: int = 0, **poison: A
     if poison:
         state = poison_state(state, poison["mode"], poison.get("scale", 10.0), seed)
     return pack_state(state, upload_spec(edge, spec))
+
+
+class HeldValidation:
+    """Wraps the real `UploadValidator.validate`: each call waits until `release` is set, and `started`
+    counts the calls that began (so a test knows validation is under way, not finished)."""
+
+    def __init__(self, validate: Any) -> None:
+        self.validate = validate
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def __call__(self, *args: Any) -> Any:
+        self.started.release()
+        assert self.release.wait(timeout=60), "validation was never released"
+        return self.validate(*args)
+
+
+def hold_validation(coordinator: CloudCoordinator, monkeypatch: pytest.MonkeyPatch) -> HeldValidation:
+    held = HeldValidation(coordinator.validator.validate)
+    monkeypatch.setattr(coordinator.validator, "validate", held)
+    return held

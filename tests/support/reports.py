@@ -50,6 +50,7 @@ def edge_row(bytes_sent: int, flops: int, *, status: str = "accepted") -> dict[s
             "artifact": "edge/e0@v000001" if accepted else None,
             "receipt_from": "edge" if accepted else "none",
             "admission": "admitted" if accepted else None,
+            "decision_seconds": 0.05 if accepted else None,
         },
         "costs_are_final": True,
     }
@@ -317,14 +318,25 @@ def hand_report() -> dict[str, Any]:
     report["relay"] = {
         "enabled": True,
         "where": "driver process",
+        "method": "fold_own",
         "gate_epochs": 1,
+        "distil_epochs": 0,
+        "guarded": True,
+        "accepted": True,
+        "holdout_loss_before": {"smile": 0.31},
+        "holdout_loss_after": {"smile": 0.27},
+        "distillation_loss_before": None,
+        "distillation_loss_after": None,
+        "baim_version": "v000002",
+        "task_versions": {"smile": "task/smile@v000002"},
         "tasks": {
             "smile": {
                 "folded": ["e0"],
-                "rejected": {"e1": "adapter state: non-finite values"},
+                "rejected": {"e1": "invalid: adapter state: non-finite values"},
                 "upload_bytes": 400,
                 "test_loss_before": 0.3,
                 "test_loss_after": 0.25,
+                "candidate_test_loss": 0.25,
             }
         },
     }

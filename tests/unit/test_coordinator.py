@@ -14,6 +14,7 @@ import torch
 
 from actors.coordinator import STATE_KEY, CloudCoordinator, RegistryHeldByAnotherRun
 from actors.edge import upload_spec
+from actors.receipt_log import ReceiptLog
 from actors.rounds import RoundFailed, RoundRequest, RoundResult
 from actors.uploads import fresh_learner_rms, largest_rms_ratio, validation_slots
 from baim.config import LearnerSpec
@@ -42,8 +43,12 @@ def test_valid_upload_is_stored_then_acknowledged_and_fused(tmp_path: Path, loop
     assert Registry(str(tmp_path / "registry")).get("edge/edge-0", "v000001") == payload
     status = loop.run(coordinator.status())
     assert status["learners"] == ["edge-0"] and status["pending"] == ["edge-0"]
-    state = Registry(str(tmp_path / "registry")).get_json(STATE_KEY)
-    assert [r["edge_id"] for r in state["accepted"]] == ["edge-0"]
+    # The receipt log: received, then accepted (the state document holds no receipts).
+    records = ReceiptLog(Registry(str(tmp_path / "registry"))).replay()
+    assert [r.kind for r in records] == ["received", "decided"]
+    assert records[0].key == receipt["key"]  # type: ignore[union-attr]
+    assert records[1].receipt.model_dump() == receipt  # type: ignore[union-attr]
+    assert "accepted" not in Registry(str(tmp_path / "registry")).get_json(STATE_KEY)
 
 
 def test_resending_the_same_upload_returns_the_same_receipt(tmp_path: Path, loop: LoopThread) -> None:

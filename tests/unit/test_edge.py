@@ -53,9 +53,9 @@ class Recorder:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
 
-    def upload(self, **kwargs: Any) -> dict[str, Any]:
+    def receive(self, **kwargs: Any) -> dict[str, Any]:
         self.received.append(kwargs)
-        return {"accepted": True, "reason": ""}
+        return {"status": "accepted", "accepted": True, "reason": ""}
 
 
 def never(tmp_path: Path) -> Scenario:

@@ -101,7 +101,7 @@ def test_edge_row_falls_back_to_the_coordinators_accepted_receipt(engine: Engine
     assert died_row.upload.model_dump() == {"outcome": "accepted", "reason": "", "detail": "",
                                             "sha256": "ab" * 32, "artifact": "edge/edge-0@v000001",
                                             "receipt_from": "coordinator",
-                                            "admission": "admitted"}  # fmt: skip
+                                            "admission": "admitted", "decision_seconds": None}  # fmt: skip
     assert died_row.status == "died" and died_row.costs_are_final is False and died_row.epochs_done == 2
     assert (rejected_row.upload.outcome, rejected_row.upload.receipt_from) == ("rejected", "edge")
     assert (rejected_row.upload.reason, rejected_row.upload.detail) == ("non_finite", "NaN")

@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 from baim.decompose import decompose
+from baim.relay import mean_deltas
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.names import BAIM_OWNER, task_owner
 from orchestrator.core.registry import Registry
@@ -17,7 +18,7 @@ from orchestrator.core.reports import RunReport
 from orchestrator.core.scenario import PersonalisationConfig, UsersConfig
 from orchestrator.data.partitions import make_partitions
 from orchestrator.data.sources import resolve_source
-from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation, mean_learner_deltas
+from orchestrator.evaluation.evaluate import EvaluationOptions, RunEvaluation
 from tests.support.models import tiny_baim
 from tests.support.reports import bare_report, edge_row
 from tests.support.scenarios import tiny_scenario
@@ -94,8 +95,8 @@ def test_lora_personalisation_trains_and_reports_only_the_adapters(tmp_path: Pat
     # Assert: the row counts the adapters, and what would be relayed is exactly their safetensors bytes
     assert section.enabled
     row = section.edges["edge-0"]
-    ((edge_id, weights, spec),) = evaluation.relay_uploads["male"]
-    assert (row.method, edge_id) == ("lora", "edge-0")
+    ((edge_id, version, weights, spec),) = evaluation.relay_uploads["male"]
+    assert (row.method, edge_id, version) == ("lora", "edge-0", "v000001")
     assert row.upload_bytes == len(weights) and json.loads(spec)["rank"] == 2
     assert 0 < row.trainable_params < row.params  # rank 2 on tiny layers: about a third
     assert row.upload_bytes < row.bytes_received / 2
@@ -103,14 +104,23 @@ def test_lora_personalisation_trains_and_reports_only_the_adapters(tmp_path: Pat
 
 
 def test_relay_folds_valid_adapters_rejects_poisoned_ones_and_measures_the_change(tmp_path: Path) -> None:
-    # Prepare: edge-0's real adapters, and a second edge relaying a NaN copy of them
+    # Prepare: edge-0's real adapters, and three more edges relaying a NaN copy, a scaled copy and a copy
+    # with one tensor of the wrong shape
     evaluation = lora_evaluation(tmp_path, relay=True)
     evaluation._personalise()
-    ((_, weights, spec),) = evaluation.relay_uploads["male"]
-    poisoned = {key: torch.full_like(t, float("nan")) for key, t in safetensors.torch.load(weights).items()}
-    scaled = {key: t * 1000 for key, t in safetensors.torch.load(weights).items()}
-    evaluation.relay_uploads["male"].append(("edge-9", safetensors.torch.save(poisoned), spec))
-    evaluation.relay_uploads["male"].append(("edge-8", safetensors.torch.save(scaled), spec))
+    ((_, version, weights, spec),) = evaluation.relay_uploads["male"]
+    state = safetensors.torch.load(weights)
+    poisoned = {key: torch.full_like(t, float("nan")) for key, t in state.items()}
+    scaled = {key: t * 1000 for key, t in state.items()}
+    first = sorted(state)[0]
+    reshaped = {**state, first: torch.zeros(state[first].shape[0] + 1, *state[first].shape[1:])}
+    for edge, tensors in (("edge-9", poisoned), ("edge-8", scaled), ("edge-7", reshaped)):
+        evaluation.relay_uploads["male"].append((edge, version, safetensors.torch.save(tensors), spec))
+    scenario = evaluation.scenario
+    edges = [*scenario.edges] + [
+        scenario.edges[0].model_copy(update={"id": edge}) for edge in ("edge-7", "edge-8", "edge-9")
+    ]
+    evaluation.scenario = scenario.model_copy(update={"edges": edges})
 
     # Execute
     section = evaluation._relay()
@@ -119,10 +129,21 @@ def test_relay_folds_valid_adapters_rejects_poisoned_ones_and_measures_the_chang
     assert section.enabled
     task = section.tasks["male"]
     assert task.folded == ["edge-0"]
-    assert set(task.rejected) == {"edge-8", "edge-9"} and "non-finite" in task.rejected["edge-9"]
+    assert set(task.rejected) == {"edge-7", "edge-8", "edge-9"}
+    assert "non-finite" in task.rejected["edge-9"] and task.rejected["edge-9"].startswith("invalid")
     assert "exceeds 5" in task.rejected["edge-8"]
-    assert task.upload_bytes == 3 * (len(weights) + len(spec))
-    assert task.test_loss_after != task.test_loss_before
+    assert "expected torch.float32 of shape" in task.rejected["edge-7"]
+    assert task.upload_bytes == sum(len(w) + len(s) for _, _, w, s in evaluation.relay_uploads["male"])
+    assert task.candidate_test_loss != task.test_loss_before
+    # the guard: kept means the candidate's losses, rejected means the old model's, and the verdict agrees
+    # with the held-out losses it compared
+    no_task_worse = all(
+        section.holdout_loss_after[t] <= section.holdout_loss_before[t] for t in section.holdout_loss_before
+    )
+    assert section.guarded and section.accepted == no_task_worse
+    kept = task.candidate_test_loss if section.accepted else task.test_loss_before
+    assert task.test_loss_after == pytest.approx(kept, rel=1e-6)
+    assert (section.baim_version is not None) == section.accepted
 
 
 def test_relay_is_off_unless_asked(tmp_path: Path) -> None:
@@ -169,7 +190,7 @@ def test_relayed_deltas_average_per_parameter_and_leave_the_gate_out() -> None:
         {"learners.a.w": one, "learners.s.w": one, "gate.encoder.fc.weight": one},
         {"learners.b.w": two, "learners.s.w": two},
     ]
-    averaged = mean_learner_deltas(deltas)
+    averaged = mean_deltas(deltas)
     assert set(averaged) == {"learners.a.w", "learners.b.w", "learners.s.w"}
     assert torch.equal(averaged["learners.a.w"], one) and torch.equal(averaged["learners.b.w"], two)
     assert torch.equal(averaged["learners.s.w"], torch.full((2,), 2.0))  # shared: the mean, not the sum

@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from actors.coordinator import CloudCoordinator
+from actors.receipt_log import ReceiptLog
 from baim.model import BAIM
 from orchestrator.core.receipts import CoordinatorSummary
 from orchestrator.core.registry import Registry
@@ -195,6 +196,17 @@ def test_learners_below_the_selection_rate_are_removed_before_decomposition(
     assert all(t.artifact.endswith(f"@{pruning.baim_version}") for t in summary.tasks.values())
     assert all(t.decomposition_max_abs_diff <= 1e-5 for t in summary.tasks.values())  # exact, pruned too
     assert again.learner_pruning == pruning and again.tasks == summary.tasks  # finish() is idempotent
+    # The receipts say which admitted uploads pruning removed, once (one pruned record in the log), and a
+    # restarted coordinator replays the same.
+    removed = {r.learner for r in pruning.removed}
+    assert {(r.learner, r.admission) for r in again.accepted} == {
+        (r.learner, "pruned" if r.learner in removed else "admitted") for r in summary.accepted
+    }
+    assert all("selection rate" in r.admission_detail for r in again.accepted if r.admission == "pruned")
+    records = ReceiptLog(Registry(str(tmp_path / "registry"))).replay()
+    assert [r.kind for r in records].count("pruned") == 1
+    resumed = make_coordinator(scenario, tmp_path / "registry")
+    assert [r.model_dump() for r in resumed.accepted] == [r.model_dump() for r in again.accepted]
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,8 @@ def test_every_section_renders_from_a_full_report(tmp_path: Path) -> None:
     assert "inception-test" in markdown and "20 generated images per set" in markdown
     assert "real CelebA faces" in markdown
     assert "e1 (crashed)" in markdown
+    assert "Guarded: accepted; held-out loss smile 0.31000 -> 0.27000." in markdown
+    assert "Published as baim@v000002 with task/smile@v000002." in markdown
     for plot in ["samples_smile.png", "test_loss.png", "costs.png", "fid.png"]:
         assert (out / "plots" / plot).stat().st_size > 1000
         assert f"(plots/{plot})" in markdown

@@ -484,3 +484,14 @@ def test_a_budget_with_a_pruning_epoch_and_keep_best_validate():
 
     assert (cloud.task_model_budget, cloud.recovery_epochs, cloud.keep) == (1.2, 2, "best")
     assert Scenario.model_validate(valid_scenario()).cloud.keep == "finetune"
+
+
+def test_the_relay_guard_needs_held_out_images_and_the_method_is_one_of_three() -> None:
+    document = valid_scenario()
+    document["data"]["holdout_per_task"] = 0
+    document["personalisation"] = {"method": "lora", "relay": True}
+    assert any(p.startswith("personalisation.relay_guard: ") for p in problems_of(document))
+    document["personalisation"]["relay_guard"] = False  # unguarded: no held-out images needed
+    assert Scenario.model_validate(document).personalisation.relay_method == "fold_own"
+    document["personalisation"]["relay_method"] = "sum"
+    assert any(p.startswith("personalisation.relay_method: ") for p in problems_of(document))
