@@ -771,11 +771,13 @@ class CloudCoordinator:
         self._received = {key: self._received_receipt(record) for key, record in undecided.items()}
         self._received_records = dict(undecided)
         self.receipt_log.track_open(self._undecided)
+        relays = self.relay_desk.resume()  # adapters accepted before the restart, validated again
         self.ledger.record_event(
             "coordinator_resumed",
             restarts=self.restarts,
             accepted=len(self.accepted),
             received=len(undecided),
+            relays=sum(receipt.accepted for receipt in relays),
         )
         logger.warning(
             "coordinator resumed (restart %d): %d accepted uploads, %d received to decide again, BAIM %s, "

@@ -31,7 +31,7 @@ from baim.training import evaluate
 from orchestrator.core.artifacts import pack_module
 from orchestrator.core.names import BAIM_OWNER, task_owner
 from orchestrator.core.receipts import echo
-from orchestrator.core.registry import Registry
+from orchestrator.core.registry import ArtifactNotFound, Registry
 from orchestrator.core.relay import RelayReceipt, RelayRoundRecord, RelayTaskRecord
 from orchestrator.core.scenario import Scenario
 from orchestrator.data.datasets import FaceDataset
@@ -40,6 +40,7 @@ from orchestrator.data.sources import DataSource
 
 logger = logging.getLogger(__name__)
 
+PENDING_KEY = "relay/pending"  # state/relay/pending.json: the pending adapters; their bytes in blobs/relay/
 EVAL_BATCH = 64  # images per batch of every loss the desk measures
 MAX_SPEC_CHARS = 1_000_000  # an adapter spec lists layer names: far below this
 
@@ -72,6 +73,7 @@ class RelayDesk:
         self.partitions = partitions
         self.edges = {edge.id: edge for edge in scenario.all_edges()}
         self.pending: dict[str, PendingRelay] = {}  # by edge id, in arrival order
+        self._index: dict[str, dict[str, object]] = {}  # what PENDING_KEY holds: where each one's bytes are
         self.rounds: list[RelayRoundRecord] = []
         self.last_kept: BAIM | None = None  # the BAIM the last round left in place (published if accepted)
         self._cloud_images: dict[str, torch.Tensor] = {}
@@ -91,9 +93,52 @@ class RelayDesk:
             return RelayReceipt(
                 **sent, accepted=False, reason=rejected.code, detail=rejected.detail[:500], nbytes=sum(sizes)
             )
+        assert isinstance(weights, bytes) and isinstance(spec_json, str)  # checked by _validate
+        # Durable before the receipt: a coordinator restarted before the relay round still has it.
+        self.registry.put_blob(self._blob(pending.edge_id), weights + spec_json.encode())
         self.pending.pop(pending.edge_id, None)
         self.pending[pending.edge_id] = pending
+        self._index[pending.edge_id] = {
+            "task": pending.adapter.task,
+            "model_version": pending.model_version,
+            "weights_bytes": len(weights),
+            "spec_bytes": len(spec_json.encode()),
+        }
+        self.registry.put_json(PENDING_KEY, self._index)
         return RelayReceipt(**sent, accepted=True, reason="", detail="", nbytes=pending.nbytes)
+
+    def resume(self) -> list[RelayReceipt]:
+        """Validate again every adapter a previous coordinator accepted and no relay round took in (one
+        now stale is dropped, with its receipt saying so); their receipts, in arrival order."""
+        index = self.registry.get_json(PENDING_KEY, default={})
+        if not isinstance(index, dict):
+            raise ValueError(f"state document {PENDING_KEY!r}: expected an object, received {echo(index)!r}")
+        receipts = []
+        for edge_id, entry in index.items():
+            try:
+                weights_bytes, spec_bytes = int(entry["weights_bytes"]), int(entry["spec_bytes"])
+                data = self.registry.read_blob(self._blob(edge_id), 0, weights_bytes + spec_bytes)
+                task, version = entry["task"], entry["model_version"]
+            except (KeyError, TypeError, ValueError, ArtifactNotFound) as error:
+                logger.warning("relay from %r not resumed: %s", edge_id, error)
+                continue
+            spec_json = data[weights_bytes:].decode(errors="replace")
+            receipts.append(self.receive(edge_id, task, version, data[:weights_bytes], spec_json))
+        stale = set(index) - set(self.pending)
+        if stale:  # refused on resume: forget them (their receipts said why)
+            self._forget(sorted(stale))
+        logger.info("relay desk resumed %d pending adapters of %d", len(self.pending), len(index))
+        return receipts
+
+    def _blob(self, edge_id: str) -> str:
+        return f"relay/{edge_id}"
+
+    def _forget(self, edge_ids: list[str]) -> None:
+        for edge_id in edge_ids:
+            self._index.pop(edge_id, None)
+        self.registry.put_json(PENDING_KEY, self._index)
+        for edge_id in edge_ids:
+            self.registry.delete_blob(self._blob(edge_id))
 
     def _validate(
         self, edge_id: object, task: object, model_version: object, weights: object, spec_json: object
@@ -151,6 +196,8 @@ class RelayDesk:
                 current,
             )
             del self.pending[edge]
+        if stale:
+            self._forget(stale)
         if not self.pending or current is None:
             return None
         started = time.perf_counter()
@@ -227,6 +274,7 @@ class RelayDesk:
             tasks=records,
             seconds=time.perf_counter() - started,
         )
+        self._forget(list(self.pending))
         self.pending.clear()
         self.rounds.append(record)
         self.last_kept = kept

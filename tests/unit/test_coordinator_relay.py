@@ -92,3 +92,51 @@ def test_relayed_adapters_are_validated_and_a_relay_round_publishes_only_when_ac
     assert loop.run(coordinator.status())["baim_version"] == "v000002"
     assert again is None  # nothing pending any more
     assert late["reason"] == "stale" and "v000002" in str(late["detail"])
+
+
+def test_a_relayed_adapter_survives_a_coordinator_restart_and_one_stale_by_then_is_dropped(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    # Prepare: a finished run, edge-0's adapter accepted; then the coordinator is gone before its relay round
+    scenario = relaying_scenario(tmp_path)
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    for edge_id in ("edge-0", "edge-2"):
+        loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
+    loop.run(coordinator.finish(), timeout=300)
+    registry = Registry(str(tmp_path / "registry"))
+    weights, spec = personalised_adapter(scenario, registry, "edge-0")
+    assert loop.run(coordinator.relay("edge-0", "male", "v000001", weights, spec))["accepted"]
+    del coordinator
+
+    # Execute: a new coordinator on the same registry resumes, runs the round, and a third resumes after it
+    resumed = make_coordinator(scenario, tmp_path / "registry")
+    pending = list(resumed.relay_desk.pending)
+    record = loop.run(resumed.relay_round(), timeout=300)
+    after_round = make_coordinator(scenario, tmp_path / "registry")
+
+    # Assert: the resumed desk validated the adapter again and took it in; nothing is pending after the round
+    assert pending == ["edge-0"]
+    assert record is not None and record["tasks"]["male"]["edges"] == ["edge-0"]
+    assert after_round.relay_desk.pending == {}
+    assert registry.blobs("relay") == []
+
+
+def test_a_pending_adapter_whose_model_was_replaced_before_the_restart_is_dropped_on_resume(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    scenario = relaying_scenario(tmp_path)
+    coordinator = make_coordinator(scenario, tmp_path / "registry")
+    for edge_id in ("edge-0", "edge-2"):
+        loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
+    loop.run(coordinator.finish(), timeout=300)
+    registry = Registry(str(tmp_path / "registry"))
+    weights, spec = personalised_adapter(scenario, registry, "edge-0")
+    assert loop.run(coordinator.relay("edge-0", "male", "v000001", weights, spec))["accepted"]
+    model = registry.get(task_owner("male"), "v000001")
+    registry.put(task_owner("male"), "v000002", model)  # a newer male model is published meanwhile
+
+    resumed = make_coordinator(scenario, tmp_path / "registry")
+
+    assert resumed.relay_desk.pending == {}
+    assert registry.blobs("relay") == []
+    assert registry.get_json("relay/pending") == {}
