@@ -31,6 +31,10 @@ from orchestrator.data.sources import DataSource
 
 logger = logging.getLogger(__name__)
 
+# FLOPs of one batch by (pass, learner spec, batch size, KL weight): they depend on nothing else, and counting
+# (FlopCounterMode, a forward and a backward) costs a few training steps per edge.
+_FLOPS_PER_BATCH: dict[tuple[str, LearnerSpec, int, float], int] = {}
+
 PoisonMode = Literal["nan", "wrong_shapes", "scale", "sign_flip", "noise"]
 UPLOAD_VERSION = 1  # each edge uploads its model once (DESIGN.md); a second model would be version 2
 UPLOAD_ATTEMPTS = 5  # re-sends after the coordinator was unreachable (the upload is idempotent)
@@ -320,15 +324,19 @@ class EdgeNode:
         with torch.random.fork_rng(), torch.no_grad():
             for n, count in ((batch, full), (rest, 1)):
                 if n and count:
-                    example = torch.stack([_image(dataset[i]) for i in range(n)]).to(self.device)
-                    total += count * count_flops(model, example)
+                    key = ("forward", self.spec, n, self.kld_weight)
+                    if key not in _FLOPS_PER_BATCH:
+                        example = torch.stack([_image(dataset[i]) for i in range(n)]).to(self.device)
+                        _FLOPS_PER_BATCH[key] = count_flops(model, example)
+                    total += count * _FLOPS_PER_BATCH[key]
         return total
 
     def _epoch_flops(self, model: VAELearner, loss_fn: Any, dataset: Dataset[Any] | None = None) -> int:
         """FLOPs of one epoch, counted by FlopCounterMode on the real model and real batch shapes.
 
         FLOPs depend only on shapes, so one full batch and the last partial one are counted once each
-        (inside a forked RNG, so counting does not shift the training's random stream).
+        (inside a forked RNG, so counting does not shift the training's random stream), and once per process
+        for each architecture and batch size (`_FLOPS_PER_BATCH`: a pool worker trains many edges).
         """
         dataset = self.dataset if dataset is None else dataset
         size = len(dataset)  # type: ignore[arg-type]
@@ -339,8 +347,11 @@ class EdgeNode:
             for n, count in ((batch, full), (rest, 1)):
                 if n == 0 or count == 0:
                     continue
-                example = torch.stack([_image(dataset[i]) for i in range(n)])
-                total += count * forward_backward_flops(model, example, loss_fn).total
+                key = ("train", self.spec, n, self.kld_weight)
+                if key not in _FLOPS_PER_BATCH:
+                    example = torch.stack([_image(dataset[i]) for i in range(n)])
+                    _FLOPS_PER_BATCH[key] = forward_backward_flops(model, example, loss_fn).total
+                total += count * _FLOPS_PER_BATCH[key]
         return total
 
     def _paced(self, loader: Iterable[Any]) -> Iterator[Any]:

@@ -132,6 +132,31 @@ def test_edge_declaring_gpus_picks_its_device_from_cuda_availability(
     assert gpu_declared.received[0]["sha256"] == cpu_only.received[0]["sha256"]
 
 
+def test_flops_are_counted_once_per_architecture_and_batch_size_and_equal_a_fresh_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import actors.edge as edge_module
+    from baim.costs import forward_backward_flops
+
+    scenario = never(tmp_path)
+    monkeypatch.setattr(edge_module, "_FLOPS_PER_BATCH", {})
+    first, second = make_edge(scenario, "edge-1"), make_edge(scenario, "edge-1")
+    model, loss_fn = VAELearner(first.spec), vae_batch_loss(first.kld_weight)
+    full, rest = divmod(len(first.dataset), first.edge.batch_size)  # type: ignore[arg-type]
+    batches = [(first.edge.batch_size, full), (rest, 1)]
+    fresh = sum(
+        count * forward_backward_flops(model, torch.rand(n, 3, first.spec.resolution, first.spec.resolution),
+                                       loss_fn).total
+        for n, count in batches if n and count
+    )  # fmt: skip
+
+    counted = first._epoch_flops(model, loss_fn)
+    monkeypatch.setattr(edge_module, "forward_backward_flops", lambda *a: pytest.fail("counted again"))
+    again = second._epoch_flops(VAELearner(second.spec), loss_fn)
+
+    assert counted == again == fresh > 0
+
+
 def test_same_seed_gives_the_same_weights_bytes_and_flops(tmp_path: Path) -> None:
     scenario = never(tmp_path)
     first, second = Recorder(), Recorder()
