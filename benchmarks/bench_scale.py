@@ -194,6 +194,8 @@ def measure(count: int, cpus: int, burst: int, train: bool, root: Path) -> dict[
                       wall_ms_per_edge=1000 * wall / count)  # fmt: skip
         print(json.dumps(result), flush=True)
         burst = min(burst, count)
+        if burst == 0:  # --burst 0: the edge phase only
+            return result | {"burst": 0, "loadavg": os.getloadavg()}
         # Fresh (untrained) learners: the relative loss check is widened so that every one is accepted; every
         # check still runs, so each upload costs what a trained one does.
         burst_scenario = scale_scenario(burst, root / "burst", max_loss_ratio=100.0)
@@ -231,12 +233,17 @@ def main() -> None:
         if not train:
             print(memory + f"; not trained (above --train-up-to {args.train_up_to})", flush=True)
             continue
-        ack, decided = result["ack_ms"], result["decided_ms"]
-        print(
+        trained = (
             memory + f"; wall {result['wall_s']:.1f} s, {result['accepted']:,} accepted, overhead "
             f"{result['overhead_ms_per_edge']:.1f} ms/edge (goal <= 20; of it "
-            f"{result['upload_ms_per_edge']:.1f} waiting for the acknowledgement and the decision); "
-            f"with {result['burst']:,} at once "
+            f"{result['upload_ms_per_edge']:.1f} waiting for the acknowledgement and the decision)"
+        )
+        if not result["burst"]:
+            print(trained, flush=True)
+            continue
+        ack, decided = result["ack_ms"], result["decided_ms"]
+        print(
+            trained + f"; with {result['burst']:,} at once "
             f"(load {result['loadavg_at_burst'][0]:.1f}): ack (received) p50/p90/p99 "
             f"{ack['p50']:.0f}/{ack['p90']:.0f}/{ack['p99']:.0f} ms (goal p99 < 200), decided p50/p90/p99 "
             f"{decided['p50']:.0f}/{decided['p90']:.0f}/{decided['p99']:.0f} ms; the same burst to a no-op "
