@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader
 
+from actors.coordinator import CloudCoordinator
 from baim.adapters import LoRAConfig, adapter_to_bytes, apply_lora, lora_parameters
 from baim.decompose import TaskModel
 from orchestrator.core.names import task_owner
@@ -42,16 +43,21 @@ def personalised_adapter(scenario: Scenario, registry: Registry, edge_id: str) -
     return adapter_to_bytes(model)
 
 
-def test_relayed_adapters_are_validated_and_a_relay_round_publishes_only_when_accepted(
-    tmp_path: Path, loop: LoopThread
-) -> None:
-    # Prepare: a finished run (BAIM and task models v000001), then edge-0's personalised adapter
+def finished_run(tmp_path: Path, loop: LoopThread) -> tuple[Scenario, CloudCoordinator, Registry]:
+    """A relaying scenario's finished run: edge-0 and edge-2 uploaded, BAIM and task models v000001."""
     scenario = relaying_scenario(tmp_path)
     coordinator = make_coordinator(scenario, tmp_path / "registry")
     for edge_id in ("edge-0", "edge-2"):
         loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
     loop.run(coordinator.finish(), timeout=300)
-    registry = Registry(str(tmp_path / "registry"))
+    return scenario, coordinator, Registry(str(tmp_path / "registry"))
+
+
+def test_relayed_adapters_are_validated_and_a_relay_round_publishes_only_when_accepted(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    # Prepare: a finished run (BAIM and task models v000001), then edge-0's personalised adapter
+    scenario, coordinator, registry = finished_run(tmp_path, loop)
     weights, spec = personalised_adapter(scenario, registry, "edge-0")
     state = safetensors.torch.load(weights)
     first = sorted(state)[0]
@@ -98,12 +104,7 @@ def test_a_relayed_adapter_survives_a_coordinator_restart_and_one_stale_by_then_
     tmp_path: Path, loop: LoopThread
 ) -> None:
     # Prepare: a finished run, edge-0's adapter accepted; then the coordinator is gone before its relay round
-    scenario = relaying_scenario(tmp_path)
-    coordinator = make_coordinator(scenario, tmp_path / "registry")
-    for edge_id in ("edge-0", "edge-2"):
-        loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
-    loop.run(coordinator.finish(), timeout=300)
-    registry = Registry(str(tmp_path / "registry"))
+    scenario, coordinator, registry = finished_run(tmp_path, loop)
     weights, spec = personalised_adapter(scenario, registry, "edge-0")
     assert loop.run(coordinator.relay("edge-0", "male", "v000001", weights, spec))["accepted"]
     del coordinator
@@ -124,12 +125,7 @@ def test_a_relayed_adapter_survives_a_coordinator_restart_and_one_stale_by_then_
 def test_a_pending_adapter_whose_model_was_replaced_before_the_restart_is_dropped_on_resume(
     tmp_path: Path, loop: LoopThread
 ) -> None:
-    scenario = relaying_scenario(tmp_path)
-    coordinator = make_coordinator(scenario, tmp_path / "registry")
-    for edge_id in ("edge-0", "edge-2"):
-        loop.run(coordinator.upload(**upload_kwargs(edge_id, learner_payload(scenario, edge_id))))
-    loop.run(coordinator.finish(), timeout=300)
-    registry = Registry(str(tmp_path / "registry"))
+    scenario, coordinator, registry = finished_run(tmp_path, loop)
     weights, spec = personalised_adapter(scenario, registry, "edge-0")
     assert loop.run(coordinator.relay("edge-0", "male", "v000001", weights, spec))["accepted"]
     model = registry.get(task_owner("male"), "v000001")
